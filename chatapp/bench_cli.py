@@ -1,0 +1,33 @@
+"""`deltatalk bench`: the table (or JSON) around engine.bench."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def cmd_bench(args) -> int:
+    from chatapp.cli import open_model
+    from engine.bench import run_bench
+
+    loaded, warm_s = open_model(args, quiet=args.json)
+    pp = [int(x) for x in args.pp.split(",") if x.strip()]
+    say = None if args.json else (lambda s: print("  " + s, file=sys.stderr, flush=True))
+    res = run_bench(loaded.model, pp=pp, tg=args.tg, repeats=args.repeats, progress=say)
+    res.update(model=str(loaded.path), arch=loaded.arch, file_size_bytes=loaded.file_size, warmup_s=warm_s)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    print(f"model   {loaded.path.name} ({loaded.arch}, {loaded.file_size / 1e6:.1f} MB)")
+    print(f"threads {res['threads']} ({res['threading_layer']}), cpu {' '.join(res['cpu_features'])}")
+    print(f"{'test':>8} {'tok/s (median)':>15}   runs")
+    for k, v in res["results"].items():
+        runs = " ".join(f"{x:.1f}" for x in v["runs"])
+        print(f"{k:>8} {v['median_tps']:15.1f}   {runs}")
+    if res.get("decode_bound_tps"):
+        tg = next((v["median_tps"] for k, v in res["results"].items() if k.startswith("tg")), None)
+        share = f", decode at {100 * tg / res['decode_bound_tps']:.0f}% of it" if tg else ""
+        print(f"memory read {res['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s -> decode bound "
+              f"{res['decode_bound_tps']:.1f} tok/s for {res['weight_bytes'] / 1e6:.1f} MB of weights{share}")
+    print(f"peak RSS {res['peak_rss_bytes'] / 1e6:.1f} MB; warm-up {warm_s:.2f} s")
+    return 0

@@ -1,0 +1,282 @@
+"""The `deltatalk` command: chat, run, bench, models, fetch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+from engine.errors import DeltatalkError
+
+# The model used when -m is not given.
+DEFAULT_MAX_TOKENS = 512
+
+
+def _add_model_args(p: argparse.ArgumentParser):
+    p.add_argument("-m", "--model", help="path to a .gguf file (default: the default model, fetched if missing)")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    p.add_argument("--ctx", type=int, default=None, help="context size in tokens (default: min(model, 8192))")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser):
+    p.add_argument("--temp", type=float, default=0.7, help="temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--repeat-last-n", type=int, default=64)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="deltatalk", description="Private terminal chat for local GGUF models.")
+    sub = ap.add_subparsers(dest="command")
+
+    chat = sub.add_parser("chat", help="chat in the terminal (the default command)")
+    _add_model_args(chat)
+    _add_sampling_args(chat)
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--plain", action="store_true", help="a line-based chat instead of the full-screen app")
+
+    run = sub.add_parser("run", help="answer one prompt on stdout")
+    _add_model_args(run)
+    _add_sampling_args(run)
+    src = run.add_mutually_exclusive_group(required=True)
+    src.add_argument("-p", "--prompt", help="the user message")
+    src.add_argument("--prompt-ids", help="comma-separated token ids fed as-is")
+    run.add_argument("--system", default=None, help="system prompt")
+    run.add_argument("--raw", action="store_true", help="feed the prompt text as-is: no chat template")
+    run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    run.add_argument("--logits-out", type=Path, help="save float32 logits of every generated position (.npy)")
+
+    bench = sub.add_parser("bench", help="prefill and decode speed (medians of interleaved runs)")
+    _add_model_args(bench)
+    bench.add_argument("--pp", default="128,512", help="prompt lengths to time (comma-separated)")
+    bench.add_argument("--tg", type=int, default=128, help="tokens to decode")
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--json", action="store_true")
+
+    sub.add_parser("fetch", help="download the default model (if missing) and exit")
+    models = sub.add_parser("models", help="list the GGUF files found")
+    models.add_argument("--json", action="store_true")
+    return ap
+
+
+COMMANDS = ("chat", "run", "bench", "fetch", "models")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `deltatalk [-m FILE ...]` is `deltatalk chat [-m FILE ...]`
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["chat"] + argv
+    args = build_parser().parse_args(argv)
+    cmd = args.command
+    try:
+        if cmd == "fetch":
+            from chatapp.default_model import ensure_default_model
+
+            ensure_default_model(say=lambda s: print(s, file=sys.stderr), verify_existing=True)
+            return 0
+        if cmd == "models":
+            return cmd_models(args)
+        if cmd == "run":
+            return cmd_run(args)
+        if cmd == "bench":
+            from chatapp.bench_cli import cmd_bench
+
+            return cmd_bench(args)
+        return cmd_chat(args)
+    except DeltatalkError as e:
+        print(f"deltatalk: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+
+
+def resolve_model(path: str | None) -> Path:
+    if path:
+        return Path(path).expanduser()
+    from chatapp.default_model import ensure_default_model
+
+    return ensure_default_model(say=lambda s: print(s, file=sys.stderr))
+
+
+def open_model(args, quiet: bool = False):
+    """Load the model named by the args, set threads, and compile/warm the kernels visibly."""
+    from engine import runtime
+    from engine.loader import load_model
+    from engine.warmup import warm_up
+
+    runtime.set_threads(args.threads)
+    path = resolve_model(args.model)
+    loaded = load_model(path, n_ctx=args.ctx)
+    t = time.perf_counter()
+    warm_up(loaded.model, say=None if quiet else (lambda s: print(s, file=sys.stderr, flush=True)))
+    return loaded, time.perf_counter() - t
+
+
+def _sampling(args):
+    from engine.sampling import SamplingSettings
+
+    return SamplingSettings(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                            repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
+                            seed=args.seed).validate()
+
+
+def _messages(system: str | None, user: str) -> list[dict]:
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [{"role": "user", "content": user}]
+
+
+def cmd_run(args) -> int:
+    import numpy as np
+
+    from engine import runtime
+    from engine.session import ChatSession
+
+    settings = _sampling(args)
+    loaded, _ = open_model(args, quiet=args.json)
+    session = ChatSession(loaded)
+    tok = loaded.tokenizer
+    if args.prompt_ids is not None:
+        try:
+            prompt = [int(x) for x in args.prompt_ids.replace(" ", "").split(",") if x]
+        except ValueError:
+            print("deltatalk: --prompt-ids takes comma-separated integers", file=sys.stderr)
+            return 2
+        bad = [i for i in prompt if not 0 <= i < loaded.model.n_vocab]
+        if bad or not prompt:
+            print(f"deltatalk: token ids must be in 0..{loaded.model.n_vocab - 1}", file=sys.stderr)
+            return 2
+    elif args.raw:
+        prompt = tok.encode(args.prompt, add_special=True, parse_special=True)
+    else:
+        prompt = session.render(_messages(args.system, args.prompt))
+
+    logits_rows = []
+    generated, pieces = [], []
+    last = None
+    for r in session.generate(prompt, settings, max_tokens=args.max_tokens, keep_logits=args.logits_out is not None):
+        generated.append(r.token)
+        pieces.append(r.text)
+        if args.logits_out is not None:
+            logits_rows.append(np.asarray(r.logits, dtype=np.float32))
+        if not args.json and r.text:
+            sys.stdout.write(r.text)
+            sys.stdout.flush()
+        last = r
+    if args.logits_out is not None:
+        np.save(args.logits_out, np.stack(logits_rows) if logits_rows else np.zeros((0, loaded.model.n_vocab), np.float32))
+    result = {
+        "model": str(loaded.path),
+        "prompt_token_ids": list(map(int, prompt)),
+        "generated_token_ids": list(map(int, generated)),
+        "text": "".join(pieces),
+        "stop_reason": last.finish_reason if last else "cancelled",
+        "prompt_tokens": len(prompt),
+        "prompt_tps": last.prompt_tps if last else 0.0,
+        "ttft_s": last.ttft_s if last else 0.0,
+        "generated_tokens": len(generated),
+        "decode_tps": last.decode_tps if last else 0.0,
+        "peak_rss_bytes": runtime.peak_rss_bytes(),
+        "threads": runtime.set_threads(args.threads),
+    }
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        print(f"[{result['prompt_tokens']} prompt tokens, {result['prompt_tps']:.1f} tok/s prefill, "
+              f"ttft {result['ttft_s'] * 1000:.0f} ms | {result['generated_tokens']} tokens, "
+              f"{result['decode_tps']:.1f} tok/s decode | stop: {result['stop_reason']}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    """The full-screen chat (Textual); `--plain` gives the line-based chat below."""
+    if not args.plain:
+        from chatapp.app import run_tui
+
+        return run_tui(model=Path(args.model).expanduser() if args.model else None, threads=args.threads,
+                       ctx=args.ctx, system=args.system)
+    return cmd_chat_plain(args)
+
+
+def cmd_chat_plain(args) -> int:
+    """A line-based chat in the terminal. Ctrl+C stops a reply; Ctrl+D or /exit quits."""
+    from engine.session import ChatSession
+
+    settings = _sampling(args)
+    loaded, _ = open_model(args)
+    session = ChatSession(loaded)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    name = loaded.path.name
+    print(f"deltatalk — {name} ({loaded.arch}, ctx {loaded.model.n_ctx}). "
+          "Enter sends; Ctrl+C stops a reply; /new clears; /exit or Ctrl+D quits.", file=sys.stderr)
+    while True:
+        try:
+            user = input("\n› ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not user:
+            continue
+        if user in ("/exit", "/quit"):
+            return 0
+        if user == "/new":
+            messages = messages[:1] if args.system else []
+            print("(new chat)", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": user})
+        try:
+            prompt = session.render(messages)
+        except DeltatalkError as e:
+            messages.pop()
+            print(f"deltatalk: {e}", file=sys.stderr)
+            continue
+        cancel = threading.Event()
+        reply, last = [], None
+        try:
+            for r in session.generate(prompt, settings, max_tokens=args.max_tokens, cancel=cancel):
+                reply.append(r.text)
+                sys.stdout.write(r.text)
+                sys.stdout.flush()
+                last = r
+        except KeyboardInterrupt:
+            cancel.set()
+            reply.append(" [stopped]")
+        except DeltatalkError as e:
+            messages.pop()
+            print(f"\ndeltatalk: {e}", file=sys.stderr)
+            continue
+        messages.append({"role": "assistant", "content": "".join(reply).strip()})
+        if last:
+            st = session.last_turn
+            print(f"\n[{last.decode_tps:.1f} tok/s · ttft {last.ttft_s * 1000:.0f} ms · reused "
+                  f"{st.reused_tokens} of {st.prompt_tokens} prompt tokens]", file=sys.stderr)
+
+
+def cmd_models(args) -> int:
+    from chatapp.paths import models_dir
+
+    rows = []
+    d = models_dir()
+    for p in sorted(d.glob("**/*.gguf")) if d.exists() else []:
+        rows.append({"path": str(p), "size_bytes": p.stat().st_size})
+    if args.json:
+        print(json.dumps(rows))
+    elif not rows:
+        print(f"no GGUF files in {d} (run `deltatalk fetch` for the default model)")
+    else:
+        for r in rows:
+            print(f"{r['size_bytes'] / 1e6:9.1f} MB  {r['path']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

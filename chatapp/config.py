@@ -1,0 +1,109 @@
+"""The user's config file: config.json in the platformdirs config dir.
+
+Holds the theme (persisted when the user changes it), the keymap (binding id -> keys),
+extra model folders, default sampling settings and the memory bandwidth figure used
+by the speed overlay. Unknown keys are kept; a broken file falls back to the defaults
+(and the app says so) rather than refusing to start.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from chatapp.paths import config_dir
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+_FALLBACK_DEFAULTS = {
+    "theme": "textual-dark",
+    "model_folders": [],
+    "discover": {"huggingface": True, "lmstudio": True, "ollama": True},
+    "max_tokens": 1024,
+    "threads": None,
+    "context": None,
+    "memory_bandwidth_gbs": None,
+    "sampling": {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
+                 "repeat_penalty": 1.0, "repeat_last_n": 64, "seed": None},
+    "system_prompt": "",
+    "keymap": {},
+}
+
+
+def defaults() -> dict:
+    try:
+        return json.loads((ASSETS / "default_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return copy.deepcopy(_FALLBACK_DEFAULTS)
+
+
+def config_path() -> Path:
+    return config_dir() / "config.json"
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+class Config:
+    def __init__(self, data: dict, path: Path, problem: str | None = None):
+        self.data = data
+        self.path = path
+        self.problem = problem   # a one-line note when the file could not be read
+        self.overrides: dict = {}  # command-line values for this run: read first, never saved
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> "Config":
+        path = path or config_path()
+        base = defaults()
+        if not path.exists():
+            return cls(base, path)
+        try:
+            user = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(user, dict):
+                raise ValueError("the top level is not an object")
+        except (OSError, ValueError) as e:
+            return cls(base, path, f"{path}: {e}; using the defaults")
+        return cls(_merge(base, user), path)
+
+    def save(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".config-", dir=self.path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(self.data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, self.path)
+
+    def __getitem__(self, key):
+        return self.overrides[key] if key in self.overrides else self.data[key]
+
+    def get(self, key, default=None):
+        return self.overrides[key] if key in self.overrides else self.data.get(key, default)
+
+    def set(self, key, value, save: bool = True):
+        self.data[key] = value
+        if save:
+            self.save()
+
+    @property
+    def keymap(self) -> dict[str, str]:
+        km = self.data.get("keymap") or {}
+        return {str(k): str(v) for k, v in km.items()} if isinstance(km, dict) else {}
+
+    @property
+    def model_folders(self) -> list[Path]:
+        return [Path(os.path.expanduser(str(p))) for p in self.data.get("model_folders") or []]
+
+    @property
+    def bandwidth_bytes_s(self) -> float | None:
+        v = self.get("memory_bandwidth_gbs")
+        return float(v) * 1e9 if isinstance(v, (int, float)) and v > 0 else None

@@ -1,0 +1,347 @@
+"""Modal screens: model picker, chat list, text prompts, chat settings, confirmations, help."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, DataTable, Input, Label, Markdown, OptionList, Static, Switch, TextArea
+from textual.widgets.option_list import Option
+
+from chatapp.discovery import Candidate, ModelEntry, describe, human_bytes
+
+
+class _Modal(ModalScreen):
+    DEFAULT_CSS = """
+    _Modal { align: center middle; }
+    _Modal > Vertical {
+        width: 90%; max-width: 130; height: auto; max-height: 90%;
+        padding: 1 2; background: $surface; border: thick $accent;
+    }
+    _Modal .title { text-style: bold; margin-bottom: 1; }
+    _Modal .hint { color: $text-muted; margin-top: 1; width: 100%; }
+    _Modal .buttons { height: auto; margin-top: 1; align-horizontal: right; }
+    _Modal .buttons Button { margin-left: 1; }
+    """
+    BINDINGS = [Binding("escape", "cancel", "Close")]
+
+    def action_cancel(self):
+        self.dismiss(None)
+
+
+# -- model picker ---------------------------------------------------------------------------
+class ModelPicker(_Modal):
+    """Lists GGUF files found on this machine; returns the chosen path (or None)."""
+
+    DEFAULT_CSS = """
+    ModelPicker DataTable { height: auto; max-height: 24; }
+    ModelPicker #picker-path { margin-top: 1; }
+    """
+
+    def __init__(self, find: Callable[[], list[Candidate]], current: Path | None = None):
+        super().__init__()
+        self.find = find
+        self.current = current
+        self.entries: dict[str, ModelEntry] = {}
+        self.done_scanning = False
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label("Choose a model", classes="title")
+            table = DataTable(cursor_type="row", zebra_stripes=True, id="picker-table")
+            table.add_columns("Model", "Arch", "Quant", "Size", "Context", "From", "Status")
+            yield table
+            yield Label("Looking for GGUF files…", id="picker-status", classes="hint")
+            yield Input(placeholder="…or type the path of a .gguf file and press Enter", id="picker-path")
+            yield Label("Enter loads the highlighted model · Esc closes", classes="hint")
+
+    def on_mount(self):
+        self.query_one(DataTable).focus()
+        self.scan()
+
+    @work(thread=True, exclusive=True, group="discover", exit_on_error=False)
+    def scan(self):
+        try:
+            found = self.find()
+        except Exception as e:  # noqa: BLE001
+            self.app.call_from_thread(self._scan_failed, e)
+            return
+        for c in found:
+            entry = describe(c)
+            self.app.call_from_thread(self._add, entry)
+        self.app.call_from_thread(self._scan_done, len(found))
+
+    def _scan_failed(self, e: Exception):
+        from chatapp.errors import describe_error, log_exception
+
+        log_exception(e, "model discovery")
+        self.query_one("#picker-status", Label).update(describe_error(e, "discovery failed"))
+
+    def _add(self, e: ModelEntry):
+        key = str(e.path)
+        self.entries[key] = e
+        table = self.query_one(DataTable)
+        name = e.name + ("  (loaded)" if self.current and Path(self.current) == e.path else "")
+        status = "✓ supported" if e.supported else f"✗ {e.reason}"
+        table.add_row(name, e.arch, e.quant, human_bytes(e.size), f"{e.context:,}" if e.context else "?",
+                      e.source, status, key=key)
+
+    def _scan_done(self, n: int):
+        self.done_scanning = True
+        ok = sum(1 for e in self.entries.values() if e.supported)
+        msg = (f"{n} GGUF file(s) found, {ok} supported." if n else
+               "No GGUF files found. Put models in the models folder, add folders in the config, "
+               "or type a path below.")
+        self.query_one("#picker-status", Label).update(msg)
+        if not self.entries:
+            self.query_one("#picker-path", Input).focus()
+
+    @on(DataTable.RowSelected)
+    def _chosen(self, event: DataTable.RowSelected):
+        e = self.entries.get(str(event.row_key.value))
+        if e is None:
+            return
+        if not e.supported:
+            self.notify(f"{e.name}: {e.reason}", severity="warning", title="Not supported")
+            return
+        self.dismiss(e.path)
+
+    @on(Input.Submitted, "#picker-path")
+    def _typed(self, event: Input.Submitted):
+        p = Path(event.value.strip()).expanduser()
+        if not event.value.strip():
+            return
+        if not p.is_file():
+            self.notify(f"no such file: {p}", severity="warning")
+            return
+        self.dismiss(p)
+
+
+# -- chat list ----------------------------------------------------------------------------
+class ChatList(_Modal):
+    """Returns ("open", id) | ("new", None) | None; rename and delete happen in place."""
+
+    BINDINGS = [
+        Binding("escape", "cancel", "Close"),
+        Binding("n", "new", "New chat"),
+        Binding("r", "rename", "Rename"),
+        Binding("d,delete", "delete", "Delete"),
+    ]
+
+    def __init__(self, store, current_id: int | None = None):
+        super().__init__()
+        self.store = store
+        self.current_id = current_id
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label("Chats", classes="title")
+            yield OptionList(id="chat-options")
+            yield Label("Enter opens · n new · r rename · d delete · Esc closes", classes="hint")
+
+    def on_mount(self):
+        self.reload()
+        self.query_one(OptionList).focus()
+
+    def reload(self, highlight: int | None = None):
+        ol = self.query_one(OptionList)
+        ol.clear_options()
+        chats = self.store.list_chats()
+        for c in chats:
+            mark = "● " if c.id == self.current_id else "  "
+            ol.add_option(Option(f"{mark}{c.title}  [dim]({c.n_messages} messages)[/dim]", id=str(c.id)))
+        if chats:
+            ids = [c.id for c in chats]
+            want = highlight if highlight in ids else (self.current_id if self.current_id in ids else ids[0])
+            ol.highlighted = ids.index(want)
+
+    def _selected_id(self) -> int | None:
+        ol = self.query_one(OptionList)
+        if ol.highlighted is None or ol.option_count == 0:
+            return None
+        return int(ol.get_option_at_index(ol.highlighted).id)
+
+    @on(OptionList.OptionSelected)
+    def _open(self, event: OptionList.OptionSelected):
+        self.dismiss(("open", int(event.option.id)))
+
+    def action_new(self):
+        self.dismiss(("new", None))
+
+    def action_rename(self):
+        cid = self._selected_id()
+        if cid is None:
+            return
+        chat = self.store.get_chat(cid)
+
+        def done(title: str | None):
+            if title and title.strip():
+                self.store.update_chat(cid, title=title.strip())
+                getattr(self.app, "chat_renamed", lambda _cid: None)(cid)
+                self.reload(cid)
+
+        self.app.push_screen(TextPrompt("Rename chat", chat.title if chat else ""), done)
+
+    def action_delete(self):
+        cid = self._selected_id()
+        if cid is None:
+            return
+        chat = self.store.get_chat(cid)
+
+        def done(yes: bool | None):
+            if yes:
+                self.app.delete_chat(cid)
+                self.reload()
+
+        self.app.push_screen(Confirm(f"Delete the chat “{chat.title if chat else cid}”?", "Delete"), done)
+
+
+# -- small dialogs --------------------------------------------------------------------------
+class TextPrompt(_Modal):
+    """One line (or several, multiline=True) of text; returns it or None."""
+
+    def __init__(self, title: str, value: str = "", *, multiline: bool = False, hint: str = ""):
+        super().__init__()
+        self.title_text, self.value, self.multiline, self.hint = title, value, multiline, hint
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(self.title_text, classes="title")
+            if self.multiline:
+                yield TextArea(self.value, id="prompt-text")
+            else:
+                yield Input(self.value, id="prompt-text")
+            if self.hint:
+                yield Label(self.hint, classes="hint")
+            with Horizontal(classes="buttons"):
+                yield Button("Cancel", id="cancel")
+                yield Button("OK", variant="primary", id="ok")
+
+    def on_mount(self):
+        self.query_one("#prompt-text").focus()
+
+    def _value(self) -> str:
+        w = self.query_one("#prompt-text")
+        return w.text if isinstance(w, TextArea) else w.value
+
+    @on(Input.Submitted)
+    def _submit(self):
+        self.dismiss(self._value())
+
+    @on(Button.Pressed, "#ok")
+    def _ok(self):
+        self.dismiss(self._value())
+
+    @on(Button.Pressed, "#cancel")
+    def _cancel(self):
+        self.dismiss(None)
+
+
+class Confirm(_Modal):
+    AUTO_FOCUS = "#yes"
+
+    def __init__(self, question: str, yes: str = "Yes", no: str = "Cancel"):
+        super().__init__()
+        self.question, self.yes, self.no = question, yes, no
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static(self.question)
+            with Horizontal(classes="buttons"):
+                yield Button(self.no, id="no")
+                yield Button(self.yes, variant="primary", id="yes")
+
+    @on(Button.Pressed, "#yes")
+    def _yes(self):
+        self.dismiss(True)
+
+    @on(Button.Pressed, "#no")
+    def _no(self):
+        self.dismiss(False)
+
+
+SAMPLING_FIELDS = [
+    ("temperature", float, "temperature (0 = greedy)"),
+    ("top_k", int, "top-k (0 = off)"),
+    ("top_p", float, "top-p"),
+    ("min_p", float, "min-p"),
+    ("repeat_penalty", float, "repeat penalty (1 = off)"),
+    ("repeat_last_n", int, "repeat window"),
+    ("seed", int, "seed (empty = random)"),
+    ("max_tokens", int, "max tokens per reply"),
+]
+
+
+class ChatSettings(_Modal):
+    """Per-chat system prompt and sampling settings; returns a dict or None."""
+
+    DEFAULT_CSS = """
+    ChatSettings #cs-system { height: 6; }
+    ChatSettings .row { height: auto; }
+    ChatSettings .row Label { width: 28; padding-top: 1; }
+    ChatSettings .row Input { width: 1fr; }
+    ChatSettings .row Switch { margin-top: 0; }
+    """
+
+    def __init__(self, system_prompt: str, values: dict, thinking: bool | None, supports_thinking: bool):
+        super().__init__()
+        self.system_prompt, self.values = system_prompt, values
+        self.thinking, self.supports_thinking = thinking, supports_thinking
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label("Chat settings", classes="title")
+            with VerticalScroll():
+                yield Label("System prompt")
+                yield TextArea(self.system_prompt, id="cs-system")
+                for key, _kind, label in SAMPLING_FIELDS:
+                    v = self.values.get(key)
+                    with Horizontal(classes="row"):
+                        yield Label(label)
+                        yield Input("" if v is None else str(v), id=f"cs-{key}")
+                with Horizontal(classes="row"):
+                    yield Label("thinking" + ("" if self.supports_thinking else " (model has none)"))
+                    yield Switch(value=bool(self.thinking) if self.thinking is not None else True,
+                                 id="cs-thinking", disabled=not self.supports_thinking)
+            with Horizontal(classes="buttons"):
+                yield Button("Cancel", id="cancel")
+                yield Button("Save", variant="primary", id="ok")
+
+    @on(Button.Pressed, "#cancel")
+    def _cancel(self):
+        self.dismiss(None)
+
+    @on(Button.Pressed, "#ok")
+    def _ok(self):
+        out: dict = {"system_prompt": self.query_one("#cs-system", TextArea).text, "sampling": {}}
+        for key, kind, label in SAMPLING_FIELDS:
+            raw = self.query_one(f"#cs-{key}", Input).value.strip()
+            if raw == "":
+                if key == "seed":
+                    out["sampling"][key] = None
+                continue
+            try:
+                out["sampling"][key] = kind(raw)
+            except ValueError:
+                self.notify(f"{label}: {raw!r} is not a number", severity="error")
+                return
+        if self.supports_thinking:
+            out["thinking"] = self.query_one("#cs-thinking", Switch).value
+        self.dismiss(out)
+
+
+class HelpScreen(_Modal):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            with VerticalScroll():
+                yield Markdown(self.text)
+            yield Label("Esc closes", classes="hint")

@@ -1,0 +1,206 @@
+"""Chats in SQLite: one file in the data dir, WAL journal, every change in a transaction.
+
+A reply is written while it streams (status 'streaming', updated about once a second)
+and closed as 'done', 'stopped' or 'error', so a chat survives the process being killed
+at any moment: on reopening, a reply left 'streaming' is shown as interrupted.
+
+Used from the UI thread only (sqlite3 connections are per thread).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS chats (
+    id            INTEGER PRIMARY KEY,
+    title         TEXT NOT NULL DEFAULT 'New chat',
+    created       REAL NOT NULL,
+    updated       REAL NOT NULL,
+    model         TEXT,
+    system_prompt TEXT NOT NULL DEFAULT '',
+    settings      TEXT NOT NULL DEFAULT '{}',
+    thinking      INTEGER            -- NULL: the model's default
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id        INTEGER PRIMARY KEY,
+    chat_id   INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+    role      TEXT NOT NULL,
+    content   TEXT NOT NULL,
+    thinking  TEXT NOT NULL DEFAULT '',
+    status    TEXT NOT NULL DEFAULT 'done',   -- done | streaming | stopped | error
+    stats     TEXT NOT NULL DEFAULT '{}',
+    created   REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_chat ON messages(chat_id, id);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass
+class Message:
+    id: int
+    chat_id: int
+    role: str
+    content: str
+    thinking: str = ""
+    status: str = "done"
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class Chat:
+    id: int
+    title: str
+    created: float
+    updated: float
+    model: str | None = None
+    system_prompt: str = ""
+    settings: dict = field(default_factory=dict)
+    thinking: bool | None = None
+    n_messages: int = 0
+
+
+class ChatStore:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(self.path), isolation_level=None, timeout=5.0)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript("BEGIN;" + SCHEMA + "COMMIT;")
+        if self.get_meta("schema_version") is None:
+            self.set_meta("schema_version", str(SCHEMA_VERSION))
+
+    # -- plumbing -----------------------------------------------------------------------
+    def tx(self):
+        return _Tx(self.db)
+
+    def close(self):
+        try:
+            self.db.close()
+        except sqlite3.Error:
+            pass
+
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, key: str, value: str):
+        with self.tx():
+            self.db.execute("INSERT INTO meta(key, value) VALUES(?, ?) "
+                            "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+
+    # -- chats --------------------------------------------------------------------------
+    def _chat(self, row) -> Chat:
+        thinking = row["thinking"]
+        return Chat(id=row["id"], title=row["title"], created=row["created"], updated=row["updated"],
+                    model=row["model"], system_prompt=row["system_prompt"],
+                    settings=json.loads(row["settings"] or "{}"),
+                    thinking=None if thinking is None else bool(thinking),
+                    n_messages=row["n"] if "n" in row.keys() else 0)
+
+    def new_chat(self, title: str = "New chat", system_prompt: str = "", settings: dict | None = None,
+                 model: str | None = None) -> Chat:
+        now = time.time()
+        with self.tx():
+            cur = self.db.execute(
+                "INSERT INTO chats(title, created, updated, model, system_prompt, settings) VALUES(?,?,?,?,?,?)",
+                (title, now, now, model, system_prompt, json.dumps(settings or {})))
+        return self.get_chat(cur.lastrowid)
+
+    def get_chat(self, chat_id: int) -> Chat | None:
+        row = self.db.execute("SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.chat_id=c.id) AS n "
+                              "FROM chats c WHERE c.id=?", (chat_id,)).fetchone()
+        return self._chat(row) if row else None
+
+    def list_chats(self) -> list[Chat]:
+        rows = self.db.execute("SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.chat_id=c.id) AS n "
+                               "FROM chats c ORDER BY c.updated DESC, c.id DESC").fetchall()
+        return [self._chat(r) for r in rows]
+
+    def update_chat(self, chat_id: int, **fields):
+        allowed = {"title", "model", "system_prompt", "settings", "thinking"}
+        bad = set(fields) - allowed
+        if bad:
+            raise ValueError(f"unknown chat fields {sorted(bad)}")
+        if "settings" in fields:
+            fields["settings"] = json.dumps(fields["settings"] or {})
+        if "thinking" in fields and fields["thinking"] is not None:
+            fields["thinking"] = int(bool(fields["thinking"]))
+        sets = ", ".join(f"{k}=?" for k in fields)
+        with self.tx():
+            self.db.execute(f"UPDATE chats SET {sets}, updated=? WHERE id=?",
+                            (*fields.values(), time.time(), chat_id))
+
+    def delete_chat(self, chat_id: int):
+        with self.tx():
+            self.db.execute("DELETE FROM messages WHERE chat_id=?", (chat_id,))
+            self.db.execute("DELETE FROM chats WHERE id=?", (chat_id,))
+
+    # -- messages -----------------------------------------------------------------------
+    def _msg(self, row) -> Message:
+        return Message(id=row["id"], chat_id=row["chat_id"], role=row["role"], content=row["content"],
+                       thinking=row["thinking"], status=row["status"], stats=json.loads(row["stats"] or "{}"))
+
+    def messages(self, chat_id: int) -> list[Message]:
+        rows = self.db.execute("SELECT * FROM messages WHERE chat_id=? ORDER BY id", (chat_id,)).fetchall()
+        return [self._msg(r) for r in rows]
+
+    def add_message(self, chat_id: int, role: str, content: str, status: str = "done",
+                    thinking: str = "", stats: dict | None = None) -> Message:
+        now = time.time()
+        with self.tx():
+            cur = self.db.execute(
+                "INSERT INTO messages(chat_id, role, content, thinking, status, stats, created) "
+                "VALUES(?,?,?,?,?,?,?)", (chat_id, role, content, thinking, status, json.dumps(stats or {}), now))
+            self.db.execute("UPDATE chats SET updated=? WHERE id=?", (now, chat_id))
+        return Message(cur.lastrowid, chat_id, role, content, thinking, status, stats or {})
+
+    def update_message(self, msg_id: int, *, content: str | None = None, thinking: str | None = None,
+                       status: str | None = None, stats: dict | None = None):
+        fields = {}
+        if content is not None:
+            fields["content"] = content
+        if thinking is not None:
+            fields["thinking"] = thinking
+        if status is not None:
+            fields["status"] = status
+        if stats is not None:
+            fields["stats"] = json.dumps(stats)
+        if not fields:
+            return
+        sets = ", ".join(f"{k}=?" for k in fields)
+        with self.tx():
+            self.db.execute(f"UPDATE messages SET {sets} WHERE id=?", (*fields.values(), msg_id))
+
+    def delete_messages_from(self, chat_id: int, msg_id: int):
+        """Delete a message and everything after it in its chat (regenerate / edit)."""
+        with self.tx():
+            self.db.execute("DELETE FROM messages WHERE chat_id=? AND id>=?", (chat_id, msg_id))
+
+
+class _Tx:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.db.execute("COMMIT")
+        else:
+            self.db.execute("ROLLBACK")
+        return False

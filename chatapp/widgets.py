@@ -1,0 +1,339 @@
+"""The chat screen's widgets: messages, the prompt box, the live gauge, the speed overlay."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from textual import events
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.reactive import reactive
+from textual.widgets import Collapsible, Label, Markdown, ProgressBar, Sparkline, Static, TextArea
+
+from chatapp.backend import BackendStats
+from chatapp.discovery import human_bytes
+from chatapp.thinking import ThinkSplitter
+
+STATUS_NOTES = {
+    "stopped": "⏹ stopped",
+    "length": "… cut at the token limit",
+    "error": "⚠ failed",
+    "interrupted": "⚠ interrupted (the app closed while this reply was streaming)",
+}
+
+
+# -- the prompt box ------------------------------------------------------------------------
+class ChatInput(TextArea):
+    """Enter sends; Shift+Enter and Ctrl+J insert a newline."""
+
+    DEFAULT_CSS = """
+    ChatInput { height: auto; min-height: 3; max-height: 10; }
+    """
+
+    class Submitted(Message):
+        def __init__(self, text: str):
+            super().__init__()
+            self.text = text
+
+    NEWLINE_KEYS = ("shift+enter", "ctrl+j")
+
+    async def _on_key(self, event: events.Key) -> None:
+        if self.read_only:
+            return
+        if event.key == "enter":
+            event.stop()
+            event.prevent_default()
+            self.post_message(self.Submitted(self.text))
+            return
+        if event.key in self.NEWLINE_KEYS:
+            event.stop()
+            event.prevent_default()
+            start, end = self.selection
+            self._replace_via_keyboard("\n", start, end)
+            return
+        await super()._on_key(event)
+
+
+# -- messages ------------------------------------------------------------------------------
+class MessageBox(Vertical):
+    """One message. Assistant messages stream: thinking into a collapsible, the answer as Markdown."""
+
+    DEFAULT_CSS = """
+    MessageBox { height: auto; margin: 0 1 1 1; padding: 0 1; }
+    MessageBox.user { border-left: thick $primary; background: $boost; }
+    MessageBox.assistant { border-left: thick $accent; }
+    MessageBox.system-note { border-left: thick $warning; color: $text-muted; }
+    MessageBox .role { color: $text-muted; text-style: bold; }
+    MessageBox .status { color: $warning; }
+    MessageBox .status.error { color: $error; }
+    MessageBox Collapsible { background: transparent; border-top: none; padding-bottom: 0; }
+    MessageBox Collapsible Markdown { color: $text-muted; }
+    MessageBox Markdown { margin: 0; padding: 0; background: transparent; }
+    """
+
+    def __init__(self, role: str, content: str = "", *, thinking: str = "", status: str = "done",
+                 msg_id: int | None = None, streaming: bool = False, starts_thinking: bool = False):
+        super().__init__(classes=role)
+        self.role = role
+        self.msg_id = msg_id
+        self.content = content
+        self.thinking = thinking
+        self.status = status
+        self.streaming = streaming
+        self._splitter = ThinkSplitter(starts_thinking) if streaming else None
+        self._stream = None
+        self._think_stream = None
+
+    def compose(self) -> ComposeResult:
+        label = {"user": "You", "assistant": "Assistant", "system-note": "Note"}.get(self.role, self.role)
+        yield Label(label, classes="role")
+        self._think_md = Markdown(self.thinking or "", classes="thinking")
+        self._think_box = Collapsible(self._think_md, title="Thinking", collapsed=not self.streaming)
+        self._think_box.display = bool(self.thinking)
+        yield self._think_box
+        self._md = Markdown(self.content, classes="body")
+        yield self._md
+        self._status = Label(STATUS_NOTES.get(self.status, ""), classes="status")
+        self._status.display = self.status in STATUS_NOTES
+        if self.status == "error":
+            self._status.add_class("error")
+        yield self._status
+
+    # streaming ------------------------------------------------------------------------
+    async def append(self, text: str):
+        if self._splitter is None:
+            self._splitter = ThinkSplitter()
+        think, answer = self._splitter.feed(text)
+        await self._write(think, answer)
+
+    async def _write(self, think: str, answer: str):
+        if think:
+            self.thinking += think
+            if not self._think_box.display:
+                self._think_box.display = True
+            if self._think_stream is None:
+                self._think_stream = Markdown.get_stream(self._think_md)
+            await self._think_stream.write(think)
+        if answer:
+            if not self.content:
+                answer = answer.lstrip()
+                if not answer:
+                    return
+                if self._think_box.display and self.streaming:
+                    self._think_box.collapsed = True   # the answer began: fold the thinking
+            self.content += answer
+            if self._stream is None:
+                self._stream = Markdown.get_stream(self._md)
+            await self._stream.write(answer)
+
+    async def finish(self, status: str = "done"):
+        """Flush, stop the streams, and render the whole text once (fixes partial fences)."""
+        if self._splitter is not None:
+            await self._write(*self._splitter.flush())
+        for s in (self._stream, self._think_stream):
+            if s is not None:
+                try:
+                    await s.stop()
+                except Exception:  # noqa: BLE001
+                    pass
+        self._stream = self._think_stream = None
+        self.streaming = False
+        self.content = self.content.strip()
+        await self._md.update(self.content)
+        if self.thinking:
+            self.thinking = self.thinking.strip()
+            await self._think_md.update(self.thinking)
+            self._think_box.collapsed = True
+        self.set_status(status)
+
+    def set_status(self, status: str):
+        self.status = status
+        self._status.update(STATUS_NOTES.get(status, ""))
+        self._status.display = status in STATUS_NOTES
+        self._status.set_class(status == "error", "error")
+
+
+# -- the live gauge -----------------------------------------------------------------------
+@dataclass
+class TurnRecord:
+    """Figures of one reply, for the gauge and the speed overlay."""
+
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    prefilled_tokens: int = 0
+    prefill_done: int = 0
+    prefill_total: int = 0
+    prompt_tps: float = 0.0
+    ttft_s: float = 0.0
+    decode_tps: float = 0.0
+    generated: int = 0
+    context_used: int = 0
+    finish: str | None = None
+    history: deque = field(default_factory=lambda: deque(maxlen=60))
+
+
+class Gauge(Horizontal):
+    """Always visible while generating: tok/s + sparkline, prefill bar, TTFT, context, reuse."""
+
+    DEFAULT_CSS = """
+    Gauge { height: auto; padding: 0 1; background: $panel; }
+    Gauge > Label { width: auto; margin-right: 1; }
+    Gauge #g-tps { text-style: bold; color: $success; min-width: 12; }
+    Gauge Sparkline { width: 16; height: 1; margin-right: 1; }
+    Gauge ProgressBar { width: 12; }
+    Gauge ProgressBar Bar { width: 10; }
+    Gauge #g-details { width: 1fr; margin-right: 0; }
+    Gauge.idle #g-tps { color: $text-muted; }
+    Gauge .turn-only { display: none; }
+    """
+
+    active: reactive[bool] = reactive(False)
+
+    def __init__(self, **kw):
+        super().__init__(classes="idle", **kw)
+        self.turn = TurnRecord()
+        self.n_ctx = 0
+
+    def compose(self) -> ComposeResult:
+        yield Label("— tok/s", id="g-tps")
+        spark = Sparkline([], id="g-spark")
+        spark.display = False
+        yield spark
+        yield Label("prefill", id="g-prefill-label", classes="turn-only")
+        yield ProgressBar(total=1, show_eta=False, show_percentage=False, id="g-prefill", classes="turn-only")
+        yield Label("", id="g-details")
+
+    def watch_active(self, active: bool):
+        self.set_class(not active, "idle")
+
+    def start(self, n_ctx: int):
+        self.turn = TurnRecord()
+        self.n_ctx = n_ctx
+        self.active = True
+        spark = self.query_one("#g-spark", Sparkline)
+        spark.data = []
+        spark.display = False
+        for w in self.query(".turn-only"):
+            w.display = True
+        bar = self.query_one("#g-prefill", ProgressBar)
+        bar.update(total=1, progress=0)
+        self.refresh_text()
+
+    def on_prefill(self, done: int, total: int, prompt_tps: float | None = None):
+        self.turn.prefill_done, self.turn.prefill_total = done, total
+        if prompt_tps is not None:
+            self.turn.prompt_tps = prompt_tps
+        self.query_one("#g-prefill", ProgressBar).update(total=max(total, 1), progress=done)
+        self.refresh_text()
+
+    def on_tokens(self, *, decode_tps: float, ttft_s: float, prompt_tps: float, generated: int,
+                  context_used: int, prompt_tokens: int, reused_tokens: int, prefilled_tokens: int):
+        t = self.turn
+        t.decode_tps, t.ttft_s, t.prompt_tps, t.generated = decode_tps, ttft_s, prompt_tps, generated
+        t.context_used = context_used
+        t.prompt_tokens, t.reused_tokens, t.prefilled_tokens = prompt_tokens, reused_tokens, prefilled_tokens
+        if t.prefill_total == 0 or t.prefill_done < t.prefill_total:
+            t.prefill_done = t.prefill_total = max(prefilled_tokens, 1)
+            self.query_one("#g-prefill", ProgressBar).update(total=t.prefill_total, progress=t.prefill_total)
+        if decode_tps > 0:
+            t.history.append(decode_tps)
+            spark = self.query_one("#g-spark", Sparkline)
+            spark.data = list(t.history)
+            spark.display = True
+        self.refresh_text()
+
+    def stop(self, finish: str | None):
+        self.turn.finish = finish
+        self.active = False
+        self.refresh_text()
+
+    def tps_text(self) -> str:
+        t = self.turn
+        return f"{t.decode_tps:6.1f} tok/s" if t.decode_tps > 0 else "  — tok/s"
+
+    def details_text(self) -> str:
+        t = self.turn
+        parts = []
+        if t.prefill_total:
+            parts.append(f"{t.prefill_done}/{t.prefill_total}")
+        if t.prompt_tps:
+            parts.append(f"{t.prompt_tps:,.0f} tok/s prompt")
+        if t.ttft_s:
+            parts.append(f"TTFT {t.ttft_s * 1000:,.0f} ms")
+        if self.n_ctx:
+            parts.append(f"ctx {t.context_used:,}/{self.n_ctx:,}")
+        if t.prompt_tokens:
+            parts.append(f"reused {t.reused_tokens:,} of {t.prompt_tokens:,} prompt tokens")
+        return " · ".join(parts)
+
+    def refresh_text(self):
+        self.query_one("#g-tps", Label).update(self.tps_text())
+        self.query_one("#g-details", Label).update(self.details_text())
+
+
+# -- the speed overlay ----------------------------------------------------------------------
+class SpeedOverlay(Static):
+    """Per-turn speeds, memory, threads and the share of the memory-bandwidth bound."""
+
+    DEFAULT_CSS = """
+    SpeedOverlay {
+        layer: overlay; dock: right; width: 60; height: auto; max-height: 100%;
+        margin: 1 1; padding: 1 2; background: $panel; border: round $accent;
+        display: none;
+    }
+    """
+
+    def __init__(self, **kw):
+        super().__init__("", **kw)
+        self.stats = BackendStats()
+        self.turns: list[TurnRecord] = []
+
+    def show(self, stats: BackendStats, turns: list[TurnRecord], model_name: str = ""):
+        self.stats, self.turns = stats, turns
+        self.update(self.render_text(model_name))
+
+    @staticmethod
+    def bandwidth_share(model_bytes: int, decode_tps: float, bandwidth: float) -> float | None:
+        if model_bytes <= 0 or decode_tps <= 0 or bandwidth <= 0:
+            return None
+        return model_bytes * decode_tps / bandwidth
+
+    def render_text(self, model_name: str = "") -> str:
+        s = self.stats
+        lines = ["[b]Speed[/b]" + (f"  [dim]{model_name}[/dim]" if model_name else "")]
+        last = [t for t in self.turns if t.generated][-8:]
+        if last:
+            lines.append("[dim] turn  prefill t/s  decode t/s    TTFT[/dim]")
+            n0 = len(self.turns) - len(last)
+            for i, t in enumerate(last):
+                lines.append(f" {n0 + i + 1:>4}  {t.prompt_tps:>11,.0f}  {t.decode_tps:>10.1f}  "
+                             f"{t.ttft_s * 1000:>5,.0f} ms")
+            cur = last[-1]
+            lines.append(f" reused {cur.reused_tokens:,} of {cur.prompt_tokens:,} prompt tokens, "
+                         f"prefilled {cur.prefilled_tokens:,}")
+        else:
+            lines.append(" [dim]no replies yet[/dim]")
+        lines.append("")
+        lines.append("[b]Memory[/b]")
+        lines.append(f" RSS            {human_bytes(s.rss_bytes):>10}  (peak {human_bytes(s.peak_rss_bytes)})")
+        lines.append(f" model weights  {human_bytes(s.model_bytes):>10}")
+        lines.append(f" KV cache       {human_bytes(s.kv_bytes):>10}")
+        lines.append(f" recurrent state{human_bytes(s.state_bytes):>10}")
+        lines.append(f" checkpoints    {human_bytes(s.checkpoint_bytes):>10}")
+        lines.append("")
+        lines.append("[b]Compute[/b]")
+        lines.append(f" threads {s.threads} · threading layer {s.threading_layer}")
+        if s.cpu_features:
+            lines.append(f" CPU {' '.join(s.cpu_features)}")
+        bw = s.bandwidth_bytes_s
+        src = "measured" if s.bandwidth_measured else "assumed"
+        lines.append(f" memory bandwidth {bw / 1e9:.1f} GB/s ({src})")
+        if last:
+            share = self.bandwidth_share(s.model_bytes, last[-1].decode_tps, bw)
+            if share is not None:
+                bound = bw / s.model_bytes
+                lines.append(f" decode {last[-1].decode_tps:.1f} tok/s = [b]{share * 100:.0f}%[/b] "
+                             f"of the bound ({bound:.1f} tok/s)")
+        return "\n".join(lines)

@@ -1,0 +1,105 @@
+"""The streaming generation loop shared by the CLI and the TUI.
+
+`stream_generate` prefills a prompt in chunks, then decodes one token at a time and
+yields one `GenerationResponse` per token, carrying its text and live speed figures.
+It checks a cancel flag between prefill chunks and between tokens.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.sampling import LogitsProcessor, Sampler
+
+PREFILL_CHUNK = 256
+
+
+@dataclass
+class GenerationResponse:
+    text: str                 # text completed by this token (may be "" while UTF-8 is partial)
+    token: int
+    prompt_tokens: int        # tokens prefilled for this reply
+    prompt_tps: float
+    ttft_s: float             # start of the call to the first sampled token
+    generation_tokens: int    # tokens sampled so far
+    decode_tps: float         # decode speed so far
+    finish_reason: str | None = None   # "stop" | "length" | "cancelled" | None while running
+    logits: np.ndarray | None = field(default=None, repr=False)   # when keep_logits
+
+
+def prefill(model, cache, tokens: Sequence[int], chunk: int = PREFILL_CHUNK,
+            progress: Callable[[int, int], None] | None = None,
+            cancel: threading.Event | None = None) -> np.ndarray | None:
+    """Feed tokens in chunks; return the logits of the last position (None if cancelled)."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    n = len(tokens)
+    logits = None
+    for start in range(0, n, chunk):
+        if cancel is not None and cancel.is_set():
+            return None
+        part = tokens[start : start + chunk]
+        last = start + chunk >= n
+        logits = model.forward(part, cache, logits="last" if last else "none")
+        if progress is not None:
+            progress(min(start + chunk, n), n)
+    return logits[-1]
+
+
+def stream_generate(model, tokenizer, prompt_tokens: Sequence[int], cache, sampler: Sampler,
+                    logits_processors: Sequence[LogitsProcessor] = (), max_tokens: int = 256,
+                    cancel: threading.Event | None = None,
+                    prefill_progress: Callable[[int, int], None] | None = None,
+                    keep_logits: bool = False, history: Sequence[int] = (),
+                    stop_ids: frozenset | None = None) -> Iterator[GenerationResponse]:
+    """Prefill `prompt_tokens` on top of `cache`, then sample up to `max_tokens` tokens.
+
+    The last sampled token is not fed to the cache (its logits are never needed), so
+    after the loop the cache holds the prompt plus every yielded token but the last.
+    `history`: tokens already in the cache, for the repetition penalty.
+    """
+    if len(prompt_tokens) == 0:
+        raise ValueError("the prompt is empty")
+    stop_ids = tokenizer.eog_ids if stop_ids is None else stop_ids
+    t0 = time.perf_counter()
+    logits = prefill(model, cache, prompt_tokens, progress=prefill_progress, cancel=cancel)
+    t_prompt = time.perf_counter() - t0
+    n_prompt = len(prompt_tokens)
+    prompt_tps = n_prompt / t_prompt if t_prompt > 0 else float("inf")
+    if logits is None:  # cancelled during prefill
+        return
+    seen = list(history) + list(prompt_tokens)
+    decoder = tokenizer.stream_decoder()
+    ttft = 0.0
+    t_first = 0.0
+    for i in range(max_tokens):
+        row = logits
+        for proc in logits_processors:
+            row = proc(seen, row)
+        token = sampler(row)
+        now = time.perf_counter()
+        if i == 0:
+            ttft = now - t0
+            t_first = now
+        n_gen = i + 1
+        decode_tps = (n_gen - 1) / (now - t_first) if n_gen > 1 and now > t_first else 0.0
+        finish = None
+        if token in stop_ids:
+            finish = "stop"
+        elif n_gen >= max_tokens:
+            finish = "length"
+        elif cancel is not None and cancel.is_set():
+            finish = "cancelled"
+        text = decoder.feed(token) if token not in stop_ids else ""
+        if finish is not None:
+            text += decoder.flush()
+        yield GenerationResponse(text, token, n_prompt, prompt_tps, ttft, n_gen, decode_tps, finish,
+                                 logits if keep_logits else None)
+        if finish is not None:
+            return
+        seen.append(token)
+        logits = model.forward([token], cache, logits="last")[-1]

@@ -1,0 +1,201 @@
+"""Small dense ops of the forward pass: RMSNorm, RoPE, attention over the KV cache, SwiGLU.
+
+Each numba kernel has a plain numpy twin (`*_ref`) beside it; tests compare the two.
+Numerics follow llama.cpp's CPU backend: norms accumulate in float64, RoPE angles are
+built by repeated float32 multiplication, K/V and q are rounded to fp16 for the
+attention dot products (llama.cpp keeps an F16 KV cache).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import prange
+
+_JIT = dict(cache=True, fastmath=True)
+_JIT_PAR = dict(cache=True, fastmath=True, parallel=True)
+
+
+# --------------------------------------------------------------------------- RMSNorm
+@numba.njit(**_JIT)
+def rmsnorm(x, w, eps, out):
+    """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w     x, out: (T, D); w: (D,)"""
+    T, D = x.shape
+    for t in range(T):
+        s = 0.0  # float64 sum, as ggml
+        for i in range(D):
+            v = np.float64(x[t, i])
+            s += v * v
+        scale = np.float32(1.0 / np.sqrt(s / D + eps))
+        for i in range(D):
+            out[t, i] = x[t, i] * scale * w[i]
+
+
+def rmsnorm_ref(x, w, eps):
+    x64 = x.astype(np.float64)
+    scale = (1.0 / np.sqrt((x64 * x64).mean(axis=-1, keepdims=True) + eps)).astype(np.float32)
+    return (x * scale * w).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- RoPE
+def rope_tables(n_ctx: int, n_rot: int, base: float, freq_factors=None, freq_scale: float = 1.0,
+                attn_factor: float = 1.0):
+    """cos/sin (n_ctx, n_rot/2) float32, built the way ggml builds them.
+
+    theta starts at the position and is multiplied by base^(-2/n_rot) once per pair in
+    float32; freq_factors (Llama-3 rope_freqs, Phi-3 long/short factors) divide theta.
+    """
+    half = n_rot // 2
+    theta_scale = np.float32(base) ** np.float32(-2.0 / n_rot)
+    pos = np.arange(n_ctx, dtype=np.float32)
+    theta = np.empty((n_ctx, half), dtype=np.float32)
+    cur = pos.copy()
+    for i in range(half):
+        theta[:, i] = cur
+        cur = (cur * theta_scale).astype(np.float32)
+    if freq_factors is not None:
+        theta = (theta / np.asarray(freq_factors, dtype=np.float32)[None, :half]).astype(np.float32)
+    theta = (theta * np.float32(freq_scale)).astype(np.float32)
+    cos = (np.cos(theta) * np.float32(attn_factor)).astype(np.float32)
+    sin = (np.sin(theta) * np.float32(attn_factor)).astype(np.float32)
+    return cos, sin
+
+
+@numba.njit(**_JIT)
+def rope_inplace(x, cos, sin, p0, n_rot, neox):
+    """Rotate the first n_rot dims of every head of x (T, H, hd) at positions p0..p0+T-1.
+
+    neox=False: pairs (2i, 2i+1) (llama "NORM" mode); neox=True: pairs (i, i + n_rot/2).
+    """
+    T, H, hd = x.shape
+    half = n_rot // 2
+    for t in range(T):
+        p = p0 + t
+        for h in range(H):
+            for i in range(half):
+                c = cos[p, i]
+                s = sin[p, i]
+                if neox:
+                    a = x[t, h, i]
+                    b = x[t, h, i + half]
+                    x[t, h, i] = a * c - b * s
+                    x[t, h, i + half] = a * s + b * c
+                else:
+                    a = x[t, h, 2 * i]
+                    b = x[t, h, 2 * i + 1]
+                    x[t, h, 2 * i] = a * c - b * s
+                    x[t, h, 2 * i + 1] = a * s + b * c
+
+
+def rope_ref(x, cos, sin, p0, n_rot, neox):
+    x = x.copy()
+    T = x.shape[0]
+    half = n_rot // 2
+    c = cos[p0 : p0 + T, None, :]
+    s = sin[p0 : p0 + T, None, :]
+    if neox:
+        a, b = x[..., :half].copy(), x[..., half:n_rot].copy()
+        x[..., :half] = a * c - b * s
+        x[..., half:n_rot] = a * s + b * c
+    else:
+        a, b = x[..., 0:n_rot:2].copy(), x[..., 1:n_rot:2].copy()
+        x[..., 0:n_rot:2] = a * c - b * s
+        x[..., 1:n_rot:2] = a * s + b * c
+    return x
+
+
+# --------------------------------------------------------------------------- attention
+def to_f16_precision(a):
+    """Round float32 values to the nearest fp16 (what an F16 KV cache stores)."""
+    return a.astype(np.float16).astype(np.float32)
+
+
+@numba.njit(**_JIT_PAR)
+def attention(q, k_cache, v_cache, p0, scale, out):
+    """Causal grouped-query attention of T new queries over the cache.
+
+    q: (T, Hq, hd) already rotated and fp16-rounded; k_cache, v_cache: (n_ctx, Hkv, hd)
+    holding positions 0..p0+T-1; query t sits at position p0+t and sees 0..p0+t.
+    out: (T, Hq, hd).  Query head h reads kv head h // (Hq / Hkv).
+    """
+    T, Hq, hd = q.shape
+    Hkv = k_cache.shape[1]
+    n_rep = Hq // Hkv
+    for job in prange(T * Hq):
+        t = job // Hq
+        h = job % Hq
+        kh = h // n_rep
+        n = p0 + t + 1
+        scores = np.empty(n, dtype=np.float32)
+        m = np.float32(-np.inf)
+        for j in range(n):
+            s = np.float32(0.0)
+            for d in range(hd):
+                s += q[t, h, d] * k_cache[j, kh, d]
+            s *= scale
+            scores[j] = s
+            if s > m:
+                m = s
+        total = np.float32(0.0)
+        for j in range(n):
+            e = np.exp(scores[j] - m)
+            scores[j] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for d in range(hd):
+            out[t, h, d] = np.float32(0.0)
+        for j in range(n):
+            w = scores[j] * inv
+            for d in range(hd):
+                out[t, h, d] += w * v_cache[j, kh, d]
+
+
+def attention_ref(q, k_cache, v_cache, p0, scale):
+    T, Hq, hd = q.shape
+    Hkv = k_cache.shape[1]
+    n_rep = Hq // Hkv
+    out = np.zeros((T, Hq, hd), dtype=np.float64)
+    for t in range(T):
+        n = p0 + t + 1
+        for h in range(Hq):
+            k = k_cache[:n, h // n_rep].astype(np.float64)
+            v = v_cache[:n, h // n_rep].astype(np.float64)
+            s = k @ q[t, h].astype(np.float64) * scale
+            p = np.exp(s - s.max())
+            out[t, h] = (p / p.sum()) @ v
+    return out.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- FFN
+@numba.njit(**_JIT)
+def swiglu(gate, up, out):
+    """out = silu(gate) * up, all (T, F)."""
+    T, F = gate.shape
+    for t in range(T):
+        for i in range(F):
+            g = gate[t, i]
+            out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+
+
+def swiglu_ref(gate, up):
+    g = gate.astype(np.float64)
+    return (g / (1.0 + np.exp(-g)) * up).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- gates
+@numba.njit(**_JIT)
+def _sigmoid_flat(x, out):
+    for i in range(x.shape[0]):
+        out[i] = np.float32(1.0) / (np.float32(1.0) + np.exp(-x[i]))
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-x)) in float32, any shape (the gated-attention output gate)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    _sigmoid_flat(x.reshape(-1), out.reshape(-1))
+    return out
+
+
+def sigmoid_ref(x):
+    return (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float32)

@@ -1,0 +1,65 @@
+"""Process-wide engine settings: thread count, threading layer, CPU features, memory."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+
+import numba
+
+
+def set_threads(n: int | None) -> int:
+    """Use n numba threads (default: all cores); return the number in use."""
+    n = n or numba.config.NUMBA_NUM_THREADS
+    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(n)
+    return n
+
+
+def threading_layer() -> str:
+    """The numba threading layer actually in use ('omp', 'tbb' or 'workqueue')."""
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel region has run yet: run a tiny one
+        from engine.ops import attention  # noqa: F401  (any parallel kernel)
+        import numpy as np
+
+        _touch_parallel(np.zeros(4, dtype=np.float32))
+        return numba.threading_layer()
+
+
+@numba.njit(parallel=True, cache=True)
+def _touch_parallel(a):
+    for i in numba.prange(a.shape[0]):
+        a[i] += 1
+
+
+def cpu_features() -> list[str]:
+    flags = []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    flags = [f for f in ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avxvnni")
+                             if f in have]
+                    break
+    except OSError:
+        pass
+    return flags
+
+
+def peak_rss_bytes() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def current_rss_bytes() -> int:
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import psutil
+
+        return psutil.Process().memory_info().rss

@@ -1,0 +1,98 @@
+"""Sampling: a function built once from the settings, applied to one logits row.
+
+The chain follows llama.cpp's default order: repetition penalty, top-k, top-p, min-p,
+temperature, then a draw. temperature <= 0 is greedy (argmax, ties to the lowest id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+Sampler = Callable[[np.ndarray], int]
+LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
+
+
+@dataclass
+class SamplingSettings:
+    temperature: float = 0.7
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> "SamplingSettings":
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0 (0 disables it)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ValueError("min_p must be in [0, 1)")
+        if self.repeat_penalty <= 0:
+            raise ValueError("repeat_penalty must be > 0 (1 disables it)")
+        return self
+
+
+def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 seed: int | None = None) -> Sampler:
+    if temperature <= 0:
+        return lambda logits: int(np.argmax(logits))
+    rng = np.random.default_rng(seed)
+
+    def sample(logits: np.ndarray) -> int:
+        logits = np.asarray(logits, dtype=np.float64)
+        ids = np.arange(logits.shape[0])
+        if 0 < top_k < logits.shape[0]:
+            keep = np.argpartition(-logits, top_k - 1)[:top_k]
+            ids, logits = keep, logits[keep]
+        order = np.argsort(-logits, kind="stable")
+        ids, logits = ids[order], logits[order]
+        probs = np.exp(logits - logits[0])
+        probs /= probs.sum()
+        if top_p < 1.0:
+            cut = int(np.searchsorted(np.cumsum(probs), top_p)) + 1
+            ids, logits, probs = ids[:cut], logits[:cut], probs[:cut]
+        if min_p > 0.0:
+            keep = probs >= min_p * probs[0]
+            ids, logits = ids[keep], logits[keep]
+        scaled = logits / temperature
+        p = np.exp(scaled - scaled.max())
+        p /= p.sum()
+        return int(ids[rng.choice(len(ids), p=p)])
+
+    return sample
+
+
+def make_repetition_penalty(penalty: float, last_n: int = 64) -> LogitsProcessor:
+    """llama.cpp's rule: a seen token's logit is divided by the penalty if positive, else multiplied."""
+
+    def process(history: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        recent = np.unique(np.asarray(history[-last_n:], dtype=np.int64)) if last_n > 0 else []
+        if len(recent) == 0:
+            return logits
+        logits = logits.copy()
+        vals = logits[recent]
+        logits[recent] = np.where(vals > 0, vals / penalty, vals * penalty)
+        return logits
+
+    return process
+
+
+def make_logits_processors(repeat_penalty: float = 1.0, repeat_last_n: int = 64) -> list[LogitsProcessor]:
+    procs: list[LogitsProcessor] = []
+    if repeat_penalty != 1.0:
+        procs.append(make_repetition_penalty(repeat_penalty, repeat_last_n))
+    return procs
+
+
+def from_settings(s: SamplingSettings) -> tuple[Sampler, list[LogitsProcessor]]:
+    s.validate()
+    return (make_sampler(s.temperature, s.top_k, s.top_p, s.min_p, s.seed),
+            make_logits_processors(s.repeat_penalty, s.repeat_last_n))

@@ -1,0 +1,135 @@
+"""EngineBackend against stand-in engine objects: the swap on load, reply, stats.
+
+No real model and no numba compile: load_model, ChatSession and warm_up are replaced.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from engine.generate import GenerationResponse
+from engine.sampling import SamplingSettings
+
+
+class StubCache:
+    kind = "kv"
+
+    def __init__(self):
+        self.nbytes = 0
+
+
+class StubState:
+    kind = "recurrent"
+    nbytes = 4096
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    prefilled_tokens: int = 0
+
+
+class StubSession:
+    def __init__(self, loaded):
+        self.loaded = loaded
+        self.cache = [StubCache(), StubState()]
+        self.tokens = []
+        self.last_turn = Stats()
+        self.n_ctx = 512
+
+    def render(self, messages, enable_thinking=None):
+        self.rendered = (messages, enable_thinking)
+        return list(range(10))
+
+    def generate(self, prompt, settings, max_tokens=512, cancel=None, prefill_progress=None):
+        self.last_turn = Stats(len(prompt), 0, len(prompt))
+        if prefill_progress:
+            prefill_progress(len(prompt), len(prompt))
+        self.tokens = list(prompt)
+        self.cache[0].nbytes = 1000
+        for i, w in enumerate(["Hi", " from", " " + self.loaded.path.name]):
+            yield GenerationResponse(w, i, len(prompt), 100.0, 0.1, i + 1, 20.0, "stop" if i == 2 else None)
+
+
+@pytest.fixture
+def stub_engine(monkeypatch):
+    calls = {"warm": 0, "block": None}
+
+    def load_model(path, n_ctx=None):
+        if calls["block"] is not None:
+            calls["block"].wait(5)
+        if "bad" in str(path):
+            from engine.errors import ModelFileError
+
+            raise ModelFileError(path, "not a GGUF file")
+        gguf = types.SimpleNamespace(close=lambda: None)
+        model = types.SimpleNamespace(weight_bytes=123_000, n_ctx=512)
+        template = types.SimpleNamespace(supports_thinking=True)
+        return types.SimpleNamespace(path=Path(path), arch="llama", file_size=200_000, model=model,
+                                     gguf=gguf, template=template)
+
+    def warm_up(model, say=None):
+        calls["warm"] += 1
+        return 0.5
+
+    runtime = types.SimpleNamespace(set_threads=lambda n: 2, threading_layer=lambda: "omp",
+                                    current_rss_bytes=lambda: 5_000_000, peak_rss_bytes=lambda: 6_000_000,
+                                    cpu_features=lambda: ["avx", "fma"])
+    monkeypatch.setitem(sys.modules, "engine.loader", types.SimpleNamespace(load_model=load_model))
+    monkeypatch.setitem(sys.modules, "engine.session", types.SimpleNamespace(ChatSession=StubSession))
+    monkeypatch.setitem(sys.modules, "engine.warmup", types.SimpleNamespace(warm_up=warm_up))
+    monkeypatch.setitem(sys.modules, "engine.runtime", runtime)
+    import engine
+
+    monkeypatch.setattr(engine, "runtime", runtime, raising=False)
+    return calls
+
+
+def test_engine_backend_loads_replies_and_reports(stub_engine, tmp_path):
+    from chatapp.backend import EngineBackend
+
+    b = EngineBackend()
+    stages = []
+    info = b.load(tmp_path / "a.gguf", lambda s, f: stages.append(s))
+    assert stages == ["open", "validate", "compile", "ready"]
+    assert (info.arch, info.n_ctx, info.supports_thinking, info.compile_seconds) == ("llama", 512, True, 0.5)
+    progress = []
+    out = list(b.reply([{"role": "user", "content": "x"}], SamplingSettings(), max_tokens=8,
+                       enable_thinking=False, cancel=threading.Event(),
+                       prefill_progress=lambda d, t: progress.append((d, t))))
+    assert "".join(r.text for r in out) == "Hi from a.gguf"
+    assert progress == [(10, 10)]
+    assert b.last_turn().prompt_tokens == 10
+    st = b.stats()
+    assert (st.model_bytes, st.kv_bytes, st.state_bytes, st.checkpoint_bytes) == (123_000, 1000, 4096, 0)
+    assert st.threading_layer == "omp" and st.rss_bytes == 5_000_000 and st.context_used == 10
+
+
+def test_engine_backend_keeps_the_old_model_until_the_new_one_is_ready(stub_engine, tmp_path):
+    from chatapp.backend import EngineBackend
+    from engine.errors import ModelFileError
+
+    b = EngineBackend()
+    b.load(tmp_path / "a.gguf")
+    gate = threading.Event()
+    stub_engine["block"] = gate
+    t = threading.Thread(target=b.load, args=(tmp_path / "b.gguf",))
+    t.start()
+    # while b loads, a still answers
+    text = "".join(r.text for r in b.reply([], SamplingSettings(), max_tokens=8, enable_thinking=None,
+                                            cancel=threading.Event()))
+    assert text.endswith("a.gguf") and b.info.name == "a.gguf"
+    gate.set()
+    t.join(5)
+    assert b.info.name == "b.gguf"
+    stub_engine["block"] = None
+    with pytest.raises(ModelFileError):
+        b.load(tmp_path / "bad.gguf")
+    assert b.info.name == "b.gguf"

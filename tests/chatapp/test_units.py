@@ -1,0 +1,89 @@
+"""Unit tests of the non-UI parts: store, thinking splitter, errors, config."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from chatapp.thinking import ThinkSplitter, split_thinking
+
+
+def test_store_uses_wal_and_transactions(tmp_path):
+    from chatapp.store import ChatStore
+
+    s = ChatStore(tmp_path / "c.sqlite3")
+    assert s.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    c = s.new_chat("t", system_prompt="sys", settings={"temperature": 0.1})
+    m = s.add_message(c.id, "user", "hello")
+    s.add_message(c.id, "assistant", "part", status="streaming")
+    # a failing transaction leaves nothing behind
+    try:
+        with s.tx():
+            s.db.execute("INSERT INTO messages(chat_id, role, content, created) VALUES(?,?,?,0)", (c.id, "user", "x"))
+            raise RuntimeError
+    except RuntimeError:
+        pass
+    assert [x.content for x in s.messages(c.id)] == ["hello", "part"]
+    # another connection (another process) sees committed data
+    other = sqlite3.connect(tmp_path / "c.sqlite3")
+    assert other.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 2
+    s.delete_messages_from(c.id, m.id + 1)
+    assert [x.content for x in s.messages(c.id)] == ["hello"]
+    got = s.get_chat(c.id)
+    assert got.settings == {"temperature": 0.1} and got.system_prompt == "sys" and got.thinking is None
+    s.update_chat(c.id, thinking=False, title="u")
+    assert s.get_chat(c.id).thinking is False
+    s.delete_chat(c.id)
+    assert s.list_chats() == []
+
+
+def test_think_splitter_handles_tags_split_across_chunks():
+    s = ThinkSplitter()
+    out = [s.feed(ch) for ch in "<think>abc</think>\n\nHello"]
+    s.flush()
+    assert s.thinking == "abc" and s.answer.strip() == "Hello"
+    assert "".join(t for t, _ in out) == "abc"
+    assert split_thinking("no thinking here") == ("", "no thinking here")
+    assert split_thinking("answer <think>not thinking</think>") == ("", "answer <think>not thinking</think>")
+    s2 = ThinkSplitter(starts_thinking=True)
+    s2.feed("reasoning</think>answer")
+    assert (s2.thinking, s2.answer) == ("reasoning", "answer")
+
+
+def test_error_descriptions_are_one_line():
+    from chatapp.errors import describe_error
+    from engine.errors import ContextOverflowError, ModelFileError
+
+    e = ModelFileError("/x/m.gguf", "architecture 'qwen9' is not supported", "architectures llama")
+    assert describe_error(e) == "m.gguf: architecture 'qwen9' is not supported (supported: architectures llama)"
+    assert "new chat" in describe_error(ContextOverflowError("the prompt has 9000 tokens"))
+    assert "\n" not in describe_error(ValueError("a\nb"))
+
+
+def test_config_overrides_are_not_saved(tmp_path):
+    import json
+
+    from chatapp.config import Config
+
+    c = Config.load(tmp_path / "config.json")
+    c.overrides["threads"] = 3
+    assert c.get("threads") == 3
+    c.set("theme", "nord")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["theme"] == "nord" and saved["threads"] is None
+
+
+def test_deltatalk_chat_runs_the_tui_and_plain_the_line_chat(monkeypatch):
+    from pathlib import Path
+
+    import chatapp.app as appmod
+    import chatapp.cli as cli
+
+    seen = []
+    monkeypatch.setattr(appmod, "run_tui", lambda **kw: seen.append(("tui", kw)) or 0)
+    monkeypatch.setattr(cli, "cmd_chat_plain", lambda args: seen.append(("plain", args.model)) or 0)
+    assert cli.main([]) == 0
+    assert cli.main(["chat", "-m", "/x/m.gguf", "--threads", "2"]) == 0
+    assert cli.main(["chat", "--plain"]) == 0
+    assert seen[0] == ("tui", {"model": None, "threads": None, "ctx": None, "system": None})
+    assert seen[1][1]["model"] == Path("/x/m.gguf") and seen[1][1]["threads"] == 2
+    assert seen[2] == ("plain", None)

@@ -1,0 +1,83 @@
+"""Each numba kernel in engine.ops against its numpy twin."""
+
+import numpy as np
+import pytest
+
+from engine import ops
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1)
+
+
+def test_rmsnorm_matches_numpy(rng):
+    x = rng.normal(size=(5, 96)).astype(np.float32) * 3
+    w = rng.normal(size=96).astype(np.float32)
+    out = np.empty_like(x)
+    ops.rmsnorm(x, w, 1e-5, out)
+    np.testing.assert_allclose(out, ops.rmsnorm_ref(x, w, 1e-5), rtol=1e-5, atol=1e-6)
+
+
+def test_rmsnorm_may_run_in_place(rng):
+    x = rng.normal(size=(2, 32)).astype(np.float32)
+    w = np.ones(32, np.float32)
+    expect = ops.rmsnorm_ref(x, w, 1e-6)
+    ops.rmsnorm(x, w, 1e-6, x)
+    np.testing.assert_allclose(x, expect, rtol=1e-5)
+
+
+def test_rope_tables_follow_ggml_recurrence():
+    cos, sin = ops.rope_tables(16, 8, 10000.0)
+    # theta_i(p) = p * base^(-2i/n_rot), up to float32 accumulation of the ratio
+    p = np.arange(16)[:, None]
+    theta = p * 10000.0 ** (-2 * np.arange(4) / 8)
+    np.testing.assert_allclose(cos, np.cos(theta), atol=1e-5)
+    np.testing.assert_allclose(sin, np.sin(theta), atol=1e-5)
+
+
+def test_rope_freq_factors_divide_theta():
+    f = np.array([1.0, 2.0, 4.0, 8.0], np.float32)
+    cos, _ = ops.rope_tables(8, 8, 10000.0, freq_factors=f)
+    theta = np.arange(8)[:, None] * 10000.0 ** (-2 * np.arange(4) / 8) / f
+    np.testing.assert_allclose(cos, np.cos(theta), atol=1e-5)
+
+
+@pytest.mark.parametrize("neox", [False, True])
+@pytest.mark.parametrize("n_rot", [16, 8])
+def test_rope_matches_numpy(rng, neox, n_rot):
+    cos, sin = ops.rope_tables(64, n_rot, 10000.0)
+    x = rng.normal(size=(5, 3, 16)).astype(np.float32)
+    expect = ops.rope_ref(x, cos, sin, 7, n_rot, neox)
+    ops.rope_inplace(x, cos, sin, 7, n_rot, neox)
+    np.testing.assert_allclose(x, expect, rtol=1e-6, atol=1e-6)
+
+
+def test_rope_keeps_norm_of_each_pair(rng):
+    cos, sin = ops.rope_tables(32, 16, 10000.0)
+    x = rng.normal(size=(4, 2, 16)).astype(np.float32)
+    y = x.copy()
+    ops.rope_inplace(y, cos, sin, 3, 16, False)
+    np.testing.assert_allclose(np.hypot(y[..., 0::2], y[..., 1::2]), np.hypot(x[..., 0::2], x[..., 1::2]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("T,p0,Hq,Hkv", [(1, 0, 4, 2), (1, 9, 6, 2), (5, 0, 4, 4), (3, 4, 9, 3)])
+def test_attention_matches_numpy(rng, T, p0, Hq, Hkv):
+    hd, n_ctx = 16, 32
+    k = np.zeros((n_ctx, Hkv, hd), np.float32)
+    v = np.zeros((n_ctx, Hkv, hd), np.float32)
+    k[: p0 + T] = rng.normal(size=(p0 + T, Hkv, hd))
+    v[: p0 + T] = rng.normal(size=(p0 + T, Hkv, hd))
+    k[p0 + T :] = 1e9  # positions past the queries must never be read
+    q = rng.normal(size=(T, Hq, hd)).astype(np.float32)
+    out = np.empty_like(q)
+    ops.attention(q, k, v, p0, np.float32(0.25), out)
+    np.testing.assert_allclose(out, ops.attention_ref(q, k, v, p0, 0.25), rtol=1e-4, atol=1e-5)
+
+
+def test_swiglu_matches_numpy(rng):
+    g = rng.normal(size=(3, 40)).astype(np.float32) * 4
+    u = rng.normal(size=(3, 40)).astype(np.float32)
+    out = np.empty_like(g)
+    ops.swiglu(g, u, out)
+    np.testing.assert_allclose(out, ops.swiglu_ref(g, u), rtol=1e-5, atol=1e-6)
