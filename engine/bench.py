@@ -14,10 +14,11 @@ import numba
 import numpy as np
 
 from engine import runtime
+from engine.jit import JIT_PAR
 from engine.generate import PREFILL_CHUNK
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
+@numba.njit(**JIT_PAR)
 def _sum_rows(a):
     """Read every byte of a (rows, n) float32 array once, split across threads."""
     partial = np.zeros(a.shape[0], dtype=np.float32)

@@ -35,48 +35,51 @@ _JIT_PAR = dict(cache=True, fastmath=True, parallel=True)
 def conv1d_silu(x, conv_state, w, out):
     """Causal depthwise conv over [conv_state, x] then SiLU; slides conv_state forward.
 
-    x: (T, C) raw projections; conv_state: (K-1, C), oldest first; w: (C, K), tap 0 multiplies
-    the oldest input; out: (T, C). Afterwards conv_state holds the last K-1 raw inputs.
-    Threads take blocks of 64 channels; the inner loop runs along contiguous channels.
+    x: (T, C) raw projections; conv_state: (K-1, C), oldest first; w: (K, C) taps-major (the
+    transpose of the GGUF tensor's numpy view), tap 0 multiplies the oldest input; out: (T, C).
+    Afterwards conv_state holds the last K-1 raw inputs. Threads take blocks of channels; the
+    inner loops run along contiguous channels. Taps are summed oldest first, in float32.
     """
     T, C = x.shape
-    K = w.shape[1]
+    K = w.shape[0]
     km1 = K - 1
-    CB = 64
+    CB = 512
     for cb in prange((C + CB - 1) // CB):
         c0 = cb * CB
         c1 = min(C, c0 + CB)
+        acc = np.empty(c1 - c0, dtype=np.float32)
         for t in range(T):
-            for c in range(c0, c1):
-                s = np.float32(0.0)
-                for i in range(K):
-                    j = t + i  # index into the virtual window [conv_state (K-1 rows), x (T rows)]
-                    if j < km1:
-                        s += conv_state[j, c] * w[c, i]
-                    else:
-                        s += x[j - km1, c] * w[c, i]
-                out[t, c] = s / (np.float32(1.0) + np.exp(-s))
+            acc[:] = 0.0
+            for i in range(K):
+                j = t + i  # row of the virtual window [conv_state (K-1 rows), x (T rows)]
+                src = conv_state[j, c0:c1] if j < km1 else x[j - km1, c0:c1]
+                wi = w[i, c0:c1]
+                for c in range(c1 - c0):
+                    acc[c] += src[c] * wi[c]
+            o = out[t, c0:c1]
+            for c in range(c1 - c0):
+                s = acc[c]
+                o[c] = s / (np.float32(1.0) + np.exp(-s))
         # slide the window: the new state is the last K-1 rows of [conv_state, x]
-        for c in range(c0, c1):
-            if T >= km1:
-                for j in range(km1):
-                    conv_state[j, c] = x[T - km1 + j, c]
-            else:
-                for j in range(km1 - T):
-                    conv_state[j, c] = conv_state[j + T, c]
-                for j in range(T):
-                    conv_state[km1 - T + j, c] = x[j, c]
+        if T >= km1:
+            for j in range(km1):
+                conv_state[j, c0:c1] = x[T - km1 + j, c0:c1]
+        else:
+            for j in range(km1 - T):
+                conv_state[j, c0:c1] = conv_state[j + T, c0:c1]
+            for j in range(T):
+                conv_state[km1 - T + j, c0:c1] = x[j, c0:c1]
 
 
 def conv1d_silu_ref(x, conv_state, w):
-    """Returns (out, new_conv_state); does not modify its arguments."""
+    """w: (K, C). Returns (out, new_conv_state); does not modify its arguments."""
     km1 = conv_state.shape[0]
     T = x.shape[0]
     win = np.concatenate([conv_state, x], axis=0).astype(np.float64)  # (K-1+T, C)
-    K = w.shape[1]
+    K = w.shape[0]
     c = np.zeros(x.shape, dtype=np.float64)
     for i in range(K):
-        c += win[i : i + T] * w[:, i].astype(np.float64)[None, :]
+        c += win[i : i + T] * w[i].astype(np.float64)[None, :]
     out = (c / (1.0 + np.exp(-c))).astype(np.float32)
     return out, win[T : T + km1].astype(np.float32)
 
@@ -158,20 +161,25 @@ def gated_delta_rule(u, decay, beta, state, n_k_heads, tiled, out):
         for t in range(T):
             g = decay[t, h]
             bt = beta[t, h]
+            ut = u[t]
+            kv = ut[ko : ko + dk]  # 1-D views: contiguous inner loops that vectorize
+            qv = ut[qo : qo + dk]
+            vv = ut[vo : vo + dv]
+            ot = out[t]
             for j in range(dv):
                 row = S[j]
                 m = np.float32(0.0)
                 for i in range(dk):
                     r = row[i] * g
                     row[i] = r
-                    m += r * u[t, ko + i]
-                dlt = bt * (u[t, vo + j] - m)
+                    m += r * kv[i]
+                dlt = bt * (vv[j] - m)
                 o = np.float32(0.0)
                 for i in range(dk):
-                    r = row[i] + u[t, ko + i] * dlt
+                    r = row[i] + kv[i] * dlt
                     row[i] = r
-                    o += r * u[t, qo + i]
-                out[t, h * dv + j] = o * scale
+                    o += r * qv[i]
+                ot[h * dv + j] = o * scale
 
 
 def gated_delta_rule_ref(u, decay, beta, state, n_k_heads, tiled):
@@ -197,23 +205,26 @@ def gated_delta_rule_ref(u, decay, beta, state, n_k_heads, tiled):
 
 
 # --------------------------------------------------------------------------- gated RMSNorm
-@numba.njit(**_JIT)
+@numba.njit(**_JIT_PAR)
 def gated_rmsnorm(o, z, w, eps, out):
     """out = RMSNorm(o per head of len(w)) * w * silu(z).   o, z, out: (T, H*d); w: (d,)"""
     T, W = o.shape
     d = w.shape[0]
     H = W // d
-    for t in range(T):
-        for h in range(H):
-            base = h * d
-            s = 0.0
-            for i in range(d):
-                v = np.float64(o[t, base + i])
-                s += v * v
-            sc = np.float32(1.0 / np.sqrt(s / d + eps))
-            for i in range(d):
-                zz = z[t, base + i]
-                out[t, base + i] = o[t, base + i] * sc * w[i] * (zz / (np.float32(1.0) + np.exp(-zz)))
+    for job in prange(T * H):
+        t = job // H
+        base = (job % H) * d
+        ov = o[t, base : base + d]
+        zv = z[t, base : base + d]
+        dst = out[t, base : base + d]
+        s = 0.0
+        for i in range(d):
+            v = np.float64(ov[i])
+            s += v * v
+        sc = np.float32(1.0 / np.sqrt(s / d + eps))
+        for i in range(d):
+            zz = zv[i]
+            dst[i] = ov[i] * sc * w[i] * (zz / (np.float32(1.0) + np.exp(-zz)))
 
 
 def gated_rmsnorm_ref(o, z, w, eps):
@@ -230,6 +241,7 @@ def gated_rmsnorm_ref(o, z, w, eps):
 def deltanet_mix(qkv, z, a, b, conv_state, state, conv_w, dt_bias, ssm_a, norm_w, eps, n_k_heads, tiled=True):
     """The DeltaNet token mixer between the projections: returns y (T, Hv*dv) for W_ssm_out.
 
+    conv_w: (K, conv_dim) taps-major float32.
     qkv (T, conv_dim), z (T, Hv*dv), a and b (T, Hv): the projections of the normed input.
     conv_state (K-1, conv_dim) and state (Hv, dv, dk) are updated in place.
     The caller has validated every shape against the file.

@@ -12,8 +12,9 @@ import numba
 import numpy as np
 from numba import prange
 
-_JIT = dict(cache=True, fastmath=True)
-_JIT_PAR = dict(cache=True, fastmath=True, parallel=True)
+from engine.quants.common import F16_TO_F32, f32_to_f16_bits
+
+from engine.jit import JIT as _JIT, JIT_EXACT_PAR, JIT_PAR as _JIT_PAR
 
 
 # --------------------------------------------------------------------------- RMSNorm
@@ -107,7 +108,8 @@ def rope_ref(x, cos, sin, p0, n_rot, neox):
 # --------------------------------------------------------------------------- attention
 def to_f16_precision(a):
     """Round float32 values to the nearest fp16 (what an F16 KV cache stores)."""
-    return a.astype(np.float16).astype(np.float32)
+    with np.errstate(over="ignore"):  # beyond fp16's range becomes inf, as in llama.cpp
+        return a.astype(np.float16).astype(np.float32)
 
 
 @numba.njit(**_JIT_PAR)
@@ -150,6 +152,71 @@ def attention(q, k_cache, v_cache, p0, scale, out):
                 out[t, h, d] += w * v_cache[j, kh, d]
 
 
+@numba.njit(**JIT_EXACT_PAR)
+def attention_decode(q, k_cache, v_cache, p0, scale, out, lut):
+    """One query (T = 1) the way llama.cpp's CPU flash attention runs it.
+
+    Online softmax over the positions in order, with the V accumulator kept in fp16
+    (rounded after every update), as ggml's single-query path does; then / sum.
+    q: (1, Hq, hd); lut: fp16 bits -> float32 (engine.quants.common.F16_TO_F32).
+    """
+    _, Hq, hd = q.shape
+    Hkv = k_cache.shape[1]
+    n_rep = Hq // Hkv
+    n = p0 + 1
+    for h in prange(Hq):
+        kh = h // n_rep
+        sf = np.empty(1, np.float32)
+        su = sf.view(np.uint32)
+        acc = np.zeros(hd, np.float32)  # always holds fp16-representable values
+        m = np.float32(-np.inf)
+        total = np.float32(0.0)
+        for j in range(n):
+            s = np.float32(0.0)
+            for d in range(hd):
+                s += q[0, h, d] * k_cache[j, kh, d]
+            s = s * scale
+            ms = np.float32(1.0)
+            vs = np.float32(1.0)
+            if s > m:
+                ms = np.exp(m - s) if m != -np.inf else np.float32(0.0)
+                m = s
+                for d in range(hd):
+                    acc[d] = lut[f32_to_f16_bits(acc[d] * ms, sf, su)]
+            else:
+                vs = np.exp(s - m)
+            for d in range(hd):
+                acc[d] = lut[f32_to_f16_bits(acc[d] + v_cache[j, kh, d] * vs, sf, su)]
+            total = total * ms + vs
+        inv = np.float32(1.0) / total
+        for d in range(hd):
+            out[0, h, d] = acc[d] * inv
+
+
+def attention_decode_ref(q, k_cache, v_cache, p0, scale):
+    """numpy twin of attention_decode (same order, fp16 accumulator)."""
+    _, Hq, hd = q.shape
+    n_rep = Hq // k_cache.shape[1]
+    out = np.empty((1, Hq, hd), np.float32)
+    for h in range(Hq):
+        kh = h // n_rep
+        sc = (k_cache[: p0 + 1, kh] @ q[0, h]).astype(np.float32) * np.float32(scale)
+        acc = np.zeros(hd, np.float16)
+        m, total = np.float32(-np.inf), np.float32(0.0)
+        for j, s in enumerate(sc):
+            ms, vs = np.float32(1.0), np.float32(1.0)
+            if s > m:
+                ms = np.float32(np.exp(np.float32(m - s))) if m != -np.inf else np.float32(0.0)
+                m = s
+                acc = (acc.astype(np.float32) * ms).astype(np.float16)
+            else:
+                vs = np.float32(np.exp(np.float32(s - m)))
+            acc = (acc.astype(np.float32) + v_cache[j, kh].astype(np.float32) * vs).astype(np.float16)
+            total = np.float32(total * ms + vs)
+        out[0, h] = acc.astype(np.float32) / total
+    return out
+
+
 def attention_ref(q, k_cache, v_cache, p0, scale):
     T, Hq, hd = q.shape
     Hkv = k_cache.shape[1]
@@ -164,6 +231,18 @@ def attention_ref(q, k_cache, v_cache, p0, scale):
             p = np.exp(s - s.max())
             out[t, h] = (p / p.sum()) @ v
     return out.astype(np.float32)
+
+
+def attend(q, k_cache, v_cache, p0, scale, out):
+    """Causal attention of q (T, Hq, hd) at positions p0.. over the cache, into out.
+
+    A single query takes llama.cpp's decode path (fp16 accumulator); a batch takes the
+    float32 path, as llama.cpp's tiled kernel accumulates in f32.
+    """
+    if q.shape[0] == 1:
+        attention_decode(q, k_cache, v_cache, p0, scale, out, F16_TO_F32)
+    else:
+        attention(q, k_cache, v_cache, p0, scale, out)
 
 
 # --------------------------------------------------------------------------- FFN

@@ -29,7 +29,7 @@ def threading_layer() -> str:
         return numba.threading_layer()
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, error_model="numpy")
 def _touch_parallel(a):
     for i in numba.prange(a.shape[0]):
         a[i] += 1

@@ -17,6 +17,8 @@ What it does (the default run):
    Per file and mode it stores `<name>.<mode>.logits.npy`: float32 (40 + 23, V), the logits
    after every fed token (the prompt, then each greedy token but the last), and in
    manifest.json the prompt, the greedy ids, the top1-top2 margins and the file digests.
+4. does 1-3 for seeds 0, 1, ... (--seeds) and keeps the best-conditioned one (see make_fixtures);
+   --seed N rebuilds one seed directly (the committed fixtures: --seed 20, reproduced bit for bit).
 
 With --bench-4b PATH it instead writes a Qwen3.5-4B-shaped file (true 4B widths and 248320
 vocabulary, 8 layers = 6 DeltaNet + 2 attention, random weights) as F16 next to PATH,
@@ -54,7 +56,7 @@ EMBD_SCALE = 0.2
 # through the recurrent state and the KV cache. llama.cpp's own batch vs chunked runs of the Q4_K_M
 # file differ by 0.07-0.1 when the logits have a std of 3. An output_norm of ~0.33 brings the logit
 # std to ~1 so that the tolerances measure the engine rather than that noise floor.
-OUTPUT_NORM_MEAN = 0.33
+OUTPUT_NORM_MEAN = 0.2
 PROMPT_TEXT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                "Write the story of the wind and the sea in three short lines.<|im_end|>\n"
                "<|im_start|>assistant\n<think>\n")
@@ -64,6 +66,7 @@ QUANTS = {"q8_0": 7, "q4_k_m": 15}  # llama_ftype
 # F32, Q4_K, Q5_K, Q6_K and Q8_0 tensors.
 TYPE_OVERRIDES = {"q4_k_m": [("attn_qkv", 13), ("ssm_out", 13), ("ssm_alpha", 8), ("ssm_beta", 8)]}
 MODES = ("batch", "single", "chunks")
+PERTURBED_RUNS, PERTURBATION = 4, 2e-7  # see _reference_diff
 SAFE_MARGIN = 0.05  # a greedy step whose top1-top2 logit margin is below this is a near tie
 
 
@@ -226,19 +229,25 @@ def _reference_diff(path: Path, out: Path, name: str, summary: dict) -> float:
     worst = 0.0
     ref_model = Qwen35Reference(path)
     for mode, m in summary["modes"].items():
-        ref_model.reset()
-        got = ref_model.forward(summary["prompt"] + m["generated"][:-1])
-        worst = max(worst, float(np.abs(got - np.load(out / f"{name}.{mode}.logits.npy")).max()))
+        want = np.load(out / f"{name}.{mode}.logits.npy")
+        # exact emulation, then with every matmul output perturbed by ~1 float32 ulp (what any other
+        # summation order does): a fixture whose comparison flips under that is a coin toss
+        for k in range(1 + (PERTURBED_RUNS if mode == "batch" else 0)):
+            ref_model.set_noise(PERTURBATION if k else 0.0, seed=k)
+            ref_model.reset()
+            got = ref_model.forward(summary["prompt"] + m["generated"][:-1])
+            worst = max(worst, float(np.abs(got - want).max()))
     return worst
 
 
 def _score(m: dict):
-    """Well conditioned first (the numpy emulation within half the tolerance), then fewest near ties."""
-    ok = all(f["numpy_reference_max_abs_diff"] <= f["tolerance"] / 2 for f in m["fixtures"].values())
-    return (ok, min(f["safe_steps"] for f in m["fixtures"].values()))
+    """Well conditioned first (the perturbed numpy emulations within 60% of the tolerance), then the
+    smallest worst-case emulation error relative to the tolerance, then fewest near ties."""
+    rel = max(f["numpy_reference_max_abs_diff"] / f["tolerance"] for f in m["fixtures"].values())
+    return (rel <= 0.6, -round(rel, 2), min(f["safe_steps"] for f in m["fixtures"].values()))
 
 
-def make_fixtures(out: Path, llama_py: str, seeds: int) -> None:
+def make_fixtures(out: Path, llama_py: str, seeds: int, seed: int | None = None) -> None:
     """Try `seeds` seeds; keep the best conditioned (see _score).
 
     A random model is chaotic under activation quantization: a value that lands within ~1e-6 of a
@@ -249,9 +258,9 @@ def make_fixtures(out: Path, llama_py: str, seeds: int) -> None:
     """
     import shutil
 
-    best = None
+    best = None if seed is None else ((True, 0, N_GEN), seed)
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(seeds):
+        for seed in range(seeds if best is None else 0):
             d = Path(tmp) / str(seed)
             m = build(d, llama_py, seed, verbose=False)
             score = _score(m)
@@ -260,7 +269,7 @@ def make_fixtures(out: Path, llama_py: str, seeds: int) -> None:
                   flush=True)
             if best is None or score > best[0]:
                 best = (score, seed)
-            if score == (True, N_GEN):
+            if score[0] and score[2] == N_GEN:
                 break
         seed = best[1]
         print(f"using seed {seed}")
@@ -304,7 +313,8 @@ def make_bench(path: Path, llama_py: str) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--seeds", type=int, default=24, help="seeds to try for the tiny model (default 24)")
+    ap.add_argument("--seeds", type=int, default=30, help="seeds to try for the tiny model (default 30)")
+    ap.add_argument("--seed", type=int, help="use this seed (no search; the committed fixtures use 20)")
     ap.add_argument("--llama-python", default=DEFAULT_LLAMA_PY)
     ap.add_argument("--bench-4b", type=Path, metavar="PATH", help="write the 4B-shaped benchmark file instead")
     ap.add_argument("--llama-quantize", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
@@ -323,7 +333,7 @@ def main(argv=None) -> None:
     elif a.bench_4b:
         make_bench(a.bench_4b, a.llama_python)
     else:
-        make_fixtures(a.out, a.llama_python, a.seeds)
+        make_fixtures(a.out, a.llama_python, a.seeds, a.seed)
 
 
 if __name__ == "__main__":

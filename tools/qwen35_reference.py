@@ -61,9 +61,15 @@ class RefLinear:
         self.w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(
             int(t.shape[1]), int(t.shape[0]))  # (out, in)
 
+    noise = None  # (rng, relative std): perturb outputs like a different summation order would
+
     def __call__(self, X):
         Xq = _ACT[self.type](np.asarray(X, np.float32))
-        return (Xq.astype(np.float64) @ self.w.T.astype(np.float64)).astype(np.float32)
+        y = (Xq.astype(np.float64) @ self.w.T.astype(np.float64)).astype(np.float32)
+        if self.noise is not None:
+            rng, rel = self.noise
+            y = (y * (1.0 + rel * rng.standard_normal(y.shape))).astype(np.float32)
+        return y
 
 
 def _attention_f16p(q, K, V, p0, scale):
@@ -132,7 +138,7 @@ class Qwen35Reference:
                 L.update(qkv=RefLinear(T[p + "attn_qkv.weight"]), z=RefLinear(T[p + "attn_gate.weight"]),
                          beta=RefLinear(T[p + "ssm_beta.weight"]), alpha=RefLinear(T[p + "ssm_alpha.weight"]),
                          out=RefLinear(T[p + "ssm_out.weight"]), dt=vec(p + "ssm_dt.bias"), a=vec(p + "ssm_a"),
-                         conv=np.asarray(T[p + "ssm_conv1d.weight"].data, np.float32).reshape(-1, self.K).copy(),
+                         conv=np.asarray(T[p + "ssm_conv1d.weight"].data, np.float32).reshape(-1, self.K).T.copy(),
                          norm=vec(p + "ssm_norm.weight"))
             else:
                 L.update(q=RefLinear(T[p + "attn_q.weight"]), k=RefLinear(T[p + "attn_k.weight"]),
@@ -140,6 +146,12 @@ class Qwen35Reference:
                          qn=vec(p + "attn_q_norm.weight"), kn=vec(p + "attn_k_norm.weight"))
             self.layers.append(L)
         self.reset()
+
+    def set_noise(self, rel: float, seed: int = 0):
+        """Perturb every matmul output by a relative N(0, rel): how fragile is the comparison?"""
+        rng = np.random.default_rng(seed)
+        for lin in [self.embd, self.head] + [v for L in self.layers for v in L.values() if isinstance(v, RefLinear)]:
+            lin.noise = (rng, rel) if rel else None
 
     def reset(self):
         self.pos = 0

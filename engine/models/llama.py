@@ -179,7 +179,7 @@ class Model:
             ops.rope_inplace(q, self.rope_cos, self.rope_sin, p0, a.n_rot, False)
             ops.rope_inplace(k, self.rope_cos, self.rope_sin, p0, a.n_rot, False)
             kv.write(ops.to_f16_precision(k), ops.to_f16_precision(v))
-            ops.attention(ops.to_f16_precision(q), kv.keys, kv.values, p0, scale, att)
+            ops.attend(ops.to_f16_precision(q), kv.keys, kv.values, p0, scale, att)
             x += layer.wo.matmul(att.reshape(T, H * hd))
 
             ops.rmsnorm(x, layer.ffn_norm, a.norm_eps, n)

@@ -140,6 +140,18 @@ class Args:
         return args
 
 
+def _matmuls(X: np.ndarray, *lins: QuantLinear) -> list:
+    """Several weights applied to one input (T, n_in), quantizing it once per activation format."""
+    acts: dict = {}
+    out = []
+    for lin in lins:
+        key = lin.fmt.act
+        if key not in acts:
+            acts[key] = lin.quantize(X)
+        out.append(lin.matmul_quantized(acts[key]))
+    return out
+
+
 def _tensor(gf: GGUFFile, name: str, shape: tuple):
     t = gf.tensors.get(name)
     if t is None:
@@ -173,7 +185,8 @@ class DeltaNetLayer:
         self.dt_bias = _vector(gf, p + "ssm_dt.bias", Hv)
         self.ssm_a = _vector(gf, p + "ssm_a", Hv)
         _tensor(gf, p + "ssm_conv1d.weight", (a.conv_kernel, a.conv_dim))
-        self.conv_w = gf.tensor_float(p + "ssm_conv1d.weight")  # (conv_dim, K): small, float32
+        # (K, conv_dim) taps-major float32: small (conv taps are never quantized by llama.cpp)
+        self.conv_w = np.ascontiguousarray(gf.tensor_float(p + "ssm_conv1d.weight").T)
         self.ssm_norm = _vector(gf, p + "ssm_norm.weight", a.head_v_dim)
         self.w_out = _linear(gf, p + "ssm_out.weight", a.d_inner, D)
         _ffn(self, gf, a, p)
@@ -280,10 +293,8 @@ class Model:
                 raise ValueError("cache layers are at different positions")
             ops.rmsnorm(x, layer.attn_norm, eps, n)
             if layer.recurrent:
-                qkv = layer.w_qkv.matmul(n)                              # (T, conv_dim)
-                z = layer.w_z.matmul(n)                                  # (T, Hv*dv)
-                b = layer.w_beta.matmul(n)                               # (T, Hv)
-                al = layer.w_alpha.matmul(n)                             # (T, Hv)
+                # (T, conv_dim), (T, Hv*dv), (T, Hv), (T, Hv)
+                qkv, z, b, al = _matmuls(n, layer.w_qkv, layer.w_z, layer.w_beta, layer.w_alpha)
                 y = deltanet_mix(qkv, z, al, b, c.conv, c.state, layer.conv_w, layer.dt_bias, layer.ssm_a,
                                  layer.ssm_norm, eps, a.n_k_heads, self.tiled_v_heads)   # (T, Hv*dv)
                 c.advance(T)
@@ -294,7 +305,7 @@ class Model:
                     nq = Hq * hd * 2
                     qg, k, v = qkv[:, :nq], qkv[:, nq : nq + Hkv * hd], qkv[:, nq + Hkv * hd :]
                 else:
-                    qg, k, v = layer.wq.matmul(n), layer.wk.matmul(n), layer.wv.matmul(n)
+                    qg, k, v = _matmuls(n, layer.wq, layer.wk, layer.wv)
                 qg = qg.reshape(T, Hq, 2, hd)
                 q = np.ascontiguousarray(qg[:, :, 0, :])                 # (T, Hq, hd)
                 gate = np.ascontiguousarray(qg[:, :, 1, :])              # (T, Hq, hd)
@@ -311,8 +322,7 @@ class Model:
                 x += layer.wo.matmul(att.reshape(T, Hq * hd))
 
             ops.rmsnorm(x, layer.post_norm, eps, n)
-            g = layer.w_gate.matmul(n)
-            u = layer.w_up.matmul(n)
+            g, u = _matmuls(n, layer.w_gate, layer.w_up)
             ops.swiglu(g, u, g)
             x += layer.w_down.matmul(g)
 

@@ -17,7 +17,7 @@ def _inputs(T, seed=0):
     f = lambda *s, sc=1.0: (r.standard_normal(s) * sc).astype(np.float32)  # noqa: E731
     return dict(
         qkv=f(T, CONV), z=f(T, Hv * dv), a=f(T, Hv), b=f(T, Hv),
-        conv_w=f(CONV, K, sc=0.5), dt_bias=f(Hv, sc=0.5), ssm_a=-np.exp(f(Hv, sc=0.5)),
+        conv_w=f(K, CONV, sc=0.5), dt_bias=f(Hv, sc=0.5), ssm_a=-np.exp(f(Hv, sc=0.5)),
         norm_w=(1 + f(dv, sc=0.1)).astype(np.float32),
     )
 
@@ -48,7 +48,7 @@ def test_conv_window_keeps_last_raw_inputs():
     dn.conv1d_silu(x["qkv"], cs, x["conv_w"], out)
     np.testing.assert_array_equal(cs, x["qkv"][-(K - 1):])
     # first token sees zeros before it: only the newest tap contributes
-    c0 = x["qkv"][0] * x["conv_w"][:, K - 1]
+    c0 = x["qkv"][0] * x["conv_w"][K - 1]
     np.testing.assert_allclose(out[0], c0 / (1 + np.exp(-c0)), rtol=1e-5, atol=1e-6)
 
 
@@ -141,3 +141,11 @@ def test_chunked_prefill_equals_token_by_token(split):
     dn.deltanet_mix(x["qkv"], x["z"], x["a"], x["b"], cs_full, S_full, *_mix_args(x))
     np.testing.assert_allclose(S, S_full, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(cs, cs_full)
+
+
+def test_sigmoid_gate_matches_ref():
+    from engine import ops
+
+    x = _inputs(3)["z"].reshape(3, Hv, dv) * 4
+    np.testing.assert_allclose(ops.sigmoid(x), ops.sigmoid_ref(x), rtol=1e-6, atol=1e-7)
+    assert ops.sigmoid(x).shape == x.shape and ops.sigmoid(x).dtype == np.float32

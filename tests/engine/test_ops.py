@@ -81,3 +81,18 @@ def test_swiglu_matches_numpy(rng):
     out = np.empty_like(g)
     ops.swiglu(g, u, out)
     np.testing.assert_allclose(out, ops.swiglu_ref(g, u), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("p0,Hq,Hkv", [(0, 4, 2), (12, 9, 3), (40, 4, 4)])
+def test_decode_attention_matches_numpy_twin(rng, p0, Hq, Hkv):
+    from engine.quants.common import F16_TO_F32
+
+    hd, n_ctx = 32, 64
+    k = ops.to_f16_precision(rng.normal(size=(n_ctx, Hkv, hd)).astype(np.float32))
+    v = ops.to_f16_precision(rng.normal(size=(n_ctx, Hkv, hd)).astype(np.float32) * 3)
+    q = ops.to_f16_precision(rng.normal(size=(1, Hq, hd)).astype(np.float32))
+    out = np.empty_like(q)
+    ops.attention_decode(q, k, v, p0, np.float32(0.2), out, F16_TO_F32)
+    np.testing.assert_allclose(out, ops.attention_decode_ref(q, k, v, p0, 0.2), rtol=2e-3, atol=2e-3)
+    # and it is attention: close to the float64 result within fp16 accumulation error
+    np.testing.assert_allclose(out, ops.attention_ref(q, k, v, p0, 0.2), rtol=0, atol=2e-2)

@@ -1,0 +1,114 @@
+"""Quantized linear algebra straight from GGUF blocks.
+
+`FORMATS` maps a ggml type id to its `QuantFormat` (block layout, numpy reference
+dequantization, activation quantizer, numba kernel). `QuantLinear` is the one object the
+model code calls: y = W x (decode) and Y = W X (prefill), computed from the weight's own
+blocks, never expanded to float.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType as G
+
+from engine.errors import UnsupportedQuantError
+from engine.quants import floats, kquants, legacy
+from engine.quants.common import F16_TO_F32, QuantFormat
+
+_F = QuantFormat
+FORMATS: dict[int, QuantFormat] = {
+    f.ggml_type: f
+    for f in [
+        _F("F32", G.F32, 1, 4, "f32", floats.dequantize_f32, floats.matmul_f32),
+        _F("F16", G.F16, 1, 2, "f16", floats.dequantize_f16, floats.matmul_16bit),
+        _F("BF16", G.BF16, 1, 2, "bf16", floats.dequantize_bf16, floats.matmul_16bit),
+        _F("Q4_0", G.Q4_0, 32, 18, "q8_0", legacy.dequantize_q4_0, legacy.matmul_q4_0),
+        _F("Q4_1", G.Q4_1, 32, 20, "q8_1", legacy.dequantize_q4_1, legacy.matmul_q4_1),
+        _F("Q5_0", G.Q5_0, 32, 22, "q8_0", legacy.dequantize_q5_0, legacy.matmul_q5_0),
+        _F("Q5_1", G.Q5_1, 32, 24, "q8_1", legacy.dequantize_q5_1, legacy.matmul_q5_1),
+        _F("Q8_0", G.Q8_0, 32, 34, "q8_0", legacy.dequantize_q8_0, legacy.matmul_q8_0),
+        _F("IQ4_NL", G.IQ4_NL, 32, 18, "q8_0", legacy.dequantize_iq4_nl, legacy.matmul_iq4_nl),
+        _F("Q2_K", G.Q2_K, 256, 84, "q8_k", kquants.dequantize_q2_k, kquants.matmul_q2_k),
+        _F("Q3_K", G.Q3_K, 256, 110, "q8_k", kquants.dequantize_q3_k, kquants.matmul_q3_k),
+        _F("Q4_K", G.Q4_K, 256, 144, "q8_k", kquants.dequantize_q4_k, kquants.matmul_q4_k),
+        _F("Q5_K", G.Q5_K, 256, 176, "q8_k", kquants.dequantize_q5_k, kquants.matmul_q5_k),
+        _F("Q6_K", G.Q6_K, 256, 210, "q8_k", kquants.dequantize_q6_k, kquants.matmul_q6_k),
+        _F("IQ4_XS", G.IQ4_XS, 256, 136, "q8_k", kquants.dequantize_iq4_xs, kquants.matmul_iq4_xs),
+    ]
+}
+SUPPORTED_TYPE_NAMES = tuple(f.name for f in FORMATS.values())
+
+# Float weights are handed to their kernels as float32 / uint16 views of the bytes, and
+# the 16-bit kernel needs the right table; Q8_0's kernel reads its bytes as signed.
+_WEIGHT_VIEW = {G.F32: np.float32, G.F16: np.uint16, G.BF16: np.uint16, G.Q8_0: np.int8}
+_LUT = {G.BF16: floats.BF16_TO_F32}
+
+
+def get_format(ggml_type: int) -> QuantFormat:
+    fmt = FORMATS.get(int(ggml_type))
+    if fmt is None:
+        try:
+            name = G(int(ggml_type)).name
+        except ValueError:
+            name = f"type id {int(ggml_type)}"
+        raise UnsupportedQuantError(f"tensor type {name} is not supported (supported: {', '.join(SUPPORTED_TYPE_NAMES)})")
+    return fmt
+
+
+def kernel_weights(raw: np.ndarray, ggml_type: int) -> np.ndarray:
+    """The view of the raw (N, row_bytes) blocks that the type's kernel reads."""
+    view = _WEIGHT_VIEW.get(int(ggml_type))
+    return raw.view(view) if view is not None else raw
+
+
+class QuantLinear:
+    """y = W x for a weight kept in its GGUF blocks. raw: uint8 (n_out, row_bytes)."""
+
+    def __init__(self, raw: np.ndarray, ggml_type: int, n_in: int, n_out: int, name: str = "weight"):
+        self.fmt = get_format(ggml_type)
+        self.name = name
+        self.n_in, self.n_out = int(n_in), int(n_out)
+        try:
+            row_bytes = self.fmt.row_bytes(self.n_in)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.shape != (self.n_out, row_bytes):
+            got = f"{getattr(raw, 'dtype', type(raw))} {getattr(raw, 'shape', '')}"
+            raise ValueError(f"{name}: expected uint8 blocks of shape {(self.n_out, row_bytes)} for "
+                             f"{self.fmt.name} {self.n_out}x{self.n_in}, got {got}")
+        if not raw.flags.c_contiguous:
+            raise ValueError(f"{name}: blocks must be C-contiguous")
+        self.raw = raw
+        self.weights = kernel_weights(raw, ggml_type)
+        self.lut = _LUT.get(int(ggml_type), F16_TO_F32)
+        self.nbytes = raw.nbytes
+
+    def quantize(self, X: np.ndarray) -> tuple:
+        """The activation as this weight's kernel takes it (shareable by same-type weights)."""
+        if X.ndim != 2 or X.shape[1] != self.n_in:
+            raise ValueError(f"{self.name}: input of shape {X.shape}, expected (T, {self.n_in})")
+        return self.fmt.quantize_act(np.ascontiguousarray(X, dtype=np.float32))
+
+    def matmul_quantized(self, act: tuple, out: np.ndarray | None = None) -> np.ndarray:
+        T = act[0].shape[0]
+        if act[0].shape[1] != self.n_in:
+            raise ValueError(f"{self.name}: activation width {act[0].shape[1]}, expected {self.n_in}")
+        if out is None:
+            out = np.empty((T, self.n_out), dtype=np.float32)
+        elif out.shape != (T, self.n_out) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"{self.name}: output buffer {out.shape}, expected ({T}, {self.n_out}) float32")
+        self.fmt.kernel(self.weights, *act, self.lut, out)
+        return out
+
+    def matmul(self, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """X (T, n_in) float32 -> (T, n_out)."""
+        return self.matmul_quantized(self.quantize(X), out)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.matmul(x.reshape(1, -1))[0]
+
+    def matvec_into(self, x: np.ndarray, out: np.ndarray) -> None:
+        self.matmul(x.reshape(1, -1), out.reshape(1, -1))
+
+    def __repr__(self):
+        return f"QuantLinear({self.name}, {self.fmt.name}, {self.n_out}x{self.n_in})"

@@ -1,0 +1,179 @@
+"""Activation quantizers: what llama.cpp's CPU backend converts x to before a dot product.
+
+    Q8_0 (for Q4_0, Q5_0, Q8_0, IQ4_NL weights), per 32 values:
+        d = amax / 127 (stored fp16), q = round_half_even(x * 127 / amax)
+    Q8_1 (for Q4_1, Q5_1), per 32: as Q8_0 plus s = fp16(d * sum(q))
+    Q8_K (for the k-quants, IQ4_XS), per 256: max = the element of largest |x| (signed),
+        iscale = -127 / max, q = min(127, round_half_even(iscale * x)), d = 1 / iscale (float32),
+        plus bsums: sums of q per 16
+    F16 / BF16 weights: x rounded to that type; F32: x as is.
+
+Each quantizer takes X (T, K) float32 and returns a tuple of arrays the kernels take.
+Every numba quantizer has a numpy twin (`*_ref`) with bit-identical integers.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from engine.quants.common import JIT_EXACT, F16_TO_F32, f32_to_f16_bits, f32_to_f16_ref
+
+
+@numba.njit(**JIT_EXACT)
+def _q8_0_kernel(X, xq, xd, with_sums, xs, lut):
+    T, K = X.shape
+    sf = np.empty(1, np.float32)
+    su = sf.view(np.uint32)
+    for t in range(T):
+        for b in range(K // 32):
+            o = b * 32
+            amax = np.float32(0.0)
+            for j in range(32):
+                a = abs(X[t, o + j])
+                if a > amax:
+                    amax = a
+            d = amax / np.float32(127.0)
+            inv = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+            s = 0
+            for j in range(32):
+                q = np.int64(np.rint(X[t, o + j] * inv))
+                xq[t, o + j] = q
+                s += q
+            xd[t, b] = lut[f32_to_f16_bits(d, sf, su)]
+            if with_sums:
+                xs[t, b] = lut[f32_to_f16_bits(d * np.float32(s), sf, su)]
+
+
+def quantize_q8_0(X):
+    T, K = X.shape
+    xq = np.empty((T, K), np.int8)
+    xd = np.empty((T, K // 32), np.float32)
+    _q8_0_kernel(X, xq, xd, False, xd, F16_TO_F32)
+    return xq, xd
+
+
+def quantize_q8_1(X):
+    T, K = X.shape
+    xq = np.empty((T, K), np.int8)
+    xd = np.empty((T, K // 32), np.float32)
+    xs = np.empty((T, K // 32), np.float32)
+    _q8_0_kernel(X, xq, xd, True, xs, F16_TO_F32)
+    return xq, xd, xs
+
+
+def _q8_blocks_ref(X):
+    T, K = X.shape
+    xb = X.reshape(T, K // 32, 32).astype(np.float32)
+    amax = np.abs(xb).max(axis=-1)
+    d = (amax / np.float32(127.0)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax != 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
+    q = np.rint((xb * inv[..., None]).astype(np.float32)).astype(np.int8)
+    return q, d
+
+
+def quantize_q8_0_ref(X):
+    q, d = _q8_blocks_ref(X)
+    return q.reshape(X.shape), f32_to_f16_ref(d)
+
+
+def quantize_q8_1_ref(X):
+    q, d = _q8_blocks_ref(X)
+    s = f32_to_f16_ref(d * q.astype(np.int64).sum(axis=-1).astype(np.float32))
+    return q.reshape(X.shape), f32_to_f16_ref(d), s
+
+
+@numba.njit(**JIT_EXACT)
+def _q8_k_kernel(X, xq, xd, bsums):
+    T, K = X.shape
+    for t in range(T):
+        for b in range(K // 256):
+            o = b * 256
+            amax = np.float32(0.0)
+            mx = np.float32(0.0)
+            for j in range(256):
+                a = abs(X[t, o + j])
+                if a > amax:
+                    amax = a
+                    mx = X[t, o + j]
+            if amax == 0:
+                xd[t, b] = 0
+                for j in range(256):
+                    xq[t, o + j] = 0
+                for j in range(16):
+                    bsums[t, b * 16 + j] = 0
+                continue
+            iscale = np.float32(-127.0) / mx
+            for g in range(16):
+                s = 0
+                for j in range(16):
+                    q = np.int64(np.rint(iscale * X[t, o + g * 16 + j]))
+                    if q > 127:
+                        q = 127
+                    xq[t, o + g * 16 + j] = q
+                    s += q
+                bsums[t, b * 16 + g] = s
+            xd[t, b] = np.float32(1.0) / iscale
+
+
+def quantize_q8_k(X):
+    T, K = X.shape
+    xq = np.empty((T, K), np.int8)
+    xd = np.empty((T, K // 256), np.float32)
+    bsums = np.empty((T, K // 16), np.int32)
+    _q8_k_kernel(X, xq, xd, bsums)
+    return xq, xd, bsums
+
+
+def quantize_q8_k_ref(X):
+    T, K = X.shape
+    xb = X.reshape(T, K // 256, 256).astype(np.float32)
+    idx = np.abs(xb).argmax(axis=-1)
+    mx = np.take_along_axis(xb, idx[..., None], axis=-1)[..., 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = np.where(mx != 0, np.float32(-127.0) / mx, np.float32(0.0)).astype(np.float32)
+        d = np.where(mx != 0, np.float32(1.0) / iscale, np.float32(0.0)).astype(np.float32)
+    q = np.minimum(np.rint((iscale[..., None] * xb).astype(np.float32)), 127).astype(np.int8)
+    bsums = q.reshape(T, K // 16, 16).astype(np.int32).sum(axis=-1)
+    return q.reshape(T, K), d, bsums.astype(np.int32)
+
+
+# -- float activations: the kernels take a float32 array holding the rounded values
+def quantize_f32(X):
+    return (np.ascontiguousarray(X, dtype=np.float32),)
+
+
+def quantize_f16(X):
+    return (f32_to_f16_ref(X),)
+
+
+def _bf16_round(X):
+    u = np.ascontiguousarray(X, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000  # round half to even
+    return u.astype(np.uint32).view(np.float32)
+
+
+def quantize_bf16(X):
+    return (_bf16_round(X),)
+
+
+QUANTIZERS = {"q8_0": quantize_q8_0, "q8_1": quantize_q8_1, "q8_k": quantize_q8_k,
+              "f32": quantize_f32, "f16": quantize_f16, "bf16": quantize_bf16}
+QUANTIZERS_REF = {"q8_0": quantize_q8_0_ref, "q8_1": quantize_q8_1_ref, "q8_k": quantize_q8_k_ref,
+                  "f32": quantize_f32, "f16": quantize_f16, "bf16": quantize_bf16}
+
+
+def _deq_blocks(q, d, block):
+    T, K = q.shape
+    return (q.reshape(T, K // block, block).astype(np.float64) * d[..., None]).reshape(T, K)
+
+
+DEQUANT_REF = {
+    "q8_0": lambda a: _deq_blocks(a[0], a[1], 32),
+    "q8_1": lambda a: _deq_blocks(a[0], a[1], 32),
+    "q8_k": lambda a: _deq_blocks(a[0], a[1], 256),
+    "f32": lambda a: a[0].astype(np.float64),
+    "f16": lambda a: a[0].astype(np.float64),
+    "bf16": lambda a: a[0].astype(np.float64),
+}
