@@ -55,7 +55,8 @@ def stream_generate(model, tokenizer, prompt_tokens: Sequence[int], cache, sampl
                     cancel: threading.Event | None = None,
                     prefill_progress: Callable[[int, int], None] | None = None,
                     keep_logits: bool = False, history: Sequence[int] = (),
-                    stop_ids: frozenset | None = None) -> Iterator[GenerationResponse]:
+                    stop_ids: frozenset | None = None,
+                    prefill_chunk: int = PREFILL_CHUNK) -> Iterator[GenerationResponse]:
     """Prefill `prompt_tokens` on top of `cache`, then sample up to `max_tokens` tokens.
 
     The last sampled token is not fed to the cache (its logits are never needed), so
@@ -66,7 +67,7 @@ def stream_generate(model, tokenizer, prompt_tokens: Sequence[int], cache, sampl
         raise ValueError("the prompt is empty")
     stop_ids = tokenizer.eog_ids if stop_ids is None else stop_ids
     t0 = time.perf_counter()
-    logits = prefill(model, cache, prompt_tokens, progress=prefill_progress, cancel=cancel)
+    logits = prefill(model, cache, prompt_tokens, chunk=prefill_chunk, progress=prefill_progress, cancel=cancel)
     t_prompt = time.perf_counter() - t0
     n_prompt = len(prompt_tokens)
     prompt_tps = n_prompt / t_prompt if t_prompt > 0 else float("inf")

@@ -1,27 +1,84 @@
-"""ChatSession: a conversation's fed-token log and live cache.
+"""ChatSession: one conversation's fed-token log, live cache, turns and checkpoints.
 
-The log is the source of truth: it always equals exactly the tokens in the cache. A new
-turn renders the whole conversation with the model's template, finds the longest common
-prefix with the log, trims the cache back to it and prefills only the rest.
+The log (`tokens`) is the source of truth: it always equals exactly what is in the cache.
+`reply(messages)` works out how the new message list relates to what the session already
+fed, and pays only for what is new:
+
+- continuation (the recorded conversation + new user message): the new turn is rendered
+  on its own and appended to the log ("append mode", below); nothing earlier is re-fed.
+- regenerate (the recorded conversation minus its last reply): back to the checkpoint
+  taken just before the last prompt token, and the same prompt tokens are reused.
+- edit (the last user message replaced): back to the end of the previous turn, then
+  append mode.
+- anything else (another chat, a reloaded history): the whole conversation is rendered
+  with the template and the longest common prefix with the log is kept.
+
+Going back: attention (KV) layers are simply trimmed, since positions before a
+checkpoint are never rewritten while it exists; recurrent (DeltaNet) layers cannot be
+rewound, so they are restored from a checkpoint: a real copy of their state, taken
+just before the last prompt token (regenerate) and at the end of every reply (edit).
+Checkpoints past a restore point are dropped; they are bounded by count and bytes.
+
+Append mode and templates that rewrite history: Qwen3.5's template drops the <think>
+part of earlier replies when it renders the conversation again, so a full re-render
+differs from the log inside the previous reply, and a recurrent model would have to
+re-prefill it every turn. Instead the previous reply is replaced by a sentinel, the
+conversation rendered with the new messages, and only the text after the sentinel (the
+end of the previous turn, the new user turn, the generation prompt) is tokenized and
+appended. The model therefore keeps seeing its own reasoning from earlier turns, exactly
+as it generated it; the history it sees differs from a fresh render only by those blocks.
+
+Stopping mid-reply: the partial reply stays the assistant message; its last sampled
+token (not yet fed) is fed at the start of the next turn, so the cache matches the text.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from engine.cache import cache_bytes
 from engine.errors import ContextOverflowError
-from engine.generate import GenerationResponse, stream_generate
+from engine.generate import PREFILL_CHUNK, GenerationResponse, stream_generate
 from engine.loader import LoadedModel
 from engine.sampling import SamplingSettings, from_settings
+
+SENTINEL = "\u27e6deltatalk:previous-reply\u27e7"
 
 
 @dataclass
 class TurnStats:
-    prompt_tokens: int = 0      # tokens of the whole rendered prompt
+    prompt_tokens: int = 0      # tokens of the whole prompt (the log up to the reply)
     reused_tokens: int = 0      # of those, already in the cache
     prefilled_tokens: int = 0   # fed for this turn
+    restored_from: int | None = None  # checkpoint position restored, if any
+    mode: str = "full"          # "append" | "regenerate" | "edit" | "full"
+
+
+@dataclass
+class Checkpoint:
+    pos: int                    # tokens in the cache when it was taken
+    snaps: list                 # per layer: a snapshot for recurrent layers, None for KV
+    nbytes: int
+    label: str
+
+
+@dataclass
+class Turn:
+    start: int                  # log length before this turn's new tokens
+    prompt: list[int]           # the log up to the reply (what the reply was sampled after)
+    reply_tokens: list[int] = field(default_factory=list)
+    reply_text: str = ""
+    finish: str | None = None
+
+    @property
+    def pending(self) -> list[int]:
+        """The last sampled token, shown but not fed, unless it ended the turn."""
+        if self.reply_tokens and self.finish in ("length", "cancelled"):
+            return self.reply_tokens[-1:]
+        return []
 
 
 def common_prefix_len(a, b) -> int:
@@ -32,20 +89,47 @@ def common_prefix_len(a, b) -> int:
     return i
 
 
+def _same(a: dict, b: dict) -> bool:
+    return a.get("role") == b.get("role") and str(a.get("content", "")).strip() == str(b.get("content", "")).strip()
+
+
+def _same_list(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+
+
 class ChatSession:
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, max_checkpoints: int = 16, max_checkpoint_bytes: int = 1 << 30):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.cache = self.model.make_cache()
         self.tokens: list[int] = []
+        self.messages: list[dict] = []   # the conversation as fed, replies included
+        self.turns: list[Turn] = []
+        self.checkpoints: list[Checkpoint] = []
+        self.max_checkpoints = max_checkpoints
+        self.max_checkpoint_bytes = max_checkpoint_bytes
         self.last_turn = TurnStats()
+        self.trimmable = all(c.kind == "kv" for c in self.cache)
 
+    # -- facts -------------------------------------------------------------------------
     @property
     def n_ctx(self) -> int:
         return self.model.n_ctx
 
+    @property
+    def checkpoint_bytes(self) -> int:
+        return sum(c.nbytes for c in self.checkpoints)
+
+    def stats(self) -> dict:
+        by_kind = cache_bytes(self.cache)
+        return {"context_used": len(self.tokens), "n_ctx": self.n_ctx, "kv_bytes": by_kind.get("kv", 0),
+                "state_bytes": by_kind.get("recurrent", 0), "checkpoint_bytes": self.checkpoint_bytes,
+                "checkpoints": len(self.checkpoints)}
+
+    # -- rendering ---------------------------------------------------------------------
     def render(self, messages: list[dict], enable_thinking: bool | None = None) -> list[int]:
+        """The whole conversation through the model's template, tokenized."""
         text = self.loaded.template.render(messages, add_generation_prompt=True, enable_thinking=enable_thinking)
         return self.encode_prompt(text)
 
@@ -56,36 +140,181 @@ class ChatSession:
         add_special = not (bos_text and text.startswith(bos_text))
         return tok.encode(text, add_special=add_special, parse_special=True)
 
-    def _rewind(self, n: int):
-        for c in self.cache:
-            c.trim(c.offset - n)
-        del self.tokens[n:]
+    def _append_suffix(self, history: list[dict], new: list[dict], enable_thinking) -> list[int] | None:
+        """Tokens that close the last reply in `history` and open a turn for `new`, or None."""
+        msgs = history[:-1] + [{"role": "assistant", "content": SENTINEL}] + new
+        text = self.loaded.template.render(msgs, add_generation_prompt=True, enable_thinking=enable_thinking)
+        i = text.rfind(SENTINEL)
+        if i < 0:
+            return None
+        return self.tokenizer.encode(text[i + len(SENTINEL):], add_special=False, parse_special=True)
+
+    # -- checkpoints -------------------------------------------------------------------
+    def _checkpoint(self, label: str):
+        if self.trimmable:
+            return  # trimming is free and exact: nothing to copy
+        pos = len(self.tokens)
+        self.checkpoints = [c for c in self.checkpoints if c.pos != pos]
+        snaps = [c.snapshot() if c.kind != "kv" else None for c in self.cache]
+        nbytes = sum(c.nbytes for c in self.cache if c.kind != "kv")
+        self.checkpoints.append(Checkpoint(pos, snaps, nbytes, label))
+        self.checkpoints.sort(key=lambda c: c.pos)
+        while self.checkpoints and (len(self.checkpoints) > self.max_checkpoints
+                                    or self.checkpoint_bytes > self.max_checkpoint_bytes):
+            self.checkpoints.pop(0)  # the oldest first
+
+    def _rewind(self, pos: int) -> int:
+        """Make the cache hold the first `pos` log tokens, or fewer; return how many it holds."""
+        if pos >= len(self.tokens):
+            return len(self.tokens)
+        if not self.trimmable:
+            cp = max((c for c in self.checkpoints if c.pos <= pos), key=lambda c: c.pos, default=None)
+            pos = cp.pos if cp is not None else 0
+            for layer, snap in zip(self.cache, cp.snaps if cp else [None] * len(self.cache)):
+                if layer.kind == "kv":
+                    continue
+                if snap is None:
+                    layer.trim(layer.offset)  # back to empty
+                else:
+                    layer.restore(snap)
+            self.checkpoints = [c for c in self.checkpoints if c.pos <= pos]
+        for layer in self.cache:
+            if layer.kind == "kv":
+                layer.trim(layer.offset - pos)
+        del self.tokens[pos:]
+        self.turns = [t for t in self.turns if len(t.prompt) <= pos]
+        return pos
+
+    def reset(self):
+        """Forget the conversation (a new chat)."""
+        self._rewind(0)
+        self.checkpoints.clear()
+        self.messages = []
+        self.turns = []
+
+    # -- a turn ------------------------------------------------------------------------
+    def plan(self, messages: list[dict], enable_thinking: bool | None = None) -> tuple[list[int], str]:
+        """The prompt tokens for `messages` and how they relate to the log (may rewind)."""
+        rec = self.messages
+        last = self.turns[-1] if self.turns else None
+        if last is not None and rec and rec[-1]["role"] == "assistant":
+            if _same_list(messages, rec[:-1]):
+                return list(last.prompt), "regenerate"
+            if (len(messages) == len(rec) - 1 and messages[-1].get("role") == "user"
+                    and _same_list(messages[:-1], rec[:-2])):
+                # edit the last user message: back to where that turn started (drops the turn)
+                self._rewind(last.start)
+                self.messages = rec[:-2]
+                if self.turns and self.messages and self.messages[-1]["role"] == "assistant":
+                    prompt = self._continuation(messages, enable_thinking)
+                    if prompt is not None:
+                        return prompt, "edit"
+                return self.render(messages, enable_thinking), "edit"
+            if len(messages) > len(rec) and _same_list(messages[: len(rec)], rec):
+                prompt = self._continuation(messages, enable_thinking)
+                if prompt is not None:
+                    return prompt, "append"
+        return self.render(messages, enable_thinking), "full"
+
+    def _continuation(self, messages, enable_thinking) -> list[int] | None:
+        rec, last = self.messages, self.turns[-1]
+        if len(self.tokens) != len(last.prompt) + len(last.reply_tokens) - (1 if last.reply_tokens else 0):
+            return None  # the log no longer ends at that reply
+        suffix = self._append_suffix(rec, messages[len(rec):], enable_thinking)
+        if suffix is None:
+            return None
+        return self.tokens + last.pending + suffix
+
+    def reply(self, messages: list[dict], settings: SamplingSettings, max_tokens: int = 512,
+              cancel: threading.Event | None = None, prefill_progress: Callable[[int, int], None] | None = None,
+              enable_thinking: bool | None = None, keep_logits: bool = False,
+              prefill_chunk: int = PREFILL_CHUNK) -> Iterator[GenerationResponse]:
+        """Answer the last message of `messages`, reusing everything already fed."""
+        prompt, mode = self.plan(messages, enable_thinking)
+        text = []
+        turn = None
+        for r in self.generate(prompt, settings, max_tokens, cancel, prefill_progress, keep_logits,
+                               prefill_chunk, mode=mode):
+            turn = self.turns[-1]
+            text.append(r.text)
+            yield r
+        if turn is not None:
+            turn.reply_text = "".join(text)
+            self.messages = [dict(m) for m in messages] + [{"role": "assistant", "content": turn.reply_text}]
 
     def generate(self, prompt: list[int], settings: SamplingSettings, max_tokens: int = 512,
                  cancel: threading.Event | None = None,
                  prefill_progress: Callable[[int, int], None] | None = None,
-                 keep_logits: bool = False) -> Iterator[GenerationResponse]:
+                 keep_logits: bool = False, prefill_chunk: int = PREFILL_CHUNK,
+                 mode: str = "tokens") -> Iterator[GenerationResponse]:
         """Make the cache hold `prompt` (reusing the common prefix), then stream a reply."""
         if len(prompt) >= self.n_ctx:
             raise ContextOverflowError(f"the prompt has {len(prompt)} tokens; the context holds {self.n_ctx}")
-        reuse = min(common_prefix_len(self.tokens, prompt), len(prompt) - 1)  # re-feed >= 1 token
-        self._rewind(reuse)
+        # where this turn's new messages begin in the log (a regenerated turn keeps its own)
+        turn_start = self.turns[-1].start if mode == "regenerate" and self.turns else len(self.tokens)
+        start = min(len(self.tokens), common_prefix_len(self.tokens, prompt))
+        want = min(start, len(prompt) - 1)  # re-feed >= 1 token so the next logits are fresh
+        n_before = len(self.tokens)
+        reuse = self._rewind(want)
+        restored = reuse if reuse < n_before and not self.trimmable else None
         suffix = prompt[reuse:]
-        self.last_turn = TurnStats(len(prompt), reuse, len(suffix))
+        self.last_turn = TurnStats(len(prompt), reuse, len(suffix), restored, mode)
         max_tokens = max(1, min(max_tokens, self.n_ctx - len(prompt)))
         sampler, procs = from_settings(settings)
-        fed_prompt = False
+        turn = Turn(start=min(turn_start, reuse), prompt=list(prompt))
+        self.turns.append(turn)
+        # Feed all but the last prompt token, checkpoint (regenerate restores here), then the rest.
+        if len(suffix) > 1 and not self.trimmable:
+            head = suffix[:-1]
+            t0 = time.perf_counter()
+            done = self._feed(head, prefill_chunk, prefill_progress, cancel, len(suffix))
+            if done < len(head):
+                return
+            self._checkpoint("prompt")
+            suffix = suffix[-1:]
+            offset_s = time.perf_counter() - t0
+        else:
+            offset_s = 0.0
+        if len(suffix) == 1 and not self.trimmable and not any(c.pos == len(prompt) - 1 for c in self.checkpoints):
+            self._checkpoint("prompt")
+        n_head = len(prompt) - reuse - len(suffix)
         for r in stream_generate(self.model, self.tokenizer, suffix, self.cache, sampler, procs, max_tokens,
-                                 cancel=cancel, prefill_progress=prefill_progress, keep_logits=keep_logits,
-                                 history=self.tokens):
-            if not fed_prompt:
+                                 cancel=cancel, keep_logits=keep_logits, history=self.tokens,
+                                 prefill_chunk=prefill_chunk,
+                                 prefill_progress=(lambda d, t: prefill_progress(n_head + d, n_head + t))
+                                 if prefill_progress else None):
+            if not turn.reply_tokens:
                 self.tokens.extend(suffix)
-                fed_prompt = True
+                if offset_s:  # the whole prompt's speed, not the last token's
+                    r.ttft_s += offset_s
+                    r.prompt_tps = (n_head + len(suffix)) / max(r.ttft_s, 1e-9)
+                    r.prompt_tokens = n_head + len(suffix)
+            turn.reply_tokens.append(r.token)
+            turn.finish = r.finish_reason
             yield r
             if r.finish_reason is None:
                 self.tokens.append(r.token)  # fed before the next step
-        if not fed_prompt:  # cancelled during prefill: the cache holds part of it
+        if not turn.reply_tokens:  # cancelled during prefill: the cache holds part of the prompt
             self._sync_after_cancel(suffix)
+            self.turns.pop()
+            return
+        self._checkpoint("reply")
+
+    def _feed(self, tokens: list[int], chunk: int, progress, cancel, total: int) -> int:
+        """Prefill without logits, chunk by chunk; return how many were fed."""
+        done = 0
+        for i in range(0, len(tokens), chunk):
+            if cancel is not None and cancel.is_set():
+                break
+            part = tokens[i : i + chunk]
+            self.model.forward(part, self.cache, logits="none")
+            self.tokens.extend(part)
+            done += len(part)
+            if progress:
+                progress(done, total)
+        if done < len(tokens):
+            self.turns.pop()
+        return done
 
     def _sync_after_cancel(self, suffix: list[int]):
         fed = self.cache[0].offset - len(self.tokens)

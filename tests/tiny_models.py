@@ -46,7 +46,7 @@ def _quantize(data: np.ndarray, qtype: T) -> np.ndarray:
 
 def write_tiny_llama(path: str | Path, *, d_model=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128,
                      weight_type: T = T.Q8_0, embd_type: T = T.Q8_0, tied=True, seed=0,
-                     n_ctx_train=256) -> Path:
+                     n_ctx_train=256, rope_freqs: bool = False) -> Path:
     path = Path(path)
     rng = np.random.default_rng(seed)
     tokens, types, merges = byte_vocab()
@@ -82,6 +82,8 @@ def write_tiny_llama(path: str | Path, *, d_model=64, n_layer=2, n_head=4, n_hea
         w.add_tensor(name, (1.0 + 0.1 * rng.normal(size=n)).astype(np.float32))
 
     mat("token_embd.weight", d_model, vocab, embd_type, scale=1.0)
+    if rope_freqs:  # Llama-3 style per-pair frequency divisors
+        w.add_tensor("rope_freqs.weight", np.linspace(1.0, 8.0, hd // 2).astype(np.float32))
     vec("output_norm.weight", d_model)
     if not tied:
         mat("output.weight", d_model, vocab, embd_type)

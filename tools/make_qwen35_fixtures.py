@@ -66,7 +66,7 @@ QUANTS = {"q8_0": 7, "q4_k_m": 15}  # llama_ftype
 # F32, Q4_K, Q5_K, Q6_K and Q8_0 tensors.
 TYPE_OVERRIDES = {"q4_k_m": [("attn_qkv", 13), ("ssm_out", 13), ("ssm_alpha", 8), ("ssm_beta", 8)]}
 MODES = ("batch", "single", "chunks")
-PERTURBED_RUNS, PERTURBATION = 4, 2e-7  # see _reference_diff
+PERTURBED_RUNS, PERTURBATION = 6, 1e-6  # see _reference_diff
 SAFE_MARGIN = 0.05  # a greedy step whose top1-top2 logit margin is below this is a near tie
 
 
@@ -230,8 +230,8 @@ def _reference_diff(path: Path, out: Path, name: str, summary: dict) -> float:
     ref_model = Qwen35Reference(path)
     for mode, m in summary["modes"].items():
         want = np.load(out / f"{name}.{mode}.logits.npy")
-        # exact emulation, then with every matmul output perturbed by ~1 float32 ulp (what any other
-        # summation order does): a fixture whose comparison flips under that is a coin toss
+        # exact emulation, then with every matmul output perturbed by 1e-6 relative (more than any
+        # other float summation order would): the worst of those bounds what a correct engine sees
         for k in range(1 + (PERTURBED_RUNS if mode == "batch" else 0)):
             ref_model.set_noise(PERTURBATION if k else 0.0, seed=k)
             ref_model.reset()
@@ -241,10 +241,10 @@ def _reference_diff(path: Path, out: Path, name: str, summary: dict) -> float:
 
 
 def _score(m: dict):
-    """Well conditioned first (the perturbed numpy emulations within 60% of the tolerance), then the
-    smallest worst-case emulation error relative to the tolerance, then fewest near ties."""
+    """Well conditioned first (the perturbed numpy emulations within 65% of the tolerance), then the
+    most greedy steps clear of near ties, then the smallest worst-case emulation error."""
     rel = max(f["numpy_reference_max_abs_diff"] / f["tolerance"] for f in m["fixtures"].values())
-    return (rel <= 0.6, -round(rel, 2), min(f["safe_steps"] for f in m["fixtures"].values()))
+    return (rel <= 0.65, min(f["safe_steps"] for f in m["fixtures"].values()), -round(rel, 2))
 
 
 def make_fixtures(out: Path, llama_py: str, seeds: int, seed: int | None = None) -> None:
@@ -258,7 +258,7 @@ def make_fixtures(out: Path, llama_py: str, seeds: int, seed: int | None = None)
     """
     import shutil
 
-    best = None if seed is None else ((True, 0, N_GEN), seed)
+    best = None if seed is None else ((True, N_GEN, 0), seed)
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(seeds if best is None else 0):
             d = Path(tmp) / str(seed)
@@ -269,7 +269,7 @@ def make_fixtures(out: Path, llama_py: str, seeds: int, seed: int | None = None)
                   flush=True)
             if best is None or score > best[0]:
                 best = (score, seed)
-            if score[0] and score[2] == N_GEN:
+            if score[0] and score[1] == N_GEN:
                 break
         seed = best[1]
         print(f"using seed {seed}")
@@ -314,7 +314,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--seeds", type=int, default=30, help="seeds to try for the tiny model (default 30)")
-    ap.add_argument("--seed", type=int, help="use this seed (no search; the committed fixtures use 20)")
+    ap.add_argument("--seed", type=int, help="use this seed (no search; the committed fixtures: 20)")
     ap.add_argument("--llama-python", default=DEFAULT_LLAMA_PY)
     ap.add_argument("--bench-4b", type=Path, metavar="PATH", help="write the 4B-shaped benchmark file instead")
     ap.add_argument("--llama-quantize", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
