@@ -147,9 +147,9 @@ class EngineBackend:
             session = self._session
         if session is None:
             raise RuntimeError("no model is loaded")
-        prompt = session.render(messages, enable_thinking=enable_thinking)
-        yield from session.generate(prompt, settings, max_tokens=max_tokens, cancel=cancel,
-                                    prefill_progress=prefill_progress)
+        # the session works out what is new (append / regenerate / edit) and feeds only that
+        yield from session.reply(messages, settings, max_tokens=max_tokens, cancel=cancel,
+                                 prefill_progress=prefill_progress, enable_thinking=enable_thinking)
 
     def last_turn(self) -> TurnInfo:
         s = self._session

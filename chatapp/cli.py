@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = run.add_mutually_exclusive_group(required=True)
     src.add_argument("-p", "--prompt", help="the user message")
     src.add_argument("--prompt-ids", help="comma-separated token ids fed as-is")
+    src.add_argument("--script", type=Path,
+                     help='replay a conversation: {"system": "...", "steps": [{"user": "..."}, '
+                          '{"regenerate": true}, {"edit": "..."}]}; each step may set "max_tokens"')
     run.add_argument("--system", default=None, help="system prompt")
     run.add_argument("--raw", action="store_true", help="feed the prompt text as-is: no chat template")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
@@ -134,6 +137,86 @@ def _messages(system: str | None, user: str) -> list[dict]:
     return msgs + [{"role": "user", "content": user}]
 
 
+def load_script(path: Path) -> dict:
+    """Read and check a conversation script; raise ValueError with what is wrong."""
+    try:
+        script = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    if not isinstance(script, dict) or not isinstance(script.get("steps"), list) or not script["steps"]:
+        raise ValueError(f'{path}: expected {{"system": "...", "steps": [...]}} with at least one step')
+    if not isinstance(script.get("system", ""), str):
+        raise ValueError(f"{path}: system must be a string")
+    for i, step in enumerate(script["steps"]):
+        kinds = [k for k in ("user", "regenerate", "edit") if k in step] if isinstance(step, dict) else []
+        if len(kinds) != 1:
+            raise ValueError(f'{path}: step {i} must have exactly one of "user", "regenerate", "edit"')
+        if kinds[0] in ("user", "edit") and not isinstance(step[kinds[0]], str):
+            raise ValueError(f"{path}: step {i}: {kinds[0]} must be a string")
+        if "max_tokens" in step and (not isinstance(step["max_tokens"], int) or step["max_tokens"] < 1):
+            raise ValueError(f"{path}: step {i}: max_tokens must be a positive integer")
+    return script
+
+
+def cmd_script(args, loaded, settings) -> int:
+    """Replay a scripted conversation through one ChatSession; report each step."""
+    from engine.session import ChatSession
+
+    try:
+        script = load_script(args.script)
+    except ValueError as e:
+        print(f"deltatalk: {e}", file=sys.stderr)
+        return 2
+    session = ChatSession(loaded)
+    messages = [{"role": "system", "content": script["system"]}] if script.get("system") else []
+    for i, step in enumerate(script["steps"]):
+        if "user" in step:
+            messages.append({"role": "user", "content": step["user"]})
+            label = step["user"]
+        else:
+            if messages and messages[-1]["role"] == "assistant":
+                messages.pop()
+            if not messages or messages[-1]["role"] != "user":
+                print(f"deltatalk: step {i}: nothing to regenerate or edit yet", file=sys.stderr)
+                return 2
+            if "edit" in step:
+                messages[-1] = {"role": "user", "content": step["edit"]}
+            label = step.get("edit", "(regenerate)")
+        if not args.json:
+            print(f"\n» {label}", file=sys.stderr)
+        ids, pieces, last = [], [], None
+        for r in session.reply(messages, settings, max_tokens=step.get("max_tokens", args.max_tokens)):
+            ids.append(r.token)
+            pieces.append(r.text)
+            last = r
+            if not args.json and r.text:
+                sys.stdout.write(r.text)
+                sys.stdout.flush()
+        text = "".join(pieces)
+        messages.append({"role": "assistant", "content": text})
+        st, stats = session.last_turn, session.stats()
+        row = {
+            "step": i, "kind": next(k for k in ("user", "regenerate", "edit") if k in step), "mode": st.mode,
+            "prompt_tokens": st.prompt_tokens, "reused_tokens": st.reused_tokens,
+            "prefilled_tokens": st.prefilled_tokens, "dropped_messages": st.dropped_messages,
+            "restored_from": st.restored_from,
+            "ttft_s": last.ttft_s if last else 0.0, "prompt_tps": last.prompt_tps if last else 0.0,
+            "decode_tps": last.decode_tps if last else 0.0, "generated_token_ids": ids, "text": text,
+            "stop_reason": last.finish_reason if last else None, "state_bytes": stats["state_bytes"],
+            "kv_bytes": stats["kv_bytes"], "checkpoint_bytes": stats["checkpoint_bytes"],
+        }
+        if args.json:
+            print(json.dumps(row, ensure_ascii=False), flush=True)
+        else:
+            dropped = f", dropped {st.dropped_messages} old messages" if st.dropped_messages else ""
+            print(f"\n[{st.mode}: reused {st.reused_tokens} of {st.prompt_tokens} prompt tokens, prefilled "
+                  f"{st.prefilled_tokens}{dropped} | ttft {row['ttft_s'] * 1000:.0f} ms | "
+                  f"{row['decode_tps']:.1f} tok/s | state {stats['state_bytes'] / 1e6:.2f} MB, "
+                  f"KV {stats['kv_bytes'] / 1e6:.2f} MB, checkpoints {stats['checkpoint_bytes'] / 1e6:.2f} MB]",
+                  file=sys.stderr)
+    return 0
+
+
 def cmd_run(args) -> int:
     import numpy as np
 
@@ -142,6 +225,8 @@ def cmd_run(args) -> int:
 
     settings = _sampling(args)
     loaded, _ = open_model(args, quiet=args.json)
+    if args.script is not None:
+        return cmd_script(args, loaded, settings)
     session = ChatSession(loaded)
     tok = loaded.tokenizer
     if args.prompt_ids is not None:

@@ -31,3 +31,7 @@ class TemplateError(DeltatalkError):
 
 class ContextOverflowError(DeltatalkError):
     """A prompt longer than the context window."""
+
+
+class StateMismatchError(DeltatalkError):
+    """A saved chat state that belongs to another model file (or is damaged)."""

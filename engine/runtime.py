@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import sys
@@ -48,6 +49,14 @@ def cpu_features() -> list[str]:
     except OSError:
         pass
     return flags
+
+
+@functools.lru_cache(maxsize=1)
+def memory_bandwidth_bytes_s() -> float:
+    """Read bandwidth with the current threads (measured once per process, ~0.2 s)."""
+    from engine.bench import measure_bandwidth
+
+    return measure_bandwidth(n_bytes=256 << 20, repeats=3)
 
 
 def peak_rss_bytes() -> int:

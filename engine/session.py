@@ -30,17 +30,31 @@ as it generated it; the history it sees differs from a fresh render only by thos
 
 Stopping mid-reply: the partial reply stays the assistant message; its last sampled
 token (not yet fed) is fed at the start of the next turn, so the cache matches the text.
+
+Context full: a reply needs room. When the prompt plus a reserve for the reply
+(min(max_tokens, n_ctx/4)) does not fit, the oldest turns are dropped (the system prompt
+is kept), the rest rendered in full and prefilled again; `last_turn.dropped_messages` says
+how many were dropped, so the UI can show it. If even the system prompt and the last
+message do not fit, ContextOverflowError says so. Nothing is ever cut silently.
+
+Saving: `save_state(path)` writes the log, the recorded conversation, the live cache and
+the checkpoints beside a chat's history with the model file's fingerprint;
+`load_state(path)` refuses a state made with another file (StateMismatchError).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from engine.cache import cache_bytes
-from engine.errors import ContextOverflowError
+import numpy as np
+
+from engine.errors import ContextOverflowError, StateMismatchError
 from engine.generate import PREFILL_CHUNK, GenerationResponse, stream_generate
 from engine.loader import LoadedModel
 from engine.sampling import SamplingSettings, from_settings
@@ -55,6 +69,7 @@ class TurnStats:
     prefilled_tokens: int = 0   # fed for this turn
     restored_from: int | None = None  # checkpoint position restored, if any
     mode: str = "full"          # "append" | "regenerate" | "edit" | "full"
+    dropped_messages: int = 0   # oldest messages left out because the context was full
 
 
 @dataclass
@@ -216,6 +231,20 @@ class ChatSession:
                     return prompt, "append"
         return self.render(messages, enable_thinking), "full"
 
+    def _fit(self, messages: list[dict], enable_thinking, reserve: int) -> tuple[list[dict], int]:
+        """Drop the oldest turns (never the system prompt or the last message) until it fits."""
+        head = [m for m in messages[:1] if m.get("role") == "system"]
+        body = messages[len(head):]
+        for drop in range(1, len(body)):
+            rest = body[drop:]
+            if rest[0].get("role") != "user":
+                continue  # start at a user message
+            if len(self.render(head + rest, enable_thinking)) + reserve <= self.n_ctx:
+                return head + rest, drop
+        raise ContextOverflowError(
+            f"the last message does not fit: {len(self.render(head + body[-1:], enable_thinking))} prompt "
+            f"tokens + {reserve} for the reply > context {self.n_ctx}; shorten it or raise --ctx")
+
     def _continuation(self, messages, enable_thinking) -> list[int] | None:
         rec, last = self.messages, self.turns[-1]
         if len(self.tokens) != len(last.prompt) + len(last.reply_tokens) - (1 if last.reply_tokens else 0):
@@ -231,11 +260,18 @@ class ChatSession:
               prefill_chunk: int = PREFILL_CHUNK) -> Iterator[GenerationResponse]:
         """Answer the last message of `messages`, reusing everything already fed."""
         prompt, mode = self.plan(messages, enable_thinking)
+        dropped = 0
+        reserve = max(1, min(max_tokens, self.n_ctx // 4))
+        if len(prompt) + reserve > self.n_ctx:
+            messages, dropped = self._fit(messages, enable_thinking, reserve)
+            prompt, mode = self.render(messages, enable_thinking), "full"
         text = []
         turn = None
         for r in self.generate(prompt, settings, max_tokens, cancel, prefill_progress, keep_logits,
                                prefill_chunk, mode=mode):
-            turn = self.turns[-1]
+            if turn is None:
+                turn = self.turns[-1]
+                self.last_turn.dropped_messages = dropped
             text.append(r.text)
             yield r
         if turn is not None:
@@ -319,3 +355,77 @@ class ChatSession:
     def _sync_after_cancel(self, suffix: list[int]):
         fed = self.cache[0].offset - len(self.tokens)
         self.tokens.extend(suffix[:fed])
+
+    # -- saving ------------------------------------------------------------------------
+    def save_state(self, path: str | Path) -> int:
+        """Write the log, conversation, cache and checkpoints to `path` (.npz); return bytes."""
+        path = Path(path)
+        arrays: dict[str, np.ndarray] = {"tokens": np.asarray(self.tokens, dtype=np.int32)}
+        for i, c in enumerate(self.cache):
+            if c.kind == "kv":  # values are fp16-representable: stored as fp16, exactly
+                arrays[f"l{i}.k"] = c.keys[: c.offset].astype(np.float16)
+                arrays[f"l{i}.v"] = c.values[: c.offset].astype(np.float16)
+            else:
+                arrays[f"l{i}.conv"], arrays[f"l{i}.state"] = c.conv, c.state
+        for j, cp in enumerate(self.checkpoints):
+            for i, snap in enumerate(cp.snaps):
+                if snap is not None:
+                    arrays[f"cp{j}.l{i}.conv"], arrays[f"cp{j}.l{i}.state"] = snap[1], snap[2]
+        meta = {
+            "version": 1,
+            "fingerprint": self.loaded.fingerprint(),
+            "n_ctx": self.n_ctx,
+            "kinds": [c.kind for c in self.cache],
+            "offsets": [c.offset for c in self.cache],
+            "messages": self.messages,
+            "turns": [{"start": t.start, "prompt": len(t.prompt), "reply_tokens": t.reply_tokens,
+                       "reply_text": t.reply_text, "finish": t.finish} for t in self.turns],
+            "checkpoints": [{"pos": c.pos, "label": c.label, "nbytes": c.nbytes} for c in self.checkpoints],
+        }
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        tmp.replace(path)  # never a half-written state
+        return path.stat().st_size
+
+    def load_state(self, path: str | Path) -> None:
+        """Restore a state written by save_state for this same model file."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(bytes(z["meta"]).decode())
+                arrays = {k: z[k] for k in z.files if k != "meta"}
+        except (OSError, ValueError, KeyError) as e:
+            raise StateMismatchError(f"{path}: not a readable chat state ({e})") from None
+        if meta.get("fingerprint") != self.loaded.fingerprint():
+            raise StateMismatchError(f"{path}: saved with another model file; it will be prefilled again")
+        if meta.get("kinds") != [c.kind for c in self.cache] or max(meta["offsets"], default=0) > self.n_ctx:
+            raise StateMismatchError(f"{path}: does not fit this model's cache (context {self.n_ctx})")
+        self.reset()
+        tokens = arrays["tokens"].astype(np.int64).tolist()
+        try:
+            for i, (c, off) in enumerate(zip(self.cache, meta["offsets"])):
+                if c.kind == "kv":
+                    k, v = arrays[f"l{i}.k"], arrays[f"l{i}.v"]
+                    if k.shape != (off,) + c.keys.shape[1:] or v.shape != k.shape:
+                        raise ValueError(f"layer {i} has shape {k.shape}")
+                    c.keys[:off], c.values[:off], c.offset = k, v, off
+                else:
+                    conv, state = arrays[f"l{i}.conv"], arrays[f"l{i}.state"]
+                    if conv.shape != c.conv.shape or state.shape != c.state.shape:
+                        raise ValueError(f"layer {i} state has shape {state.shape}")
+                    c.restore((off, conv, state))
+            if any(off != len(tokens) for off in meta["offsets"]):
+                raise ValueError("layers disagree with the token log")
+            self.checkpoints = []
+            for j, cp in enumerate(meta["checkpoints"]):
+                snaps = [None if kind == "kv" else (cp["pos"], arrays[f"cp{j}.l{i}.conv"], arrays[f"cp{j}.l{i}.state"])
+                         for i, kind in enumerate(meta["kinds"])]
+                self.checkpoints.append(Checkpoint(cp["pos"], snaps, cp["nbytes"], cp["label"]))
+        except (KeyError, ValueError) as e:
+            self.reset()
+            raise StateMismatchError(f"{path}: damaged chat state ({e})") from None
+        self.tokens = tokens
+        self.messages = meta["messages"]
+        self.turns = [Turn(t["start"], tokens[: t["prompt"]], t["reply_tokens"], t["reply_text"], t["finish"])
+                      for t in meta["turns"]]

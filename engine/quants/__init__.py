@@ -8,11 +8,14 @@ blocks, never expanded to float.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import numpy as np
 from gguf import GGMLQuantizationType as G
 
 from engine.errors import UnsupportedQuantError
-from engine.quants import floats, kquants, legacy
+from engine.quants import floats, kquants, legacy, simd
 from engine.quants.common import F16_TO_F32, QuantFormat
 
 _F = QuantFormat
@@ -37,6 +40,17 @@ FORMATS: dict[int, QuantFormat] = {
     ]
 }
 SUPPORTED_TYPE_NAMES = tuple(f.name for f in FORMATS.values())
+
+# On CPUs with AVX2 the block formats run the vpmaddubsw kernels of simd_kernels.py (same
+# signature, same math); PORTABLE_KERNELS keeps the plain loops (used without AVX2, or with
+# DELTATALK_NO_SIMD=1, and by the tests that compare the two).
+PORTABLE_KERNELS = {k: f.kernel for k, f in FORMATS.items()}
+if simd.HAVE_AVX2 and os.environ.get("DELTATALK_NO_SIMD", "") != "1":
+    from engine.quants.simd_kernels import KERNELS as SIMD_KERNELS
+
+    FORMATS = {k: dataclasses.replace(f, kernel=SIMD_KERNELS.get(k, f.kernel)) for k, f in FORMATS.items()}
+else:
+    SIMD_KERNELS = {}
 
 # Float weights are handed to their kernels as float32 / uint16 views of the bytes, and
 # the 16-bit kernel needs the right table; Q8_0's kernel reads its bytes as signed.

@@ -1,6 +1,5 @@
-"""EngineBackend against stand-in engine objects: the swap on load, reply, stats.
-
-No real model and no numba compile: load_model, ChatSession and warm_up are replaced.
+"""EngineBackend: the swap on load against stand-in engine objects (a load can be held
+open), and one run on the real engine with a tiny generated model.
 """
 
 from __future__ import annotations
@@ -44,11 +43,10 @@ class StubSession:
         self.last_turn = Stats()
         self.n_ctx = 512
 
-    def render(self, messages, enable_thinking=None):
+    def reply(self, messages, settings, max_tokens=512, cancel=None, prefill_progress=None,
+              enable_thinking=None):
         self.rendered = (messages, enable_thinking)
-        return list(range(10))
-
-    def generate(self, prompt, settings, max_tokens=512, cancel=None, prefill_progress=None):
+        prompt = list(range(10))
         self.last_turn = Stats(len(prompt), 0, len(prompt))
         if prefill_progress:
             prefill_progress(len(prompt), len(prompt))
@@ -133,3 +131,21 @@ def test_engine_backend_keeps_the_old_model_until_the_new_one_is_ready(stub_engi
     with pytest.raises(ModelFileError):
         b.load(tmp_path / "bad.gguf")
     assert b.info.name == "b.gguf"
+
+
+def test_engine_backend_on_the_real_engine(tiny_llama_path):
+    from chatapp.backend import EngineBackend
+
+    b = EngineBackend(n_ctx=256)
+    info = b.load(tiny_llama_path)
+    assert info.arch == "llama" and info.n_ctx == 256
+    msgs = [{"role": "user", "content": "hello"}]
+    greedy = SamplingSettings(temperature=0)
+    first = list(b.reply(msgs, greedy, max_tokens=4, enable_thinking=None, cancel=threading.Event()))
+    text = "".join(r.text for r in first)
+    msgs += [{"role": "assistant", "content": text}, {"role": "user", "content": "more"}]
+    list(b.reply(msgs, greedy, max_tokens=4, enable_thinking=None, cancel=threading.Event()))
+    turn = b.last_turn()
+    assert turn.reused_tokens > 0 and turn.prefilled_tokens < turn.prompt_tokens  # the history was reused
+    st = b.stats()
+    assert st.kv_bytes > 0 and st.context_used > 0 and st.model_bytes > 0

@@ -203,3 +203,67 @@ def test_reset_forgets_everything(loaded):
     assert s.tokens == [] and s.messages == [] and s.cache[0].offset == 0
     out, _ = run(s, [{"role": "user", "content": "x"}], max_tokens=2)
     check_reply_against_fresh(s, out)
+
+
+def test_full_context_drops_the_oldest_turns_and_keeps_the_system_prompt(tiny_llama_path):
+    s = ChatSession(load_model(tiny_llama_path, n_ctx=160))
+    msgs = [{"role": "system", "content": "sys"}]
+    dropped_seen = 0
+    for n in range(12):
+        msgs.append({"role": "user", "content": f"message number {n} with some words"})
+        _, text = run(s, msgs, max_tokens=8)
+        msgs.append({"role": "assistant", "content": text})
+        dropped_seen = max(dropped_seen, s.last_turn.dropped_messages)
+        assert len(s.tokens) <= s.n_ctx
+        assert s.messages[0] == {"role": "system", "content": "sys"}  # kept
+        assert s.messages[-2]["content"] == f"message number {n} with some words"
+    assert dropped_seen > 0
+
+
+def test_a_single_message_longer_than_the_context_is_a_clear_error(tiny_llama_path):
+    from engine.errors import ContextOverflowError
+
+    s = ChatSession(load_model(tiny_llama_path, n_ctx=64))
+    with pytest.raises(ContextOverflowError, match="does not fit"):
+        run(s, [{"role": "user", "content": "word " * 200}])
+    assert s.tokens == [] and s.cache[0].offset == 0
+
+
+def test_saved_state_reopens_without_prefill_and_continues_identically(loaded, tmp_path):
+    s = ChatSession(loaded)
+    msgs = [{"role": "user", "content": "first"}]
+    _, text = run(s, msgs)
+    msgs += [{"role": "assistant", "content": text}, {"role": "user", "content": "second"}]
+    _, text = run(s, msgs)
+    msgs += [{"role": "assistant", "content": text}, {"role": "user", "content": "third"}]
+    path = tmp_path / "chat.state.npz"
+    assert s.save_state(path) > 0
+
+    reopened = ChatSession(loaded)
+    reopened.load_state(path)
+    assert reopened.tokens == s.tokens and reopened.messages == s.messages
+    a, _ = run(s, msgs)
+    b, _ = run(reopened, msgs)
+    assert reopened.last_turn.mode == "append" and reopened.last_turn.reused_tokens == len(s.turns[-2].prompt) + len(
+        s.turns[-2].reply_tokens) - 1
+    assert [r.token for r in a] == [r.token for r in b]
+    np.testing.assert_array_equal(a[0].logits, b[0].logits)
+    # regenerate works after reopening too (the checkpoints came along)
+    run(reopened, msgs)
+    assert reopened.last_turn.mode == "regenerate"
+
+
+def test_state_of_another_model_is_refused(loaded, tmp_path):
+    from engine.errors import StateMismatchError
+    from tests.tiny_models import write_tiny_llama
+
+    s = ChatSession(loaded)
+    run(s, [{"role": "user", "content": "x"}], max_tokens=2)
+    path = tmp_path / "chat.state.npz"
+    s.save_state(path)
+    other = ChatSession(load_model(write_tiny_llama(tmp_path / "other.gguf", seed=5), n_ctx=256))
+    with pytest.raises(StateMismatchError, match="another model file"):
+        other.load_state(path)
+    path.write_bytes(b"not a state")
+    with pytest.raises(StateMismatchError):
+        ChatSession(loaded).load_state(path)

@@ -1,0 +1,402 @@
+"""AVX2 block dot products emitted as LLVM IR through numba intrinsics.
+
+LLVM never forms `vpmaddubsw` (u8 x i8 -> pairwise i16 sums) from plain numba loops, and
+that instruction is where llama.cpp's x86 speed comes from. These intrinsics emit it
+(`llvm.x86.avx2.pmadd.ub.sw`, then `pmadd.wd` to i32) on <32 x i8> loads straight from the
+raw GGUF blocks (unaligned loads, no repacking):
+
+- legacy 32-value formats (`dot_*_row`, `dot4_*_row`): the whole loop over one weight
+  row's blocks is generated in IR; each block's int32 lanes are converted to float and
+  FMA'd with d_w*d_x into a <8 x float> accumulator per token (llama.cpp's AVX2 scheme),
+  one horizontal sum per row. Q4_1/Q5_1 add m_w*s_x per block.
+- k-quants (`dot_*_sb`, `dot4_*_sb`): one 256-value super-block -> Σ_g sc_g·Σ q_w q_x as
+  int32 (group scales passed in a tuple, unpacked by the numba caller, which applies d,
+  dmin and the bsum terms).
+The `dot4_*` variants take 4 activation rows (stride xstride) and decode each weight
+block once for the 4 of them (prefill).
+
+Signed x signed products use the usual sign trick: |w| (unsigned) times sign(x, w). |w| is
+taken of the weight, so Q8_0's -128 is exact (|−128| = 128 as u8); activations from the
+Q8 quantizers are within ±127. No pair sum can saturate int16 (max 128·127·2 = 32512).
+
+Only valid when the CPU has AVX2: `HAVE_AVX2` says so; callers keep portable kernels.
+"""
+
+from __future__ import annotations
+
+import llvmlite.binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+def _target_has_avx2() -> bool:
+    """AVX2 on the CPU numba compiles for (the host, unless NUMBA_CPU_NAME overrides it)."""
+    import os
+
+    cpu = os.environ.get("NUMBA_CPU_NAME", "host")
+    if cpu not in ("", "host"):
+        return "+avx2" in os.environ.get("NUMBA_CPU_FEATURES", "")
+    try:
+        return bool(llvm.get_host_cpu_features().get("avx2", False))
+    except Exception:  # pragma: no cover - feature query unsupported
+        return False
+
+
+HAVE_AVX2 = _target_has_avx2()
+
+I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+V32I8, V16I8 = ir.VectorType(I8, 32), ir.VectorType(I8, 16)
+V16I16, V8I32, V8F32 = ir.VectorType(I16, 16), ir.VectorType(I32, 8), ir.VectorType(F32, 8)
+
+
+def _fn(builder, name, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+def _data(context, builder, aty, val):
+    return context.make_array(aty)(context, builder, value=val).data
+
+
+def _load(builder, ptr, ty, align=1):
+    p = builder.bitcast(ptr, ty.as_pointer())
+    v = builder.load(p)
+    v.align = align
+    return v
+
+
+def _splat(builder, s, vty):
+    v = ir.Constant(vty, ir.Undefined)
+    v = builder.insert_element(v, s, ir.Constant(I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined),
+                                  ir.Constant(ir.VectorType(I32, vty.count), [0] * vty.count))
+
+
+def _maddubs(builder, u, s):
+    """u (unsigned bytes) x s (signed bytes) -> <8 x i32> sums of 4 neighbouring products."""
+    p16 = builder.call(_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", V16I16, [V32I8, V32I8]), [u, s])
+    ones = ir.Constant(V16I16, [1] * 16)
+    return builder.call(_fn(builder, "llvm.x86.avx2.pmadd.wd", V8I32, [V16I16, V16I16]), [p16, ones])
+
+
+def _psign(builder, a, b):
+    return builder.call(_fn(builder, "llvm.x86.avx2.psign.b", V32I8, [V32I8, V32I8]), [a, b])
+
+
+def _hsum8(builder, v):
+    lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 4), [0, 1, 2, 3]))
+    hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 4), [4, 5, 6, 7]))
+    s = builder.fadd(lo, hi)
+    a = builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(I32, 2), [0, 1]))
+    b = builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(I32, 2), [2, 3]))
+    s2 = builder.fadd(a, b)
+    return builder.fadd(builder.extract_element(s2, ir.Constant(I32, 0)),
+                        builder.extract_element(s2, ir.Constant(I32, 1)))
+
+
+def _hsum8i(builder, v):
+    lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 4), [0, 1, 2, 3]))
+    hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 4), [4, 5, 6, 7]))
+    s = builder.add(lo, hi)
+    a = builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(I32, 2), [0, 1]))
+    b = builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(I32, 2), [2, 3]))
+    s2 = builder.add(a, b)
+    return builder.add(builder.extract_element(s2, ir.Constant(I32, 0)),
+                       builder.extract_element(s2, ir.Constant(I32, 1)))
+
+
+def _f16(builder, blk, lut):
+    bits = _load(builder, blk, I16)
+    return builder.load(builder.gep(lut, [builder.zext(bits, I64)]))
+
+
+def _nibbles32(builder, p):
+    """16 bytes at p -> <32 x i8>: low nibbles then high nibbles."""
+    v = _load(builder, p, V16I8)
+    lo = builder.and_(v, ir.Constant(V16I8, [15] * 16))
+    hi = builder.lshr(v, ir.Constant(V16I8, [4] * 16))
+    return builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
+
+
+def _bits32(builder, p):
+    """The 32 bits of the little-endian u32 at p -> <32 x i8>: 16 where bit j is set, else 0."""
+    v = _load(builder, p, ir.VectorType(I8, 4))
+    spread = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 32), [j // 8 for j in range(32)]))
+    m = builder.and_(spread, ir.Constant(V32I8, [(1 << (j % 8)) for j in range(32)]))
+    nz = builder.icmp_unsigned("!=", m, ir.Constant(V32I8, [0] * 32))
+    return builder.select(nz, ir.Constant(V32I8, [16] * 32), ir.Constant(V32I8, [0] * 32))
+
+
+def _legacy_row(kind, ntok=1):
+    """Intrinsic dot(w, woff, xq, xoff, xstride, xd, xs, xdoff, xdstride, lut, nb): one weight row
+    (nb blocks from byte woff) against ntok activation rows -> float32 or UniTuple(float32, ntok).
+
+    Per block: Σ q_w q_x exact in int32 lanes, converted to float and accumulated with
+    d_w·d_x by FMA into a <8 x float> per token (llama.cpp's AVX2 scheme); Q4_1/Q5_1 add m_w·s_x.
+    """
+    bsize = {"q8_0": 34, "q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24, "iq4_nl": 18}[kind]
+
+    @intrinsic
+    def dot(typingctx, w, woff, xq, xoff, xstride, xd, xs, xdoff, xdstride, lut, nb):
+        ret = types.float32 if ntok == 1 else types.UniTuple(types.float32, ntok)
+        sig = ret(w, woff, xq, xoff, xstride, xd, xs, xdoff, xdstride, lut, nb)
+
+        def codegen(context, builder, sig, args):
+            w_, woff_, xq_, xoff_, xstride_, xd_, xs_, xdoff_, xdstride_, lut_, nb_ = args
+            wp = builder.gep(_data(context, builder, sig.args[0], w_), [woff_])
+            x0 = _data(context, builder, sig.args[2], xq_)
+            xd0 = _data(context, builder, sig.args[5], xd_)
+            xs0 = _data(context, builder, sig.args[6], xs_)
+            lutp = _data(context, builder, sig.args[9], lut_)
+            toks = range(ntok)
+            xps = [builder.gep(x0, [builder.add(xoff_, builder.mul(xstride_, ir.Constant(I64, i)))]) for i in toks]
+            xdos = [builder.add(xdoff_, builder.mul(xdstride_, ir.Constant(I64, i))) for i in toks]
+            xdps = [builder.gep(xd0, [o]) for o in xdos]
+            xsps = [builder.gep(xs0, [o]) for o in xdos]
+            accs = [cgutils.alloca_once_value(builder, ir.Constant(V8F32, [0.0] * 8)) for _ in toks]
+            accms = [cgutils.alloca_once_value(builder, ir.Constant(F32, 0.0)) for _ in toks]
+            fma = _fn(builder, "llvm.fma.v8f32", V8F32, [V8F32, V8F32, V8F32])
+            with cgutils.for_range(builder, nb_) as loop:
+                b = loop.index
+                blk = builder.gep(wp, [builder.mul(b, ir.Constant(I64, bsize))])
+                dw = _f16(builder, blk, lutp)
+                signed = True
+                if kind == "q8_0":
+                    qw = _load(builder, builder.gep(blk, [ir.Constant(I64, 2)]), V32I8)
+                elif kind == "q4_0":
+                    qw = _nibbles32(builder, builder.gep(blk, [ir.Constant(I64, 2)]))
+                    qw = builder.sub(qw, ir.Constant(V32I8, [8] * 32))
+                elif kind == "iq4_nl":
+                    idx = _nibbles32(builder, builder.gep(blk, [ir.Constant(I64, 2)]))
+                    qw = _pshufb(builder, _iq4_table(builder), idx)
+                elif kind == "q5_0":
+                    qw = _nibbles32(builder, builder.gep(blk, [ir.Constant(I64, 6)]))
+                    qw = builder.or_(qw, _bits32(builder, builder.gep(blk, [ir.Constant(I64, 2)])))
+                    qw = builder.sub(qw, ir.Constant(V32I8, [16] * 32))
+                elif kind == "q4_1":
+                    signed = False
+                    qw = _nibbles32(builder, builder.gep(blk, [ir.Constant(I64, 4)]))
+                else:  # q5_1
+                    signed = False
+                    qw = _nibbles32(builder, builder.gep(blk, [ir.Constant(I64, 8)]))
+                    qw = builder.or_(qw, _bits32(builder, builder.gep(blk, [ir.Constant(I64, 4)])))
+                if signed:
+                    uw = _psign(builder, qw, qw)  # |w| as unsigned bytes (exact even for -128)
+                else:
+                    mw = _f16(builder, builder.gep(blk, [ir.Constant(I64, 2)]), lutp)
+                for i in toks:
+                    qx = _load(builder, builder.gep(xps[i], [builder.mul(b, ir.Constant(I64, 32))]), V32I8)
+                    dx = builder.load(builder.gep(xdps[i], [b]))
+                    if signed:
+                        isum = _maddubs(builder, uw, _psign(builder, qx, qw))
+                    else:
+                        isum = _maddubs(builder, qw, qx)
+                        sx = builder.load(builder.gep(xsps[i], [b]))
+                        builder.store(builder.fadd(builder.load(accms[i]), builder.fmul(mw, sx)), accms[i])
+                    f = builder.sitofp(isum, V8F32)
+                    sc = _splat(builder, builder.fmul(dw, dx), V8F32)
+                    builder.store(builder.call(fma, [f, sc, builder.load(accs[i])]), accs[i])
+            res = [builder.fadd(_hsum8(builder, builder.load(accs[i])), builder.load(accms[i])) for i in toks]
+            if ntok == 1:
+                return res[0]
+            return context.make_tuple(builder, ret, res)
+
+        return sig, codegen
+
+    return dot
+
+
+
+
+
+# ----------------------------------------------------------------------------- super-blocks
+V8I16 = ir.VectorType(I16, 8)
+
+
+def _pmaddubs16(builder, u, s):
+    return builder.call(_fn(builder, "llvm.x86.avx2.pmadd.ub.sw", V16I16, [V32I8, V32I8]), [u, s])
+
+
+def _pmaddwd(builder, a, b):
+    return builder.call(_fn(builder, "llvm.x86.avx2.pmadd.wd", V8I32, [V16I16, V16I16]), [a, b])
+
+
+def _tuple_i16(builder, tup, n):
+    """The n integer scales of a numba UniTuple as i16 values."""
+    out = []
+    for i in range(n):
+        v = builder.extract_value(tup, i)
+        w = v.type.width
+        out.append(v if w == 16 else builder.trunc(v, I16) if w > 16 else builder.sext(v, I16))
+    return out
+
+
+def _scale_vec(builder, sa, sb):
+    """<16 x i16>: sa in the first 8 lanes (values 0..15), sb in the last 8 (16..31)."""
+    a = _splat(builder, sa, V8I16)
+    b = _splat(builder, sb, V8I16)
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, 16), list(range(16))))
+
+
+def _c8(v):
+    return ir.Constant(V32I8, [v & 0xFF] * 32)
+
+
+class _Acc:
+    """Per-token <8 x i32> accumulators: add(q, x_offset, scale_vec) over every token tile."""
+
+    def __init__(self, builder, xps, ld):
+        self.b, self.xps, self.ld = builder, xps, ld
+        self.accs = [ir.Constant(V8I32, [0] * 8) for _ in xps]
+
+    def add(self, q, xo, scale, signed=False, sub=None):
+        b = self.b
+        if signed:
+            u = _psign(b, q, q)
+        for i, xp in enumerate(self.xps):
+            x = self.ld(xp, xo)
+            if signed:
+                p16 = _pmaddubs16(b, u, _psign(b, x, q))
+            else:
+                p16 = _pmaddubs16(b, q, x)
+            if sub is not None:
+                p16 = b.sub(p16, _pmaddubs16(b, sub, x))
+            self.accs[i] = b.add(self.accs[i], _pmaddwd(b, p16, scale))
+
+
+def _kq_intrinsic(body, nscales, ntok=1):
+    """dot(w, woff, xq, xoff, xstride, sc) -> int32 (ntok == 1) or UniTuple(int32, ntok):
+    Σ_g sc[g]·Σ q_w q_x over one super-block, for the ntok activation rows at xoff + i*xstride."""
+
+    @intrinsic
+    def dot(typingctx, w, woff, xq, xoff, xstride, sc):
+        ret = types.int32 if ntok == 1 else types.UniTuple(types.int32, ntok)
+        sig = ret(w, woff, xq, xoff, xstride, sc)
+
+        def codegen(context, builder, sig, args):
+            w_, woff_, xq_, xoff_, xstride_, sc_ = args
+            wp = builder.gep(_data(context, builder, sig.args[0], w_), [woff_])
+            x0 = _data(context, builder, sig.args[2], xq_)
+            xps = [builder.gep(x0, [builder.add(xoff_, builder.mul(xstride_, ir.Constant(I64, i)))])
+                   for i in range(ntok)]
+            scs = _tuple_i16(builder, sc_, nscales)
+
+            def ld(p, o, ty=V32I8):
+                return _load(builder, builder.gep(p, [ir.Constant(I64, o)]), ty)
+
+            acc = _Acc(builder, xps, ld)
+            body(builder, wp, acc, scs, ld)
+            sums = [_hsum8i(builder, a) for a in acc.accs]
+            if ntok == 1:
+                return sums[0]
+            return context.make_tuple(builder, ret, sums)
+
+        return sig, codegen
+
+    return dot
+
+
+def _q4k_body(builder, wp, acc, scs, ld, qh_off=None, qs_off=16):
+    """Q4_K / Q5_K: 8 groups of 32, scales scs[0..7] (i16), unsigned codes."""
+    qh = ld(wp, 16) if qh_off is not None else None
+    for p in range(4):
+        v = ld(wp, qs_off + 32 * p)
+        lo = builder.and_(v, _c8(15))
+        hi = builder.and_(builder.lshr(v, _c8(4)), _c8(15))
+        for g, q in ((2 * p, lo), (2 * p + 1, hi)):
+            if qh is not None:
+                hb = builder.and_(builder.lshr(qh, _c8(g)), _c8(1))
+                q = builder.or_(q, builder.shl(hb, _c8(4)))
+            acc.add(q, 32 * g, _splat(builder, scs[g], V16I16))
+
+
+def _q5k_body(builder, wp, acc, scs, ld):
+    _q4k_body(builder, wp, acc, scs, ld, qh_off=16, qs_off=48)
+
+
+def _q6k_body(builder, wp, acc, scs, ld):
+    """Q6_K: Σ_g sc_g Σ q x with q the unsigned 6-bit code 0..63 (caller subtracts 32·Σ sc·bsum)."""
+    for n in range(2):
+        a = ld(wp, 64 * n)
+        c = ld(wp, 64 * n + 32)
+        h = ld(wp, 128 + 32 * n)
+        parts = (
+            builder.or_(builder.and_(a, _c8(15)), builder.shl(builder.and_(h, _c8(3)), _c8(4))),
+            builder.or_(builder.and_(c, _c8(15)), builder.shl(builder.and_(builder.lshr(h, _c8(2)), _c8(3)), _c8(4))),
+            builder.or_(builder.lshr(a, _c8(4)), builder.shl(builder.and_(builder.lshr(h, _c8(4)), _c8(3)), _c8(4))),
+            builder.or_(builder.lshr(c, _c8(4)), builder.shl(builder.lshr(h, _c8(6)), _c8(4))),
+        )
+        for p, q in enumerate(parts):
+            g = 8 * n + 2 * p
+            acc.add(q, 128 * n + 32 * p, _scale_vec(builder, scs[g], scs[g + 1]))
+
+
+def _q2k_body(builder, wp, acc, scs, ld):
+    """Q2_K: Σ_g sc_g Σ q x, q 2-bit unsigned (caller handles the min term)."""
+    for n in range(2):
+        v = ld(wp, 16 + 32 * n)
+        for j in range(4):
+            q = builder.and_(builder.lshr(v, _c8(2 * j)), _c8(3))
+            g = 8 * n + 2 * j
+            acc.add(q, 16 * g, _scale_vec(builder, scs[g], scs[g + 1]))
+
+
+def _q3k_body(builder, wp, acc, scs, ld):
+    """Q3_K: Σ_g sc_g Σ q x with q = 2-bit code - (hmask bit ? 0 : 4), sc signed."""
+    hm = ld(wp, 0)
+    nhm = builder.xor(hm, _c8(0xFF))
+    for n in range(2):
+        v = ld(wp, 32 + 32 * n)
+        for j in range(4):
+            q = builder.and_(builder.lshr(v, _c8(2 * j)), _c8(3))
+            m4 = builder.shl(builder.and_(builder.lshr(nhm, _c8(4 * n + j)), _c8(1)), _c8(2))
+            g = 8 * n + 2 * j
+            acc.add(q, 16 * g, _scale_vec(builder, scs[g], scs[g + 1]), sub=m4)
+
+
+def _iq4_table(builder):
+    vals = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
+    return ir.Constant(V32I8, [v & 0xFF for v in vals] * 2)
+
+
+def _pshufb(builder, table, idx):
+    return builder.call(_fn(builder, "llvm.x86.avx2.pshuf.b", V32I8, [V32I8, V32I8]), [table, idx])
+
+
+def _iq4xs_body(builder, wp, acc, scs, ld):
+    """IQ4_XS: 8 groups of 32 (16 bytes each: low nibbles values 0..15, high 16..31), signed ls-32."""
+    tab = _iq4_table(builder)
+    for ib in range(8):
+        v = ld(wp, 8 + 16 * ib, V16I8)
+        lo = builder.and_(v, ir.Constant(V16I8, [15] * 16))
+        hi = builder.lshr(v, ir.Constant(V16I8, [4] * 16))
+        idx = builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 32), list(range(32))))
+        acc.add(_pshufb(builder, tab, idx), 32 * ib, _splat(builder, scs[ib], V16I16), signed=True)
+
+
+dot_q4_k_sb = _kq_intrinsic(_q4k_body, 8)
+dot_q5_k_sb = _kq_intrinsic(_q5k_body, 8)
+dot_q6_k_sb = _kq_intrinsic(_q6k_body, 16)
+dot_q2_k_sb = _kq_intrinsic(_q2k_body, 16)
+dot_q3_k_sb = _kq_intrinsic(_q3k_body, 16)
+dot_iq4_xs_sb = _kq_intrinsic(_iq4xs_body, 8)
+TILE = 4
+dot4_q4_k_sb = _kq_intrinsic(_q4k_body, 8, TILE)
+dot4_q5_k_sb = _kq_intrinsic(_q5k_body, 8, TILE)
+dot4_q6_k_sb = _kq_intrinsic(_q6k_body, 16, TILE)
+dot4_q2_k_sb = _kq_intrinsic(_q2k_body, 16, TILE)
+dot4_q3_k_sb = _kq_intrinsic(_q3k_body, 16, TILE)
+dot4_iq4_xs_sb = _kq_intrinsic(_iq4xs_body, 8, TILE)
+
+dot_q8_0_row = _legacy_row("q8_0")
+dot_q4_0_row = _legacy_row("q4_0")
+dot_q4_1_row = _legacy_row("q4_1")
+dot_q5_0_row = _legacy_row("q5_0")
+dot_q5_1_row = _legacy_row("q5_1")
+dot_iq4_nl_row = _legacy_row("iq4_nl")
+dot4_q8_0_row = _legacy_row("q8_0", TILE)
+dot4_q4_0_row = _legacy_row("q4_0", TILE)
+dot4_q4_1_row = _legacy_row("q4_1", TILE)
+dot4_q5_0_row = _legacy_row("q5_0", TILE)
+dot4_q5_1_row = _legacy_row("q5_1", TILE)
+dot4_iq4_nl_row = _legacy_row("iq4_nl", TILE)

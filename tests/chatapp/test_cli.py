@@ -1,0 +1,86 @@
+"""`deltatalk run` / `bench` / `models` in-process, on a tiny generated model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from chatapp.cli import main
+
+
+def run_json(capsys, *argv) -> list[dict]:
+    assert main(list(argv)) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+
+
+def test_run_json_has_the_stable_fields(tiny_llama_path, capsys):
+    (r,) = run_json(capsys, "run", "-m", str(tiny_llama_path), "-p", "hello", "--temp", "0", "--max-tokens", "5",
+                    "--json", "--ctx", "128")
+    for key in ("prompt_token_ids", "generated_token_ids", "text", "stop_reason", "prompt_tps", "decode_tps",
+                "ttft_s", "peak_rss_bytes"):
+        assert key in r
+    assert r["prompt_token_ids"][0] == 1  # ChatML <|im_start|> from the template
+    assert 1 <= len(r["generated_token_ids"]) <= 5 and r["stop_reason"] in ("stop", "length")
+
+
+def test_prompt_ids_and_logits_out(tiny_llama_path, capsys, tmp_path):
+    out = tmp_path / "logits.npy"
+    (r,) = run_json(capsys, "run", "-m", str(tiny_llama_path), "--prompt-ids", "1,50,60", "--temp", "0",
+                    "--max-tokens", "4", "--json", "--logits-out", str(out), "--ctx", "64")
+    assert r["prompt_token_ids"] == [1, 50, 60]
+    logits = np.load(out)
+    assert logits.shape == (len(r["generated_token_ids"]), 267) and logits.dtype == np.float32
+    assert [int(i) for i in logits.argmax(axis=1)] == r["generated_token_ids"]  # greedy
+
+
+def test_raw_prompt_parses_special_tokens(tiny_llama_path, capsys):
+    (r,) = run_json(capsys, "run", "-m", str(tiny_llama_path), "--raw", "-p", "<|im_start|>user", "--temp", "0",
+                    "--max-tokens", "1", "--json", "--ctx", "64")
+    from engine.loader import load_model
+
+    tok = load_model(tiny_llama_path, n_ctx=64).tokenizer
+    assert r["prompt_token_ids"][0] == 1  # the control token, not its characters
+    assert tok.decode(r["prompt_token_ids"][1:]) == "user"
+
+
+def test_script_reports_each_step(tiny_llama_path, capsys, tmp_path):
+    script = tmp_path / "conv.json"
+    script.write_text(json.dumps({"system": "be brief", "steps": [
+        {"user": "one"}, {"user": "two", "max_tokens": 3}, {"regenerate": True}, {"edit": "deux"}]}))
+    rows = run_json(capsys, "run", "-m", str(tiny_llama_path), "--script", str(script), "--temp", "0",
+                    "--max-tokens", "4", "--json", "--ctx", "256")
+    assert [r["mode"] for r in rows] == ["full", "append", "regenerate", "edit"]
+    for key in ("prompt_tokens", "reused_tokens", "prefilled_tokens", "ttft_s", "decode_tps", "generated_token_ids",
+                "text", "state_bytes", "kv_bytes", "checkpoint_bytes"):
+        assert key in rows[0]
+    assert rows[1]["reused_tokens"] > 0 and rows[2]["prefilled_tokens"] == 1
+    assert len(rows[1]["generated_token_ids"]) <= 3
+
+
+@pytest.mark.parametrize("content,err", [
+    ("{}", "steps"), ('{"steps": [{"user": 1}]}', "must be a string"),
+    ('{"steps": [{"user": "a", "edit": "b"}]}', "exactly one"), ("not json", "conv.json"),
+])
+def test_bad_scripts_are_clear_errors(tiny_llama_path, capsys, tmp_path, content, err):
+    script = tmp_path / "conv.json"
+    script.write_text(content)
+    assert main(["run", "-m", str(tiny_llama_path), "--script", str(script), "--ctx", "64"]) == 2
+    assert err in capsys.readouterr().err
+
+
+def test_bad_model_file_is_one_clear_line(tmp_path, capsys):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(10))
+    assert main(["run", "-m", str(bad), "-p", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.gguf" in err and "Traceback" not in err
+
+
+def test_bench_json(tiny_llama_path, capsys):
+    (r,) = run_json(capsys, "bench", "-m", str(tiny_llama_path), "--pp", "16", "--tg", "4", "--repeats", "2",
+                    "--json", "--ctx", "64")
+    assert set(r["results"]) == {"pp16", "tg4"}
+    assert r["results"]["tg4"]["median_tps"] > 0 and r["threading_layer"] in ("omp", "tbb", "workqueue")
+    assert r["bandwidth_bytes_per_s"] > 1e8 and r["decode_bound_tps"] > 0

@@ -1,0 +1,102 @@
+"""The AVX2 (vpmaddubsw) kernels against the portable kernels and an exact numpy twin of
+llama.cpp's block dot products (integer sums exact, scales applied per block)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as G
+
+from engine.quants import FORMATS, PORTABLE_KERNELS, SIMD_KERNELS, get_format, kernel_weights
+from engine.quants.common import F16_TO_F32
+
+pytestmark = pytest.mark.skipif(not SIMD_KERNELS, reason="no AVX2 (or DELTATALK_NO_SIMD=1): portable kernels only")
+
+FP16_FIELDS = {
+    G.Q4_0: [0], G.Q4_1: [0, 2], G.Q5_0: [0], G.Q5_1: [0, 2], G.Q8_0: [0], G.IQ4_NL: [0],
+    G.Q2_K: [80, 82], G.Q3_K: [108], G.Q4_K: [0, 2], G.Q5_K: [0, 2], G.Q6_K: [208], G.IQ4_XS: [0],
+}
+TYPES = list(FP16_FIELDS)
+
+
+def blocks_for(qtype, n_rows, n_cols, rng, fill=None):
+    fmt = get_format(qtype)
+    raw = rng.integers(0, 256, size=(n_rows, fmt.row_bytes(n_cols)), dtype=np.uint8)
+    if fill is not None:
+        raw[:] = fill
+    b = raw.reshape(n_rows, -1, fmt.type_size)
+    for off in FP16_FIELDS[qtype]:
+        vals = (rng.normal(size=b.shape[:2]) * 0.05).astype(np.float16)
+        b[:, :, off:off + 2] = vals.view(np.uint8).reshape(b.shape[:2] + (2,))
+    return raw
+
+
+def run(kernel, qtype, raw, act):
+    out = np.full((act[0].shape[0], raw.shape[0]), np.nan, np.float32)
+    kernel(kernel_weights(raw, qtype), *act, F16_TO_F32, out)
+    return out
+
+
+def exact_twin(qtype, raw, act):
+    """Σ over blocks of the llama.cpp formula in float64, from dequantized weights and the
+    quantized activation; for Q4_1/Q5_1 the min term uses the stored (fp16) s = d·Σq."""
+    fmt = get_format(qtype)
+    W = fmt.dequantize(raw).astype(np.float64)
+    if fmt.act != "q8_1":
+        return fmt.matmul_ref(raw, act).astype(np.float64)
+    xq, xd, xs = act
+    N, K = W.shape
+    T = xq.shape[0]
+    b = raw.reshape(N, K // 32, fmt.type_size)
+    m = np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0].astype(np.float64)  # (N, nb)
+    Wq = (W.reshape(N, K // 32, 32) - m[..., None])  # d_w * q_w
+    dot = np.einsum("nbj,tbj->tnb", Wq, xq.reshape(T, K // 32, 32).astype(np.float64))
+    return (dot * xd[:, None, :] + m[None] * xs[:, None, :]).sum(-1)
+
+
+def bound(qtype, raw, X):
+    W = np.abs(get_format(qtype).dequantize(raw)).astype(np.float64)
+    return np.abs(X).astype(np.float64) @ W.T
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(7)
+
+
+def test_avx2_kernels_are_the_ones_in_use():
+    for t in TYPES:
+        assert FORMATS[int(t)].kernel is SIMD_KERNELS[int(t)]
+        assert PORTABLE_KERNELS[int(t)] is not SIMD_KERNELS[int(t)]
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_simd_matches_exact_twin_and_portable(qtype, rng):
+    """T = 1 (decode), 4 and 9 (4-token tiles plus a remainder); odd N; read-only blocks."""
+    fmt = get_format(qtype)
+    N, K = 11, 768 if fmt.block_size == 256 else 352
+    raw = blocks_for(qtype, N, K, rng)
+    raw.setflags(write=False)
+    for T in (1, 4, 9):
+        X = rng.normal(size=(T, K)).astype(np.float32)
+        act = fmt.quantize_act(X)
+        got = run(SIMD_KERNELS[int(qtype)], qtype, raw, act)
+        lim = 2e-6 * bound(qtype, raw, X) + 1e-6
+        assert np.all(np.abs(got - exact_twin(qtype, raw, act)) <= lim)
+        assert np.all(np.abs(got - run(PORTABLE_KERNELS[int(qtype)], qtype, raw, act)) <= lim)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("fill", [0x00, 0xFF, 0x80, 0x7F])
+def test_extreme_codes_do_not_saturate(qtype, fill, rng):
+    """Every code byte at an extreme (incl. Q8_0's -128) against activations at ±127."""
+    fmt = get_format(qtype)
+    K = fmt.block_size * (2 if fmt.block_size == 256 else 8)
+    raw = blocks_for(qtype, 3, K, rng, fill=fill)
+    X = np.where(rng.random((5, K)) < 0.5, -1.0, 1.0).astype(np.float32)  # every |q_x| = 127
+    act = fmt.quantize_act(X)
+    got = run(SIMD_KERNELS[int(qtype)], qtype, raw, act)
+    with np.errstate(all="ignore"):
+        want = exact_twin(qtype, raw, act)
+        lim = 2e-6 * bound(qtype, raw, X) + 1e-6
+    assert np.all(np.abs(got - want) <= lim)
