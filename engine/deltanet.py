@@ -26,8 +26,7 @@ import numba
 import numpy as np
 from numba import prange
 
-_JIT = dict(cache=True, fastmath=True)
-_JIT_PAR = dict(cache=True, fastmath=True, parallel=True)
+from engine.jit import JIT as _JIT, JIT_PAR as _JIT_PAR
 
 
 # --------------------------------------------------------------------------- conv

@@ -221,6 +221,10 @@ def write_qwen35(path: str | Path, cfg: Qwen35Config = Qwen35Config(), *, seed: 
     Tensors are generated one at a time and streamed to the file (the 4B-shaped file is
     several GB before quantization). Quantized variants are made from this file by
     llama.cpp's own quantizer (tools/make_qwen35_fixtures.py).
+
+    mat_dtype="q4_k_random": every 2-D weight as random but valid Q4_K blocks (small finite
+    scales). No llama.cpp needed: for load, memory and speed tests at true 4B widths,
+    where the values do not matter.
     """
     import gguf
     from gguf import GGMLQuantizationType as T
@@ -255,7 +259,7 @@ def write_qwen35(path: str | Path, cfg: Qwen35Config = Qwen35Config(), *, seed: 
     w.add_ssm_group_count(cfg.ssm_n_group)
     w.add_ssm_time_step_rank(cfg.ssm_dt_rank)
     w.add_ssm_inner_size(cfg.d_inner)
-    w.add_file_type(0 if mat_dtype == "f32" else 1)
+    w.add_file_type({"f32": 0, "f16": 1, "q4_k_random": 15}[mat_dtype])
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen35")
     w.add_token_list(tokens)
@@ -269,15 +273,28 @@ def write_qwen35(path: str | Path, cfg: Qwen35Config = Qwen35Config(), *, seed: 
 
     rnd = _Rand(seed)
     plan = tensor_plan(cfg, V)
+    q4k_rows = lambda shape: (int(np.prod(shape[:-1])), shape[-1] // 256 * 144)  # noqa: E731
     for name, shape, kind, _ in plan:
-        if kind == "mat" and mat_dtype == "f16":
+        if kind == "mat" and mat_dtype == "q4_k_random":
+            rows = q4k_rows(shape)
+            w.add_tensor_info(name, rows, np.dtype(np.uint8), rows[0] * rows[1], raw_dtype=T.Q4_K)
+        elif kind == "mat" and mat_dtype == "f16":
             w.add_tensor_info(name, shape, np.dtype(np.float16), int(np.prod(shape)) * 2, raw_dtype=T.F16)
         else:
             w.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4, raw_dtype=T.F32)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
+    gen = np.random.default_rng(seed)
     for name, shape, kind, prm in plan:
+        if kind == "mat" and mat_dtype == "q4_k_random":
+            blocks = gen.integers(0, 256, size=q4k_rows(shape), dtype=np.uint8)
+            view = blocks.reshape(blocks.shape[0], -1, 144)
+            d = (gen.random(view.shape[:2]) * 1e-3).astype(np.float16)  # d and dmin: small and finite
+            view[:, :, 0:2] = d.view(np.uint8).reshape(view.shape[:2] + (2,))
+            view[:, :, 2:4] = d.view(np.uint8).reshape(view.shape[:2] + (2,))
+            w.write_tensor_data(blocks)
+            continue
         arr = rnd.uniform(shape, **prm)
         if kind == "mat" and mat_dtype == "f16":
             arr = arr.astype(np.float16)

@@ -18,7 +18,7 @@ What it does (the default run):
    after every fed token (the prompt, then each greedy token but the last), and in
    manifest.json the prompt, the greedy ids, the top1-top2 margins and the file digests.
 4. does 1-3 for seeds 0, 1, ... (--seeds) and keeps the best-conditioned one (see make_fixtures);
-   --seed N rebuilds one seed directly (the committed fixtures: --seed 20, reproduced bit for bit).
+   --seed N rebuilds one seed directly (the committed fixtures: --seed 29, reproduced bit for bit).
 
 With --bench-4b PATH it instead writes a Qwen3.5-4B-shaped file (true 4B widths and 248320
 vocabulary, 8 layers = 6 DeltaNet + 2 attention, random weights) as F16 next to PATH,
@@ -49,13 +49,15 @@ DEFAULT_LLAMA_PY = "/work/llamavenv/bin/python"
 N_PROMPT = 40
 N_GEN = 24
 CHUNKS = 4
-SEED = 0
 EMBD_SCALE = 0.2
-# Logit scale. A random model is chaotic under activation quantization: one rounding flip in a
-# Q8_0/Q8_K block moves the logits of this D=256 model by ~1% of their spread, and flips cascade
-# through the recurrent state and the KV cache. llama.cpp's own batch vs chunked runs of the Q4_K_M
-# file differ by 0.07-0.1 when the logits have a std of 3. An output_norm of ~0.33 brings the logit
-# std to ~1 so that the tolerances measure the engine rather than that noise floor.
+# Logit scale. A random model is chaotic under activation quantization: a value within ~1e-6 of a
+# rounding boundary of a Q8_0/Q8_K block flips with any change of float summation order, one flip
+# moves this D=256 model's logits by ~10% of their spread, and flips travel through the recurrent
+# state and the KV cache. With logits of std 3 (output_norm ~1), llama.cpp's own batch vs chunked
+# runs of the Q4_K_M file differ by 0.07-0.1, and a correct engine lands anywhere in 0.1-0.4.
+# output_norm ~0.2 gives a logit std of ~0.65: the 0.1 tolerance then holds for a correct engine
+# even with perturbed arithmetic (see _reference_diff), while dropping the activation quantization
+# still fails it (0.16 on Q8_0, 0.47 on Q4_K_M).
 OUTPUT_NORM_MEAN = 0.2
 PROMPT_TEXT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                "Write the story of the wind and the sea in three short lines.<|im_end|>\n"
@@ -241,10 +243,10 @@ def _reference_diff(path: Path, out: Path, name: str, summary: dict) -> float:
 
 
 def _score(m: dict):
-    """Well conditioned first (the perturbed numpy emulations within 65% of the tolerance), then the
+    """Well conditioned first (the perturbed numpy emulations within 90% of the tolerance), then the
     most greedy steps clear of near ties, then the smallest worst-case emulation error."""
     rel = max(f["numpy_reference_max_abs_diff"] / f["tolerance"] for f in m["fixtures"].values())
-    return (rel <= 0.65, min(f["safe_steps"] for f in m["fixtures"].values()), -round(rel, 2))
+    return (rel <= 0.9, min(f["safe_steps"] for f in m["fixtures"].values()), -round(rel, 2))
 
 
 def make_fixtures(out: Path, llama_py: str, seeds: int, seed: int | None = None) -> None:
@@ -314,7 +316,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--seeds", type=int, default=30, help="seeds to try for the tiny model (default 30)")
-    ap.add_argument("--seed", type=int, help="use this seed (no search; the committed fixtures: 20)")
+    ap.add_argument("--seed", type=int, help="use this seed (no search; the committed fixtures: 29)")
     ap.add_argument("--llama-python", default=DEFAULT_LLAMA_PY)
     ap.add_argument("--bench-4b", type=Path, metavar="PATH", help="write the 4B-shaped benchmark file instead")
     ap.add_argument("--llama-quantize", nargs="+", metavar="ARG", help=argparse.SUPPRESS)

@@ -48,6 +48,17 @@ def random_blocks(type_name: str, n_out: int, n_in: int, seed: int = 0) -> np.nd
     return raw
 
 
+def parallel_overhead_us(repeats: int = 50) -> float:
+    """Median cost of entering an almost empty prange region. A few µs normally; on a
+    shared VM whose other vCPU is busy elsewhere it can jump to milliseconds, and then
+    every kernel call pays it: check this before trusting (or publishing) a number."""
+    from engine.quants.simd_kernels import touch_parallel
+
+    a = np.zeros(64, np.float32)
+    touch_parallel(a)
+    return _median_time(lambda _: touch_parallel(a), range(repeats)) * 1e6
+
+
 def _median_time(fn, args_seq) -> float:
     ts = []
     for a in args_seq:
@@ -81,6 +92,7 @@ def bench_matvec(type_name: str, n_out: int, n_in: int, repeats: int = 20, prefi
         "decode_us": cold * 1e6,
         "prefill_tokens": prefill_tokens, "prefill_gflops": 2.0 * n_out * n_in * prefill_tokens / pre / 1e9,
         "prefill_ms": pre * 1e3, "threads": numba.get_num_threads(),
+        "parallel_overhead_us": parallel_overhead_us(),
     }
 
 
@@ -97,12 +109,16 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=20)
     a = p.parse_args(argv)
     numba.set_num_threads(a.threads)
+    ovh = parallel_overhead_us()
+    print(f"threads {a.threads}, {numba.threading_layer()} layer, parallel-region entry {ovh:.1f} us"
+          + ("  (WARNING: stalls; other load on the machine? numbers unreliable)" if ovh > 100 else ""))
     for s in a.shapes:
         t, n_out, n_in = s.split(":")
         r = bench_matvec(t, int(n_out), int(n_in), a.repeats)
         print(f"{t:6s} {n_out:>6s}x{n_in:<6s} {r['weight_mb']:7.1f} MB  decode {r['decode_gbps']:6.1f} GB/s "
               f"(hot {r['decode_gbps_hot']:6.1f}, {r['decode_us']:8.1f} us)  prefill T={r['prefill_tokens']} "
-              f"{r['prefill_gflops']:6.1f} GFLOP/s", flush=True)
+              f"{r['prefill_gflops']:6.1f} GFLOP/s" + ("  [stalls]" if r["parallel_overhead_us"] > 100 else ""),
+              flush=True)
 
 
 if __name__ == "__main__":

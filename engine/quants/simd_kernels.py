@@ -630,6 +630,13 @@ def matmul_iq4_xs(w, xq, xd, bsums, lut, out):
             _rowT_iq4_xs(w, n, xq, xd, bsums, lut, out, T, K, nb, rb, acc)
 
 
+
+@numba.njit(**PAR)
+def touch_parallel(a):
+    """An almost empty parallel region (the microbenchmark's overhead probe)."""
+    for i in prange(a.shape[0]):
+        a[i] += f32(1.0)
+
 import gguf as _gguf  # noqa: E402
 
 _G = _gguf.GGMLQuantizationType

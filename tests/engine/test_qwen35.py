@@ -342,9 +342,21 @@ def test_loader_tokenizer_and_template_match_llama_cpp():
 _BENCH = "DELTATALK_QWEN35_4B"  # path of the file made by tools/make_qwen35_fixtures.py --bench-4b
 
 
+@pytest.fixture(scope="session")
+def qwen35_4b_path(tmp_path_factory):
+    """The 4B-shaped file: $DELTATALK_QWEN35_4B (llama.cpp-quantized), else random Q4_K blocks."""
+    import os
+
+    if os.environ.get(_BENCH):
+        return os.environ[_BENCH]
+    from tests.qwen35_models import QWEN35_4B, QWEN35_4B_VOCAB, write_qwen35
+
+    path = tmp_path_factory.mktemp("q35-4b") / "qwen35-4b-shaped-random-q4_k.gguf"
+    return str(write_qwen35(path, QWEN35_4B, seed=1, n_vocab=QWEN35_4B_VOCAB, mat_dtype="q4_k_random"))
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not __import__("os").environ.get(_BENCH), reason=f"set {_BENCH} to the 4B-shaped file")
-def test_4b_shaped_file_loads_within_its_size_and_decodes():
+def test_4b_shaped_file_loads_within_its_size_and_decodes(qwen35_4b_path):
     """RSS added by loading <= file size + 15% (+ the caches, which grow only when used)."""
     import os
     import subprocess
@@ -365,7 +377,8 @@ logits = m.forward([1, 2, 3], cache, logits="last")
 print(json.dumps(dict(added=after - before, size=gf.file_size, finite=bool(np.isfinite(logits).all()),
                       shape=list(logits.shape), state=sum(c.nbytes for c in cache if c.kind == "recurrent"))))
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ, timeout=900)
+    env = dict(os.environ, **{_BENCH: qwen35_4b_path})
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     print(f"4B-shaped: RSS added by loading {out['added'] / 1e9:.2f} GB for a {out['size'] / 1e9:.2f} GB file")
