@@ -10,20 +10,43 @@ def cmd_bench(args) -> int:
     from chatapp.cli import open_model
     from engine.bench import run_bench
 
+    from engine.peer import LlamaCppPeer, PeerError
+
     loaded, warm_s = open_model(args, quiet=args.json)
     pp = [int(x) for x in args.pp.split(",") if x.strip()]
     say = None if args.json else (lambda s: print("  " + s, file=sys.stderr, flush=True))
-    res = run_bench(loaded.model, pp=pp, tg=args.tg, repeats=args.repeats, progress=say)
+    peer = None
+    if args.peer:
+        import numba
+
+        try:
+            peer = LlamaCppPeer(str(loaded.path), numba.get_num_threads(), n_ctx=loaded.model.n_ctx,
+                                python=args.peer_python)
+        except PeerError as e:
+            print(f"deltatalk: {e}", file=sys.stderr)
+            return 2
+    try:
+        res = run_bench(loaded.model, pp=pp, tg=args.tg, repeats=args.repeats, progress=say, peer=peer)
+    finally:
+        if peer is not None:
+            peer.close()
     res.update(model=str(loaded.path), arch=loaded.arch, file_size_bytes=loaded.file_size, warmup_s=warm_s)
     if args.json:
         print(json.dumps(res))
         return 0
     print(f"model   {loaded.path.name} ({loaded.arch}, {loaded.file_size / 1e6:.1f} MB)")
     print(f"threads {res['threads']} ({res['threading_layer']}), cpu {' '.join(res['cpu_features'])}")
-    print(f"{'test':>8} {'tok/s (median)':>15}   runs")
-    for k, v in res["results"].items():
-        runs = " ".join(f"{x:.1f}" for x in v["runs"])
-        print(f"{k:>8} {v['median_tps']:15.1f}   {runs}")
+    if peer is None:
+        print(f"{'test':>8} {'tok/s (median)':>15}   runs")
+        for k, v in res["results"].items():
+            runs = " ".join(f"{x:.1f}" for x in v["runs"])
+            print(f"{k:>8} {v['median_tps']:15.1f}   {runs}")
+    else:
+        print(f"{'test':>8} {'deltatalk':>10} {'llama.cpp':>10} {'ratio':>7}   (tok/s, medians of "
+              f"{args.repeats} interleaved runs; {res['peer']['engine']})")
+        for k, v in res["results"].items():
+            theirs = res["peer"]["results"][k]["median_tps"]
+            print(f"{k:>8} {v['median_tps']:10.1f} {theirs:10.1f} {res['ratios'][k]:7.2f}")
     if res.get("decode_bound_tps"):
         tg = next((v["median_tps"] for k, v in res["results"].items() if k.startswith("tg")), None)
         share = f", decode at {100 * tg / res['decode_bound_tps']:.0f}% of it" if tg else ""

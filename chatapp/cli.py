@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--tg", type=int, default=128, help="tokens to decode")
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--json", action="store_true")
+    bench.add_argument("--peer", action="store_true",
+                       help="also run llama.cpp (llama-cpp-python) on the same file, interleaved, with ratios")
+    bench.add_argument("--peer-python", default=None,
+                       help="a Python that has llama-cpp-python (default: this one; see the `peer` extra)")
 
     sub.add_parser("fetch", help="download the default model (if missing) and exit")
     models = sub.add_parser("models", help="list the GGUF files found")

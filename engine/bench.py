@@ -64,21 +64,36 @@ def time_decode(model, n_tokens: int, rng) -> float:
 
 
 def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
-              progress: Callable[[str], None] | None = None, bandwidth: bool = True) -> dict:
+              progress: Callable[[str], None] | None = None, bandwidth: bool = True, peer=None) -> dict:
+    """Medians of interleaved runs; with `peer` (an engine.peer.LlamaCppPeer) each of our runs
+    is followed by the same run in llama.cpp, and the ratios ours / llama.cpp are reported."""
     bw = measure_bandwidth() if bandwidth else None
     rng = np.random.default_rng(0)
     pp = [n for n in pp if n < model.n_ctx]
-    samples: dict[str, list[float]] = {f"pp{n}": [] for n in pp}
-    if tg:
-        samples[f"tg{tg}"] = []
+    tests = [(f"pp{n}", "pp", n) for n in pp] + ([(f"tg{tg}", "tg", tg)] if tg else [])
+    samples: dict[str, list[float]] = {k: [] for k, _, _ in tests}
+    peer_samples: dict[str, list[float]] = {k: [] for k, _, _ in tests}
     for r in range(repeats):
-        for n in pp:
-            samples[f"pp{n}"].append(time_prefill(model, n, rng))
-        if tg:
-            samples[f"tg{tg}"].append(time_decode(model, tg, rng))
+        for key, kind, n in tests:
+            samples[key].append(time_prefill(model, n, rng) if kind == "pp" else time_decode(model, n, rng))
+            if peer is not None:
+                peer_samples[key].append(peer.prefill_tps(n) if kind == "pp" else peer.decode_tps(n))
         if progress:
-            progress(f"run {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in samples.items()))
+            line = ", ".join(f"{k} {v[-1]:.1f}" + (f" (llama.cpp {peer_samples[k][-1]:.1f})" if peer else "")
+                             for k, v in samples.items())
+            progress(f"run {r + 1}/{repeats}: {line}")
+    out_peer = {}
+    if peer is not None:
+        out_peer = {"peer": {"engine": f"llama.cpp (llama-cpp-python {peer.version})",
+                             "results": {k: {"median_tps": statistics.median(v), "runs": v}
+                                         for k, v in peer_samples.items()}}}
+        ratio = {k: statistics.median(samples[k]) / statistics.median(peer_samples[k]) for k in samples}
+        out_peer["ratios"] = ratio
+        out_peer["decode_ratio"] = ratio.get(f"tg{tg}")
+        big_pp = f"pp{max(pp)}" if pp else None
+        out_peer["prefill_ratio"] = ratio.get(big_pp)
     return {
+        **out_peer,
         "results": {k: {"median_tps": statistics.median(v), "runs": v} for k, v in samples.items()},
         "threads": numba.get_num_threads(),
         "threading_layer": runtime.threading_layer(),

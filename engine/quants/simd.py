@@ -50,6 +50,20 @@ V32I8, V16I8 = ir.VectorType(I8, 32), ir.VectorType(I8, 16)
 V16I16, V8I32, V8F32 = ir.VectorType(I16, 16), ir.VectorType(I32, 8), ir.VectorType(F32, 8)
 
 
+def _require(**arrays):
+    """Typing-time guard: each array argument must have the given dtype(s) (the IR reads raw memory)."""
+    from numba.core.errors import TypingError
+
+    for name, (ty, dtypes) in arrays.items():
+        if not isinstance(ty, types.Array) or ty.dtype not in dtypes or ty.layout != "C":
+            raise TypingError(f"simd intrinsic: {name} must be a C-contiguous array of {dtypes}, got {ty}")
+
+
+BYTES = (types.uint8, types.int8)
+FLOAT = (types.float32,)
+INT32 = (types.int32,)
+
+
 def _fn(builder, name, ret, args):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
 
@@ -138,6 +152,7 @@ def _legacy_row(kind, ntok=1):
 
     @intrinsic
     def dot(typingctx, w, woff, xq, xoff, xstride, xd, xs, xdoff, xdstride, lut, nb):
+        _require(w=(w, BYTES), xq=(xq, BYTES), xd=(xd, FLOAT), xs=(xs, FLOAT), lut=(lut, FLOAT))
         ret = types.float32 if ntok == 1 else types.UniTuple(types.float32, ntok)
         sig = ret(w, woff, xq, xoff, xstride, xd, xs, xdoff, xdstride, lut, nb)
 
@@ -270,6 +285,7 @@ def _kq_intrinsic(body, nscales, ntok=1):
 
     @intrinsic
     def dot(typingctx, w, woff, xq, xoff, xstride, sc):
+        _require(w=(w, BYTES), xq=(xq, BYTES))
         ret = types.int32 if ntok == 1 else types.UniTuple(types.int32, ntok)
         sig = ret(w, woff, xq, xoff, xstride, sc)
 
@@ -400,3 +416,133 @@ dot4_q4_1_row = _legacy_row("q4_1", TILE)
 dot4_q5_0_row = _legacy_row("q5_0", TILE)
 dot4_q5_1_row = _legacy_row("q5_1", TILE)
 dot4_iq4_nl_row = _legacy_row("iq4_nl", TILE)
+
+
+# ----------------------------------------------------------------------------- k-quant rows
+V8I8 = ir.VectorType(I8, 8)
+V16I32 = ir.VectorType(I32, 16)
+
+
+def _i32c(v):
+    return ir.Constant(I32, v)
+
+
+def _q4k_unpack(builder, blk):
+    """Q4_K/Q5_K packed 6-bit scales (12 bytes at blk+4) -> (8 scales as i16 list, mins <8 x i32>).
+
+    Three little-endian u32 words, rearranged with the 0x3f / 0x0f / 0x03 byte masks into
+    scales 0..3, scales 4..7, mins 0..3, mins 4..7 (one byte each)."""
+    u0, u1, u2 = (_load(builder, builder.gep(blk, [ir.Constant(I64, 4 + 4 * i)]), I32) for i in range(3))
+    k1, k2, k3 = _i32c(0x3F3F3F3F), _i32c(0x0F0F0F0F), _i32c(0x03030303)
+    s0 = builder.and_(u0, k1)
+    s1 = builder.or_(builder.and_(u2, k2), builder.shl(builder.and_(builder.lshr(u0, _i32c(6)), k3), _i32c(4)))
+    m0 = builder.and_(u1, k1)
+    m1 = builder.or_(builder.and_(builder.lshr(u2, _i32c(4)), k2),
+                     builder.shl(builder.and_(builder.lshr(u1, _i32c(6)), k3), _i32c(4)))
+
+    def bytes8(a, b):
+        v = ir.Constant(ir.VectorType(I32, 2), ir.Undefined)
+        v = builder.insert_element(v, a, _i32c(0))
+        v = builder.insert_element(v, b, _i32c(1))
+        return builder.bitcast(v, V8I8)
+
+    sc = builder.zext(bytes8(s0, s1), V8I16)
+    scs = [builder.extract_element(sc, _i32c(g)) for g in range(8)]
+    mins = builder.zext(bytes8(m0, m1), V8I32)
+    return scs, mins
+
+
+def _pairsum16(builder, bsp):
+    """16 int32 bsums at bsp -> <8 x i32> sums of neighbouring pairs (per-32 sums)."""
+    v = _load(builder, bsp, V16I32, align=4)
+    ev = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 8), list(range(0, 16, 2))))
+    od = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 8), list(range(1, 16, 2))))
+    return builder.add(ev, od)
+
+
+def _kq_row(kind, ntok=1):
+    """Intrinsic dot(w, woff, xq, xoff, xstride, xd, xdoff, xdstride, bsums, bsoff, bsstride, lut, nb):
+    a whole Q4_K / Q5_K / Q6_K weight row (nb super-blocks from byte woff) against ntok Q8_K
+    activation rows -> float32 or UniTuple(float32, ntok). Scales unpacked, min / offset
+    terms and float accumulation all in vector registers; one horizontal sum per row."""
+    ts = {"q4_k": 144, "q5_k": 176, "q6_k": 210}[kind]
+
+    @intrinsic
+    def dot(typingctx, w, woff, xq, xoff, xstride, xd, xdoff, xdstride, bsums, bsoff, bsstride, lut, nb):
+        _require(w=(w, BYTES), xq=(xq, BYTES), xd=(xd, FLOAT), bsums=(bsums, INT32), lut=(lut, FLOAT))
+        ret = types.float32 if ntok == 1 else types.UniTuple(types.float32, ntok)
+        sig = ret(w, woff, xq, xoff, xstride, xd, xdoff, xdstride, bsums, bsoff, bsstride, lut, nb)
+
+        def codegen(context, builder, sig, args):
+            (w_, woff_, xq_, xoff_, xstride_, xd_, xdoff_, xdstride_, bs_, bsoff_, bsstride_, lut_, nb_) = args
+            wp = builder.gep(_data(context, builder, sig.args[0], w_), [woff_])
+            x0 = _data(context, builder, sig.args[2], xq_)
+            xd0 = _data(context, builder, sig.args[5], xd_)
+            bs0 = _data(context, builder, sig.args[8], bs_)
+            lutp = _data(context, builder, sig.args[11], lut_)
+            toks = range(ntok)
+
+            def at(base, off, stride, i):
+                return builder.gep(base, [builder.add(off, builder.mul(stride, ir.Constant(I64, i)))])
+
+            xps = [at(x0, xoff_, xstride_, i) for i in toks]
+            xdps = [at(xd0, xdoff_, xdstride_, i) for i in toks]
+            bsps = [at(bs0, bsoff_, bsstride_, i) for i in toks]
+            faccs = [cgutils.alloca_once_value(builder, ir.Constant(V8F32, [0.0] * 8)) for _ in toks]
+            fma = _fn(builder, "llvm.fma.v8f32", V8F32, [V8F32, V8F32, V8F32])
+            with cgutils.for_range(builder, nb_) as loop:
+                b = loop.index
+                blk = builder.gep(wp, [builder.mul(b, ir.Constant(I64, ts))])
+
+                def ld(p, o, ty=V32I8):
+                    return _load(builder, builder.gep(p, [ir.Constant(I64, o)]), ty)
+
+                xb = [builder.gep(xps[i], [builder.mul(b, ir.Constant(I64, 256))]) for i in toks]
+                bsb = [builder.gep(bsps[i], [builder.mul(b, ir.Constant(I64, 16))]) for i in toks]
+                acc = _Acc(builder, xb, ld)
+                if kind in ("q4_k", "q5_k"):
+                    d = _f16(builder, blk, lutp)
+                    dmin = _f16(builder, builder.gep(blk, [ir.Constant(I64, 2)]), lutp)
+                    scs, mins = _q4k_unpack(builder, blk)
+                    (_q4k_body if kind == "q4_k" else _q5k_body)(builder, blk, acc, scs, ld)
+                    for i in toks:
+                        dx = builder.load(builder.gep(xdps[i], [b]))
+                        mterm = builder.mul(mins, _pairsum16(builder, bsb[i]))
+                        fa = builder.load(faccs[i])
+                        fa = builder.call(fma, [builder.sitofp(acc.accs[i], V8F32), _splat(builder, builder.fmul(d, dx), V8F32), fa])
+                        fa = builder.call(fma, [builder.sitofp(mterm, V8F32), _splat(builder, builder.fneg(builder.fmul(dmin, dx)), V8F32), fa])
+                        builder.store(fa, faccs[i])
+                else:  # q6_k
+                    d = _f16(builder, builder.gep(blk, [ir.Constant(I64, 208)]), lutp)
+                    sc8 = _load(builder, builder.gep(blk, [ir.Constant(I64, 192)]), V16I8)
+                    sc16 = builder.sext(sc8, ir.VectorType(I16, 16))
+                    scs = [builder.extract_element(sc16, _i32c(g)) for g in range(16)]
+                    sc32 = builder.sext(sc8, V16I32)
+                    _q6k_body(builder, blk, acc, scs, ld)
+                    for i in toks:
+                        dx = builder.load(builder.gep(xdps[i], [b]))
+                        bsv = _load(builder, bsb[i], V16I32, align=4)
+                        prod = builder.mul(sc32, bsv)  # Σ_g sc_g·bsum_g, as 16 lanes
+                        lo = builder.shuffle_vector(prod, prod, ir.Constant(ir.VectorType(I32, 8), list(range(8))))
+                        hi = builder.shuffle_vector(prod, prod, ir.Constant(ir.VectorType(I32, 8), list(range(8, 16))))
+                        corr = builder.shl(builder.add(lo, hi), ir.Constant(V8I32, [5] * 8))  # 32·Σ
+                        isum = builder.sub(acc.accs[i], corr)
+                        fa = builder.call(fma, [builder.sitofp(isum, V8F32), _splat(builder, builder.fmul(d, dx), V8F32),
+                                                builder.load(faccs[i])])
+                        builder.store(fa, faccs[i])
+            res = [_hsum8(builder, builder.load(faccs[i])) for i in toks]
+            if ntok == 1:
+                return res[0]
+            return context.make_tuple(builder, ret, res)
+
+        return sig, codegen
+
+    return dot
+
+
+row_q4_k = _kq_row("q4_k")
+row_q5_k = _kq_row("q5_k")
+row_q6_k = _kq_row("q6_k")
+row4_q4_k = _kq_row("q4_k", TILE)
+row4_q5_k = _kq_row("q5_k", TILE)
+row4_q6_k = _kq_row("q6_k", TILE)

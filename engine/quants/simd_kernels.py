@@ -24,6 +24,7 @@ from engine.quants.simd import (
     dot4_q4_k_sb, dot4_q5_0_row, dot4_q5_1_row, dot4_q5_k_sb, dot4_q6_k_sb, dot4_q8_0_row,
     dot_iq4_nl_row, dot_iq4_xs_sb, dot_q2_k_sb, dot_q3_k_sb, dot_q4_0_row, dot_q4_1_row, dot_q4_k_sb,
     dot_q5_0_row, dot_q5_1_row, dot_q5_k_sb, dot_q6_k_sb, dot_q8_0_row,
+    row4_q4_k, row4_q5_k, row4_q6_k, row_q4_k, row_q5_k, row_q6_k,
 )
 
 assert TILE == 4
@@ -270,8 +271,33 @@ def matmul_iq4_nl(w, xq, xd, lut, out):
         _row_iq4_nl(w, n, xq, xd, xd, lut, out, T, K, nb, rb)
 
 
+
 @numba.njit(**SER)
-def _row1_q4_k(w, n, xq, xd, bsums, lut, out, K, nb, rb):
+def _row_q4_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
+    off = n * rb
+    nbs = bsums.shape[1]
+    T4 = T - T % 4
+    for t in range(0, T4, 4):
+        r0, r1, r2, r3 = row4_q4_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
+        out[t, n] = r0
+        out[t + 1, n] = r1
+        out[t + 2, n] = r2
+        out[t + 3, n] = r3
+    for t in range(T4, T):
+        out[t, n] = row_q4_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
+
+
+@numba.njit(**PAR)
+def matmul_q4_k(w, xq, xd, bsums, lut, out):
+    T, N = out.shape
+    rb, K = w.shape[1], xq.shape[1]
+    nb = K // 256
+    for n in prange(N):
+        _row_q4_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb)
+
+
+@numba.njit(**SER)
+def _row1_sb_q4_k(w, n, xq, xd, bsums, lut, out, K, nb, rb):
     acc = f32(0.0)
     t = 0
     for b in range(nb):
@@ -286,7 +312,7 @@ def _row1_q4_k(w, n, xq, xd, bsums, lut, out, K, nb, rb):
 
 
 @numba.njit(**SER)
-def _rowT_q4_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb, acc):
+def _rowT_sb_q4_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb, acc):
     T4 = T - T % 4
     for t in range(T):
         acc[t] = f32(0.0)
@@ -318,21 +344,46 @@ def _rowT_q4_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb, acc):
 
 
 @numba.njit(**PAR)
-def matmul_q4_k(w, xq, xd, bsums, lut, out):
+def matmul_sb_q4_k(w, xq, xd, bsums, lut, out):
     T, N = out.shape
     rb, K = w.shape[1], xq.shape[1]
     nb = K // 256
     if T == 1:
         for n in prange(N):
-            _row1_q4_k(w, n, xq, xd, bsums, lut, out, K, nb, rb)
+            _row1_sb_q4_k(w, n, xq, xd, bsums, lut, out, K, nb, rb)
     else:
         for n in prange(N):
             acc = np.empty(T, np.float32)
-            _rowT_q4_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb, acc)
+            _rowT_sb_q4_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb, acc)
+
 
 
 @numba.njit(**SER)
-def _row1_q5_k(w, n, xq, xd, bsums, lut, out, K, nb, rb):
+def _row_q5_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
+    off = n * rb
+    nbs = bsums.shape[1]
+    T4 = T - T % 4
+    for t in range(0, T4, 4):
+        r0, r1, r2, r3 = row4_q5_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
+        out[t, n] = r0
+        out[t + 1, n] = r1
+        out[t + 2, n] = r2
+        out[t + 3, n] = r3
+    for t in range(T4, T):
+        out[t, n] = row_q5_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
+
+
+@numba.njit(**PAR)
+def matmul_q5_k(w, xq, xd, bsums, lut, out):
+    T, N = out.shape
+    rb, K = w.shape[1], xq.shape[1]
+    nb = K // 256
+    for n in prange(N):
+        _row_q5_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb)
+
+
+@numba.njit(**SER)
+def _row1_sb_q5_k(w, n, xq, xd, bsums, lut, out, K, nb, rb):
     acc = f32(0.0)
     t = 0
     for b in range(nb):
@@ -347,7 +398,7 @@ def _row1_q5_k(w, n, xq, xd, bsums, lut, out, K, nb, rb):
 
 
 @numba.njit(**SER)
-def _rowT_q5_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb, acc):
+def _rowT_sb_q5_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb, acc):
     T4 = T - T % 4
     for t in range(T):
         acc[t] = f32(0.0)
@@ -379,21 +430,46 @@ def _rowT_q5_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb, acc):
 
 
 @numba.njit(**PAR)
-def matmul_q5_k(w, xq, xd, bsums, lut, out):
+def matmul_sb_q5_k(w, xq, xd, bsums, lut, out):
     T, N = out.shape
     rb, K = w.shape[1], xq.shape[1]
     nb = K // 256
     if T == 1:
         for n in prange(N):
-            _row1_q5_k(w, n, xq, xd, bsums, lut, out, K, nb, rb)
+            _row1_sb_q5_k(w, n, xq, xd, bsums, lut, out, K, nb, rb)
     else:
         for n in prange(N):
             acc = np.empty(T, np.float32)
-            _rowT_q5_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb, acc)
+            _rowT_sb_q5_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb, acc)
+
 
 
 @numba.njit(**SER)
-def _row1_q6_k(w, n, xq, xd, bsums, lut, out, K, nb, rb):
+def _row_q6_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
+    off = n * rb
+    nbs = bsums.shape[1]
+    T4 = T - T % 4
+    for t in range(0, T4, 4):
+        r0, r1, r2, r3 = row4_q6_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
+        out[t, n] = r0
+        out[t + 1, n] = r1
+        out[t + 2, n] = r2
+        out[t + 3, n] = r3
+    for t in range(T4, T):
+        out[t, n] = row_q6_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
+
+
+@numba.njit(**PAR)
+def matmul_q6_k(w, xq, xd, bsums, lut, out):
+    T, N = out.shape
+    rb, K = w.shape[1], xq.shape[1]
+    nb = K // 256
+    for n in prange(N):
+        _row_q6_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb)
+
+
+@numba.njit(**SER)
+def _row1_sb_q6_k(w, n, xq, xd, bsums, lut, out, K, nb, rb):
     acc = f32(0.0)
     t = 0
     for b in range(nb):
@@ -407,7 +483,7 @@ def _row1_q6_k(w, n, xq, xd, bsums, lut, out, K, nb, rb):
 
 
 @numba.njit(**SER)
-def _rowT_q6_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb, acc):
+def _rowT_sb_q6_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb, acc):
     T4 = T - T % 4
     for t in range(T):
         acc[t] = f32(0.0)
@@ -438,17 +514,17 @@ def _rowT_q6_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb, acc):
 
 
 @numba.njit(**PAR)
-def matmul_q6_k(w, xq, xd, bsums, lut, out):
+def matmul_sb_q6_k(w, xq, xd, bsums, lut, out):
     T, N = out.shape
     rb, K = w.shape[1], xq.shape[1]
     nb = K // 256
     if T == 1:
         for n in prange(N):
-            _row1_q6_k(w, n, xq, xd, bsums, lut, out, K, nb, rb)
+            _row1_sb_q6_k(w, n, xq, xd, bsums, lut, out, K, nb, rb)
     else:
         for n in prange(N):
             acc = np.empty(T, np.float32)
-            _rowT_q6_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb, acc)
+            _rowT_sb_q6_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb, acc)
 
 
 @numba.njit(**SER)

@@ -84,3 +84,13 @@ def test_bench_json(tiny_llama_path, capsys):
     assert set(r["results"]) == {"pp16", "tg4"}
     assert r["results"]["tg4"]["median_tps"] > 0 and r["threading_layer"] in ("omp", "tbb", "workqueue")
     assert r["bandwidth_bytes_per_s"] > 1e8 and r["decode_bound_tps"] > 0
+
+
+def test_bench_peer_without_llama_cpp_says_how_to_get_it(tiny_llama_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is not None:
+        pytest.skip("llama-cpp-python is installed here")
+    assert main(["bench", "-m", str(tiny_llama_path), "--peer", "--ctx", "64", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "llama-cpp-python" in err and "--peer-python" in err

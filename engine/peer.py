@@ -1,0 +1,88 @@
+"""llama.cpp beside us: the same file, threads and prompt lengths, for `deltatalk bench --peer`.
+
+llama.cpp runs through llama-cpp-python (the optional `peer` extra, or any Python that has
+it, named by --peer-python) in its own process, so its threads never fight ours, and it
+stays loaded between runs: the benchmark sends it one measurement at a time, interleaved
+with our own runs, and reads back tok/s.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+# The peer process: load once, then answer {"pp": N} / {"tg": N} lines with tok/s.
+PEER_SCRIPT = r"""
+import json, sys, time
+import numpy as np
+from llama_cpp import Llama
+path, threads, n_ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+llm = Llama(path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
+            logits_all=False, verbose=False)
+rng = np.random.default_rng(0)
+n_vocab = llm.n_vocab()
+print(json.dumps({"ready": True, "version": __import__("llama_cpp").__version__}), flush=True)
+for line in sys.stdin:
+    cmd = json.loads(line)
+    llm.reset()
+    llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
+    if "pp" in cmd:
+        toks = rng.integers(0, n_vocab, size=cmd["pp"]).tolist()
+        t = time.perf_counter()
+        llm.eval(toks)
+        dt = time.perf_counter() - t
+        print(json.dumps({"tps": cmd["pp"] / dt}), flush=True)
+    else:
+        tok = int(rng.integers(0, n_vocab))
+        llm.eval([tok])  # position 0 is not timed, as ours
+        t = time.perf_counter()
+        for _ in range(cmd["tg"]):
+            llm.eval([tok])
+        dt = time.perf_counter() - t
+        print(json.dumps({"tps": cmd["tg"] / dt}), flush=True)
+"""
+
+
+class PeerError(RuntimeError):
+    pass
+
+
+class LlamaCppPeer:
+    def __init__(self, model_path: str, threads: int, n_ctx: int = 1024, python: str | None = None):
+        self.python = python or sys.executable
+        self.proc = subprocess.Popen([self.python, "-c", PEER_SCRIPT, str(model_path), str(threads), str(n_ctx)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read()[-2000:]
+            hint = ("llama-cpp-python is not importable there: pip install -e '.[peer]' (builds llama.cpp, "
+                    "~10 min) or pass --peer-python PATH") if "No module named 'llama_cpp'" in err else err
+            raise PeerError(f"llama.cpp peer did not start ({self.python}): {hint}")
+        self.version = json.loads(line).get("version")
+
+    def _ask(self, cmd: dict) -> float:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise PeerError("llama.cpp peer stopped: " + self.proc.stderr.read()[-2000:])
+        return float(json.loads(line)["tps"])
+
+    def prefill_tps(self, n: int) -> float:
+        return self._ask({"pp": n})
+
+    def decode_tps(self, n: int) -> float:
+        return self._ask({"tg": n})
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
