@@ -22,4 +22,11 @@ def warm_up(model, say: Callable[[str], None] | None = None) -> float:
     dt = time.perf_counter() - t0
     if say and dt > 2.0:
         say(f"Kernels ready in {dt:.1f} s.")
+    if say:
+        from engine.runtime import threading_layer
+
+        layer = threading_layer()
+        if layer == "workqueue":  # ~50 us per parallel call instead of ~3: a token costs milliseconds more
+            say("Warning: numba fell back to its 'workqueue' threading layer, which is slow here; "
+                "install OpenMP (libgomp) or TBB (pip install tbb) for full speed.")
     return dt
