@@ -9,17 +9,26 @@ raw GGUF blocks (unaligned loads, no repacking):
   row's blocks is generated in IR; each block's int32 lanes are converted to float and
   FMA'd with d_w*d_x into a <8 x float> accumulator per token (llama.cpp's AVX2 scheme),
   one horizontal sum per row. Q4_1/Q5_1 add m_w*s_x per block.
-- k-quants (`dot_*_sb`, `dot4_*_sb`): one 256-value super-block -> Σ_g sc_g·Σ q_w q_x as
-  int32 (group scales passed in a tuple, unpacked by the numba caller, which applies d,
-  dmin and the bsum terms).
-The `dot4_*` variants take 4 activation rows (stride xstride) and decode each weight
-block once for the 4 of them (prefill).
+- k-quants and IQ4_XS (`row_*`, `row4_*`): the whole row in IR too: packed scales unpacked
+  with byte masks, group sums weighted by `pmaddwd` with the scales, min / offset terms
+  from the activation's per-16 sums as int32 vectors, float FMA accumulation per token.
+- F16 / BF16 (`row_f16`, `row_bf16`): 8 weights at a time widened to float (vcvtph2ps /
+  shift), FMA with the float activation.
+The `*4_*` variants take 4 activation rows (stride xstride) and decode each weight block
+once for the 4 of them (prefill).
 
 Signed x signed products use the usual sign trick: |w| (unsigned) times sign(x, w). |w| is
 taken of the weight, so Q8_0's -128 is exact (|−128| = 128 as u8); activations from the
 Q8 quantizers are within ±127. No pair sum can saturate int16 (max 128·127·2 = 32512).
 
 Only valid when the CPU has AVX2: `HAVE_AVX2` says so; callers keep portable kernels.
+
+Caching: numba's on-disk cache of simd_kernels.py is keyed on that file's contents and does
+not notice edits here. After changing this file run `python -m engine.quants.gen_simd_kernels`
+(it records this file's sha256 in simd_kernels.py; a test checks it).
+
+Decode (one token) and each token of a 4-token prefill tile are summed in the same order,
+so `lin(x)` is bit-identical to the matching row of `lin.matmul(X)`.
 """
 
 from __future__ import annotations
@@ -43,7 +52,13 @@ def _target_has_avx2() -> bool:
         return False
 
 
-HAVE_AVX2 = _target_has_avx2()
+def _jit_enabled() -> bool:
+    import numba
+
+    return not numba.config.DISABLE_JIT  # intrinsics only exist in compiled code
+
+
+HAVE_AVX2 = _target_has_avx2() and _jit_enabled()
 
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 V32I8, V16I8 = ir.VectorType(I8, 32), ir.VectorType(I8, 16)
@@ -236,16 +251,6 @@ def _pmaddwd(builder, a, b):
     return builder.call(_fn(builder, "llvm.x86.avx2.pmadd.wd", V8I32, [V16I16, V16I16]), [a, b])
 
 
-def _tuple_i16(builder, tup, n):
-    """The n integer scales of a numba UniTuple as i16 values."""
-    out = []
-    for i in range(n):
-        v = builder.extract_value(tup, i)
-        w = v.type.width
-        out.append(v if w == 16 else builder.trunc(v, I16) if w > 16 else builder.sext(v, I16))
-    return out
-
-
 def _scale_vec(builder, sa, sb):
     """<16 x i16>: sa in the first 8 lanes (values 0..15), sb in the last 8 (16..31)."""
     a = _splat(builder, sa, V8I16)
@@ -277,39 +282,6 @@ class _Acc:
             if sub is not None:
                 p16 = b.sub(p16, _pmaddubs16(b, sub, x))
             self.accs[i] = b.add(self.accs[i], _pmaddwd(b, p16, scale))
-
-
-def _kq_intrinsic(body, nscales, ntok=1):
-    """dot(w, woff, xq, xoff, xstride, sc) -> int32 (ntok == 1) or UniTuple(int32, ntok):
-    Σ_g sc[g]·Σ q_w q_x over one super-block, for the ntok activation rows at xoff + i*xstride."""
-
-    @intrinsic
-    def dot(typingctx, w, woff, xq, xoff, xstride, sc):
-        _require(w=(w, BYTES), xq=(xq, BYTES))
-        ret = types.int32 if ntok == 1 else types.UniTuple(types.int32, ntok)
-        sig = ret(w, woff, xq, xoff, xstride, sc)
-
-        def codegen(context, builder, sig, args):
-            w_, woff_, xq_, xoff_, xstride_, sc_ = args
-            wp = builder.gep(_data(context, builder, sig.args[0], w_), [woff_])
-            x0 = _data(context, builder, sig.args[2], xq_)
-            xps = [builder.gep(x0, [builder.add(xoff_, builder.mul(xstride_, ir.Constant(I64, i)))])
-                   for i in range(ntok)]
-            scs = _tuple_i16(builder, sc_, nscales)
-
-            def ld(p, o, ty=V32I8):
-                return _load(builder, builder.gep(p, [ir.Constant(I64, o)]), ty)
-
-            acc = _Acc(builder, xps, ld)
-            body(builder, wp, acc, scs, ld)
-            sums = [_hsum8i(builder, a) for a in acc.accs]
-            if ntok == 1:
-                return sums[0]
-            return context.make_tuple(builder, ret, sums)
-
-        return sig, codegen
-
-    return dot
 
 
 def _q4k_body(builder, wp, acc, scs, ld, qh_off=None, qs_off=16):
@@ -390,19 +362,7 @@ def _iq4xs_body(builder, wp, acc, scs, ld):
         acc.add(_pshufb(builder, tab, idx), 32 * ib, _splat(builder, scs[ib], V16I16), signed=True)
 
 
-dot_q4_k_sb = _kq_intrinsic(_q4k_body, 8)
-dot_q5_k_sb = _kq_intrinsic(_q5k_body, 8)
-dot_q6_k_sb = _kq_intrinsic(_q6k_body, 16)
-dot_q2_k_sb = _kq_intrinsic(_q2k_body, 16)
-dot_q3_k_sb = _kq_intrinsic(_q3k_body, 16)
-dot_iq4_xs_sb = _kq_intrinsic(_iq4xs_body, 8)
 TILE = 4
-dot4_q4_k_sb = _kq_intrinsic(_q4k_body, 8, TILE)
-dot4_q5_k_sb = _kq_intrinsic(_q5k_body, 8, TILE)
-dot4_q6_k_sb = _kq_intrinsic(_q6k_body, 16, TILE)
-dot4_q2_k_sb = _kq_intrinsic(_q2k_body, 16, TILE)
-dot4_q3_k_sb = _kq_intrinsic(_q3k_body, 16, TILE)
-dot4_iq4_xs_sb = _kq_intrinsic(_iq4xs_body, 8, TILE)
 
 dot_q8_0_row = _legacy_row("q8_0")
 dot_q4_0_row = _legacy_row("q4_0")
@@ -452,6 +412,42 @@ def _q4k_unpack(builder, blk):
     return scs, mins
 
 
+def _q3k_unpack(builder, blk):
+    """Q3_K: 16 six-bit scales packed in the 12 bytes at blk+96 -> 16 signed i16 (value - 32).
+
+    Words a0, a1 hold the low 4 bits (scales 0..7 in the low nibbles, 8..15 in the high
+    ones), a2 the top 2 bits of all 16; byte masks 0x0f / 0x03 put each scale in a byte."""
+    a0, a1, a2 = (_load(builder, builder.gep(blk, [ir.Constant(I64, 96 + 4 * i)]), I32) for i in range(3))
+    k1, k2 = _i32c(0x03030303), _i32c(0x0F0F0F0F)
+
+    def part(lo, lo_shift, hi_shift):
+        low = builder.and_(builder.lshr(lo, _i32c(lo_shift)) if lo_shift else lo, k2)
+        high = builder.and_(builder.lshr(a2, _i32c(hi_shift)) if hi_shift else a2, k1)
+        return builder.or_(low, builder.shl(high, _i32c(4)))
+
+    words = [part(a0, 0, 0), part(a1, 0, 2), part(a0, 4, 4), part(a1, 4, 6)]
+    v = ir.Constant(ir.VectorType(I32, 4), ir.Undefined)
+    for i, wd in enumerate(words):
+        v = builder.insert_element(v, wd, _i32c(i))
+    sc = builder.sub(builder.zext(builder.bitcast(v, V16I8), ir.VectorType(I16, 16)),
+                     ir.Constant(ir.VectorType(I16, 16), [32] * 16))
+    return [builder.extract_element(sc, _i32c(g)) for g in range(16)]
+
+
+def _iq4xs_unpack(builder, blk):
+    """IQ4_XS: 8 six-bit scales (low 4 bits in the nibbles of bytes 4..7, high 2 bits in the
+    u16 at byte 2) -> 8 signed i16 (value - 32)."""
+    sh = builder.zext(_load(builder, builder.gep(blk, [ir.Constant(I64, 2)]), I16), I32)
+    sl = _load(builder, builder.gep(blk, [ir.Constant(I64, 4)]), I32)
+    out = []
+    for ib in range(8):
+        lo = builder.and_(builder.lshr(sl, _i32c(8 * (ib // 2) + 4 * (ib % 2))), _i32c(15))
+        hi = builder.and_(builder.lshr(sh, _i32c(2 * ib)), _i32c(3))
+        ls = builder.sub(builder.or_(lo, builder.shl(hi, _i32c(4))), _i32c(32))
+        out.append(builder.trunc(ls, I16))
+    return out
+
+
 def _pairsum16(builder, bsp):
     """16 int32 bsums at bsp -> <8 x i32> sums of neighbouring pairs (per-32 sums)."""
     v = _load(builder, bsp, V16I32, align=4)
@@ -462,10 +458,10 @@ def _pairsum16(builder, bsp):
 
 def _kq_row(kind, ntok=1):
     """Intrinsic dot(w, woff, xq, xoff, xstride, xd, xdoff, xdstride, bsums, bsoff, bsstride, lut, nb):
-    a whole Q4_K / Q5_K / Q6_K weight row (nb super-blocks from byte woff) against ntok Q8_K
+    a whole Q2_K / Q4_K / Q5_K / Q6_K weight row (nb super-blocks from byte woff) against ntok Q8_K
     activation rows -> float32 or UniTuple(float32, ntok). Scales unpacked, min / offset
     terms and float accumulation all in vector registers; one horizontal sum per row."""
-    ts = {"q4_k": 144, "q5_k": 176, "q6_k": 210}[kind]
+    ts = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210, "iq4_xs": 136}[kind]
 
     @intrinsic
     def dot(typingctx, w, woff, xq, xoff, xstride, xd, xdoff, xdstride, bsums, bsoff, bsstride, lut, nb):
@@ -512,6 +508,38 @@ def _kq_row(kind, ntok=1):
                         fa = builder.call(fma, [builder.sitofp(acc.accs[i], V8F32), _splat(builder, builder.fmul(d, dx), V8F32), fa])
                         fa = builder.call(fma, [builder.sitofp(mterm, V8F32), _splat(builder, builder.fneg(builder.fmul(dmin, dx)), V8F32), fa])
                         builder.store(fa, faccs[i])
+                elif kind in ("q3_k", "iq4_xs"):  # one scale d, signed group scales, no min term
+                    if kind == "q3_k":
+                        d = _f16(builder, builder.gep(blk, [ir.Constant(I64, 108)]), lutp)
+                        scs = _q3k_unpack(builder, blk)
+                        _q3k_body(builder, blk, acc, scs, ld)
+                    else:
+                        d = _f16(builder, blk, lutp)
+                        scs = _iq4xs_unpack(builder, blk)
+                        _iq4xs_body(builder, blk, acc, scs, ld)
+                    for i in toks:
+                        dx = builder.load(builder.gep(xdps[i], [b]))
+                        fa = builder.call(fma, [builder.sitofp(acc.accs[i], V8F32), _splat(builder, builder.fmul(d, dx), V8F32),
+                                                builder.load(faccs[i])])
+                        builder.store(fa, faccs[i])
+                elif kind == "q2_k":
+                    d = _f16(builder, builder.gep(blk, [ir.Constant(I64, 80)]), lutp)
+                    dmin = _f16(builder, builder.gep(blk, [ir.Constant(I64, 82)]), lutp)
+                    s8 = _load(builder, blk, V16I8)  # low nibble: scale, high nibble: min
+                    sc16 = builder.zext(builder.and_(s8, ir.Constant(V16I8, [15] * 16)), ir.VectorType(I16, 16))
+                    scs = [builder.extract_element(sc16, _i32c(g)) for g in range(16)]
+                    mn32 = builder.zext(builder.lshr(s8, ir.Constant(V16I8, [4] * 16)), V16I32)
+                    _q2k_body(builder, blk, acc, scs, ld)
+                    for i in toks:
+                        dx = builder.load(builder.gep(xdps[i], [b]))
+                        prod = builder.mul(mn32, _load(builder, bsb[i], V16I32, align=4))
+                        lo = builder.shuffle_vector(prod, prod, ir.Constant(ir.VectorType(I32, 8), list(range(8))))
+                        hi = builder.shuffle_vector(prod, prod, ir.Constant(ir.VectorType(I32, 8), list(range(8, 16))))
+                        fa = builder.load(faccs[i])
+                        fa = builder.call(fma, [builder.sitofp(acc.accs[i], V8F32), _splat(builder, builder.fmul(d, dx), V8F32), fa])
+                        fa = builder.call(fma, [builder.sitofp(builder.add(lo, hi), V8F32),
+                                                _splat(builder, builder.fneg(builder.fmul(dmin, dx)), V8F32), fa])
+                        builder.store(fa, faccs[i])
                 else:  # q6_k
                     d = _f16(builder, builder.gep(blk, [ir.Constant(I64, 208)]), lutp)
                     sc8 = _load(builder, builder.gep(blk, [ir.Constant(I64, 192)]), V16I8)
@@ -540,9 +568,67 @@ def _kq_row(kind, ntok=1):
     return dot
 
 
+row_q3_k = _kq_row("q3_k")
+row4_q3_k = _kq_row("q3_k", TILE)
+row_iq4_xs = _kq_row("iq4_xs")
+row4_iq4_xs = _kq_row("iq4_xs", TILE)
+row_q2_k = _kq_row("q2_k")
+row4_q2_k = _kq_row("q2_k", TILE)
 row_q4_k = _kq_row("q4_k")
 row_q5_k = _kq_row("q5_k")
 row_q6_k = _kq_row("q6_k")
 row4_q4_k = _kq_row("q4_k", TILE)
 row4_q5_k = _kq_row("q5_k", TILE)
 row4_q6_k = _kq_row("q6_k", TILE)
+
+
+# ----------------------------------------------------------------------------- F16 / BF16 rows
+V8I16_ = ir.VectorType(I16, 8)
+
+
+def _float_row(kind, ntok=1):
+    """Intrinsic dot(w, woff, x, xoff, xstride, n16): Σ_k w[k]·x[k] over the first 16·n16
+    16-bit weights at element woff (F16: `fpext <8 x half>` = vcvtph2ps; BF16: the bits
+    shifted into the high half of a float32) against ntok float32 rows -> float32 or
+    UniTuple(float32, ntok). Two <8 x float> FMA chains per token; the caller adds the tail."""
+
+    @intrinsic
+    def dot(typingctx, w, woff, x, xoff, xstride, n16):
+        _require(w=(w, (types.uint16, types.int16)), x=(x, FLOAT))
+        ret = types.float32 if ntok == 1 else types.UniTuple(types.float32, ntok)
+        sig = ret(w, woff, x, xoff, xstride, n16)
+
+        def codegen(context, builder, sig, args):
+            w_, woff_, x_, xoff_, xstride_, n16_ = args
+            wp = builder.gep(_data(context, builder, sig.args[0], w_), [woff_])
+            x0 = _data(context, builder, sig.args[2], x_)
+            toks = range(ntok)
+            xps = [builder.gep(x0, [builder.add(xoff_, builder.mul(xstride_, ir.Constant(I64, i)))]) for i in toks]
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(V8F32, [0.0] * 8)) for _ in range(2)] for _ in toks]
+            fma = _fn(builder, "llvm.fma.v8f32", V8F32, [V8F32, V8F32, V8F32])
+            with cgutils.for_range(builder, n16_) as loop:
+                base = builder.mul(loop.index, ir.Constant(I64, 16))
+                for h in range(2):
+                    o = builder.add(base, ir.Constant(I64, 8 * h))
+                    raw = _load(builder, builder.gep(wp, [o]), V8I16_, align=2)
+                    if kind == "f16":
+                        wf = builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), 8)), V8F32)
+                    else:
+                        wf = builder.bitcast(builder.shl(builder.zext(raw, V8I32), ir.Constant(V8I32, [16] * 8)), V8F32)
+                    for i in toks:
+                        xv = _load(builder, builder.gep(xps[i], [o]), V8F32, align=4)
+                        builder.store(builder.call(fma, [wf, xv, builder.load(accs[i][h])]), accs[i][h])
+            res = [_hsum8(builder, builder.fadd(builder.load(accs[i][0]), builder.load(accs[i][1]))) for i in toks]
+            if ntok == 1:
+                return res[0]
+            return context.make_tuple(builder, ret, res)
+
+        return sig, codegen
+
+    return dot
+
+
+row_f16 = _float_row("f16")
+row4_f16 = _float_row("f16", TILE)
+row_bf16 = _float_row("bf16")
+row4_bf16 = _float_row("bf16", TILE)

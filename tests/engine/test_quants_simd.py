@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as G
 
-from engine.quants import FORMATS, PORTABLE_KERNELS, SIMD_KERNELS, get_format, kernel_weights
+from engine.quants import FORMATS, PORTABLE_KERNELS, SIMD_KERNELS, QuantLinear, get_format, kernel_weights
 from engine.quants.common import F16_TO_F32
 
 pytestmark = pytest.mark.skipif(not SIMD_KERNELS, reason="no AVX2 (or DELTATALK_NO_SIMD=1): portable kernels only")
@@ -65,7 +65,7 @@ def rng():
 
 
 def test_avx2_kernels_are_the_ones_in_use():
-    for t in TYPES:
+    for t in TYPES + [G.F16, G.BF16]:
         assert FORMATS[int(t)].kernel is SIMD_KERNELS[int(t)]
         assert PORTABLE_KERNELS[int(t)] is not SIMD_KERNELS[int(t)]
 
@@ -100,3 +100,62 @@ def test_extreme_codes_do_not_saturate(qtype, fill, rng):
         want = exact_twin(qtype, raw, act)
         lim = 2e-6 * bound(qtype, raw, X) + 1e-6
     assert np.all(np.abs(got - want) <= lim)
+
+
+@pytest.mark.parametrize("qtype", [G.F16, G.BF16], ids=lambda t: t.name)
+@pytest.mark.parametrize("K", [16, 37, 200])
+def test_16bit_float_kernels(qtype, K, rng):
+    """F16 / BF16 rows: vector part (multiples of 16) plus a scalar tail; T = 1, 4, 7."""
+    fmt = get_format(qtype)
+    N = 5
+    w = rng.normal(size=(N, K)).astype(np.float32)
+    if qtype == G.F16:
+        raw = w.astype(np.float16).view(np.uint8).reshape(N, -1)
+    else:
+        raw = (w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(N, -1)
+    raw.setflags(write=False)
+    for T in (1, 4, 7):
+        X = rng.normal(size=(T, K)).astype(np.float32)
+        act = fmt.quantize_act(X)
+        lin = QuantLinear(raw, qtype, K, N)
+        got = lin.matmul(X)
+        want = fmt.matmul_ref(raw, act).astype(np.float64)
+        assert np.all(np.abs(got - want) <= 1e-6 * bound(qtype, raw, X) + 1e-7)
+
+
+def test_microbench_smoke():
+    from engine.quants.microbench import bench_matvec
+
+    r = bench_matvec("Q4_1", 64, 256, repeats=2, prefill_tokens=8, cold_bytes=1e5)
+    assert r["decode_gbps"] > 0 and r["prefill_gflops"] > 0 and r["weight_mb"] == 64 * 160 / 1e6
+
+
+def test_simd_kernels_were_generated_from_this_simd_py():
+    """numba's cache of simd_kernels.py does not see edits to simd.py: regenerate after them."""
+    import hashlib
+    from pathlib import Path
+
+    from engine.quants import simd_kernels
+
+    src = Path(simd_kernels.__file__).with_name("simd.py").read_bytes()
+    assert simd_kernels.SIMD_SOURCE_SHA256 == hashlib.sha256(src).hexdigest(), \
+        "simd.py changed: run `python -m engine.quants.gen_simd_kernels`"
+
+
+@pytest.mark.parametrize("qtype", TYPES + [G.F16, G.BF16], ids=lambda t: t.name)
+def test_decode_is_bit_identical_to_a_prefill_row(qtype, rng):
+    """Same summation order in the 1-token and the 4-token-tile kernels (and the remainder)."""
+    fmt = get_format(qtype)
+    K = 512
+    if qtype in (G.F16, G.BF16):
+        raw = rng.normal(size=(7, K)).astype(np.float16 if qtype == G.F16 else np.float32)
+        raw = raw.view(np.uint8).reshape(7, -1) if qtype == G.F16 else \
+            (raw.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(7, -1)
+    else:
+        raw = blocks_for(qtype, 7, K, rng)
+    lin = QuantLinear(raw, qtype, K, 7)
+    X = rng.normal(size=(9, K)).astype(np.float32)
+    Y = lin.matmul(X)
+    for t in (0, 5, 8):
+        np.testing.assert_array_equal(lin(X[t]), Y[t])
+    assert fmt.name
