@@ -14,7 +14,7 @@ from numba import prange
 
 from engine.quants.common import F16_TO_F32, f32_to_f16_bits
 
-from engine.jit import JIT as _JIT, JIT_EXACT_PAR, JIT_PAR as _JIT_PAR
+from engine.jit import JIT as _JIT, JIT_EXACT, JIT_EXACT_PAR, JIT_PAR as _JIT_PAR
 
 
 # --------------------------------------------------------------------------- RMSNorm
@@ -278,3 +278,110 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 
 def sigmoid_ref(x):
     return (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- attention without flash attention
+@numba.njit(**JIT_EXACT_PAR)
+def attention_nofa(q, k_cache, v_cache, p0, scale, window, out, lut):
+    """Causal grouped-query attention as llama.cpp computes it with flash attention off.
+
+    KQ in float32 (q and K already fp16-rounded), softmax(KQ * scale + mask) with its sum in
+    float64 (ggml_vec_soft_max_f32), the probabilities rounded to fp16 (ggml's mul_mat converts
+    them to V's type), then out = P V in float32. window > 0: llama.cpp's standard sliding
+    window, query position p sees keys p-window < j <= p (gemma3); window <= 0: all j <= p.
+    q: (T, Hq, hd); k_cache, v_cache: (n_ctx, Hkv, hd); out: (T, Hq, hd); lut: fp16 bits -> float32.
+    """
+    T, Hq, hd = q.shape
+    Hkv = k_cache.shape[1]
+    n_rep = Hq // Hkv
+    for job in prange(T * Hq):
+        t = job // Hq
+        h = job % Hq
+        kh = h // n_rep
+        n = p0 + t + 1
+        j0 = n - window if window > 0 else 0
+        if j0 < 0:
+            j0 = 0
+        sf = np.empty(1, np.float32)
+        su = sf.view(np.uint32)
+        scores = np.empty(n - j0, dtype=np.float32)
+        m = np.float32(-np.inf)
+        for j in range(j0, n):
+            s = np.float32(0.0)
+            for d in range(hd):
+                s += q[t, h, d] * k_cache[j, kh, d]
+            s = s * scale
+            scores[j - j0] = s
+            if s > m:
+                m = s
+        total = 0.0  # float64, as ggml
+        for j in range(n - j0):
+            e = np.float32(np.exp(scores[j] - m))
+            scores[j] = e
+            total += e
+        inv = np.float32(1.0 / total)
+        for d in range(hd):
+            out[t, h, d] = np.float32(0.0)
+        for j in range(j0, n):
+            w = lut[f32_to_f16_bits(scores[j - j0] * inv, sf, su)]
+            for d in range(hd):
+                out[t, h, d] += w * v_cache[j, kh, d]
+
+
+def attention_nofa_ref(q, k_cache, v_cache, p0, scale, window=0):
+    """numpy twin of attention_nofa."""
+    T, Hq, hd = q.shape
+    n_rep = Hq // k_cache.shape[1]
+    out = np.zeros((T, Hq, hd), dtype=np.float32)
+    for t in range(T):
+        n = p0 + t + 1
+        j0 = max(0, n - window) if window > 0 else 0
+        for h in range(Hq):
+            k = k_cache[j0:n, h // n_rep]
+            v = v_cache[j0:n, h // n_rep]
+            s = (k.astype(np.float64) @ q[t, h].astype(np.float64)).astype(np.float32) * np.float32(scale)
+            e = np.exp(s - s.max()).astype(np.float32)
+            p = to_f16_precision(e * np.float32(1.0 / e.astype(np.float64).sum()))
+            out[t, h] = (p.astype(np.float64) @ v.astype(np.float64)).astype(np.float32)
+    return out
+
+
+# --------------------------------------------------------------------------- GELU-gated FFN
+def _gelu_f32(x):
+    """ggml_gelu_f32 (tanh approximation) in float32."""
+    x = np.asarray(x, dtype=np.float32)
+    c = np.float32(0.79788456080286535587989211986876)
+    a = np.float32(0.044715)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return (np.float32(0.5) * x * (np.float32(1.0) + np.tanh(c * x * (np.float32(1.0) + a * x * x)))).astype(np.float32)
+
+
+# ggml_table_gelu_f16: gelu of every fp16 value, rounded to fp16 (what ggml's CPU GELU looks up)
+GELU_F16_TABLE = to_f16_precision(_gelu_f32(F16_TO_F32))
+
+
+@numba.njit(**JIT_EXACT)
+def _geglu_flat(gate, up, out, table):
+    sf = np.empty(1, np.float32)
+    su = sf.view(np.uint32)
+    for i in range(gate.shape[0]):
+        g = gate[i]
+        if g <= np.float32(-10.0):
+            out[i] = np.float32(0.0)
+        elif g >= np.float32(10.0):
+            out[i] = g * up[i]
+        else:
+            out[i] = table[f32_to_f16_bits(g, sf, su)] * up[i]
+
+
+def geglu(gate, up, out):
+    """out = gelu_tanh(gate) * up, all (T, F), as ggml's CPU geglu: the GELU is looked up by the
+    fp16-rounded input in a table of fp16 values (|x| >= 10: 0 or x)."""
+    _geglu_flat(gate.reshape(-1), up.reshape(-1), out.reshape(-1), GELU_F16_TABLE)
+
+
+def geglu_ref(gate, up):
+    g = np.asarray(gate, dtype=np.float32)
+    y = to_f16_precision(_gelu_f32(to_f16_precision(g)))
+    y = np.where(g <= -10, np.float32(0.0), np.where(g >= 10, g, y))
+    return (y * up).astype(np.float32)
