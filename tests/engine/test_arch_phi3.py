@@ -99,3 +99,14 @@ def test_qwen3_head_dim_from_key_length(tmp_path):
     p = write_arch(tmp_path / "q3.gguf", CONFIGS["qwen3"], seed=1)
     m = qwen3.Model(GGUFFile(p), 32)
     assert m.args.head_dim == 128 and m.args.n_head * m.args.head_dim != m.args.d_model
+
+
+def test_phi3_stops_on_its_end_of_turn_token():
+    from pathlib import Path
+
+    from engine.loader import load_model
+
+    loaded = load_model(Path(__file__).parents[1] / "fixtures" / "phi3" / "tiny-q8_0.gguf", n_ctx=128)
+    tok = loaded.tokenizer
+    end = tok.token_to_id("<|end|>")
+    assert end is not None and end in tok.eog_ids and tok.eot_id == end
