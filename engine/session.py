@@ -321,10 +321,11 @@ class ChatSession:
                                  if prefill_progress else None):
             if not turn.reply_tokens:
                 self.tokens.extend(suffix)
-                if offset_s:  # the whole prompt's speed, not the last token's
-                    r.ttft_s += offset_s
-                    r.prompt_tps = (n_head + len(suffix)) / max(r.ttft_s, 1e-9)
-                    r.prompt_tokens = n_head + len(suffix)
+                # the whole prompt's figures, not the last token's (every response carries them)
+                ttft = r.ttft_s + offset_s
+                prompt_figures = (ttft, (n_head + len(suffix)) / max(ttft, 1e-9), n_head + len(suffix))
+            if offset_s:
+                r.ttft_s, r.prompt_tps, r.prompt_tokens = prompt_figures
             turn.reply_tokens.append(r.token)
             turn.finish = r.finish_reason
             yield r

@@ -267,3 +267,12 @@ def test_state_of_another_model_is_refused(loaded, tmp_path):
     path.write_bytes(b"not a state")
     with pytest.raises(StateMismatchError):
         ChatSession(loaded).load_state(path)
+
+
+def test_every_response_reports_the_whole_prompt():
+    """On a hybrid model the prompt is fed in two parts (checkpoint before the last token)."""
+    s = ChatSession(load_model(QWEN35_Q8, n_ctx=512))
+    out, _ = run(s, [{"role": "user", "content": "a question of several words"}], max_tokens=4)
+    n = s.last_turn.prompt_tokens
+    assert {r.prompt_tokens for r in out} == {n}
+    assert len({r.ttft_s for r in out}) == 1 and len({r.prompt_tps for r in out}) == 1
