@@ -20,6 +20,7 @@ from pathlib import Path
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
 from textual.widgets import Footer, Header, Label, ProgressBar
@@ -30,10 +31,17 @@ from chatapp.discovery import candidates, describe
 from chatapp.errors import describe_error, log, log_exception, setup_logging
 from chatapp.paths import data_dir, models_dir
 from chatapp.screens import ChatList, ChatSettings, Confirm, HelpScreen, ModelPicker, TextPrompt
-from chatapp.store import Chat, ChatStore
+from chatapp.store import Chat, ChatStore, delete_state, state_path
 from chatapp.widgets import ChatInput, Gauge, MessageBox, SpeedOverlay, TurnRecord
 
 BATCH_SECONDS = 0.04          # text goes up to the UI at most this often
+# The engine's numba kernels hold the GIL, so every millisecond the UI thread spends
+# rendering is a millisecond the engine waits. The UI measures its own share of the
+# time while a reply streams and the worker widens the batches until that share is
+# about UI_SHARE_TARGET (at most MAX_BATCH_SECONDS apart): on a fast terminal and a
+# slow model that stays ~40 ms; on a busy 2-core machine it becomes a few updates a second.
+UI_SHARE_TARGET = 0.03
+MAX_BATCH_SECONDS = 0.4
 SAVE_PARTIAL_SECONDS = 1.0    # a streaming reply is written to SQLite this often
 FINISH_STATUS = {"stop": "done", None: "done", "length": "length", "cancelled": "stopped"}
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
@@ -67,6 +75,23 @@ class ReplyFailed(Message):
     def __init__(self, gen_id: int, error: BaseException):
         super().__init__()
         self.gen_id, self.error = gen_id, error
+
+
+class SessionBound(Message):
+    """The session now holds a chat (restored from its saved state, or reset)."""
+
+    def __init__(self, key, outcome: str, stats: dict):
+        super().__init__()
+        self.key, self.outcome, self.stats = key, outcome, stats
+
+
+class SpeedStats(Message):
+    def __init__(self, stats):
+        super().__init__()
+        self.stats = stats
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, SpeedStats)
 
 
 class LoadProgressMsg(Message):
@@ -161,6 +186,8 @@ class DeltatalkApp(App):
         self._reply_box: MessageBox | None = None
         self._reply_msg_id: int | None = None
         self._last_save = 0.0
+        self.batch_seconds = BATCH_SECONDS   # read by the reply worker, set by the UI (see UI_SHARE_TARGET)
+        self._ui_clock: tuple[float, float] | None = None
         self.log_path: Path | None = None
 
     # -- layout ---------------------------------------------------------------------------
@@ -293,15 +320,17 @@ class DeltatalkApp(App):
     def load_model(self, path: Path):
         self.loading = Path(path)
         self.query_one(LoadBar).show(f"Loading {Path(path).name}…")
-        self._load_worker(Path(path))
+        self._load_worker(Path(path), self.chat.id if self.chat else None)
 
     @work(thread=True, exclusive=True, group="load", exit_on_error=False)
-    def _load_worker(self, path: Path):
+    def _load_worker(self, path: Path, chat_id: int | None = None):
         def progress(stage: str, fraction: float | None):
             self.post_message(LoadProgressMsg(stage, fraction))
 
         try:
-            info = self.backend.load(path, progress)
+            # the open chat's saved state goes into the new session before it replaces the old one
+            bind = (chat_id, state_path(chat_id)) if chat_id is not None else None
+            info = self.backend.load(path, progress, bind=bind)
         except BaseException as e:  # noqa: BLE001  (shown as a notification, never a traceback)
             self.post_message(LoadFailed(path, e))
             return
@@ -318,7 +347,7 @@ class DeltatalkApp(App):
         info = m.info
         self.sub_title = f"{info.name} · {info.arch} · ctx {info.n_ctx:,}"
         self.gauge.n_ctx = info.n_ctx
-        self.gauge.refresh_text()
+        self.gauge.show_context(self._session_stats())
         if self.store:
             self.store.set_meta("last_model", str(info.path))
         extra = f" (kernels {info.compile_seconds:.1f} s)" if info.compile_seconds > 2 else ""
@@ -365,11 +394,42 @@ class DeltatalkApp(App):
         boxes = []
         for msg in self.store.messages(chat.id):
             status = "interrupted" if msg.status == "streaming" else msg.status
-            boxes.append(MessageBox(msg.role, msg.content, thinking=msg.thinking, status=status, msg_id=msg.id))
+            boxes.append(MessageBox(msg.role, msg.content, thinking=msg.thinking, status=status, msg_id=msg.id,
+                                    dropped=int((msg.stats or {}).get("dropped_messages", 0) or 0)))
         if boxes:
             await view.mount_all(boxes)
         view.scroll_end(animate=False)
         self._update_title()
+        self.bind_session(chat.id)
+
+    # -- the engine session follows the open chat -------------------------------------------
+    def bind_session(self, chat_id: int | None):
+        """Give the engine session to this chat: its saved state, or a reset (in a worker)."""
+        if self.backend.info is None or not hasattr(self.backend, "bind"):
+            return
+        self._bind_worker(chat_id)
+
+    @work(thread=True, group="session", exit_on_error=False)
+    def _bind_worker(self, chat_id: int | None):
+        try:
+            outcome = self.backend.bind(chat_id, state_path(chat_id) if chat_id is not None else None)
+        except Exception as e:  # noqa: BLE001  (the next reply prefills; never fatal)
+            log_exception(e, f"restoring the state of chat {chat_id}")
+            return
+        self.post_message(SessionBound(chat_id, outcome, self._session_stats()))
+
+    def _session_stats(self) -> dict:
+        fn = getattr(self.backend, "session_stats", None)
+        try:
+            return fn() if fn else {}
+        except Exception:  # noqa: BLE001
+            return {}
+
+    def on_session_bound(self, m: SessionBound):
+        if m.outcome != "kept":
+            log.info("chat %s: session %s", m.key, m.outcome)
+        if not self.generating:
+            self.gauge.show_context(m.stats)
 
     def _update_title(self):
         self.title = f"deltatalk — {self.chat.title}" if self.chat else "deltatalk"
@@ -388,6 +448,7 @@ class DeltatalkApp(App):
             self.store.set_meta("last_chat", "")
         await self.messages_view.remove_children()
         self._update_title()
+        self.bind_session(None)
         self.chat_input.focus()
 
     def delete_chat(self, chat_id: int):
@@ -401,7 +462,9 @@ class DeltatalkApp(App):
             self.store.set_meta("last_chat", "")
             self.call_later(self.messages_view.remove_children)
             self._update_title()
+            self.bind_session(None)
         self.store.delete_chat(chat_id)
+        delete_state(chat_id)
 
     def action_chat_list(self):
         if not self.store:
@@ -526,7 +589,10 @@ class DeltatalkApp(App):
         for m in self.store.messages(self.chat.id):
             if m.role not in ("user", "assistant"):
                 continue
-            if m.role == "assistant" and (m.status in ("error", "streaming") or not m.content.strip()):
+            # a reply that failed, or was stopped before its first token, never reached the engine's log;
+            # a finished one stays even if it is blank, so the history matches the engine's cache
+            if m.role == "assistant" and (m.status in ("error", "streaming")
+                                          or (m.status == "stopped" and not m.content.strip())):
                 continue
             msgs.append({"role": m.role, "content": m.content})
         return msgs
@@ -548,14 +614,28 @@ class DeltatalkApp(App):
         self._cancel = threading.Event()
         self.generating = True
         self._last_save = time.monotonic()
+        self._ui_clock = None
         self.gauge.start(self.backend.info.n_ctx if self.backend.info else 0)
-        self._run_reply(self.gen_id, messages, settings, max_tokens, self.thinking_enabled(), self._cancel)
+        self._run_reply(self.gen_id, messages, settings, max_tokens, self.thinking_enabled(), self._cancel,
+                        self.chat.id)
 
     @work(thread=True, group="generate", exit_on_error=False)
-    def _run_reply(self, gen_id, messages, settings, max_tokens, thinking, cancel: threading.Event):
-        """The engine loop. Posts text in batches; never waits for the UI."""
+    def _run_reply(self, gen_id, messages, settings, max_tokens, thinking, cancel: threading.Event,
+                   chat_id: int | None = None):
+        """The engine loop. Posts text in batches; never waits for the UI.
+
+        The session is first made this chat's (kept, or restored from the chat's saved
+        state, or reset); after the reply the backend saves the state, still in this thread.
+        """
         backend = self.backend
         post = self.post_message
+        save_to = None
+        if chat_id is not None and hasattr(backend, "bind"):
+            save_to = state_path(chat_id)
+            try:
+                backend.bind(chat_id, save_to)
+            except Exception as e:  # noqa: BLE001
+                log_exception(e, f"restoring the state of chat {chat_id}")
         t0 = time.perf_counter()
 
         def prefill_progress(done: int, total: int):
@@ -566,13 +646,14 @@ class DeltatalkApp(App):
         last_post = 0.0     # the first token goes up at once (time to first token is visible)
         last = None
         try:
+            kw = {"save_to": save_to} if save_to is not None else {}
             for r in backend.reply(messages, settings, max_tokens=max_tokens, enable_thinking=thinking,
-                                   cancel=cancel, prefill_progress=prefill_progress):
+                                   cancel=cancel, prefill_progress=prefill_progress, **kw):
                 last = r
                 if r.text:
                     buf.append(r.text)
                 now = time.monotonic()
-                if r.finish_reason is not None or now - last_post >= BATCH_SECONDS:
+                if r.finish_reason is not None or now - last_post >= self.batch_seconds:
                     post(ReplyChunk(gen_id, "".join(buf), self._figures(backend, r)))
                     buf = []
                     last_post = now
@@ -590,22 +671,43 @@ class DeltatalkApp(App):
     @staticmethod
     def _figures(backend, r) -> dict:
         turn = backend.last_turn()
+        fn = getattr(backend, "session_stats", None)
+        ss = fn() if fn else {}
         if r is None:
+            used = ss.get("context_used", turn.prompt_tokens)
             return {"prompt_tokens": turn.prompt_tokens, "reused_tokens": turn.reused_tokens,
                     "prefilled_tokens": turn.prefilled_tokens, "decode_tps": 0.0, "ttft_s": 0.0,
-                    "prompt_tps": 0.0, "generated": 0, "context_used": turn.prompt_tokens}
+                    "prompt_tps": 0.0, "generated": 0, "context_used": used,
+                    "dropped_messages": getattr(turn, "dropped_messages", 0)}
         return {"prompt_tokens": turn.prompt_tokens, "reused_tokens": turn.reused_tokens,
                 "prefilled_tokens": turn.prefilled_tokens, "decode_tps": r.decode_tps, "ttft_s": r.ttft_s,
                 "prompt_tps": r.prompt_tps, "generated": r.generation_tokens,
-                "context_used": turn.prompt_tokens + r.generation_tokens}
+                "context_used": ss.get("context_used", turn.prompt_tokens + r.generation_tokens),
+                "dropped_messages": getattr(turn, "dropped_messages", 0)}
 
     def on_prefill_progress(self, m: PrefillProgress):
         if m.gen_id == self.gen_id and self.generating:
             self.gauge.on_prefill(m.done, m.total, m.tps)
 
+    def _pace(self):
+        """Measure the UI thread's share of time since the last chunk; set the batch interval from it."""
+        wall, cpu = time.perf_counter(), time.thread_time()
+        if self._ui_clock is not None:
+            dw, dc = wall - self._ui_clock[0], cpu - self._ui_clock[1]
+            if dw > 0.005:
+                want = self.batch_seconds * (dc / dw) / UI_SHARE_TARGET
+                want = min(max(want, BATCH_SECONDS), MAX_BATCH_SECONDS)
+                self.batch_seconds = (self.batch_seconds * want) ** 0.5   # smoothed (geometric mean)
+        self._ui_clock = (wall, cpu)
+
     async def on_reply_chunk(self, m: ReplyChunk):
         if m.gen_id != self.gen_id or self._reply_box is None:
             return
+        self._pace()
+        dropped = m.figures.get("dropped_messages", 0)
+        if dropped and not self._reply_box.dropped:
+            self._reply_box.set_dropped(dropped)
+            self.notify(self._reply_box.dropped_text(), severity="warning", title="Context full", timeout=8)
         if m.text:
             await self._reply_box.append(m.text)
         self.gauge.on_tokens(**m.figures)
@@ -639,6 +741,8 @@ class DeltatalkApp(App):
                 stats = {"decode_tps": turn.decode_tps, "prompt_tps": turn.prompt_tps, "ttft_s": turn.ttft_s,
                          "generated": turn.generated, "prompt_tokens": turn.prompt_tokens,
                          "reused_tokens": turn.reused_tokens, "finish": finish}
+                if box.dropped:
+                    stats["dropped_messages"] = box.dropped
                 self.store.update_message(msg_id, content=box.content, thinking=box.thinking, status=status,
                                           stats=stats)
         self._refresh_speed()
@@ -785,16 +889,33 @@ class DeltatalkApp(App):
             self._speed_timer = None
 
     def _refresh_speed(self):
-        overlay = self.query_one(SpeedOverlay)
+        try:
+            overlay = self.query_one(SpeedOverlay)
+        except NoMatches:   # the app is closing
+            return
         if not overlay.display:
             return
+        self._speed_worker()
+
+    @work(thread=True, exclusive=True, group="speed", exit_on_error=False)
+    def _speed_worker(self):
+        """Stats in a thread: the first call measures memory bandwidth (a fraction of a second)."""
         try:
+            measure = getattr(self.backend, "measure_bandwidth", None)
+            if measure is not None:
+                measure()
             stats = self.backend.stats()
         except Exception as e:  # noqa: BLE001
             log_exception(e, "backend stats")
             return
+        self.post_message(SpeedStats(stats))
+
+    def on_speed_stats(self, m: SpeedStats):
+        overlay = self.query_one(SpeedOverlay)
+        if not overlay.display:
+            return
         turns = self.turns + ([self.gauge.turn] if self.generating else [])
-        overlay.show(stats, turns, self.backend.info.name if self.backend.info else "")
+        overlay.show(m.stats, turns, self.backend.info.name if self.backend.info else "")
 
     def action_help(self):
         try:

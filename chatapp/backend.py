@@ -4,17 +4,24 @@
 reply to a list of messages, and report figures for the gauge and the speed overlay.
 
 - `EngineBackend` wraps `engine.loader.load_model`, `engine.session.ChatSession` and
-  `engine.warmup.warm_up`. It reports what the engine measures today and 0 for the
-  figures that do not exist yet (recurrent state, checkpoints).
+  `engine.warmup.warm_up`; its figures come from `ChatSession.stats()` / `last_turn`.
 - `FakeBackend` is scripted and deterministic with frozen timings; the TUI tests use
   it, so they never load a real model or compile numba.
 
 Everything here is called from the app's thread workers, never from the UI thread,
-except `info` / `stats()` which are cheap reads.
+except `info` / `last_turn()` which are cheap reads.
+
+Chat states: the session belongs to one chat at a time. `bind(key, state_path)` makes it
+that chat's: kept if it already is, else restored from the chat's saved state (no
+prefill needed), else reset. `reply(..., save_to=path)` writes the session's state there
+once the reply has finished (still in the worker thread, before the generator ends).
+All session work (bind, reply, save) is serialized by one lock.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +38,8 @@ LoadProgress = Callable[[str, "float | None"], None]
 PrefillProgress = Callable[[int, int], None]
 
 DEFAULT_BANDWIDTH_BYTES_S = 15e9   # used until the engine measures the machine's bandwidth
+
+log = logging.getLogger("deltatalk")
 
 
 @dataclass
@@ -54,6 +63,9 @@ class TurnInfo:
     prompt_tokens: int = 0
     reused_tokens: int = 0
     prefilled_tokens: int = 0
+    dropped_messages: int = 0     # oldest messages left out because the context was full
+    mode: str = ""                # append | regenerate | edit | full
+    restored_from: int | None = None
 
 
 @dataclass
@@ -71,6 +83,8 @@ class BackendStats:
     bandwidth_bytes_s: float = DEFAULT_BANDWIDTH_BYTES_S
     bandwidth_measured: bool = False
     context_used: int = 0
+    n_ctx: int = 0
+    checkpoints: int = 0
     cpu_features: list[str] = field(default_factory=list)
 
 
@@ -82,8 +96,12 @@ class ChatBackend(Protocol):
 
     def reply(self, messages: list[dict], settings: SamplingSettings, *, max_tokens: int,
               enable_thinking: bool | None, cancel: threading.Event,
-              prefill_progress: PrefillProgress | None = None) -> Iterator[GenerationResponse]:
-        """Stream one assistant reply to `messages`."""
+              prefill_progress: PrefillProgress | None = None,
+              save_to: Path | None = None) -> Iterator[GenerationResponse]:
+        """Stream one assistant reply to `messages`; then save the session state to `save_to`."""
+
+    def bind(self, key, state_path: Path | None) -> str:
+        """Give the session to chat `key`: "kept" | "loaded" | "reset" | "mismatch"."""
 
     def last_turn(self) -> TurnInfo: ...
 
@@ -102,10 +120,16 @@ class EngineBackend:
         self._loaded = None
         self._session = None
         self._lock = threading.Lock()   # guards the swap of (loaded, session)
+        self._work = threading.RLock()  # one session operation at a time (reply, bind, save)
+        self._owner = None              # the chat key whose conversation the session holds
         self._threading_layer = "?"
         self._bandwidth = bandwidth_bytes_s
+        self._bandwidth_measured: float | None = None
+        self.state_events: list[tuple] = []   # (key, outcome) of every bind, for the log and tests
 
-    def load(self, path: Path, progress: LoadProgress | None = None) -> ModelInfo:
+    def load(self, path: Path, progress: LoadProgress | None = None,
+             bind: tuple | None = None) -> ModelInfo:
+        """Load and warm up a model; `bind=(key, state_path)` restores that chat into the new session."""
         from engine import runtime
         from engine.loader import load_model
         from engine.session import ChatSession
@@ -126,6 +150,10 @@ class EngineBackend:
         except Exception:  # noqa: BLE001  (a figure for the overlay, never fatal)
             layer = "?"
         session = ChatSession(loaded)
+        owner = None
+        if bind is not None:
+            owner = bind[0]
+            self._restore(session, bind[0], bind[1])
         supports = bool(getattr(getattr(loaded, "template", None), "supports_thinking", False))
         info = ModelInfo(path=path, name=path.name, arch=loaded.arch, n_ctx=session.n_ctx,
                          file_size=loaded.file_size, supports_thinking=supports,
@@ -133,6 +161,7 @@ class EngineBackend:
         with self._lock:   # the previous model served replies until this point
             old = self._loaded
             self._loaded, self._session, self.info = loaded, session, info
+            self._owner = owner
             self._threading_layer = layer
         say("ready", 1.0)
         if old is not None and old is not loaded:
@@ -142,21 +171,94 @@ class EngineBackend:
                 pass
         return info
 
-    def reply(self, messages, settings, *, max_tokens, enable_thinking, cancel, prefill_progress=None):
-        with self._lock:
+    def _restore(self, session, key, state_path: Path | None) -> str:
+        """Load a chat's saved state into `session`, or reset it. Never raises for a bad state."""
+        from engine.errors import StateMismatchError
+
+        outcome = "reset"
+        if state_path is not None and Path(state_path).is_file():
+            try:
+                session.load_state(state_path)
+                outcome = "loaded"
+            except StateMismatchError as e:
+                log.info("chat %s: saved state not used (%s); the next reply prefills", key, e)
+                session.reset()
+                outcome = "mismatch"
+            except Exception as e:  # noqa: BLE001  (a state file must never break a chat)
+                log.warning("chat %s: could not read the saved state %s: %r", key, state_path, e)
+                session.reset()
+                outcome = "mismatch"
+        else:
+            session.reset()
+        self.state_events.append((key, outcome))
+        return outcome
+
+    def bind(self, key, state_path: Path | None) -> str:
+        with self._work:
             session = self._session
-        if session is None:
-            raise RuntimeError("no model is loaded")
-        # the session works out what is new (append / regenerate / edit) and feeds only that
-        yield from session.reply(messages, settings, max_tokens=max_tokens, cancel=cancel,
-                                 prefill_progress=prefill_progress, enable_thinking=enable_thinking)
+            if session is None:
+                return "reset"
+            if self._owner == key and key is not None:
+                return "kept"
+            outcome = self._restore(session, key, state_path)
+            self._owner = key
+            return outcome
+
+    def reply(self, messages, settings, *, max_tokens, enable_thinking, cancel, prefill_progress=None,
+              save_to: Path | None = None):
+        with self._work:
+            with self._lock:
+                session = self._session
+            if session is None:
+                raise RuntimeError("no model is loaded")
+            # the session works out what is new (append / regenerate / edit) and feeds only that
+            yield from session.reply(messages, settings, max_tokens=max_tokens, cancel=cancel,
+                                     prefill_progress=prefill_progress, enable_thinking=enable_thinking)
+            if save_to is not None:
+                self._save(session, Path(save_to))
+
+    @staticmethod
+    def _save(session, path: Path):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            n = session.save_state(path)
+            log.info("saved chat state %s (%d bytes, %.0f ms)", path.name, n, (time.perf_counter() - t0) * 1000)
+        except Exception as e:  # noqa: BLE001  (the chat text is in SQLite; the state is only a cache)
+            log.warning("could not save the chat state %s: %r", path, e)
 
     def last_turn(self) -> TurnInfo:
         s = self._session
         if s is None:
             return TurnInfo()
         t = s.last_turn
-        return TurnInfo(t.prompt_tokens, t.reused_tokens, t.prefilled_tokens)
+        return TurnInfo(t.prompt_tokens, t.reused_tokens, t.prefilled_tokens,
+                        int(getattr(t, "dropped_messages", 0) or 0), str(getattr(t, "mode", "") or ""),
+                        getattr(t, "restored_from", None))
+
+    def session_stats(self) -> dict:
+        """ChatSession.stats(): context used / size, cache bytes (cheap; called per text batch)."""
+        s = self._session
+        if s is None:
+            return {}
+        if callable(getattr(s, "stats", None)):
+            return s.stats()
+        return {"context_used": len(s.tokens), "n_ctx": s.n_ctx}
+
+    def measure_bandwidth(self) -> float | None:
+        """The machine's read bandwidth (measured once per process; slow the first time: a worker only)."""
+        if self._bandwidth:
+            return self._bandwidth
+        if self._bandwidth_measured is None:
+            from engine import runtime
+
+            measured = getattr(runtime, "memory_bandwidth_bytes_s", None)
+            if callable(measured):
+                try:
+                    self._bandwidth_measured = float(measured())
+                except Exception as e:  # noqa: BLE001
+                    log.warning("bandwidth measurement failed: %r", e)
+        return self._bandwidth_measured
 
     def stats(self) -> BackendStats:
         from engine import runtime
@@ -171,27 +273,31 @@ class EngineBackend:
         st.rss_bytes = runtime.current_rss_bytes()
         st.peak_rss_bytes = runtime.peak_rss_bytes()
         st.cpu_features = runtime.cpu_features()
-        measured = getattr(runtime, "memory_bandwidth_bytes_s", None)
         if self._bandwidth:
             st.bandwidth_bytes_s = self._bandwidth
-        elif callable(measured):
-            try:
-                st.bandwidth_bytes_s = float(measured())
-                st.bandwidth_measured = True
-            except Exception:  # noqa: BLE001
-                pass
+        elif self._bandwidth_measured:   # measure_bandwidth() ran in a worker
+            st.bandwidth_bytes_s = self._bandwidth_measured
+            st.bandwidth_measured = True
         loaded, session = self._loaded, self._session
         if loaded is not None:
             st.model_bytes = int(getattr(loaded.model, "weight_bytes", 0) or loaded.file_size)
         if session is not None:
-            st.context_used = len(session.tokens)
-            for c in session.cache:
-                kind = getattr(c, "kind", "kv")
-                if kind == "kv":
-                    st.kv_bytes += int(getattr(c, "nbytes", 0))
-                else:
-                    st.state_bytes += int(getattr(c, "nbytes", 0))
-            st.checkpoint_bytes = int(getattr(session, "checkpoint_bytes", 0) or 0)
+            if callable(getattr(session, "stats", None)):
+                ss = session.stats()
+                st.context_used = int(ss.get("context_used", 0))
+                st.n_ctx = int(ss.get("n_ctx", 0))
+                st.kv_bytes = int(ss.get("kv_bytes", 0))
+                st.state_bytes = int(ss.get("state_bytes", 0))
+                st.checkpoint_bytes = int(ss.get("checkpoint_bytes", 0))
+                st.checkpoints = int(ss.get("checkpoints", 0))
+            else:   # an engine without ChatSession.stats()
+                st.context_used = len(session.tokens)
+                for c in session.cache:
+                    if getattr(c, "kind", "kv") == "kv":
+                        st.kv_bytes += int(getattr(c, "nbytes", 0))
+                    else:
+                        st.state_bytes += int(getattr(c, "nbytes", 0))
+                st.checkpoint_bytes = int(getattr(session, "checkpoint_bytes", 0) or 0)
         return st
 
 
@@ -209,6 +315,9 @@ class FakeBackend:
     messages. Each whitespace-separated word (with its leading space) is one "token".
     `token_delay`: seconds slept per token (0 for instant), so tests can stop mid-reply.
     `fail_on_reply` / `fail_on_load`: an exception to raise (engine error tests).
+    Like the real session it drops the oldest turns when the prompt plus a reply reserve
+    does not fit `n_ctx` (reported as `last_turn().dropped_messages`), and it saves and
+    restores its "cache" (the fed pieces) as JSON files with the model's name as fingerprint.
     """
 
     PROMPT_TPS = 1234.5
@@ -239,8 +348,12 @@ class FakeBackend:
         self.hold_after = hold_after
         self.held = threading.Event()
         self.resume = threading.Event()
+        self._owner = None
+        self._work = threading.RLock()
+        self.binds: list[tuple] = []         # (key, outcome) of every bind
+        self.saves: list[tuple] = []         # (path, saved on the UI thread?) of every save
 
-    def load(self, path, progress=None):
+    def load(self, path, progress=None, bind=None):
         say = progress or (lambda stage, frac: None)
         say("open", None)
         if self.load_delay:
@@ -256,7 +369,58 @@ class FakeBackend:
                               file_size=path.stat().st_size if path.exists() else 1_000_000,
                               supports_thinking=self.supports_thinking)
         self.tokens = []
+        self._owner = None
+        if bind is not None:
+            self.bind(*bind)
         return self.info
+
+    # chat states ---------------------------------------------------------------------
+    def bind(self, key, state_path):
+        with self._work:
+            return self._bind(key, state_path)
+
+    def _bind(self, key, state_path):
+        if self.info is None:
+            return "reset"
+        if key is not None and getattr(self, "_owner", None) == key:
+            outcome = "kept"
+        else:
+            outcome = "reset"
+            self.tokens = []
+            if state_path is not None and Path(state_path).is_file():
+                try:
+                    data = json.loads(Path(state_path).read_text())
+                    if data.get("model") != self.info.name:
+                        raise ValueError("saved with another model")
+                    self.tokens = list(data["tokens"])
+                    outcome = "loaded"
+                except (OSError, ValueError, KeyError) as e:
+                    log.info("chat %s: saved state not used (%s)", key, e)
+                    outcome = "mismatch"
+            self._owner = key
+        self.binds.append((key, outcome))
+        return outcome
+
+    def _save(self, path):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"model": self.info.name, "tokens": self.tokens}))
+        self.saves.append((path, threading.current_thread() is threading.main_thread()))
+
+    def _fit(self, messages, max_tokens):
+        """Drop the oldest turns (never a leading system prompt or the last message) until it fits."""
+        reserve = max(1, min(max_tokens, self.n_ctx // 4))
+        if len(self._prompt_tokens(messages)) + reserve <= self.n_ctx:
+            return messages, 0
+        head = [m for m in messages[:1] if m.get("role") == "system"]
+        body = messages[len(head):]
+        for drop in range(1, len(body)):
+            rest = body[drop:]
+            if rest[0].get("role") == "user" and len(self._prompt_tokens(head + rest)) + reserve <= self.n_ctx:
+                return head + rest, drop
+        from engine.errors import ContextOverflowError
+
+        raise ContextOverflowError("the last message does not fit the context")
 
     def _prompt_tokens(self, messages) -> list[str]:
         out = []
@@ -273,20 +437,29 @@ class FakeBackend:
         self._n += 1
         return text
 
-    def reply(self, messages, settings, *, max_tokens, enable_thinking, cancel, prefill_progress=None):
+    def reply(self, messages, settings, *, max_tokens, enable_thinking, cancel, prefill_progress=None,
+              save_to=None):
+        with self._work:
+            yield from self._reply(messages, settings, max_tokens=max_tokens, enable_thinking=enable_thinking,
+                                   cancel=cancel, prefill_progress=prefill_progress)
+            if save_to is not None:
+                self._save(save_to)
+
+    def _reply(self, messages, settings, *, max_tokens, enable_thinking, cancel, prefill_progress=None):
         if self.info is None:
             raise RuntimeError("no model is loaded")
         self.calls.append({"messages": [dict(m) for m in messages], "settings": settings,
                            "max_tokens": max_tokens, "enable_thinking": enable_thinking})
         if self.fail_on_reply is not None:
             raise self.fail_on_reply
+        messages, dropped = self._fit(messages, max_tokens)
         prompt = self._prompt_tokens(messages)
         reuse = 0
         while reuse < min(len(prompt), len(self.tokens)) and prompt[reuse] == self.tokens[reuse]:
             reuse += 1
         reuse = min(reuse, len(prompt) - 1)
         suffix = len(prompt) - reuse
-        self._turn = TurnInfo(len(prompt), reuse, suffix)
+        self._turn = TurnInfo(len(prompt), reuse, suffix, dropped, "full" if dropped else "append")
         if prefill_progress:
             prefill_progress(suffix // 2, suffix)
             prefill_progress(suffix, suffix)
@@ -328,4 +501,10 @@ class FakeBackend:
         return BackendStats(rss_bytes=300_000_000, peak_rss_bytes=320_000_000, model_bytes=100_000_000,
                             kv_bytes=len(self.tokens) * 1024, state_bytes=0, checkpoint_bytes=0,
                             threads=2, threading_layer="workqueue", bandwidth_bytes_s=10e9,
-                            context_used=len(self.tokens))
+                            context_used=len(self.tokens), n_ctx=self.n_ctx)
+
+    def measure_bandwidth(self):
+        return None
+
+    def session_stats(self) -> dict:
+        return {"context_used": len(self.tokens), "n_ctx": self.n_ctx}

@@ -56,6 +56,7 @@ class ModelPicker(_Modal):
             table = DataTable(cursor_type="row", zebra_stripes=True, id="picker-table")
             table.add_columns("Model", "Arch", "Quant", "Size", "Context", "From", "Status")
             yield table
+            yield Label("", id="picker-detail", classes="hint")
             yield Label("Looking for GGUF files…", id="picker-status", classes="hint")
             yield Input(placeholder="…or type the path of a .gguf file and press Enter", id="picker-path")
             yield Label("Enter loads the highlighted model · Esc closes", classes="hint")
@@ -100,6 +101,18 @@ class ModelPicker(_Modal):
         self.query_one("#picker-status", Label).update(msg)
         if not self.entries:
             self.query_one("#picker-path", Input).focus()
+
+    @on(DataTable.RowHighlighted)
+    def _highlighted(self, event: DataTable.RowHighlighted):
+        """The whole reason for an unsupported row (the Status column may be cut)."""
+        e = self.entries.get(str(event.row_key.value))
+        detail = self.query_one("#picker-detail", Label)
+        if e is None or e.supported:
+            detail.update("")
+            detail.display = False
+        else:
+            detail.update(f"{e.name}: {e.reason}")
+            detail.display = True
 
     @on(DataTable.RowSelected)
     def _chosen(self, event: DataTable.RowSelected):

@@ -204,3 +204,20 @@ class _Tx:
         else:
             self.db.execute("ROLLBACK")
         return False
+
+
+def state_path(chat_id: int) -> Path:
+    """Where a chat's engine state (KV cache, recurrent state, checkpoints) is saved beside its history."""
+    from chatapp.paths import data_dir
+
+    return data_dir() / "states" / f"chat-{int(chat_id)}.npz"
+
+
+def delete_state(chat_id: int):
+    for p in (state_path(chat_id), state_path(chat_id).with_name(state_path(chat_id).name + ".tmp")):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass

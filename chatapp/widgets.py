@@ -68,14 +68,17 @@ class MessageBox(Vertical):
     MessageBox .role { color: $text-muted; text-style: bold; }
     MessageBox .status { color: $warning; }
     MessageBox .status.error { color: $error; }
+    MessageBox .notice { color: $warning; text-style: italic; }
     MessageBox Collapsible { background: transparent; border-top: none; padding-bottom: 0; }
     MessageBox Collapsible Markdown { color: $text-muted; }
     MessageBox Markdown { margin: 0; padding: 0; background: transparent; }
     """
 
     def __init__(self, role: str, content: str = "", *, thinking: str = "", status: str = "done",
-                 msg_id: int | None = None, streaming: bool = False, starts_thinking: bool = False):
+                 msg_id: int | None = None, streaming: bool = False, starts_thinking: bool = False,
+                 dropped: int = 0):
         super().__init__(classes=role)
+        self.dropped = dropped   # oldest messages the engine left out of this reply's context
         self.role = role
         self.msg_id = msg_id
         self.content = content
@@ -89,6 +92,9 @@ class MessageBox(Vertical):
     def compose(self) -> ComposeResult:
         label = {"user": "You", "assistant": "Assistant", "system-note": "Note"}.get(self.role, self.role)
         yield Label(label, classes="role")
+        self._notice = Label(self.dropped_text(), classes="notice")
+        self._notice.display = bool(self.dropped)
+        yield self._notice
         self._think_md = Markdown(self.thinking or "", classes="thinking")
         self._think_box = Collapsible(self._think_md, title="Thinking", collapsed=not self.streaming)
         self._think_box.display = bool(self.thinking)
@@ -148,6 +154,18 @@ class MessageBox(Vertical):
             self._think_box.collapsed = True
         self.set_status(status)
 
+    def dropped_text(self) -> str:
+        n = self.dropped
+        if not n:
+            return ""
+        what = "the oldest message" if n == 1 else f"the {n} oldest messages"
+        return f"context full: dropped {what}"
+
+    def set_dropped(self, n: int):
+        self.dropped = n
+        self._notice.update(self.dropped_text())
+        self._notice.display = bool(n)
+
     def set_status(self, status: str):
         self.status = status
         self._status.update(STATUS_NOTES.get(status, ""))
@@ -178,13 +196,14 @@ class Gauge(Horizontal):
     """Always visible while generating: tok/s + sparkline, prefill bar, TTFT, context, reuse."""
 
     DEFAULT_CSS = """
-    Gauge { height: auto; padding: 0 1; background: $panel; }
+    Gauge { height: 2; padding: 0 1; background: $panel; }
     Gauge > Label { width: auto; margin-right: 1; }
-    Gauge #g-tps { text-style: bold; color: $success; min-width: 12; }
+    Gauge #g-tps { text-style: bold; color: $success; width: 12; }
+    Gauge #g-prefill-label { width: 7; }
     Gauge Sparkline { width: 16; height: 1; margin-right: 1; }
     Gauge ProgressBar { width: 12; }
     Gauge ProgressBar Bar { width: 10; }
-    Gauge #g-details { width: 1fr; margin-right: 0; }
+    Gauge #g-details { width: 1fr; height: 2; margin-right: 0; }
     Gauge.idle #g-tps { color: $text-muted; }
     Gauge .turn-only { display: none; }
     """
@@ -229,7 +248,8 @@ class Gauge(Horizontal):
         self.refresh_text()
 
     def on_tokens(self, *, decode_tps: float, ttft_s: float, prompt_tps: float, generated: int,
-                  context_used: int, prompt_tokens: int, reused_tokens: int, prefilled_tokens: int):
+                  context_used: int, prompt_tokens: int, reused_tokens: int, prefilled_tokens: int,
+                  dropped_messages: int = 0):
         t = self.turn
         t.decode_tps, t.ttft_s, t.prompt_tps, t.generated = decode_tps, ttft_s, prompt_tps, generated
         t.context_used = context_used
@@ -242,6 +262,16 @@ class Gauge(Horizontal):
             spark = self.query_one("#g-spark", Sparkline)
             spark.data = list(t.history)
             spark.display = True
+        self.refresh_text()
+
+    def show_context(self, stats: dict | None):
+        """Between replies: the session's context use (after a chat switch or a model load)."""
+        if not stats:
+            return
+        if stats.get("n_ctx"):
+            self.n_ctx = int(stats["n_ctx"])
+        if not self.active:
+            self.turn.context_used = int(stats.get("context_used", self.turn.context_used))
         self.refresh_text()
 
     def stop(self, finish: str | None):
@@ -269,8 +299,9 @@ class Gauge(Horizontal):
         return " · ".join(parts)
 
     def refresh_text(self):
-        self.query_one("#g-tps", Label).update(self.tps_text())
-        self.query_one("#g-details", Label).update(self.details_text())
+        # fixed sizes: a repaint, never a layout of the screen (the UI must not pace the engine)
+        self.query_one("#g-tps", Label).update(self.tps_text(), layout=False)
+        self.query_one("#g-details", Label).update(self.details_text(), layout=False)
 
 
 # -- the speed overlay ----------------------------------------------------------------------
@@ -321,7 +352,10 @@ class SpeedOverlay(Static):
         lines.append(f" model weights  {human_bytes(s.model_bytes):>10}")
         lines.append(f" KV cache       {human_bytes(s.kv_bytes):>10}")
         lines.append(f" recurrent state{human_bytes(s.state_bytes):>10}")
-        lines.append(f" checkpoints    {human_bytes(s.checkpoint_bytes):>10}")
+        lines.append(f" checkpoints    {human_bytes(s.checkpoint_bytes):>10}"
+                     + (f"  ({s.checkpoints})" if s.checkpoints else ""))
+        if s.n_ctx:
+            lines.append(f" context        {s.context_used:>6,} / {s.n_ctx:,} tokens")
         lines.append("")
         lines.append("[b]Compute[/b]")
         lines.append(f" threads {s.threads} · threading layer {s.threading_layer}")

@@ -67,7 +67,6 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
               progress: Callable[[str], None] | None = None, bandwidth: bool = True, peer=None) -> dict:
     """Medians of interleaved runs; with `peer` (an engine.peer.LlamaCppPeer) each of our runs
     is followed by the same run in llama.cpp, and the ratios ours / llama.cpp are reported."""
-    bw = measure_bandwidth() if bandwidth else None
     rng = np.random.default_rng(0)
     pp = [n for n in pp if n < model.n_ctx]
     tests = [(f"pp{n}", "pp", n) for n in pp] + ([(f"tg{tg}", "tg", tg)] if tg else [])
@@ -92,6 +91,8 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
         out_peer["decode_ratio"] = ratio.get(f"tg{tg}")
         big_pp = f"pp{max(pp)}" if pp else None
         out_peer["prefill_ratio"] = ratio.get(big_pp)
+    peak_rss = runtime.peak_rss_bytes()  # before the bandwidth probe's own 512 MB buffer
+    bw = measure_bandwidth() if bandwidth else None
     return {
         **out_peer,
         "results": {k: {"median_tps": statistics.median(v), "runs": v} for k, v in samples.items()},
@@ -102,6 +103,6 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
         "bandwidth_bytes_per_s": bw,
         # decode reads every weight once per token: tok/s <= bandwidth / weight bytes
         "decode_bound_tps": bw / model.weight_bytes if bw and getattr(model, "weight_bytes", None) else None,
-        "peak_rss_bytes": runtime.peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss,
         "repeats": repeats,
     }

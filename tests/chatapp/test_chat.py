@@ -129,6 +129,8 @@ async def test_speed_overlay_toggles_and_shows_memory_threads_and_bandwidth_shar
         assert not overlay.display
         await pilot.press("f2")
         assert overlay.display
+        # the stats are read in a worker (the first read measures memory bandwidth)
+        await wait_until(pilot, lambda: overlay.stats.threads == 2, what="overlay stats")
         text = overlay.render_text()
         assert "threads 2 · threading layer workqueue" in text
         assert "model weights" in text and "100.0 MB" in text
