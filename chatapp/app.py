@@ -734,7 +734,6 @@ class DeltatalkApp(App):
         self._reply_box = None
         self.gauge.stop(finish)
         turn = self.gauge.turn
-        self.turns.append(turn)
         if box is not None:
             await box.finish(status)
             if self.store:
@@ -745,6 +744,7 @@ class DeltatalkApp(App):
                     stats["dropped_messages"] = box.dropped
                 self.store.update_message(msg_id, content=box.content, thinking=box.thinking, status=status,
                                           stats=stats)
+        self.turns.append(turn)   # last: a reply counts as finished once it is stored
         self._refresh_speed()
 
     def action_stop(self):

@@ -3,10 +3,11 @@
 error_model="numpy": a float division by zero gives inf/nan as in C, instead of raising
 (a corrupt weight must give garbage logits, never an exception inside a kernel).
 cache=True: compiled once per machine, loaded from disk afterwards.
+nogil=True: a kernel releases the GIL, so the TUI thread never has to wait for it.
 """
 
-JIT = dict(cache=True, fastmath=True, error_model="numpy")
+JIT = dict(cache=True, fastmath=True, error_model="numpy", nogil=True)
 JIT_PAR = dict(JIT, parallel=True)
 # Rounding emulation (fp16, half-to-even) must not be reassociated or fused by fastmath.
-JIT_EXACT = dict(cache=True, fastmath=False, error_model="numpy")
+JIT_EXACT = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
 JIT_EXACT_PAR = dict(JIT_EXACT, parallel=True)

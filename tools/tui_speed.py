@@ -1,0 +1,126 @@
+"""Does the TUI pace the engine? Decode tok/s of the same greedy reply in `deltatalk run --json`
+and inside the chat app (headless, driven by Pilot), in interleaved pairs.
+
+    PYTHONPATH=. python tools/tui_speed.py [-m model.gguf] [--pairs 5] [--max-tokens 128]
+
+Each measurement is a fresh process (same conditions: model load, JIT cache). The TUI run
+types the question, presses Enter and reads the decode speed the engine reported to the
+gauge when the reply finished; the app's home is a temp dir (no real chats are touched).
+Prints each pair, then the median decode tok/s of each and their ratio (target: >= 0.95).
+Not a test: run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle."
+
+
+def run_cli(model: str, max_tokens: int, threads: int | None) -> dict:
+    cmd = [sys.executable, "-m", "chatapp.cli", "run", "--json", "-m", model, "--temp", "0",
+           "--max-tokens", str(max_tokens), "-p", PROMPT]
+    if threads:
+        cmd[4:4] = ["--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(), check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"decode_tps": r["decode_tps"], "generated": r["generated_tokens"], "text": r["text"]}
+
+
+def run_tui(model: str, max_tokens: int, threads: int | None, ui_share: float | None = None) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-tui", "-m", model,
+           "--max-tokens", str(max_tokens)] + (["--threads", str(threads)] if threads else [])
+    if ui_share:
+        cmd += ["--ui-share", str(ui_share)]
+    with tempfile.TemporaryDirectory(prefix="tui-speed-") as home:
+        env = _env()
+        env["DELTATALK_HOME"] = home
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"TUI run failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+async def _tui(model: str, max_tokens: int, threads: int | None, ui_share: float | None = None) -> dict:
+    import chatapp.app as app_module
+    from chatapp.app import DeltatalkApp
+    from chatapp.backend import EngineBackend
+    from chatapp.config import Config
+
+    if ui_share:
+        app_module.UI_SHARE_TARGET = ui_share
+    config = Config.load()
+    config.overrides["max_tokens"] = max_tokens
+    config.overrides["sampling"] = {"temperature": 0.0}
+    backend = EngineBackend(threads=threads)
+    app = DeltatalkApp(backend, model_path=Path(model), config=config, find_models=lambda: [],
+                       offer_fetch=False)
+    async with app.run_test(size=(120, 36)) as pilot:
+        while backend.info is None or app.loading is not None:
+            if any(n.severity == "error" for n in app._notifications):
+                raise SystemExit("the model did not load: " + "; ".join(n.message for n in app._notifications))
+            await pilot.pause(0.05)
+        app.chat_input.text = PROMPT
+        app.chat_input.focus()
+        await pilot.press("enter")
+        while not app.turns:
+            await pilot.pause(0.05)
+        turn = app.turns[-1]
+        text = app.store.messages(app.chat.id)[-1].content
+    return {"decode_tps": turn.decode_tps, "generated": turn.generated, "text": text}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-m", "--model", default=None, help="GGUF file (default: the default model)")
+    ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--ui-share", type=float, default=None,
+                    help="experiment: override chatapp.app.UI_SHARE_TARGET in the TUI runs")
+    ap.add_argument("--child-tui", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.model is None:
+        from chatapp.default_model import ensure_default_model
+
+        args.model = str(ensure_default_model(say=lambda s: None))
+    if args.child_tui:
+        print(json.dumps(asyncio.run(_tui(args.model, args.max_tokens, args.threads, args.ui_share))))
+        return 0
+    cli, tui = [], []
+    print(f"model {args.model}, greedy, max {args.max_tokens} tokens, {args.pairs} interleaved pairs")
+    for i in range(args.pairs):
+        t0 = time.perf_counter()
+        a = run_cli(args.model, args.max_tokens, args.threads)
+        b = run_tui(args.model, args.max_tokens, args.threads, args.ui_share)
+        same = "same text" if a["text"].strip() == b["text"].strip() else "TEXT DIFFERS"
+        print(f"pair {i + 1}: run {a['decode_tps']:6.1f} tok/s ({a['generated']} tokens) | "
+              f"tui {b['decode_tps']:6.1f} tok/s ({b['generated']} tokens) | {same} "
+              f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+        cli.append(a["decode_tps"])
+        tui.append(b["decode_tps"])
+    mc, mt = statistics.median(cli), statistics.median(tui)
+    ratio = mt / mc if mc else float("nan")
+    print(f"median decode: run {mc:.1f} tok/s, tui {mt:.1f} tok/s, tui/run = {ratio:.3f} "
+          f"({'within' if ratio >= 0.95 else 'NOT within'} 5%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
