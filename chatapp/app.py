@@ -266,6 +266,11 @@ class DeltatalkApp(App):
         if last and Path(last).is_file():
             self.load_model(Path(last))
             return
+        from chatapp.default_model import default_model_path
+
+        if default_model_path().is_file():  # first start after ./chat fetched it: chat right away
+            self.load_model(default_model_path())
+            return
         self._startup_discover()
 
     @work(thread=True, exclusive=True, group="discover", exit_on_error=False)

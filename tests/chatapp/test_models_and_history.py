@@ -255,3 +255,23 @@ async def test_accepting_the_fetch_offer_fetches_then_loads_the_default_model(ho
         await wait_until(pilot, lambda: fake.info is not None and app.loading is None, what="default model")
         assert fake.loads == [target]
 
+
+
+async def test_first_start_opens_the_default_model_when_it_is_there(tmp_path, monkeypatch):
+    """./chat fetches the default model, then the app should chat on it without a picker."""
+    from chatapp import default_model
+    from chatapp.app import DeltatalkApp
+    from chatapp.backend import FakeBackend
+
+    model = tmp_path / "models" / default_model.FILENAME
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"GGUF")
+    monkeypatch.setenv("DELTATALK_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DELTATALK_MODELS_DIR", str(model.parent))
+    app = DeltatalkApp(backend=FakeBackend())
+    async with app.run_test() as pilot:
+        for _ in range(50):
+            await pilot.pause(0.05)
+            if app.backend.info is not None:
+                break
+        assert app.backend.info is not None and app.backend.info.path == model
