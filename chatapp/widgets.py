@@ -10,7 +10,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.reactive import reactive
-from textual.widgets import Collapsible, Label, Markdown, ProgressBar, Sparkline, Static, TextArea
+from textual.widgets import Collapsible, Label, Markdown, ProgressBar, Static, TextArea
 
 from chatapp.backend import BackendStats
 from chatapp.discovery import human_bytes
@@ -174,6 +174,11 @@ class MessageBox(Vertical):
 
 
 # -- the live gauge -----------------------------------------------------------------------
+SPARK_WIDTH = 16              # columns of the gauge's sparkline
+SPARK_TOKENS_PER_COLUMN = 4   # generated tokens averaged into one column
+SPARK_LEVELS = " ▁▂▃▄▅▆▇█"
+
+
 @dataclass
 class TurnRecord:
     """Figures of one reply, for the gauge and the speed overlay."""
@@ -189,7 +194,35 @@ class TurnRecord:
     generated: int = 0
     context_used: int = 0
     finish: str | None = None
-    history: deque = field(default_factory=lambda: deque(maxlen=60))
+    # decode tok/s per column of SPARK_TOKENS_PER_COLUMN tokens: [sum, count]; the last may be partial
+    speed_columns: deque = field(default_factory=lambda: deque(maxlen=SPARK_WIDTH))
+
+    def record_speed(self, new_tokens: int, decode_tps: float):
+        """Add `new_tokens` tokens decoded at `decode_tps`. Columns are counted in tokens, so the
+        sparkline does not depend on how the tokens were batched into UI updates."""
+        for _ in range(min(new_tokens, SPARK_WIDTH * SPARK_TOKENS_PER_COLUMN)):
+            if not self.speed_columns or self.speed_columns[-1][1] >= SPARK_TOKENS_PER_COLUMN:
+                self.speed_columns.append([0.0, 0])
+            column = self.speed_columns[-1]
+            column[0] += decode_tps
+            column[1] += 1
+
+    def speed_history(self) -> list[float]:
+        return [total / count for total, count in self.speed_columns]
+
+
+def spark_text(values, width: int = SPARK_WIDTH) -> str:
+    """Recent decode speeds as block characters, newest on the right.
+
+    The scale starts at zero (a steady speed is a full bar, a halving shows as half height),
+    not at the window's minimum, and no column inside the window is ever blank.
+    """
+    values = list(values)[-width:]
+    top = max(values, default=0.0)
+    if top <= 0:
+        return " " * width
+    steps = len(SPARK_LEVELS) - 1
+    return "".join(SPARK_LEVELS[max(1, min(steps, round(v / top * steps)))] for v in values).rjust(width)
 
 
 class Gauge(Horizontal):
@@ -200,7 +233,7 @@ class Gauge(Horizontal):
     Gauge > Label { width: auto; margin-right: 1; }
     Gauge #g-tps { text-style: bold; color: $success; width: 12; }
     Gauge #g-prefill-label { width: 7; }
-    Gauge Sparkline { width: 16; height: 1; margin-right: 1; }
+    Gauge #g-spark { width: 16; height: 1; margin-right: 1; color: $success; }
     Gauge ProgressBar { width: 12; }
     Gauge ProgressBar Bar { width: 10; }
     Gauge #g-details { width: 1fr; height: 2; margin-right: 0; }
@@ -217,7 +250,7 @@ class Gauge(Horizontal):
 
     def compose(self) -> ComposeResult:
         yield Label("— tok/s", id="g-tps")
-        spark = Sparkline([], id="g-spark")
+        spark = Label("", id="g-spark")
         spark.display = False
         yield spark
         yield Label("prefill", id="g-prefill-label", classes="turn-only")
@@ -231,8 +264,8 @@ class Gauge(Horizontal):
         self.turn = TurnRecord()
         self.n_ctx = n_ctx
         self.active = True
-        spark = self.query_one("#g-spark", Sparkline)
-        spark.data = []
+        spark = self.query_one("#g-spark", Label)
+        spark.update("")
         spark.display = False
         for w in self.query(".turn-only"):
             w.display = True
@@ -251,16 +284,17 @@ class Gauge(Horizontal):
                   context_used: int, prompt_tokens: int, reused_tokens: int, prefilled_tokens: int,
                   dropped_messages: int = 0):
         t = self.turn
+        new_tokens = max(generated - t.generated, 0)
         t.decode_tps, t.ttft_s, t.prompt_tps, t.generated = decode_tps, ttft_s, prompt_tps, generated
         t.context_used = context_used
         t.prompt_tokens, t.reused_tokens, t.prefilled_tokens = prompt_tokens, reused_tokens, prefilled_tokens
         if t.prefill_total == 0 or t.prefill_done < t.prefill_total:
             t.prefill_done = t.prefill_total = max(prefilled_tokens, 1)
             self.query_one("#g-prefill", ProgressBar).update(total=t.prefill_total, progress=t.prefill_total)
-        if decode_tps > 0:
-            t.history.append(decode_tps)
-            spark = self.query_one("#g-spark", Sparkline)
-            spark.data = list(t.history)
+        if decode_tps > 0 and new_tokens:
+            t.record_speed(new_tokens, decode_tps)
+            spark = self.query_one("#g-spark", Label)
+            spark.update(spark_text(t.speed_history()))
             spark.display = True
         self.refresh_text()
 

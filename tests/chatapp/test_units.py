@@ -87,3 +87,40 @@ def test_deltatalk_chat_runs_the_tui_and_plain_the_line_chat(monkeypatch):
     assert seen[0] == ("tui", {"model": None, "threads": None, "ctx": None, "system": None})
     assert seen[1][1]["model"] == Path("/x/m.gguf") and seen[1][1]["threads"] == 2
     assert seen[2] == ("plain", None)
+
+
+# -- the gauge's sparkline ----------------------------------------------------------------
+def test_spark_text_scale_starts_at_zero_and_newest_is_right():
+    from chatapp.widgets import SPARK_LEVELS, spark_text
+
+    assert spark_text([], width=4) == "    "
+    # a steady speed is full bars however many columns there are
+    assert spark_text([42.0], width=4) == "   █"
+    assert spark_text([42.0] * 10, width=4) == "████"
+    # half the speed is half height, not the bottom of a min..max scale
+    assert spark_text([40.0, 20.0], width=2) == "█" + SPARK_LEVELS[4]
+    # only the newest `width` columns count
+    assert spark_text([1.0] * 100 + [10.0] * 2, width=2) == "██"
+    # a very slow moment stays visible (never a blank column inside the window)
+    assert spark_text([100.0, 0.1], width=2) == "█" + SPARK_LEVELS[1]
+
+
+def test_speed_columns_count_tokens_not_ui_batches():
+    from chatapp.widgets import SPARK_TOKENS_PER_COLUMN as K, SPARK_WIDTH, TurnRecord
+
+    def feed(batches, tps=30.0):
+        t = TurnRecord()
+        for n in batches:
+            t.record_speed(n, tps)
+        return t.speed_history()
+
+    assert feed([20]) == feed([1] * 20) == feed([3, 7, 10]) == [30.0] * (-(-20 // K))
+    # a column averages its tokens; the newest column may be partial
+    t = TurnRecord()
+    t.record_speed(K, 10.0)
+    t.record_speed(K // 2, 20.0)
+    t.record_speed(K // 2, 40.0)
+    t.record_speed(1, 7.0)
+    assert t.speed_history() == [10.0, 30.0, 7.0]
+    # the window keeps the newest SPARK_WIDTH columns
+    assert len(feed([K * SPARK_WIDTH * 3])) == SPARK_WIDTH
