@@ -9,7 +9,10 @@ reply to a list of messages, and report figures for the gauge and the speed over
   it, so they never load a real model or compile numba.
 
 Everything here is called from the app's thread workers, never from the UI thread,
-except `info` / `last_turn()` which are cheap reads.
+except `info` / `last_turn()` which are cheap reads. `EngineBackend` runs every kernel
+(warm-up, replies, the bandwidth probe) on the process's one kernel thread
+(`engine.kernel_thread`): the app's workers come from a thread pool that keeps its threads
+alive, and a second live thread that has run parallel kernels halves decode speed.
 
 Chat states: the session belongs to one chat at a time. `bind(key, state_path)` makes it
 that chat's: kept if it already is, else restored from the chat's saved state (no
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Protocol
 
 from engine.generate import GenerationResponse
+from engine.kernel_thread import kernel_thread
 from engine.sampling import SamplingSettings
 
 # progress(stage, fraction): stage is a short label ("open", "validate", "compile", ...);
@@ -123,6 +127,7 @@ class EngineBackend:
         self._work = threading.RLock()  # one session operation at a time (reply, bind, save)
         self._owner = None              # the chat key whose conversation the session holds
         self._threading_layer = "?"
+        self._threads_in_use = 0
         self._bandwidth = bandwidth_bytes_s
         self._bandwidth_measured: float | None = None
         self.state_events: list[tuple] = []   # (key, outcome) of every bind, for the log and tests
@@ -130,25 +135,19 @@ class EngineBackend:
     def load(self, path: Path, progress: LoadProgress | None = None,
              bind: tuple | None = None) -> ModelInfo:
         """Load and warm up a model; `bind=(key, state_path)` restores that chat into the new session."""
-        from engine import runtime
         from engine.loader import load_model
         from engine.session import ChatSession
-        from engine.warmup import warm_up
 
         say = progress or (lambda stage, frac: None)
         path = Path(path)
         t0 = time.perf_counter()
         say("open", None)
-        runtime.set_threads(self.threads)
         loaded = load_model(path, n_ctx=self.n_ctx)   # opens + validates; raises ModelFileError
         say("validate", 1.0)
         t1 = time.perf_counter()
         say("compile", None)
-        compile_s = warm_up(loaded.model)
-        try:
-            layer = runtime.threading_layer()
-        except Exception:  # noqa: BLE001  (a figure for the overlay, never fatal)
-            layer = "?"
+        # on the kernel thread: a reply on the previous model finishes first, then this runs
+        compile_s, layer = kernel_thread().call(self._warm_up, loaded.model)
         session = ChatSession(loaded)
         owner = None
         if bind is not None:
@@ -170,6 +169,19 @@ class EngineBackend:
             except Exception:  # noqa: BLE001
                 pass
         return info
+
+    def _warm_up(self, model) -> tuple[float, str]:
+        """(On the kernel thread.) Set the thread count, compile/run every kernel once."""
+        from engine import runtime
+        from engine.warmup import warm_up
+
+        self._threads_in_use = runtime.set_threads(self.threads)   # per thread in numba: set it here
+        compile_s = warm_up(model)
+        try:
+            layer = runtime.threading_layer()
+        except Exception:  # noqa: BLE001  (a figure for the overlay, never fatal)
+            layer = "?"
+        return compile_s, layer
 
     def _restore(self, session, key, state_path: Path | None) -> str:
         """Load a chat's saved state into `session`, or reset it. Never raises for a bad state."""
@@ -211,11 +223,17 @@ class EngineBackend:
                 session = self._session
             if session is None:
                 raise RuntimeError("no model is loaded")
-            # the session works out what is new (append / regenerate / edit) and feeds only that
-            yield from session.reply(messages, settings, max_tokens=max_tokens, cancel=cancel,
-                                     prefill_progress=prefill_progress, enable_thinking=enable_thinking)
-            if save_to is not None:
-                self._save(session, Path(save_to))
+            # the session works out what is new (append / regenerate / edit) and feeds only that;
+            # the state is saved on the kernel thread too, before the last item is handed over
+            yield from kernel_thread().iterate(self._reply_and_save, session, messages, settings,
+                                               max_tokens, enable_thinking, cancel, prefill_progress, save_to)
+
+    def _reply_and_save(self, session, messages, settings, max_tokens, enable_thinking, cancel,
+                        prefill_progress, save_to):
+        yield from session.reply(messages, settings, max_tokens=max_tokens, cancel=cancel,
+                                 prefill_progress=prefill_progress, enable_thinking=enable_thinking)
+        if save_to is not None:
+            self._save(session, Path(save_to))
 
     @staticmethod
     def _save(session, path: Path):
@@ -255,7 +273,7 @@ class EngineBackend:
             measured = getattr(runtime, "memory_bandwidth_bytes_s", None)
             if callable(measured):
                 try:
-                    self._bandwidth_measured = float(measured())
+                    self._bandwidth_measured = float(kernel_thread().call(measured))
                 except Exception as e:  # noqa: BLE001
                     log.warning("bandwidth measurement failed: %r", e)
         return self._bandwidth_measured
@@ -264,12 +282,7 @@ class EngineBackend:
         from engine import runtime
 
         st = BackendStats(threading_layer=self._threading_layer)
-        try:
-            import numba
-
-            st.threads = numba.get_num_threads()
-        except Exception:  # noqa: BLE001
-            pass
+        st.threads = self._threads_in_use   # numba's count is per thread: the kernel thread's
         st.rss_bytes = runtime.current_rss_bytes()
         st.peak_rss_bytes = runtime.peak_rss_bytes()
         st.cpu_features = runtime.cpu_features()

@@ -1,0 +1,98 @@
+"""The kernel thread: every parallel kernel of an app runs on one long-lived thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numba
+import numpy as np
+import pytest
+
+from engine.kernel_thread import KernelThread, kernel_thread
+
+
+def test_call_runs_on_one_thread_and_reraises():
+    kt = KernelThread()
+    idents = {kt.call(threading.get_ident) for _ in range(5)}
+    assert len(idents) == 1 and threading.get_ident() not in idents
+    # from other threads too
+    seen = []
+    ts = [threading.Thread(target=lambda: seen.append(kt.call(threading.get_ident))) for _ in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert set(seen) == idents
+    with pytest.raises(ZeroDivisionError):
+        kt.call(lambda: 1 / 0)
+    # nested calls from the kernel thread run inline (no deadlock)
+    assert kt.call(lambda: kt.call(threading.get_ident)) in idents
+
+
+def test_iterate_yields_in_order_and_reraises_after_earlier_items():
+    kt = KernelThread()
+    where = []
+
+    def gen(n):
+        for i in range(n):
+            where.append(threading.get_ident())
+            yield i
+        raise ValueError("boom")
+
+    out = []
+    with pytest.raises(ValueError, match="boom"):
+        for x in kt.iterate(gen, 4):
+            out.append(x)
+    assert out == [0, 1, 2, 3]
+    assert set(where) == {kt.call(threading.get_ident)}
+
+
+def test_closing_the_consumer_closes_the_producer():
+    kt = KernelThread()
+    closed = threading.Event()
+    produced = []
+
+    def gen():   # a slow producer, like a decode loop
+        try:
+            for i in range(1000):
+                produced.append(i)
+                yield i
+                time.sleep(0.002)
+        finally:
+            closed.set()
+
+    it = kt.iterate(gen)
+    assert next(it) == 0
+    it.close()          # waits until the producer has stopped
+    assert closed.is_set() and len(produced) < 1000
+    # the thread is free again
+    assert kt.call(lambda: 7) == 7
+
+
+@numba.njit(parallel=True, cache=True)
+def _par_sum(a):
+    s = 0.0
+    for i in numba.prange(a.shape[0]):
+        s += a[i]
+    return s
+
+
+def test_parallel_kernels_from_worker_threads_use_one_team():
+    """However many app threads ask, the OS thread count stays that of one OpenMP team."""
+    import os
+
+    a = np.ones(1 << 16)
+    kt = kernel_thread()
+    kt.call(_par_sum, a)
+    n0 = len(os.listdir("/proc/self/task"))
+    for _ in range(3):
+        t = threading.Thread(target=lambda: kt.call(_par_sum, a))
+        t.start()
+        t.join()
+    keep = []
+    t = threading.Thread(target=lambda: keep.append(kt.call(_par_sum, a)))   # no team of its own
+    t.start()
+    t.join()
+    assert keep == [float(a.size)]
+    assert len(os.listdir("/proc/self/task")) <= n0
