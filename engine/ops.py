@@ -12,7 +12,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from engine.quants.common import F16_TO_F32, f32_to_f16_bits
+from engine.quants.common import F16_TO_F32, HAVE_F16C, f16_round, f32_to_f16_bits
 
 from engine.jit import JIT as _JIT, JIT_EXACT, JIT_EXACT_PAR, JIT_PAR as _JIT_PAR
 
@@ -112,6 +112,44 @@ def to_f16_precision(a):
         return a.astype(np.float16).astype(np.float32)
 
 
+@numba.njit(**JIT_EXACT)
+def rope_store_f16c(q, k, v, cos, sin, p0, n_rot, neox, keys, values):
+    """rope_and_store in one call (needs HAVE_F16C): q, k rotated in place; q rounded to fp16 in
+    place; k and v rounded to fp16 into keys/values at positions p0..p0+T-1."""
+    rope_inplace(q, cos, sin, p0, n_rot, neox)
+    rope_inplace(k, cos, sin, p0, n_rot, neox)
+    T, H, hd = q.shape
+    Hkv = k.shape[1]
+    for t in range(T):
+        for h in range(H):
+            for d in range(hd):
+                q[t, h, d] = f16_round(q[t, h, d])
+        for h in range(Hkv):
+            for d in range(hd):
+                keys[p0 + t, h, d] = f16_round(k[t, h, d])
+                values[p0 + t, h, d] = f16_round(v[t, h, d])
+
+
+def rope_and_store(q, k, v, cos, sin, n_rot, neox, kv):
+    """RoPE on q and k (T, H, hd) at the cache's position; append fp16-rounded k, v to the
+    KV cache; round q to fp16 in place (llama.cpp's F16 cache and F16 query). Returns p0."""
+    T = k.shape[0]
+    p0 = kv.offset
+    if p0 + T > kv.n_ctx:
+        raise ValueError(f"KV cache full: {p0} + {T} positions > context {kv.n_ctx}")
+    if k.shape[1:] != kv.keys.shape[1:] or v.shape != k.shape or p0 + T > cos.shape[0]:
+        raise ValueError(f"rope_and_store: shapes q {q.shape} k {k.shape} v {v.shape} cache {kv.keys.shape}")
+    if HAVE_F16C:
+        rope_store_f16c(q, k, v, cos, sin, p0, n_rot, neox, kv.keys, kv.values)
+        kv.offset = p0 + T
+    else:
+        rope_inplace(q, cos, sin, p0, n_rot, neox)
+        rope_inplace(k, cos, sin, p0, n_rot, neox)
+        kv.write(to_f16_precision(k), to_f16_precision(v))
+        q[...] = to_f16_precision(q)
+    return p0
+
+
 @numba.njit(**_JIT_PAR)
 def attention(q, k_cache, v_cache, p0, scale, out):
     """Causal grouped-query attention of T new queries over the cache.
@@ -193,6 +231,71 @@ def attention_decode(q, k_cache, v_cache, p0, scale, out, lut):
             out[0, h, d] = acc[d] * inv
 
 
+@numba.njit(**JIT_EXACT_PAR)
+def attention_decode_f16c(q, k_cache, v_cache, p0, scale, out):
+    """attention_decode, bit for bit, with hardware fp16 rounding (needs HAVE_F16C).
+
+    The scores of 8 positions are summed side by side (each in the same order as before:
+    8 independent chains instead of one long dependent one), and the fp16 accumulator's
+    updates are plain vectorizable loops over the head dimension.
+    """
+    _, Hq, hd = q.shape
+    Hkv = k_cache.shape[1]
+    n_rep = Hq // Hkv
+    n = p0 + 1
+    for h in prange(Hq):
+        kh = h // n_rep
+        scores = np.empty(n, np.float32)
+        j = 0
+        while j + 8 <= n:
+            s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
+            for d in range(hd):
+                qd = q[0, h, d]
+                s0 += qd * k_cache[j, kh, d]
+                s1 += qd * k_cache[j + 1, kh, d]
+                s2 += qd * k_cache[j + 2, kh, d]
+                s3 += qd * k_cache[j + 3, kh, d]
+                s4 += qd * k_cache[j + 4, kh, d]
+                s5 += qd * k_cache[j + 5, kh, d]
+                s6 += qd * k_cache[j + 6, kh, d]
+                s7 += qd * k_cache[j + 7, kh, d]
+            scores[j] = s0 * scale
+            scores[j + 1] = s1 * scale
+            scores[j + 2] = s2 * scale
+            scores[j + 3] = s3 * scale
+            scores[j + 4] = s4 * scale
+            scores[j + 5] = s5 * scale
+            scores[j + 6] = s6 * scale
+            scores[j + 7] = s7 * scale
+            j += 8
+        while j < n:
+            s = np.float32(0.0)
+            for d in range(hd):
+                s += q[0, h, d] * k_cache[j, kh, d]
+            scores[j] = s * scale
+            j += 1
+        acc = np.zeros(hd, np.float32)  # always holds fp16-representable values
+        m = np.float32(-np.inf)
+        total = np.float32(0.0)
+        for j in range(n):
+            s = scores[j]
+            ms = np.float32(1.0)
+            vs = np.float32(1.0)
+            if s > m:
+                ms = np.exp(m - s) if m != -np.inf else np.float32(0.0)
+                m = s
+                for d in range(hd):
+                    acc[d] = f16_round(acc[d] * ms)
+            else:
+                vs = np.exp(s - m)
+            for d in range(hd):
+                acc[d] = f16_round(acc[d] + v_cache[j, kh, d] * vs)
+            total = total * ms + vs
+        inv = np.float32(1.0) / total
+        for d in range(hd):
+            out[0, h, d] = acc[d] * inv
+
+
 def attention_decode_ref(q, k_cache, v_cache, p0, scale):
     """numpy twin of attention_decode (same order, fp16 accumulator)."""
     _, Hq, hd = q.shape
@@ -240,7 +343,10 @@ def attend(q, k_cache, v_cache, p0, scale, out):
     float32 path, as llama.cpp's tiled kernel accumulates in f32.
     """
     if q.shape[0] == 1:
-        attention_decode(q, k_cache, v_cache, p0, scale, out, F16_TO_F32)
+        if HAVE_F16C:
+            attention_decode_f16c(q, k_cache, v_cache, p0, scale, out)
+        else:
+            attention_decode(q, k_cache, v_cache, p0, scale, out, F16_TO_F32)
     else:
         attention(q, k_cache, v_cache, p0, scale, out)
 

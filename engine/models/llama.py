@@ -21,7 +21,7 @@ from engine import ops
 from engine.cache import KVCache
 from engine.errors import ModelFileError
 from engine.gguf_file import GGUFFile
-from engine.quants import QuantLinear, get_format
+from engine.quants import LinearGroup, QuantLinear, get_format
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,9 @@ class Layer:
         self.w_gate = _linear(gf, p + "ffn_gate.weight", D, a.n_ff)
         self.w_up = _linear(gf, p + "ffn_up.weight", D, a.n_ff)
         self.w_down = _linear(gf, p + "ffn_down.weight", a.n_ff, D)
+        # same input: quantized once, one parallel region when the formats match
+        self.wqkv = LinearGroup([self.wq, self.wk, self.wv])
+        self.w_gate_up = LinearGroup([self.w_gate, self.w_up])
 
 
 class Model:
@@ -173,18 +176,15 @@ class Model:
         att = np.empty((T, H, hd), dtype=np.float32)
         for layer, kv in zip(self.layers, cache):
             ops.rmsnorm(x, layer.attn_norm, a.norm_eps, n)
-            q = layer.wq.matmul(n).reshape(T, H, hd)
-            k = layer.wk.matmul(n).reshape(T, Hkv, hd)
-            v = layer.wv.matmul(n).reshape(T, Hkv, hd)
-            ops.rope_inplace(q, self.rope_cos, self.rope_sin, p0, a.n_rot, False)
-            ops.rope_inplace(k, self.rope_cos, self.rope_sin, p0, a.n_rot, False)
-            kv.write(ops.to_f16_precision(k), ops.to_f16_precision(v))
-            ops.attend(ops.to_f16_precision(q), kv.keys, kv.values, p0, scale, att)
+            q, k, v = layer.wqkv.matmul(n)
+            q, k, v = q.reshape(T, H, hd), k.reshape(T, Hkv, hd), v.reshape(T, Hkv, hd)
+            # RoPE, then q/k/v rounded to fp16 (llama.cpp's F16 cache); k, v appended to the cache
+            ops.rope_and_store(q, k, v, self.rope_cos, self.rope_sin, a.n_rot, False, kv)
+            ops.attend(q, kv.keys, kv.values, p0, scale, att)
             x += layer.wo.matmul(att.reshape(T, H * hd))
 
             ops.rmsnorm(x, layer.ffn_norm, a.norm_eps, n)
-            g = layer.w_gate.matmul(n)
-            u = layer.w_up.matmul(n)
+            g, u = layer.w_gate_up.matmul(n)
             ops.swiglu(g, u, g)
             x += layer.w_down.matmul(g)
 

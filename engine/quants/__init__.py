@@ -46,11 +46,11 @@ SUPPORTED_TYPE_NAMES = tuple(f.name for f in FORMATS.values())
 # DELTATALK_NO_SIMD=1, and by the tests that compare the two).
 PORTABLE_KERNELS = {k: f.kernel for k, f in FORMATS.items()}
 if simd.HAVE_AVX2 and os.environ.get("DELTATALK_NO_SIMD", "") != "1":
-    from engine.quants.simd_kernels import KERNELS as SIMD_KERNELS
+    from engine.quants.simd_kernels import KERNELS as SIMD_KERNELS, MULTI_KERNELS
 
     FORMATS = {k: dataclasses.replace(f, kernel=SIMD_KERNELS.get(k, f.kernel)) for k, f in FORMATS.items()}
 else:
-    SIMD_KERNELS = {}
+    SIMD_KERNELS, MULTI_KERNELS = {}, {}
 
 # Float weights are handed to their kernels as float32 / uint16 views of the bytes, and
 # the 16-bit kernel needs the right table; Q8_0's kernel reads its bytes as signed.
@@ -126,3 +126,45 @@ class QuantLinear:
 
     def __repr__(self):
         return f"QuantLinear({self.name}, {self.fmt.name}, {self.n_out}x{self.n_in})"
+
+
+class LinearGroup:
+    """Two or three weights that read the same input (q/k/v, gate/up): Y_i = W_i X.
+
+    The input is quantized once when the weights share an activation type (Q4_K and Q6_K
+    both take Q8_K), and weights of one format with a fused kernel run in a single parallel
+    region: per token, one launch instead of three. The results equal the separate calls.
+    """
+
+    def __init__(self, linears: list[QuantLinear]):
+        if not 2 <= len(linears) <= 3 or len({l.n_in for l in linears}) != 1:
+            raise ValueError(f"a group needs 2 or 3 weights of one input width, got {linears}")
+        self.linears = list(linears)
+        self.n_in = linears[0].n_in
+        self.shared_act = len({l.fmt.act for l in linears}) == 1
+        types = {l.fmt.ggml_type for l in linears}
+        self.fused = MULTI_KERNELS.get(types.pop()) if self.shared_act and len(types) == 1 else None
+        self.lut = linears[0].lut
+
+    def matmul(self, X: np.ndarray) -> list[np.ndarray]:
+        """X (T, n_in) float32 -> [(T, n_out_i)]."""
+        if not self.shared_act:
+            return [l.matmul(X) for l in self.linears]
+        act = self.linears[0].quantize(X)
+        if self.fused is None:
+            return [l.matmul_quantized(act) for l in self.linears]
+        T = X.shape[0]
+        outs = [np.empty((T, l.n_out), dtype=np.float32) for l in self.linears]
+        ws = [l.weights for l in self.linears]
+        if len(ws) == 2:   # an empty third weight of the same array type
+            ws.append(ws[1][:0])
+            outs3 = outs + [np.empty((T, 0), dtype=np.float32)]
+        else:
+            outs3 = outs
+        xs = act[2] if len(act) == 3 else act[1]
+        self.fused(ws[0], ws[1], ws[2], act[0], act[1], xs, self.lut, outs3[0], outs3[1], outs3[2])
+        return outs
+
+    def __repr__(self):
+        how = "fused" if self.fused is not None else ("shared input" if self.shared_act else "separate")
+        return f"LinearGroup({', '.join(l.name for l in self.linears)}; {how})"

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.extending import intrinsic
 
 from engine.jit import JIT, JIT_EXACT, JIT_PAR  # noqa: F401  (re-exported for the format modules)
 
@@ -44,6 +46,36 @@ def f32_to_f16_bits(f, scratch_f, scratch_u):
     r = a - 0x38000000  # rebias the exponent (127 - 15) << 23
     r = r + 0xFFF + ((r >> 13) & 1)
     return sign | (r >> 13)
+
+
+def _host_has_f16c() -> bool:
+    import os
+
+    from llvmlite import binding as llvm
+
+    if os.environ.get("NUMBA_CPU_NAME", "host") not in ("", "host"):
+        return "+f16c" in os.environ.get("NUMBA_CPU_FEATURES", "")
+    try:
+        return bool(llvm.get_host_cpu_features().get("f16c", False)) and not numba.config.DISABLE_JIT
+    except Exception:  # pragma: no cover - feature query unsupported
+        return False
+
+
+# With F16C the round trip float32 -> fp16 -> float32 is one instruction pair (vcvtps2ph /
+# vcvtph2ps, round to nearest even, overflow to inf), and LLVM vectorizes loops around it.
+HAVE_F16C = _host_has_f16c()
+
+
+@intrinsic
+def f16_round(typingctx, x):
+    """x (float32) rounded to the nearest fp16 value, as float32 (needs HAVE_F16C)."""
+    if x != numba.types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
+
+    return numba.types.float32(numba.types.float32), codegen
 
 
 def f32_to_f16_ref(x: np.ndarray) -> np.ndarray:

@@ -133,6 +133,25 @@ def matmul_{k}(w, x, lut, out):
         _row_{k}(w, n, x, lut, out, T, K)
 '''
 
+MULTI = '''
+
+@numba.njit(**PAR)
+def matmul3_{k}(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
+    """Three weights of this format times one shared activation in one parallel region (q/k/v,
+    or gate/up with an empty third): one launch instead of three, rows spread over the threads."""
+    T = out0.shape[0]
+    N0, N1, N2 = out0.shape[1], out1.shape[1], out2.shape[1]
+    K = xq.shape[1]
+    nb = K // {bs}
+    for n in prange(N0 + N1 + N2):
+        if n < N0:
+            _row_{k}(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
+        elif n < N0 + N1:
+            _row_{k}(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+        else:
+            _row_{k}(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
+'''
+
 TAIL = '''
 
 
@@ -152,14 +171,26 @@ KERNELS = {
     _G.Q6_K: matmul_q6_k, _G.IQ4_XS: matmul_iq4_xs, _G.F16: matmul_f16, _G.BF16: matmul_bf16,
 }
 KERNELS = {int(k): v for k, v in KERNELS.items()}
+
+# matmul3_*(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2): xs is the activation's third
+# array (sums for Q8_1, bsums for Q8_K) or its scales again for Q8_0.
+MULTI_KERNELS = {
+    _G.Q4_0: matmul3_q4_0, _G.Q4_1: matmul3_q4_1, _G.Q5_0: matmul3_q5_0, _G.Q5_1: matmul3_q5_1,
+    _G.Q8_0: matmul3_q8_0, _G.IQ4_NL: matmul3_iq4_nl,
+    _G.Q2_K: matmul3_q2_k, _G.Q3_K: matmul3_q3_k, _G.Q4_K: matmul3_q4_k, _G.Q5_K: matmul3_q5_k,
+    _G.Q6_K: matmul3_q6_k, _G.IQ4_XS: matmul3_iq4_xs,
+}
+MULTI_KERNELS = {int(k): v for k, v in MULTI_KERNELS.items()}
 '''
 
 src = HEAD
 for k in ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"]:
     q81 = k in ("q4_1", "q5_1")
     src += LEGACY.format(k=k, xsp="xs, " if q81 else "", xsa="xs" if q81 else "xd")
+    src += MULTI.format(k=k, bs=32)
 for k in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"):  # whole-row intrinsics
     src += KROW.format(k=k)
+    src += MULTI.format(k=k, bs=256)
 for k in ("f16", "bf16"):
     src += FROW.format(k=k)
 src += TAIL

@@ -54,6 +54,23 @@ def matmul_q8_0(w, xq, xd, lut, out):
         _row_q8_0(w, n, xq, xd, xd, lut, out, T, K, nb, rb)
 
 
+@numba.njit(**PAR)
+def matmul3_q8_0(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
+    """Three weights of this format times one shared activation in one parallel region (q/k/v,
+    or gate/up with an empty third): one launch instead of three, rows spread over the threads."""
+    T = out0.shape[0]
+    N0, N1, N2 = out0.shape[1], out1.shape[1], out2.shape[1]
+    K = xq.shape[1]
+    nb = K // 32
+    for n in prange(N0 + N1 + N2):
+        if n < N0:
+            _row_q8_0(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
+        elif n < N0 + N1:
+            _row_q8_0(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+        else:
+            _row_q8_0(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
+
+
 @numba.njit(**SER)
 def _row_q4_0(w, n, xq, xd, xs, lut, out, T, K, nb, rb):
     off = n * rb
@@ -75,6 +92,23 @@ def matmul_q4_0(w, xq, xd, lut, out):
     nb = K // 32
     for n in prange(N):
         _row_q4_0(w, n, xq, xd, xd, lut, out, T, K, nb, rb)
+
+
+@numba.njit(**PAR)
+def matmul3_q4_0(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
+    """Three weights of this format times one shared activation in one parallel region (q/k/v,
+    or gate/up with an empty third): one launch instead of three, rows spread over the threads."""
+    T = out0.shape[0]
+    N0, N1, N2 = out0.shape[1], out1.shape[1], out2.shape[1]
+    K = xq.shape[1]
+    nb = K // 32
+    for n in prange(N0 + N1 + N2):
+        if n < N0:
+            _row_q4_0(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
+        elif n < N0 + N1:
+            _row_q4_0(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+        else:
+            _row_q4_0(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
 
 
 @numba.njit(**SER)
@@ -100,6 +134,23 @@ def matmul_q4_1(w, xq, xd, xs, lut, out):
         _row_q4_1(w, n, xq, xd, xs, lut, out, T, K, nb, rb)
 
 
+@numba.njit(**PAR)
+def matmul3_q4_1(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
+    """Three weights of this format times one shared activation in one parallel region (q/k/v,
+    or gate/up with an empty third): one launch instead of three, rows spread over the threads."""
+    T = out0.shape[0]
+    N0, N1, N2 = out0.shape[1], out1.shape[1], out2.shape[1]
+    K = xq.shape[1]
+    nb = K // 32
+    for n in prange(N0 + N1 + N2):
+        if n < N0:
+            _row_q4_1(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
+        elif n < N0 + N1:
+            _row_q4_1(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+        else:
+            _row_q4_1(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
+
+
 @numba.njit(**SER)
 def _row_q5_0(w, n, xq, xd, xs, lut, out, T, K, nb, rb):
     off = n * rb
@@ -121,6 +172,23 @@ def matmul_q5_0(w, xq, xd, lut, out):
     nb = K // 32
     for n in prange(N):
         _row_q5_0(w, n, xq, xd, xd, lut, out, T, K, nb, rb)
+
+
+@numba.njit(**PAR)
+def matmul3_q5_0(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
+    """Three weights of this format times one shared activation in one parallel region (q/k/v,
+    or gate/up with an empty third): one launch instead of three, rows spread over the threads."""
+    T = out0.shape[0]
+    N0, N1, N2 = out0.shape[1], out1.shape[1], out2.shape[1]
+    K = xq.shape[1]
+    nb = K // 32
+    for n in prange(N0 + N1 + N2):
+        if n < N0:
+            _row_q5_0(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
+        elif n < N0 + N1:
+            _row_q5_0(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+        else:
+            _row_q5_0(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
 
 
 @numba.njit(**SER)
@@ -146,6 +214,23 @@ def matmul_q5_1(w, xq, xd, xs, lut, out):
         _row_q5_1(w, n, xq, xd, xs, lut, out, T, K, nb, rb)
 
 
+@numba.njit(**PAR)
+def matmul3_q5_1(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
+    """Three weights of this format times one shared activation in one parallel region (q/k/v,
+    or gate/up with an empty third): one launch instead of three, rows spread over the threads."""
+    T = out0.shape[0]
+    N0, N1, N2 = out0.shape[1], out1.shape[1], out2.shape[1]
+    K = xq.shape[1]
+    nb = K // 32
+    for n in prange(N0 + N1 + N2):
+        if n < N0:
+            _row_q5_1(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
+        elif n < N0 + N1:
+            _row_q5_1(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+        else:
+            _row_q5_1(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
+
+
 @numba.njit(**SER)
 def _row_iq4_nl(w, n, xq, xd, xs, lut, out, T, K, nb, rb):
     off = n * rb
@@ -167,6 +252,23 @@ def matmul_iq4_nl(w, xq, xd, lut, out):
     nb = K // 32
     for n in prange(N):
         _row_iq4_nl(w, n, xq, xd, xd, lut, out, T, K, nb, rb)
+
+
+@numba.njit(**PAR)
+def matmul3_iq4_nl(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
+    """Three weights of this format times one shared activation in one parallel region (q/k/v,
+    or gate/up with an empty third): one launch instead of three, rows spread over the threads."""
+    T = out0.shape[0]
+    N0, N1, N2 = out0.shape[1], out1.shape[1], out2.shape[1]
+    K = xq.shape[1]
+    nb = K // 32
+    for n in prange(N0 + N1 + N2):
+        if n < N0:
+            _row_iq4_nl(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
+        elif n < N0 + N1:
+            _row_iq4_nl(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+        else:
+            _row_iq4_nl(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
 
 
 
@@ -194,6 +296,23 @@ def matmul_q2_k(w, xq, xd, bsums, lut, out):
         _row_q2_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb)
 
 
+@numba.njit(**PAR)
+def matmul3_q2_k(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
+    """Three weights of this format times one shared activation in one parallel region (q/k/v,
+    or gate/up with an empty third): one launch instead of three, rows spread over the threads."""
+    T = out0.shape[0]
+    N0, N1, N2 = out0.shape[1], out1.shape[1], out2.shape[1]
+    K = xq.shape[1]
+    nb = K // 256
+    for n in prange(N0 + N1 + N2):
+        if n < N0:
+            _row_q2_k(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
+        elif n < N0 + N1:
+            _row_q2_k(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+        else:
+            _row_q2_k(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
+
+
 
 @numba.njit(**SER)
 def _row_q3_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
@@ -217,6 +336,23 @@ def matmul_q3_k(w, xq, xd, bsums, lut, out):
     nb = K // 256
     for n in prange(N):
         _row_q3_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb)
+
+
+@numba.njit(**PAR)
+def matmul3_q3_k(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
+    """Three weights of this format times one shared activation in one parallel region (q/k/v,
+    or gate/up with an empty third): one launch instead of three, rows spread over the threads."""
+    T = out0.shape[0]
+    N0, N1, N2 = out0.shape[1], out1.shape[1], out2.shape[1]
+    K = xq.shape[1]
+    nb = K // 256
+    for n in prange(N0 + N1 + N2):
+        if n < N0:
+            _row_q3_k(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
+        elif n < N0 + N1:
+            _row_q3_k(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+        else:
+            _row_q3_k(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
 
 
 
@@ -244,6 +380,23 @@ def matmul_q4_k(w, xq, xd, bsums, lut, out):
         _row_q4_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb)
 
 
+@numba.njit(**PAR)
+def matmul3_q4_k(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
+    """Three weights of this format times one shared activation in one parallel region (q/k/v,
+    or gate/up with an empty third): one launch instead of three, rows spread over the threads."""
+    T = out0.shape[0]
+    N0, N1, N2 = out0.shape[1], out1.shape[1], out2.shape[1]
+    K = xq.shape[1]
+    nb = K // 256
+    for n in prange(N0 + N1 + N2):
+        if n < N0:
+            _row_q4_k(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
+        elif n < N0 + N1:
+            _row_q4_k(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+        else:
+            _row_q4_k(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
+
+
 
 @numba.njit(**SER)
 def _row_q5_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
@@ -267,6 +420,23 @@ def matmul_q5_k(w, xq, xd, bsums, lut, out):
     nb = K // 256
     for n in prange(N):
         _row_q5_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb)
+
+
+@numba.njit(**PAR)
+def matmul3_q5_k(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
+    """Three weights of this format times one shared activation in one parallel region (q/k/v,
+    or gate/up with an empty third): one launch instead of three, rows spread over the threads."""
+    T = out0.shape[0]
+    N0, N1, N2 = out0.shape[1], out1.shape[1], out2.shape[1]
+    K = xq.shape[1]
+    nb = K // 256
+    for n in prange(N0 + N1 + N2):
+        if n < N0:
+            _row_q5_k(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
+        elif n < N0 + N1:
+            _row_q5_k(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+        else:
+            _row_q5_k(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
 
 
 
@@ -294,6 +464,23 @@ def matmul_q6_k(w, xq, xd, bsums, lut, out):
         _row_q6_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb)
 
 
+@numba.njit(**PAR)
+def matmul3_q6_k(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
+    """Three weights of this format times one shared activation in one parallel region (q/k/v,
+    or gate/up with an empty third): one launch instead of three, rows spread over the threads."""
+    T = out0.shape[0]
+    N0, N1, N2 = out0.shape[1], out1.shape[1], out2.shape[1]
+    K = xq.shape[1]
+    nb = K // 256
+    for n in prange(N0 + N1 + N2):
+        if n < N0:
+            _row_q6_k(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
+        elif n < N0 + N1:
+            _row_q6_k(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+        else:
+            _row_q6_k(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
+
+
 
 @numba.njit(**SER)
 def _row_iq4_xs(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
@@ -317,6 +504,23 @@ def matmul_iq4_xs(w, xq, xd, bsums, lut, out):
     nb = K // 256
     for n in prange(N):
         _row_iq4_xs(w, n, xq, xd, bsums, lut, out, T, K, nb, rb)
+
+
+@numba.njit(**PAR)
+def matmul3_iq4_xs(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
+    """Three weights of this format times one shared activation in one parallel region (q/k/v,
+    or gate/up with an empty third): one launch instead of three, rows spread over the threads."""
+    T = out0.shape[0]
+    N0, N1, N2 = out0.shape[1], out1.shape[1], out2.shape[1]
+    K = xq.shape[1]
+    nb = K // 256
+    for n in prange(N0 + N1 + N2):
+        if n < N0:
+            _row_iq4_xs(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
+        elif n < N0 + N1:
+            _row_iq4_xs(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+        else:
+            _row_iq4_xs(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
 
 
 
@@ -406,6 +610,16 @@ KERNELS = {
     _G.Q6_K: matmul_q6_k, _G.IQ4_XS: matmul_iq4_xs, _G.F16: matmul_f16, _G.BF16: matmul_bf16,
 }
 KERNELS = {int(k): v for k, v in KERNELS.items()}
+
+# matmul3_*(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2): xs is the activation's third
+# array (sums for Q8_1, bsums for Q8_K) or its scales again for Q8_0.
+MULTI_KERNELS = {
+    _G.Q4_0: matmul3_q4_0, _G.Q4_1: matmul3_q4_1, _G.Q5_0: matmul3_q5_0, _G.Q5_1: matmul3_q5_1,
+    _G.Q8_0: matmul3_q8_0, _G.IQ4_NL: matmul3_iq4_nl,
+    _G.Q2_K: matmul3_q2_k, _G.Q3_K: matmul3_q3_k, _G.Q4_K: matmul3_q4_k, _G.Q5_K: matmul3_q5_k,
+    _G.Q6_K: matmul3_q6_k, _G.IQ4_XS: matmul3_iq4_xs,
+}
+MULTI_KERNELS = {int(k): v for k, v in MULTI_KERNELS.items()}
 
 # sha256 of simd.py when this file was generated (see gen_simd_kernels.py)
 SIMD_SOURCE_SHA256 = "5632c9508e542448bb33fe84ec3aa997d17e5d217bb2a02dca85c978c1009f72"

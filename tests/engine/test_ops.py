@@ -96,3 +96,43 @@ def test_decode_attention_matches_numpy_twin(rng, p0, Hq, Hkv):
     np.testing.assert_allclose(out, ops.attention_decode_ref(q, k, v, p0, 0.2), rtol=2e-3, atol=2e-3)
     # and it is attention: close to the float64 result within fp16 accumulation error
     np.testing.assert_allclose(out, ops.attention_ref(q, k, v, p0, 0.2), rtol=0, atol=2e-2)
+
+
+@pytest.mark.skipif(not ops.HAVE_F16C, reason="needs F16C")
+@pytest.mark.parametrize("p0,Hq,Hkv,hd", [(0, 4, 2, 32), (12, 9, 3, 64), (40, 4, 4, 32), (300, 9, 3, 64)])
+def test_f16c_decode_attention_is_bit_identical_to_the_portable_kernel(rng, p0, Hq, Hkv, hd):
+    from engine.quants.common import F16_TO_F32
+
+    n_ctx = p0 + 9
+    k = ops.to_f16_precision(rng.normal(size=(n_ctx, Hkv, hd)).astype(np.float32))
+    v = ops.to_f16_precision(rng.normal(size=(n_ctx, Hkv, hd)).astype(np.float32) * 30)
+    q = ops.to_f16_precision(rng.normal(size=(1, Hq, hd)).astype(np.float32) * 3)
+    a, b = np.empty_like(q), np.empty_like(q)
+    ops.attention_decode(q, k, v, p0, np.float32(0.125), a, F16_TO_F32)
+    ops.attention_decode_f16c(q, k, v, p0, np.float32(0.125), b)
+    assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    np.testing.assert_allclose(b, ops.attention_decode_ref(q, k, v, p0, 0.125), rtol=2e-3, atol=2e-2)
+
+
+def test_f16_round_matches_numpy_on_every_kind_of_float():
+    import numba
+
+    from engine.quants.common import HAVE_F16C, f16_round
+
+    if not HAVE_F16C:
+        pytest.skip("needs F16C")
+
+    @numba.njit
+    def round_all(a, out):
+        for i in range(a.shape[0]):
+            out[i] = f16_round(a[i])
+
+    bits = np.random.default_rng(0).integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    x = np.concatenate([bits.view(np.float32), np.array([0.0, -0.0, 65504, 65519.99, 65520, -65520, 2.98e-8,
+                                                          5.96e-8, 1e-8, np.inf, -np.inf], np.float32)])
+    out = np.empty_like(x)
+    round_all(x, out)
+    with np.errstate(over="ignore"):
+        ref = x.astype(np.float16).astype(np.float32)
+    same = (out.view(np.uint32) == ref.view(np.uint32)) | (np.isnan(out) & np.isnan(ref))
+    assert same.all()

@@ -159,3 +159,45 @@ def test_decode_is_bit_identical_to_a_prefill_row(qtype, rng):
     for t in (0, 5, 8):
         np.testing.assert_array_equal(lin(X[t]), Y[t])
     assert fmt.name
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("T", [1, 6])
+def test_fused_group_equals_separate_kernels_and_the_twin(qtype, T):
+    """LinearGroup (one quantized input, one parallel region over q/k/v- or gate/up-like weights)
+    gives the separate kernels' results bit for bit, and they match the exact numpy twin."""
+    from engine.quants import LinearGroup
+
+    rng = np.random.default_rng(int(qtype) * 7 + T)
+    K = 512
+    for rows in ([48, 16, 16], [40, 24]):
+        lins = [QuantLinear(blocks_for(qtype, n, K, rng), qtype, K, n, name=f"w{i}") for i, n in enumerate(rows)]
+        group = LinearGroup(lins)
+        assert group.fused is not None
+        X = rng.normal(size=(T, K)).astype(np.float32)
+        got = group.matmul(X)
+        act = lins[0].quantize(X)
+        for lin, y in zip(lins, got):
+            assert y.shape == (T, lin.n_out)
+            assert np.array_equal(y, lin.matmul(X))
+            np.testing.assert_allclose(y, exact_twin(qtype, lin.raw, act), rtol=1e-4,
+                                       atol=1e-5 * bound(qtype, lin.raw, X).max())
+
+
+def test_group_of_mixed_formats_shares_the_input_when_the_activation_type_matches():
+    from engine.quants import LinearGroup
+
+    rng = np.random.default_rng(5)
+    K = 512
+    a = QuantLinear(blocks_for(G.Q4_K, 32, K, rng), G.Q4_K, K, 32)
+    b = QuantLinear(blocks_for(G.Q6_K, 16, K, rng), G.Q6_K, K, 16)
+    c = QuantLinear(blocks_for(G.Q4_0, 16, K, rng), G.Q4_0, K, 16)
+    X = rng.normal(size=(3, K)).astype(np.float32)
+    g = LinearGroup([a, b])
+    assert g.shared_act and g.fused is None
+    assert all(np.array_equal(y, l.matmul(X)) for y, l in zip(g.matmul(X), [a, b]))
+    g = LinearGroup([a, c])   # Q8_K and Q8_0 inputs: each weight quantizes its own
+    assert not g.shared_act
+    assert all(np.array_equal(y, l.matmul(X)) for y, l in zip(g.matmul(X), [a, c]))
+    with pytest.raises(ValueError):
+        LinearGroup([a])
