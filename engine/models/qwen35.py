@@ -40,7 +40,7 @@ from engine.cache import KVCache, RecurrentCache
 from engine.deltanet import deltanet_mix
 from engine.errors import ModelFileError
 from engine.gguf_file import GGUFFile
-from engine.quants import QuantLinear, get_format
+from engine.quants import LinearGroup, QuantLinear, get_format
 
 
 @dataclass(frozen=True)
@@ -140,18 +140,6 @@ class Args:
         return args
 
 
-def _matmuls(X: np.ndarray, *lins: QuantLinear) -> list:
-    """Several weights applied to one input (T, n_in), quantizing it once per activation format."""
-    acts: dict = {}
-    out = []
-    for lin in lins:
-        key = lin.fmt.act
-        if key not in acts:
-            acts[key] = lin.quantize(X)
-        out.append(lin.matmul_quantized(acts[key]))
-    return out
-
-
 def _tensor(gf: GGUFFile, name: str, shape: tuple):
     t = gf.tensors.get(name)
     if t is None:
@@ -189,6 +177,7 @@ class DeltaNetLayer:
         self.conv_w = np.ascontiguousarray(gf.tensor_float(p + "ssm_conv1d.weight").T)
         self.ssm_norm = _vector(gf, p + "ssm_norm.weight", a.head_v_dim)
         self.w_out = _linear(gf, p + "ssm_out.weight", a.d_inner, D)
+        self.w_in = LinearGroup([self.w_qkv, self.w_z, self.w_beta, self.w_alpha])   # one input
         _ffn(self, gf, a, p)
 
 
@@ -209,6 +198,7 @@ class AttentionLayer:
             self.wq = _linear(gf, p + "attn_q.weight", D, a.n_head * hd * 2)
             self.wk = _linear(gf, p + "attn_k.weight", D, a.n_head_kv * hd)
             self.wv = _linear(gf, p + "attn_v.weight", D, a.n_head_kv * hd)
+            self.wqkv = LinearGroup([self.wq, self.wk, self.wv])
         self.wo = _linear(gf, p + "attn_output.weight", a.n_head * hd, D)
         self.q_norm = _vector(gf, p + "attn_q_norm.weight", hd)
         self.k_norm = _vector(gf, p + "attn_k_norm.weight", hd)
@@ -220,6 +210,7 @@ def _ffn(layer, gf: GGUFFile, a: Args, p: str):
     layer.w_gate = _linear(gf, p + "ffn_gate.weight", a.d_model, a.n_ff)
     layer.w_up = _linear(gf, p + "ffn_up.weight", a.d_model, a.n_ff)
     layer.w_down = _linear(gf, p + "ffn_down.weight", a.n_ff, a.d_model)
+    layer.w_gate_up = LinearGroup([layer.w_gate, layer.w_up])
 
 
 class Model:
@@ -294,7 +285,7 @@ class Model:
             ops.rmsnorm(x, layer.attn_norm, eps, n)
             if layer.recurrent:
                 # (T, conv_dim), (T, Hv*dv), (T, Hv), (T, Hv)
-                qkv, z, b, al = _matmuls(n, layer.w_qkv, layer.w_z, layer.w_beta, layer.w_alpha)
+                qkv, z, b, al = layer.w_in.matmul(n)
                 y = deltanet_mix(qkv, z, al, b, c.conv, c.state, layer.conv_w, layer.dt_bias, layer.ssm_a,
                                  layer.ssm_norm, eps, a.n_k_heads, self.tiled_v_heads)   # (T, Hv*dv)
                 c.advance(T)
@@ -305,7 +296,7 @@ class Model:
                     nq = Hq * hd * 2
                     qg, k, v = qkv[:, :nq], qkv[:, nq : nq + Hkv * hd], qkv[:, nq + Hkv * hd :]
                 else:
-                    qg, k, v = _matmuls(n, layer.wq, layer.wk, layer.wv)
+                    qg, k, v = layer.wqkv.matmul(n)
                 qg = qg.reshape(T, Hq, 2, hd)
                 q = np.ascontiguousarray(qg[:, :, 0, :])                 # (T, Hq, hd)
                 gate = np.ascontiguousarray(qg[:, :, 1, :])              # (T, Hq, hd)
@@ -313,16 +304,15 @@ class Model:
                 v = np.ascontiguousarray(v).reshape(T, Hkv, hd)
                 ops.rmsnorm(q.reshape(T * Hq, hd), layer.q_norm, eps, q.reshape(T * Hq, hd))
                 ops.rmsnorm(k.reshape(T * Hkv, hd), layer.k_norm, eps, k.reshape(T * Hkv, hd))
-                ops.rope_inplace(q, self.rope_cos, self.rope_sin, p0, a.n_rot, True)
-                ops.rope_inplace(k, self.rope_cos, self.rope_sin, p0, a.n_rot, True)
-                c.write(ops.to_f16_precision(k), ops.to_f16_precision(v))
+                # RoPE; q, k, v rounded to fp16 (llama.cpp's F16 cache); k, v appended to the cache
+                ops.rope_and_store(q, k, v, self.rope_cos, self.rope_sin, a.n_rot, True, c)
                 att = np.empty((T, Hq, hd), dtype=np.float32)
-                ops.attention(ops.to_f16_precision(q), c.keys, c.values, p0, scale, att)
+                ops.attention(q, c.keys, c.values, p0, scale, att)
                 att *= ops.sigmoid(gate)
                 x += layer.wo.matmul(att.reshape(T, Hq * hd))
 
             ops.rmsnorm(x, layer.post_norm, eps, n)
-            g, u = _matmuls(n, layer.w_gate, layer.w_up)
+            g, u = layer.w_gate_up.matmul(n)
             ops.swiglu(g, u, g)
             x += layer.w_down.matmul(g)
 

@@ -129,42 +129,68 @@ class QuantLinear:
 
 
 class LinearGroup:
-    """Two or three weights that read the same input (q/k/v, gate/up): Y_i = W_i X.
+    """Weights that read the same input (q/k/v, gate/up, DeltaNet's four projections): Y_i = W_i X.
 
-    The input is quantized once when the weights share an activation type (Q4_K and Q6_K
-    both take Q8_K), and weights of one format with a fused kernel run in a single parallel
-    region: per token, one launch instead of three. The results equal the separate calls.
+    The input is quantized once per activation type (Q4_K and Q6_K both take Q8_K), and up
+    to three weights of one format run in a single parallel region when a fused kernel
+    exists: per token, one launch instead of three. The results equal the separate calls.
     """
 
     def __init__(self, linears: list[QuantLinear]):
-        if not 2 <= len(linears) <= 3 or len({l.n_in for l in linears}) != 1:
-            raise ValueError(f"a group needs 2 or 3 weights of one input width, got {linears}")
+        if not linears or len({l.n_in for l in linears}) != 1:
+            raise ValueError(f"a group needs weights of one input width, got {linears}")
         self.linears = list(linears)
         self.n_in = linears[0].n_in
-        self.shared_act = len({l.fmt.act for l in linears}) == 1
-        types = {l.fmt.ggml_type for l in linears}
-        self.fused = MULTI_KERNELS.get(types.pop()) if self.shared_act and len(types) == 1 else None
-        self.lut = linears[0].lut
+        # plan: per activation type, the first weight (its quantizer) and the launches:
+        # (fused kernel, [indices]) for same-format runs of 2-3, or (None, [i]) alone
+        self.plan: list[tuple[int, list[tuple]]] = []
+        by_act: dict[str, list[int]] = {}
+        for i, l in enumerate(self.linears):
+            by_act.setdefault(l.fmt.act, []).append(i)
+        for idx in by_act.values():
+            by_type: dict[int, list[int]] = {}
+            for i in idx:
+                by_type.setdefault(self.linears[i].fmt.ggml_type, []).append(i)
+            launches = []
+            for ggml_type, same in by_type.items():
+                fused = MULTI_KERNELS.get(ggml_type)
+                for j in range(0, len(same), 3):
+                    part = same[j:j + 3]
+                    if fused is not None and len(part) > 1:
+                        launches.append((fused, part))
+                    else:
+                        launches.extend((None, [i]) for i in part)
+            self.plan.append((idx[0], launches))
+        self.fused = any(k is not None for _, launches in self.plan for k, _ in launches)
+        self.shared_act = len(self.plan) == 1
 
     def matmul(self, X: np.ndarray) -> list[np.ndarray]:
-        """X (T, n_in) float32 -> [(T, n_out_i)]."""
-        if not self.shared_act:
-            return [l.matmul(X) for l in self.linears]
-        act = self.linears[0].quantize(X)
-        if self.fused is None:
-            return [l.matmul_quantized(act) for l in self.linears]
+        """X (T, n_in) float32 -> [(T, n_out_i)] in the order of the weights."""
         T = X.shape[0]
-        outs = [np.empty((T, l.n_out), dtype=np.float32) for l in self.linears]
-        ws = [l.weights for l in self.linears]
-        if len(ws) == 2:   # an empty third weight of the same array type
-            ws.append(ws[1][:0])
-            outs3 = outs + [np.empty((T, 0), dtype=np.float32)]
-        else:
-            outs3 = outs
-        xs = act[2] if len(act) == 3 else act[1]
-        self.fused(ws[0], ws[1], ws[2], act[0], act[1], xs, self.lut, outs3[0], outs3[1], outs3[2])
+        outs: list = [None] * len(self.linears)
+        for first, launches in self.plan:
+            act = self.linears[first].quantize(X)
+            for kernel, idx in launches:
+                if kernel is None:
+                    outs[idx[0]] = self.linears[idx[0]].matmul_quantized(act)
+                    continue
+                lins = [self.linears[i] for i in idx]
+                ys = [np.empty((T, l.n_out), dtype=np.float32) for l in lins]
+                ws = [l.weights for l in lins]
+                if len(lins) == 2:   # an empty third weight of the same array type
+                    ws.append(ws[1][:0])
+                    ys3 = ys + [np.empty((T, 0), dtype=np.float32)]
+                else:
+                    ys3 = ys
+                xs = act[2] if len(act) == 3 else act[1]   # sums / bsums, or the scales again
+                kernel(ws[0], ws[1], ws[2], act[0], act[1], xs, lins[0].lut, ys3[0], ys3[1], ys3[2])
+                for i, y in zip(idx, ys):
+                    outs[i] = y
         return outs
 
     def __repr__(self):
-        how = "fused" if self.fused is not None else ("shared input" if self.shared_act else "separate")
-        return f"LinearGroup({', '.join(l.name for l in self.linears)}; {how})"
+        parts = []
+        for _, launches in self.plan:
+            parts.append(" + ".join(("fused " if k is not None else "") + "/".join(self.linears[i].name for i in idx)
+                                    for k, idx in launches))
+        return f"LinearGroup({'; '.join(parts)})"

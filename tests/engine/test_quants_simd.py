@@ -173,7 +173,7 @@ def test_fused_group_equals_separate_kernels_and_the_twin(qtype, T):
     for rows in ([48, 16, 16], [40, 24]):
         lins = [QuantLinear(blocks_for(qtype, n, K, rng), qtype, K, n, name=f"w{i}") for i, n in enumerate(rows)]
         group = LinearGroup(lins)
-        assert group.fused is not None
+        assert group.fused and len(group.plan[0][1]) == 1
         X = rng.normal(size=(T, K)).astype(np.float32)
         got = group.matmul(X)
         act = lins[0].quantize(X)
@@ -194,10 +194,18 @@ def test_group_of_mixed_formats_shares_the_input_when_the_activation_type_matche
     c = QuantLinear(blocks_for(G.Q4_0, 16, K, rng), G.Q4_0, K, 16)
     X = rng.normal(size=(3, K)).astype(np.float32)
     g = LinearGroup([a, b])
-    assert g.shared_act and g.fused is None
+    assert g.shared_act and not g.fused
     assert all(np.array_equal(y, l.matmul(X)) for y, l in zip(g.matmul(X), [a, b]))
     g = LinearGroup([a, c])   # Q8_K and Q8_0 inputs: each weight quantizes its own
     assert not g.shared_act
     assert all(np.array_equal(y, l.matmul(X)) for y, l in zip(g.matmul(X), [a, c]))
+    # four weights, two formats: Q4_K x3 fused (one launch), the Q6_K alone, one Q8_K input
+    a2 = QuantLinear(blocks_for(G.Q4_K, 8, K, rng), G.Q4_K, K, 8)
+    a3 = QuantLinear(blocks_for(G.Q4_K, 24, K, rng), G.Q4_K, K, 24)
+    g = LinearGroup([a, b, a2, a3])
+    assert g.shared_act and g.fused and len(g.plan[0][1]) == 2
+    assert all(np.array_equal(y, l.matmul(X)) for y, l in zip(g.matmul(X), [a, b, a2, a3]))
     with pytest.raises(ValueError):
-        LinearGroup([a])
+        LinearGroup([])
+    with pytest.raises(ValueError):
+        LinearGroup([a, QuantLinear(blocks_for(G.Q4_K, 8, 256, rng), G.Q4_K, 256, 8)])
