@@ -23,7 +23,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from engine.errors import TemplateError
 
-__all__ = ["ChatTemplate", "CHATML_TEMPLATE"]
+__all__ = ["ChatTemplate", "CHATML_TEMPLATE", "GEMMA_TEMPLATE", "fallback_for"]
 
 CHATML_TEMPLATE = (
     "{%- for message in messages %}"
@@ -32,7 +32,29 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-_FALLBACKS = {"chatml": CHATML_TEMPLATE}
+# Gemma's turn format (the gemma-3 files' own template, for files that lack it): no system
+# role, so a system prompt opens the first user turn; the assistant's role is "model". No BOS
+# here: the tokenizer adds it (tokenizer.ggml.add_bos_token), as with ChatML.
+GEMMA_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' %}"
+    "{%- set prefix = messages[0]['content'] + '\n\n' %}{%- set turns = messages[1:] %}"
+    "{%- else %}{%- set prefix = '' %}{%- set turns = messages %}{%- endif %}"
+    "{%- for message in turns %}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{- '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') + message['content'] | trim"
+    " + '<end_of_turn>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<start_of_turn>model\n' }}{%- endif %}"
+)
+
+_FALLBACKS = {"chatml": CHATML_TEMPLATE, "gemma": GEMMA_TEMPLATE}
+# architectures whose files may come without a template and do not speak ChatML
+_ARCH_FALLBACKS = {"gemma3": "gemma"}
+
+
+def fallback_for(arch: str | None) -> str:
+    """The fallback template name for a GGUF `general.architecture` (ChatML unless known otherwise)."""
+    return _ARCH_FALLBACKS.get(arch or "", "chatml")
 
 
 class _RaisedByTemplate(Exception):
@@ -67,7 +89,8 @@ def _make_env() -> ImmutableSandboxedEnvironment:
 
 
 class ChatTemplate:
-    """A compiled chat template. `source=None` (or empty) uses the `fallback` (ChatML)."""
+    """A compiled chat template. `source=None` (or empty) uses the `fallback` (ChatML by default;
+    `fallback_for(arch)` picks the one for an architecture)."""
 
     def __init__(self, source: str | None, bos_token: str = "", eos_token: str = "",
                  fallback: str = "chatml"):

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.chat_template import ChatTemplate
+from engine.chat_template import ChatTemplate, fallback_for
 from engine.errors import ModelFileError
 from engine.gguf_file import GGUFFile
 from engine.models import model_module
@@ -61,7 +61,8 @@ def load_model(path: str | os.PathLike, n_ctx: int | None = None) -> LoadedModel
                                           f"only {model.n_vocab}")
         bos = tokenizer.decode([tokenizer.bos_id]) if tokenizer.bos_id is not None else ""
         eos = tokenizer.decode([tokenizer.eos_id]) if tokenizer.eos_id is not None else ""
-        template = ChatTemplate(gf.get("tokenizer.chat_template", None, kind=str), bos_token=bos, eos_token=eos)
+        template = ChatTemplate(gf.get("tokenizer.chat_template", None, kind=str), bos_token=bos, eos_token=eos,
+                                fallback=fallback_for(gf.get("general.architecture", None, kind=str)))
         # (a template that fails to parse only raises TemplateError when rendered)
     except BaseException:
         gf.close()

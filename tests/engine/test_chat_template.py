@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.chat_template import CHATML_TEMPLATE, ChatTemplate
+from engine.chat_template import CHATML_TEMPLATE, GEMMA_TEMPLATE, ChatTemplate, fallback_for
 from engine.errors import TemplateError
 
 
@@ -54,6 +54,19 @@ def test_none_source_is_chatml():
     assert ChatTemplate("", "", "").is_fallback
     with pytest.raises(ValueError):
         ChatTemplate(None, "", "", fallback="alpaca")
+
+
+def test_gemma3_without_template_falls_back_to_gemma_turns():
+    # gemma-3-270m-q4_k_m.gguf has no tokenizer.chat_template; ChatML would be garbage to it
+    assert fallback_for("gemma3") == "gemma" and fallback_for("llama") == fallback_for(None) == "chatml"
+    tpl = ChatTemplate(None, "<bos>", "<eos>", fallback=fallback_for("gemma3"))
+    assert tpl.is_fallback and tpl.source == GEMMA_TEMPLATE
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi \n"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    assert tpl.render(msgs) == ("<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+                                "<start_of_turn>model\nHello.<end_of_turn>\n"
+                                "<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n")
+    assert tpl.render(msgs[1:2], add_generation_prompt=False) == "<start_of_turn>user\nHi<end_of_turn>\n"
 
 
 def test_hf_helpers_and_variables():
