@@ -80,14 +80,11 @@ def _rope_cache(base, exponent, ff, freq_scale, attn_factor, cos, sin):
             theta = theta * theta_scale
 
 
-@numba.njit(**JIT_EXACT)
+@numba.njit(**_JIT)
 def rope_inplace(x, cos, sin, p0, n_rot, neox):
     """Rotate the first n_rot dims of every head of x (T, H, hd) at positions p0..p0+T-1.
 
     neox=False: pairs (2i, 2i+1) (llama "NORM" mode); neox=True: pairs (i, i + n_rot/2).
-    Rounded as llama.cpp's CPU build computes it (the compiler contracts to FMA):
-    a' = fma(a, c, -(b*s)), b' = fma(a, s, b*c); emulated in float64, where a float32
-    product is exact.
     """
     T, H, hd = x.shape
     half = n_rot // 2
@@ -95,18 +92,18 @@ def rope_inplace(x, cos, sin, p0, n_rot, neox):
         p = p0 + t
         for h in range(H):
             for i in range(half):
-                c = np.float64(cos[p, i])
-                s = np.float64(sin[p, i])
+                c = cos[p, i]
+                s = sin[p, i]
                 if neox:
-                    j, k = i, i + half
+                    a = x[t, h, i]
+                    b = x[t, h, i + half]
+                    x[t, h, i] = a * c - b * s
+                    x[t, h, i + half] = a * s + b * c
                 else:
-                    j, k = 2 * i, 2 * i + 1
-                a = np.float64(x[t, h, j])
-                b = np.float64(x[t, h, k])
-                bs = np.float64(np.float32(b * s))
-                bc = np.float64(np.float32(b * c))
-                x[t, h, j] = np.float32(a * c - bs)
-                x[t, h, k] = np.float32(a * s + bc)
+                    a = x[t, h, 2 * i]
+                    b = x[t, h, 2 * i + 1]
+                    x[t, h, 2 * i] = a * c - b * s
+                    x[t, h, 2 * i + 1] = a * s + b * c
 
 
 def rope_ref(x, cos, sin, p0, n_rot, neox):
