@@ -34,7 +34,7 @@ from engine import ops
 from engine.cache import KVCache
 from engine.errors import ModelFileError
 from engine.gguf_file import GGUFFile
-from engine.quants import QuantLinear, get_format
+from engine.quants import LinearGroup, QuantLinear, get_format
 from engine.quants.common import F16_TO_F32
 
 
@@ -60,17 +60,6 @@ def vector(gf: GGUFFile, name: str, n: int) -> np.ndarray:
 
 def optional_vector(gf: GGUFFile, name: str, n: int):
     return vector(gf, name, n) if name in gf.tensors else None
-
-
-def matmuls(X: np.ndarray, *lins: QuantLinear) -> list:
-    """Several weights applied to one input, quantizing it once per activation format."""
-    acts: dict = {}
-    out = []
-    for lin in lins:
-        if lin.fmt.act not in acts:
-            acts[lin.fmt.act] = lin.quantize(X)
-        out.append(lin.matmul_quantized(acts[lin.fmt.act]))
-    return out
 
 
 @dataclass(frozen=True)
@@ -165,6 +154,8 @@ class DenseLayer:
             self.wq = linear(gf, p + "attn_q.weight", D, self.q_dim)
             self.wk = linear(gf, p + "attn_k.weight", D, self.kv_dim)
             self.wv = linear(gf, p + "attn_v.weight", D, self.kv_dim)
+        # separate q/k/v (or gate/up) read one input: quantized once, fused launches
+        self.qkv_group = LinearGroup([self.wq, self.wk, self.wv]) if self.w_qkv is None else None
         self.bq = self.bk = self.bv = self.bqkv = None
         if m.qkv_bias != "none":
             get = vector if m.qkv_bias == "required" else optional_vector
@@ -188,6 +179,7 @@ class DenseLayer:
             self.w_gate_up = None
             self.w_gate = linear(gf, p + "ffn_gate.weight", D, a.n_ff)
             self.w_up = linear(gf, p + "ffn_up.weight", D, a.n_ff)
+        self.gate_up_group = LinearGroup([self.w_gate, self.w_up]) if self.w_gate_up is None else None
         self.w_down = linear(gf, p + "ffn_down.weight", a.n_ff, D)
         self.post_ffw_norm = vector(gf, p + "post_ffw_norm.weight", D) if m.post_norms else None
 
@@ -307,7 +299,7 @@ class DenseModel:
                 qd, kd = layer.q_dim, layer.kv_dim
                 q, k, v = qkv[:, :qd], qkv[:, qd : qd + kd], qkv[:, qd + kd :]
             else:
-                q, k, v = matmuls(n, layer.wq, layer.wk, layer.wv)
+                q, k, v = layer.qkv_group.matmul(n)
                 if layer.bq is not None:
                     q += layer.bq
                 if layer.bk is not None:
@@ -342,7 +334,7 @@ class DenseModel:
                 g = np.ascontiguousarray(gu[:, : a.n_ff])
                 u = np.ascontiguousarray(gu[:, a.n_ff :])
             else:
-                g, u = matmuls(n, layer.w_gate, layer.w_up)
+                g, u = layer.gate_up_group.matmul(n)
             f = layer.w_down.matmul(self._ffn_act(g, u))
             if layer.post_ffw_norm is not None:
                 ops.rmsnorm(f, layer.post_ffw_norm, eps, f)
