@@ -90,6 +90,7 @@ class BackendStats:
     n_ctx: int = 0
     checkpoints: int = 0
     cpu_features: list[str] = field(default_factory=list)
+    kernel_family: str = ""
 
 
 class ChatBackend(Protocol):
@@ -286,6 +287,7 @@ class EngineBackend:
         st.rss_bytes = runtime.current_rss_bytes()
         st.peak_rss_bytes = runtime.peak_rss_bytes()
         st.cpu_features = runtime.cpu_features()
+        st.kernel_family = runtime.kernel_family()
         if self._bandwidth:
             st.bandwidth_bytes_s = self._bandwidth
         elif self._bandwidth_measured:   # measure_bandwidth() ran in a worker
@@ -514,7 +516,7 @@ class FakeBackend:
         return BackendStats(rss_bytes=300_000_000, peak_rss_bytes=320_000_000, model_bytes=100_000_000,
                             kv_bytes=len(self.tokens) * 1024, state_bytes=0, checkpoint_bytes=0,
                             threads=2, threading_layer="workqueue", bandwidth_bytes_s=10e9,
-                            context_used=len(self.tokens), n_ctx=self.n_ctx)
+                            kernel_family="avx2", context_used=len(self.tokens), n_ctx=self.n_ctx)
 
     def measure_bandwidth(self):
         return None

@@ -35,7 +35,8 @@ def cmd_bench(args) -> int:
         print(json.dumps(res))
         return 0
     print(f"model   {loaded.path.name} ({loaded.arch}, {loaded.file_size / 1e6:.1f} MB)")
-    print(f"threads {res['threads']} ({res['threading_layer']}), cpu {' '.join(res['cpu_features'])}")
+    print(f"threads {res['threads']} ({res['threading_layer']}), cpu {' '.join(res['cpu_features'])}, "
+          f"kernels {res.get('kernel_family', '?')}")
     if peer is None:
         print(f"{'test':>8} {'tok/s (median)':>15}   runs")
         for k, v in res["results"].items():

@@ -395,6 +395,8 @@ class SpeedOverlay(Static):
         lines.append(f" threads {s.threads} · threading layer {s.threading_layer}")
         if s.cpu_features:
             lines.append(f" CPU {' '.join(s.cpu_features)}")
+        if s.kernel_family:
+            lines.append(f" kernels {s.kernel_family}")
         bw = s.bandwidth_bytes_s
         src = "measured" if s.bandwidth_measured else "assumed"
         lines.append(f" memory bandwidth {bw / 1e9:.1f} GB/s ({src})")

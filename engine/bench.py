@@ -99,6 +99,7 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
         "threads": numba.get_num_threads(),
         "threading_layer": runtime.threading_layer(),
         "cpu_features": runtime.cpu_features(),
+        "kernel_family": runtime.kernel_family(),
         "weight_bytes": getattr(model, "weight_bytes", None),
         "bandwidth_bytes_per_s": bw,
         # decode reads every weight once per token: tok/s <= bandwidth / weight bytes

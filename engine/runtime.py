@@ -36,6 +36,13 @@ def _touch_parallel(a):
         a[i] += 1
 
 
+def kernel_family() -> str:
+    """Which quant kernels run here: "avx512-vnni", "avx2" or "portable" (engine.quants picks)."""
+    from engine import quants
+
+    return quants.KERNEL_FAMILY
+
+
 def cpu_features() -> list[str]:
     flags = []
     try:

@@ -44,13 +44,26 @@ SUPPORTED_TYPE_NAMES = tuple(f.name for f in FORMATS.values())
 # On CPUs with AVX2 the block formats run the vpmaddubsw kernels of simd_kernels.py (same
 # signature, same math); PORTABLE_KERNELS keeps the plain loops (used without AVX2, or with
 # DELTATALK_NO_SIMD=1, and by the tests that compare the two).
+# On CPUs with AVX-512 VNNI, the Q4_K/Q5_K/Q6_K row kernels run on zmm (bit-identical), and
+# Q4_K/Q6_K prefill runs the tokens-in-lanes GEMM of gemm512.py; DELTATALK_NO_AVX512=1 keeps AVX2.
+# KERNEL_FAMILY names the family in use (bench and the TUI overlay show it).
 PORTABLE_KERNELS = {k: f.kernel for k, f in FORMATS.items()}
 if simd.HAVE_AVX2 and os.environ.get("DELTATALK_NO_SIMD", "") != "1":
-    from engine.quants.simd_kernels import KERNELS as SIMD_KERNELS, MULTI_KERNELS
+    from engine.quants import simd_kernels as _sk
 
+    AVX2_KERNELS, AVX2_MULTI_KERNELS = _sk.KERNELS, _sk.MULTI_KERNELS
+    if simd.HAVE_AVX512_VNNI and os.environ.get("DELTATALK_NO_AVX512", "") != "1":
+        from engine.quants import gemm512
+
+        SIMD_KERNELS, MULTI_KERNELS = gemm512.kernels(_sk.KERNELS_512, _sk.MULTI_KERNELS_512)
+        KERNEL_FAMILY = "avx512-vnni"
+    else:
+        SIMD_KERNELS, MULTI_KERNELS = AVX2_KERNELS, AVX2_MULTI_KERNELS
+        KERNEL_FAMILY = "avx2"
     FORMATS = {k: dataclasses.replace(f, kernel=SIMD_KERNELS.get(k, f.kernel)) for k, f in FORMATS.items()}
 else:
-    SIMD_KERNELS, MULTI_KERNELS = {}, {}
+    SIMD_KERNELS, MULTI_KERNELS, AVX2_KERNELS, AVX2_MULTI_KERNELS = {}, {}, {}, {}
+    KERNEL_FAMILY = "portable"
 
 # Float weights are handed to their kernels as float32 / uint16 views of the bytes, and
 # the 16-bit kernel needs the right table; Q8_0's kernel reads its bytes as signed.

@@ -37,6 +37,7 @@ from engine.quants.simd import (
     dot_iq4_nl_row, dot_q4_0_row, dot_q4_1_row, dot_q5_0_row, dot_q5_1_row, dot_q8_0_row,
     row4_bf16, row4_f16, row4_iq4_xs, row4_q2_k, row4_q3_k, row4_q4_k, row4_q5_k, row4_q6_k,
     row_bf16, row_f16, row_iq4_xs, row_q2_k, row_q3_k, row_q4_k, row_q5_k, row_q6_k,
+    row4_512_q4_k, row4_512_q5_k, row4_512_q6_k, row512_q4_k, row512_q5_k, row512_q6_k,
 )
 
 assert TILE == 4
@@ -78,13 +79,13 @@ def _row_{k}(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
     nbs = bsums.shape[1]
     T4 = T - T % 4
     for t in range(0, T4, 4):
-        r0, r1, r2, r3 = row4_{k}(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
+        r0, r1, r2, r3 = {row4}(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
         out[t, n] = r0
         out[t + 1, n] = r1
         out[t + 2, n] = r2
         out[t + 3, n] = r3
     for t in range(T4, T):
-        out[t, n] = row_{k}(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
+        out[t, n] = {row}(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -181,16 +182,26 @@ MULTI_KERNELS = {
     _G.Q6_K: matmul3_q6_k, _G.IQ4_XS: matmul3_iq4_xs,
 }
 MULTI_KERNELS = {int(k): v for k, v in MULTI_KERNELS.items()}
+
+# The AVX-512 VNNI family (engine.quants picks it when simd.HAVE_AVX512_VNNI): bit-identical
+# results, fewer instructions; formats without a wide form keep their AVX2 kernel.
+KERNELS_512 = {**KERNELS, int(_G.Q4_K): matmul_q4_k_512, int(_G.Q5_K): matmul_q5_k_512, int(_G.Q6_K): matmul_q6_k_512}
+MULTI_KERNELS_512 = {**MULTI_KERNELS, int(_G.Q4_K): matmul3_q4_k_512, int(_G.Q5_K): matmul3_q5_k_512,
+                     int(_G.Q6_K): matmul3_q6_k_512}
 '''
 
+WIDE = ("q4_k", "q5_k", "q6_k")
 src = HEAD
 for k in ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"]:
     q81 = k in ("q4_1", "q5_1")
     src += LEGACY.format(k=k, xsp="xs, " if q81 else "", xsa="xs" if q81 else "xd")
     src += MULTI.format(k=k, bs=32)
 for k in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"):  # whole-row intrinsics
-    src += KROW.format(k=k)
+    src += KROW.format(k=k, row=f"row_{k}", row4=f"row4_{k}")
     src += MULTI.format(k=k, bs=256)
+for k in WIDE:  # the AVX-512 VNNI family
+    src += KROW.format(k=f"{k}_512", row=f"row512_{k}", row4=f"row4_512_{k}")
+    src += MULTI.format(k=f"{k}_512", bs=256)
 for k in ("f16", "bf16"):
     src += FROW.format(k=k)
 src += TAIL

@@ -133,7 +133,7 @@ async def test_speed_overlay_toggles_and_shows_memory_threads_and_bandwidth_shar
         # the stats are read in a worker (the first read measures memory bandwidth)
         await wait_until(pilot, lambda: overlay.stats.threads == 2, what="overlay stats")
         text = overlay.render_text()
-        assert "threads 2 · threading layer workqueue" in text
+        assert "threads 2 · threading layer workqueue" in text and "kernels avx2" in text
         assert "model weights" in text and "100.0 MB" in text
         assert "KV cache" in text and "recurrent state" in text and "checkpoints" in text
         assert "RSS" in text and "300.0 MB" in text

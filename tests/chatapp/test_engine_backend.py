@@ -79,7 +79,7 @@ def stub_engine(monkeypatch):
 
     runtime = types.SimpleNamespace(set_threads=lambda n: 2, threading_layer=lambda: "omp",
                                     current_rss_bytes=lambda: 5_000_000, peak_rss_bytes=lambda: 6_000_000,
-                                    cpu_features=lambda: ["avx", "fma"])
+                                    cpu_features=lambda: ["avx", "fma"], kernel_family=lambda: "avx2")
     monkeypatch.setitem(sys.modules, "engine.loader", types.SimpleNamespace(load_model=load_model))
     monkeypatch.setitem(sys.modules, "engine.session", types.SimpleNamespace(ChatSession=StubSession))
     monkeypatch.setitem(sys.modules, "engine.warmup", types.SimpleNamespace(warm_up=warm_up))
@@ -108,6 +108,7 @@ def test_engine_backend_loads_replies_and_reports(stub_engine, tmp_path):
     st = b.stats()
     assert (st.model_bytes, st.kv_bytes, st.state_bytes, st.checkpoint_bytes) == (123_000, 1000, 4096, 0)
     assert st.threading_layer == "omp" and st.rss_bytes == 5_000_000 and st.context_used == 10
+    assert st.kernel_family == "avx2" and st.cpu_features == ["avx", "fma"]
 
 
 def test_engine_backend_keeps_the_old_model_until_the_new_one_is_ready(stub_engine, tmp_path):

@@ -1,0 +1,514 @@
+"""Prefill GEMM for Q4_K and Q6_K on AVX-512 VNNI: tokens in the vector lanes.
+
+The row kernels (simd.py) put a weight row's bytes in the lanes, so every (row, token,
+super-block) ends in a chain of lane folds, conversions and scale products: most of their
+instructions are that bookkeeping, not multiplies. Here the activation is reordered once
+per call so that one zmm holds the same 4 values of 16 tokens (`interleave_q8_k`):
+
+    xil[tile, k/4, lane, 4]   int8, lane = token - 16·tile     (16 tokens x 4 bytes = 64 B)
+
+and a weight's 4 codes, broadcast to every lane, meet 16 tokens in one `vpdpbusd`:
+
+    acc[lane] += Σ_{i<4} w[k+i] · x[16·tile + lane, k+i]       (u8 codes x s8 activations)
+
+Every lane is one token's own dot product, so per super-block there is one integer scale
+product per group and one float FMA per 16 tokens: no folds, no horizontal sums. Weights
+stay in their GGUF blocks; each row's block is unpacked to 256 code bytes on the stack
+(never to float) and used for 4 tiles (64 tokens) at a time.
+
+    Q4_K: Σ_g sc_g·Σ_{i∈g} q·x  (8 groups of 32)  ·d·dx  - dmin·dx·Σ_g m_g·bsum32_g
+    Q6_K: Σ_g sc_g·(Σ_{i∈g} q·x - 32·bsum16_g)  (16 groups of 16)  ·d·dx
+
+The per-group sums of x (bsum) come in as int16 pairs, so the min / offset term is a
+`vpdpwssd` of (m_{2p}, m_{2p+1}) against (bsum_{2p}, bsum_{2p+1}) for 16 tokens.
+
+The float sums run in a different order than the row kernels (per token over super-blocks,
+not per byte lane), so results agree with them to rounding, not bit for bit; decode (T < 16)
+keeps the row kernels. Numpy twin: the formats' `matmul_ref`. Only valid when
+simd.HAVE_AVX512_VNNI; callers validate shapes (nothing here bounds-checks).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from engine.jit import JIT, JIT_PAR
+from engine.quants.legacy import IQ4NL_VALUES
+from engine.quants.simd import (BYTES, FLOAT, F32, I8, I16, I32, I64, INT32, V8I16, _bits32, _data, _f16, _fn,
+                                _load, _nibbles32, _pshufb, _q4k_unpack, _require, _splat)
+
+TILE_TOKENS = 16   # tokens per zmm
+TILES = 4          # tiles per weight-block decode (64 tokens)
+V16I32 = ir.VectorType(I32, 16)
+V16F32 = ir.VectorType(F32, 16)
+V64I8 = ir.VectorType(I8, 64)
+INT16 = (types.int16,)
+
+
+def _scatter(b, faccs, outp, N, n, t0, T):
+    """Lane l of tile i -> out[t0 + 16·i + l, n] for the tokens < T (column n of a row-major out)."""
+    for i, facc in enumerate(faccs):
+        fa = b.load(facc)
+        for lane in range(16):
+            t = b.add(t0, ir.Constant(I64, 16 * i + lane))
+            with b.if_then(b.icmp_signed("<", t, T), likely=True):
+                b.store(b.extract_element(fa, ir.Constant(I32, lane)), b.gep(outp, [b.add(b.mul(t, N), n)]))
+
+
+def _gemm_row(kind, ntiles):
+    """Intrinsic gemm(w, woff, xil, xoff, xtile, xd, xdoff, T16, bs, bsoff, lut, nb, out, n, t0, T):
+    one weight row (nb super-blocks from byte woff) times ntiles 16-token tiles of the
+    interleaved activation (tile i at element xoff + i·xtile); stores out[t, n] for the
+    tokens t0 .. t0 + 16·ntiles - 1 that are < T (out: C-contiguous (≥T, N) float32)."""
+    ts, groups = {"q4_k": (144, 8), "q6_k": (210, 16)}[kind]
+    per_group = 256 // groups // 4   # dwords per group
+    npairs = groups // 2
+
+    @intrinsic
+    def gemm(typingctx, w, woff, xil, xoff, xtile, xd, xdoff, T16, bs, bsoff, lut, nb, out, n, t0, T):
+        _require(w=(w, BYTES), xil=(xil, BYTES), xd=(xd, FLOAT), bs=(bs, INT16), lut=(lut, FLOAT), out=(out, FLOAT))
+        sig = types.void(w, woff, xil, xoff, xtile, xd, xdoff, T16, bs, bsoff, lut, nb, out, n, t0, T)
+
+        def codegen(context, builder, sig, args):
+            (w_, woff_, xil_, xoff_, xtile_, xd_, xdoff_, T16_, bs_, bsoff_, lut_, nb_, out_, n_, t0_, T_) = args
+            b = builder
+            wp = b.gep(_data(context, b, sig.args[0], w_), [woff_])
+            x0 = _data(context, b, sig.args[2], xil_)
+            xd0 = _data(context, b, sig.args[5], xd_)
+            bs0 = _data(context, b, sig.args[8], bs_)
+            lutp = _data(context, b, sig.args[10], lut_)
+            outp = _data(context, b, sig.args[12], out_)
+            N = b.extract_value(context.make_array(sig.args[12])(context, b, value=out_).shape, 1)
+            tiles = range(ntiles)
+            dpbusd = _fn(b, "llvm.x86.avx512.vpdpbusd.512", V16I32, [V16I32, V16I32, V16I32])
+            dpwssd = _fn(b, "llvm.x86.avx512.vpdpwssd.512", V16I32, [V16I32, V16I32, V16I32])
+            fma = _fn(b, "llvm.fma.v16f32", V16F32, [V16F32, V16F32, V16F32])
+            zero = ir.Constant(V16I32, [0] * 16)
+            scratch = cgutils.alloca_once(b, ir.ArrayType(I8, 256))
+            scratch.align = 64
+            sp = b.bitcast(scratch, I8.as_pointer())
+            faccs = [cgutils.alloca_once_value(b, ir.Constant(V16F32, [0.0] * 16)) for _ in tiles]
+            xps = [b.gep(x0, [b.add(xoff_, b.mul(xtile_, ir.Constant(I64, i)))]) for i in tiles]
+
+            def c8(v, k=32):
+                return ir.Constant(ir.VectorType(I8, k), [v & 0xFF] * k)
+
+            def ldv(p, o, ty):
+                return _load(b, b.gep(p, [o if isinstance(o, ir.Value) else ir.Constant(I64, o)]), ty)
+
+            def store_codes(o, v):
+                q = b.bitcast(b.gep(sp, [ir.Constant(I64, o)]), v.type.as_pointer())
+                b.store(v, q).align = 32
+
+            with cgutils.for_range(b, nb_) as loop:
+                blk_i = loop.index
+                blk = b.gep(wp, [b.mul(blk_i, ir.Constant(I64, ts))])
+                # 1. the block's 256 codes, in value order, as unsigned bytes on the stack
+                if kind == "q4_k":
+                    for p in range(4):
+                        v = ldv(blk, 16 + 32 * p, ir.VectorType(I8, 32))
+                        store_codes(64 * p, b.and_(v, c8(15)))
+                        store_codes(64 * p + 32, b.lshr(v, c8(4)))
+                    d = _f16(b, blk, lutp)
+                    dmin = _f16(b, b.gep(blk, [ir.Constant(I64, 2)]), lutp)
+                    sc, mins = _q4k_unpack(b, blk)
+                    scales = [b.sext(b.extract_element(sc, ir.Constant(I32, g)), I32) for g in range(8)]
+                    pairs16 = b.bitcast(b.trunc(mins, V8I16), ir.VectorType(I32, 4))  # (m_2p, m_2p+1) per dword
+                else:  # q6_k
+                    for h in range(2):
+                        lo = ldv(blk, 64 * h, ir.VectorType(I8, 32))
+                        hi = ldv(blk, 64 * h + 32, ir.VectorType(I8, 32))
+                        qh = ldv(blk, 128 + 32 * h, ir.VectorType(I8, 32))
+                        parts = ((lo, 0, False), (hi, 2, False), (lo, 4, True), (hi, 6, True))
+                        for p, (src, sh, high) in enumerate(parts):
+                            low4 = b.lshr(src, c8(4)) if high else b.and_(src, c8(15))
+                            top = b.and_(b.lshr(qh, c8(sh)) if sh else qh, c8(3))
+                            store_codes(128 * h + 32 * p, b.or_(low4, b.shl(top, c8(4))))
+                    d = _f16(b, b.gep(blk, [ir.Constant(I64, 208)]), lutp)
+                    sc8 = ldv(blk, 192, ir.VectorType(I8, 16))
+                    sc16 = b.sext(sc8, ir.VectorType(I16, 16))
+                    scales = [b.sext(b.extract_element(sc8, ir.Constant(I32, g)), I32) for g in range(16)]
+                    pairs16 = b.bitcast(sc16, ir.VectorType(I32, 8))  # (sc_2p, sc_2p+1) per dword
+                # 2. integer sums: per tile, Σ_g sc_g · Σ_{i∈g} q·x, one vpdpbusd per 4 codes
+                kbase = b.mul(blk_i, ir.Constant(I64, 64 * 64))  # 64 dwords x 64 bytes per block
+                iaccs = [zero] * ntiles
+                for g in range(groups):
+                    gaccs = [zero] * ntiles
+                    for j in range(per_group):
+                        k4 = g * per_group + j
+                        wv = _splat(b, _load(b, b.gep(sp, [ir.Constant(I64, 4 * k4)]), I32, align=4), V16I32)
+                        for i in tiles:
+                            xv = ldv(xps[i], b.add(kbase, ir.Constant(I64, 64 * k4)), V16I32)
+                            gaccs[i] = b.call(dpbusd, [gaccs[i], wv, xv])
+                    s = _splat(b, scales[g], V16I32)
+                    iaccs = [b.add(iaccs[i], b.mul(gaccs[i], s)) for i in tiles]
+                # 3. the group-sum term: Σ_p pair_p · (bsum_2p, bsum_2p+1) for 16 tokens
+                bsb = b.add(bsoff_, b.mul(blk_i, b.mul(T16_, ir.Constant(I64, 2 * npairs))))
+                maccs = [zero] * ntiles
+                for p in range(npairs):
+                    pv = _splat(b, b.extract_element(pairs16, ir.Constant(I32, p)), V16I32)
+                    for i in tiles:
+                        o = b.add(bsb, b.add(b.mul(T16_, ir.Constant(I64, 2 * p)), ir.Constant(I64, 32 * i)))
+                        maccs[i] = b.call(dpwssd, [maccs[i], pv, ldv(bs0, o, V16I32)])
+                # 4. float: one FMA (two for Q4_K's min term) per 16 tokens
+                xdb = b.add(xdoff_, b.mul(blk_i, T16_))
+                for i in tiles:
+                    dx = ldv(xd0, b.add(xdb, ir.Constant(I64, 16 * i)), V16F32)
+                    fa = b.load(faccs[i])
+                    if kind == "q4_k":
+                        fa = b.call(fma, [b.sitofp(iaccs[i], V16F32), b.fmul(_splat(b, d, V16F32), dx), fa])
+                        fa = b.call(fma, [b.sitofp(maccs[i], V16F32), b.fmul(_splat(b, b.fneg(dmin), V16F32), dx), fa])
+                    else:
+                        isum = b.sub(iaccs[i], b.shl(maccs[i], ir.Constant(V16I32, [5] * 16)))
+                        fa = b.call(fma, [b.sitofp(isum, V16F32), b.fmul(_splat(b, d, V16F32), dx), fa])
+                    b.store(fa, faccs[i])
+            _scatter(b, faccs, outp, N, n_, t0_, T_)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return gemm
+
+
+
+# 32-value formats: codes as unsigned bytes (an offset o makes signed ones unsigned), so a
+# block is d_w·dx·(Σ code·x - o·Σx)  [+ m_w·s_x for the _1 formats, whose codes are unsigned].
+_LEGACY = {  # kind: (block bytes, code offset o as a shift (o = 1 << shift) or None, has min)
+    "q8_0": (34, 7, False), "q4_0": (18, 3, False), "q5_0": (22, 4, False), "iq4_nl": (18, 7, False),
+    "q4_1": (20, None, True), "q5_1": (24, None, True),
+}
+
+
+def _legacy_codes(b, kind, blk):
+    """The block's 32 codes, in value order, as <32 x i8> unsigned."""
+    def at(o):
+        return b.gep(blk, [ir.Constant(I64, o)])
+
+    if kind == "q8_0":
+        return b.xor(_load(b, at(2), ir.VectorType(I8, 32)), ir.Constant(ir.VectorType(I8, 32), [0x80] * 32))
+    if kind == "q4_0":
+        return _nibbles32(b, at(2))
+    if kind == "iq4_nl":  # the non-linear values + 128
+        table = ir.Constant(ir.VectorType(I8, 32), [(int(v) + 128) & 0xFF for v in IQ4NL_VALUES] * 2)
+        return _pshufb(b, table, _nibbles32(b, at(2)))
+    if kind == "q5_0":
+        return b.or_(_nibbles32(b, at(6)), _bits32(b, at(2)))
+    if kind == "q4_1":
+        return _nibbles32(b, at(4))
+    return b.or_(_nibbles32(b, at(8)), _bits32(b, at(4)))  # q5_1
+
+
+def _gemm_row_legacy(kind, ntiles):
+    """Intrinsic gemm(w, woff, xil, xoff, xtile, xd, xdoff, T16, bs, xs, lut, nb, out, n, t0, T) for a
+    32-value format: as _gemm_row, with bs the int32 block sums of x (nb, T16) and xs the Q8_1
+    s = d·Σq (nb, T16) float32 (read by the _1 formats only)."""
+    ts, shift, has_min = _LEGACY[kind]
+
+    @intrinsic
+    def gemm(typingctx, w, woff, xil, xoff, xtile, xd, xdoff, T16, bs, xs, lut, nb, out, n, t0, T):
+        _require(w=(w, BYTES), xil=(xil, BYTES), xd=(xd, FLOAT), bs=(bs, INT32), xs=(xs, FLOAT), lut=(lut, FLOAT),
+                 out=(out, FLOAT))
+        sig = types.void(w, woff, xil, xoff, xtile, xd, xdoff, T16, bs, xs, lut, nb, out, n, t0, T)
+
+        def codegen(context, builder, sig, args):
+            (w_, woff_, xil_, xoff_, xtile_, xd_, xdoff_, T16_, bs_, xs_, lut_, nb_, out_, n_, t0_, T_) = args
+            b = builder
+            wp = b.gep(_data(context, b, sig.args[0], w_), [woff_])
+            x0 = _data(context, b, sig.args[2], xil_)
+            xd0 = _data(context, b, sig.args[5], xd_)
+            bs0 = _data(context, b, sig.args[8], bs_)
+            xs0 = _data(context, b, sig.args[9], xs_)
+            lutp = _data(context, b, sig.args[10], lut_)
+            outp = _data(context, b, sig.args[12], out_)
+            N = b.extract_value(context.make_array(sig.args[12])(context, b, value=out_).shape, 1)
+            tiles = range(ntiles)
+            dpbusd = _fn(b, "llvm.x86.avx512.vpdpbusd.512", V16I32, [V16I32, V16I32, V16I32])
+            fma = _fn(b, "llvm.fma.v16f32", V16F32, [V16F32, V16F32, V16F32])
+            zero = ir.Constant(V16I32, [0] * 16)
+            scratch = cgutils.alloca_once(b, ir.ArrayType(I8, 32))
+            scratch.align = 32
+            sp = b.bitcast(scratch, ir.VectorType(I8, 32).as_pointer())
+            sp32 = b.bitcast(scratch, I32.as_pointer())
+            faccs = [cgutils.alloca_once_value(b, ir.Constant(V16F32, [0.0] * 16)) for _ in tiles]
+            xps = [b.gep(x0, [b.add(xoff_, b.mul(xtile_, ir.Constant(I64, i)))]) for i in tiles]
+
+            def ldv(p, o, ty):
+                return _load(b, b.gep(p, [o]), ty)
+
+            with cgutils.for_range(b, nb_) as loop:
+                blk_i = loop.index
+                blk = b.gep(wp, [b.mul(blk_i, ir.Constant(I64, ts))])
+                b.store(_legacy_codes(b, kind, blk), sp).align = 32
+                dw = _splat(b, _f16(b, blk, lutp), V16F32)
+                kbase = b.mul(blk_i, ir.Constant(I64, 8 * 64))  # 8 dwords x 64 bytes per block
+                iaccs = [zero] * ntiles
+                for j in range(8):
+                    wv = _splat(b, _load(b, b.gep(sp32, [ir.Constant(I64, j)]), I32, align=4), V16I32)
+                    for i in tiles:
+                        iaccs[i] = b.call(dpbusd, [iaccs[i], wv, ldv(xps[i], b.add(kbase, ir.Constant(I64, 64 * j)), V16I32)])
+                row = b.add(xdoff_, b.mul(blk_i, T16_))
+                if has_min:
+                    mw = _splat(b, _f16(b, b.gep(blk, [ir.Constant(I64, 2)]), lutp), V16F32)
+                for i in tiles:
+                    o = b.add(row, ir.Constant(I64, 16 * i))
+                    isum = iaccs[i]
+                    if shift is not None:
+                        isum = b.sub(isum, b.shl(ldv(bs0, o, V16I32), ir.Constant(V16I32, [shift] * 16)))
+                    fa = b.call(fma, [b.sitofp(isum, V16F32), b.fmul(dw, ldv(xd0, o, V16F32)), b.load(faccs[i])])
+                    if has_min:
+                        fa = b.call(fma, [mw, ldv(xs0, o, V16F32), fa])
+                    b.store(fa, faccs[i])
+            _scatter(b, faccs, outp, N, n_, t0_, T_)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return gemm
+
+
+# Kind numbers for the drivers below (numba cannot take an intrinsic as an argument).
+KQ_KINDS = ("q4_k", "q6_k")
+LEGACY_KINDS = ("q8_0", "q4_0", "q5_0", "iq4_nl", "q4_1", "q5_1")
+gemm4_q4_k, gemm1_q4_k = _gemm_row("q4_k", TILES), _gemm_row("q4_k", 1)
+gemm4_q6_k, gemm1_q6_k = _gemm_row("q6_k", TILES), _gemm_row("q6_k", 1)
+gemm4_q8_0, gemm1_q8_0 = _gemm_row_legacy("q8_0", TILES), _gemm_row_legacy("q8_0", 1)
+gemm4_q4_0, gemm1_q4_0 = _gemm_row_legacy("q4_0", TILES), _gemm_row_legacy("q4_0", 1)
+gemm4_q5_0, gemm1_q5_0 = _gemm_row_legacy("q5_0", TILES), _gemm_row_legacy("q5_0", 1)
+gemm4_iq4_nl, gemm1_iq4_nl = _gemm_row_legacy("iq4_nl", TILES), _gemm_row_legacy("iq4_nl", 1)
+gemm4_q4_1, gemm1_q4_1 = _gemm_row_legacy("q4_1", TILES), _gemm_row_legacy("q4_1", 1)
+gemm4_q5_1, gemm1_q5_1 = _gemm_row_legacy("q5_1", TILES), _gemm_row_legacy("q5_1", 1)
+
+
+# --------------------------------------------------------------------------- activations
+@numba.njit(**JIT_PAR)
+def interleave_q8_k(xq, xd, bsums, groups, xil, xdil, bsil):
+    """Q8_K activation (xq (T, K) int8, xd (T, nb), bsums (T, K/16) per-16 sums) -> the GEMM's
+    layout, zero-padded to T16 = 16·ntiles tokens:
+        xil  (ntiles, K/4, 16, 4) int8   the same 4 values of 16 tokens side by side
+        xdil (nb, T16) float32           block-major scales
+        bsil (nb, groups/2, T16, 2) int16  per-group sums of x (groups 8: per 32, 16: per 16)"""
+    T, K = xq.shape
+    nb = K // 256
+    ntiles = xil.shape[0]
+    T16 = ntiles * 16
+    x32 = xq.view(np.int32)            # (T, K/4): 4 activation bytes as one int32
+    il32 = xil.reshape(ntiles, K // 4, 64).view(np.int32)   # (ntiles, K/4, 16)
+    per = 16 // groups                 # per-16 sums per group (2 for Q4_K's groups of 32)
+    for tile in prange(ntiles):
+        for lane in range(16):
+            t = tile * 16 + lane
+            if t < T:
+                for k4 in range(K // 4):
+                    il32[tile, k4, lane] = x32[t, k4]
+                for b in range(nb):
+                    xdil[b, t] = xd[t, b]
+                    for g in range(groups):
+                        s = 0
+                        for j in range(per):
+                            s += bsums[t, b * 16 + g * per + j]
+                        bsil[b, g // 2, t, g % 2] = s
+            else:
+                for k4 in range(K // 4):
+                    il32[tile, k4, lane] = 0
+                for b in range(nb):
+                    xdil[b, t] = 0
+                    for g in range(groups):
+                        bsil[b, g // 2, t, g % 2] = 0
+    return T16
+
+
+def interleave_q8_k_ref(xq, xd, bsums, groups):
+    """Numpy twin of interleave_q8_k: (xil, xdil, bsil)."""
+    T, K = xq.shape
+    nb, T16 = K // 256, -(-T // 16) * 16
+    xp = np.zeros((T16, K), np.int8)
+    xp[:T] = xq
+    xil = xp.reshape(T16 // 16, 16, K // 4, 4).transpose(0, 2, 1, 3).copy()
+    xdil = np.zeros((nb, T16), np.float32)
+    xdil[:, :T] = xd.T
+    sums = bsums.reshape(T, nb, groups, 16 // groups).sum(-1)           # (T, nb, groups)
+    bsil = np.zeros((nb, groups // 2, T16, 2), np.int16)
+    bsil[:, :, :T, :] = sums.reshape(T, nb, groups // 2, 2).transpose(1, 2, 0, 3)
+    return xil, xdil, bsil
+
+
+def interleaved(xq, xd, bsums, groups):
+    T, K = xq.shape
+    ntiles = -(-T // 16)
+    xil = np.empty((ntiles, K // 4, 16, 4), np.int8)
+    xdil = np.empty((K // 256, ntiles * 16), np.float32)
+    bsil = np.empty((K // 256, groups // 2, ntiles * 16, 2), np.int16)
+    interleave_q8_k(xq, xd, bsums, groups, xil, xdil, bsil)
+    return xil, xdil, bsil
+
+
+@numba.njit(**JIT_PAR)
+def interleave_q8_32(xq, xd, xs, xil, xdil, bsil, xsil):
+    """Q8_0 / Q8_1 activation (xq (T, K) int8, xd (T, K/32), xs: Q8_1's s = d·Σq, or xd again)
+    -> xil as interleave_q8_k, xdil and xsil (nb, T16) float32, bsil (nb, T16) int32 block
+    sums of xq; zero-padded to T16 tokens."""
+    T, K = xq.shape
+    nb = K // 32
+    ntiles = xil.shape[0]
+    x32 = xq.view(np.int32)
+    il32 = xil.reshape(ntiles, K // 4, 64).view(np.int32)
+    for tile in prange(ntiles):
+        for lane in range(16):
+            t = tile * 16 + lane
+            if t < T:
+                for k4 in range(K // 4):
+                    il32[tile, k4, lane] = x32[t, k4]
+                for b in range(nb):
+                    s = 0
+                    for j in range(32):
+                        s += xq[t, 32 * b + j]
+                    bsil[b, t] = s
+                    xdil[b, t] = xd[t, b]
+                    xsil[b, t] = xs[t, b]
+            else:
+                for k4 in range(K // 4):
+                    il32[tile, k4, lane] = 0
+                for b in range(nb):
+                    bsil[b, t] = 0
+                    xdil[b, t] = 0
+                    xsil[b, t] = 0
+
+
+def interleave_q8_32_ref(xq, xd, xs):
+    """Numpy twin of interleave_q8_32: (xil, xdil, bsil, xsil)."""
+    T, K = xq.shape
+    nb, T16 = K // 32, -(-T // 16) * 16
+    xp = np.zeros((T16, K), np.int8)
+    xp[:T] = xq
+    xil = xp.reshape(T16 // 16, 16, K // 4, 4).transpose(0, 2, 1, 3).copy()
+    pad = lambda a, dt: np.concatenate([a.T.astype(dt), np.zeros((nb, T16 - T), dt)], axis=1)
+    bs = xq.reshape(T, nb, 32).astype(np.int32).sum(-1)
+    return xil, pad(xd, np.float32), pad(bs, np.int32), pad(xs, np.float32)
+
+
+def interleaved_32(xq, xd, xs):
+    T, K = xq.shape
+    ntiles = -(-T // 16)
+    xil = np.empty((ntiles, K // 4, 16, 4), np.int8)
+    xdil = np.empty((K // 32, ntiles * 16), np.float32)
+    bsil = np.empty((K // 32, ntiles * 16), np.int32)
+    xsil = np.empty((K // 32, ntiles * 16), np.float32)
+    interleave_q8_32(xq, xd, xs, xil, xdil, bsil, xsil)
+    return xil, xdil, bsil, xsil
+
+
+# --------------------------------------------------------------------------- kernels
+@numba.njit(**JIT)
+def _tile_kq(kind, w, n, xil, xdil, bsil, lut, out, c, nt, T):
+    """Row n of w times nt (TILES or 1) tiles from tile c: the intrinsic of this kind."""
+    K = xil.shape[1] * 4
+    nb, T16, xtile, woff = K // 256, xdil.shape[1], K * 16, n * w.shape[1]
+    a = (w, woff, xil, c * xtile, xtile, xdil, c * 16, T16, bsil, c * 32, lut, nb, out, n, c * 16, T)
+    if kind == 0:
+        gemm4_q4_k(*a) if nt == TILES else gemm1_q4_k(*a)
+    else:
+        gemm4_q6_k(*a) if nt == TILES else gemm1_q6_k(*a)
+
+
+@numba.njit(**JIT)
+def _tile_legacy(kind, w, n, xil, xdil, bsil, xsil, lut, out, c, nt, T):
+    K = xil.shape[1] * 4
+    nb, T16, xtile, woff = K // 32, xdil.shape[1], K * 16, n * w.shape[1]
+    a = (w, woff, xil, c * xtile, xtile, xdil, c * 16, T16, bsil, xsil, lut, nb, out, n, c * 16, T)
+    four = nt == TILES
+    if kind == 0:
+        gemm4_q8_0(*a) if four else gemm1_q8_0(*a)
+    elif kind == 1:
+        gemm4_q4_0(*a) if four else gemm1_q4_0(*a)
+    elif kind == 2:
+        gemm4_q5_0(*a) if four else gemm1_q5_0(*a)
+    elif kind == 3:
+        gemm4_iq4_nl(*a) if four else gemm1_iq4_nl(*a)
+    elif kind == 4:
+        gemm4_q4_1(*a) if four else gemm1_q4_1(*a)
+    else:
+        gemm4_q5_1(*a) if four else gemm1_q5_1(*a)
+
+
+@numba.njit(**JIT_PAR)
+def gemm_kq(kind, w, xil, xdil, bsil, lut, out):
+    """out (T, N) = W X (kind: index in KQ_KINDS) for T ≤ 16·ntiles tokens; 64 tokens at a
+    time (their activations, 16·K bytes, stay in L2), rows spread over the threads."""
+    T, N = out.shape
+    ntiles = xil.shape[0]
+    for c0 in range(0, ntiles - ntiles % TILES, TILES):
+        for n in prange(N):
+            _tile_kq(kind, w, n, xil, xdil, bsil, lut, out, c0, TILES, T)
+    for c in range(ntiles - ntiles % TILES, ntiles):
+        for n in prange(N):
+            _tile_kq(kind, w, n, xil, xdil, bsil, lut, out, c, 1, T)
+
+
+@numba.njit(**JIT_PAR)
+def gemm_legacy(kind, w, xil, xdil, bsil, xsil, lut, out):
+    """As gemm_kq for the 32-value formats (kind: index in LEGACY_KINDS)."""
+    T, N = out.shape
+    ntiles = xil.shape[0]
+    for c0 in range(0, ntiles - ntiles % TILES, TILES):
+        for n in prange(N):
+            _tile_legacy(kind, w, n, xil, xdil, bsil, xsil, lut, out, c0, TILES, T)
+    for c in range(ntiles - ntiles % TILES, ntiles):
+        for n in prange(N):
+            _tile_legacy(kind, w, n, xil, xdil, bsil, xsil, lut, out, c, 1, T)
+
+
+# --------------------------------------------------------------------------- entry points
+# One token (decode) runs the row kernels; from two on, the GEMM. Each token's result is the
+# same whatever T and its lane, so prefilling in chunks (of ≥ 2) equals one batch bit for bit.
+GEMM_MIN_TOKENS = 2
+_GROUPS = {"q4_k": 8, "q6_k": 16}
+
+
+def _entry(kind, row_kernel, row_multi):
+    """(matmul, matmul3) with the row kernels' calls: the GEMM from GEMM_MIN_TOKENS tokens,
+    the row kernels below; matmul3 reorders the shared activation once for its weights."""
+    if kind in KQ_KINDS:
+        k, groups = KQ_KINDS.index(kind), _GROUPS[kind]
+        prepare = lambda xq, xd, xs: interleaved(xq, xd, xs, groups)
+        run = lambda w, il, lut, out: gemm_kq(k, w, *il, lut, out)
+    else:
+        k = LEGACY_KINDS.index(kind)
+        prepare = interleaved_32
+        run = lambda w, il, lut, out: gemm_legacy(k, w, *il, lut, out)
+    with_sums = kind in KQ_KINDS or kind in ("q4_1", "q5_1")   # the activation's third array
+
+    def matmul(w, xq, xd, *rest):
+        *xs, lut, out = rest
+        if xq.shape[0] < GEMM_MIN_TOKENS:
+            row_kernel(w, xq, xd, *rest)
+        else:
+            run(w, prepare(xq, xd, xs[0] if with_sums else xd), lut, out)
+
+    def matmul3(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
+        if xq.shape[0] < GEMM_MIN_TOKENS:
+            row_multi(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2)
+            return
+        il = prepare(xq, xd, xs)
+        for w, out in ((w0, out0), (w1, out1), (w2, out2)):
+            if out.shape[1]:
+                run(w, il, lut, out)
+
+    matmul.__name__, matmul3.__name__ = f"matmul_{kind}_gemm", f"matmul3_{kind}_gemm"
+    return matmul, matmul3
+
+
+def kernels(row_kernels: dict, row_multi: dict) -> tuple[dict, dict]:
+    """The AVX-512 family's (KERNELS, MULTI_KERNELS): every format with a GEMM here routed
+    through it (from GEMM_MIN_TOKENS tokens), the others' row kernels as given."""
+    from gguf import GGMLQuantizationType as G
+
+    ks, ms = dict(row_kernels), dict(row_multi)
+    for kind in KQ_KINDS + LEGACY_KINDS:
+        t = int(G[kind.upper()])
+        ks[t], ms[t] = _entry(kind, row_kernels[t], row_multi[t])
+    return ks, ms
