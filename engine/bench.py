@@ -14,6 +14,7 @@ import numba
 import numpy as np
 
 from engine import runtime
+from engine.cache import cache_bytes
 from engine.jit import JIT_PAR
 from engine.generate import PREFILL_CHUNK
 
@@ -42,14 +43,17 @@ def measure_bandwidth(n_bytes: int = 512 << 20, repeats: int = 5) -> float:
     return a.nbytes / statistics.median(times)
 
 
-def time_prefill(model, n_tokens: int, rng) -> float:
+def time_prefill(model, n_tokens: int, rng, cache_sizes: list | None = None) -> float:
     cache = model.make_cache()
     tokens = rng.integers(0, model.n_vocab, size=n_tokens)
     t = time.perf_counter()
-    for start in range(0, n_tokens, PREFILL_CHUNK * 2):
-        part = tokens[start : start + PREFILL_CHUNK * 2]
+    for start in range(0, n_tokens, PREFILL_CHUNK):   # as the app feeds a prompt
+        part = tokens[start : start + PREFILL_CHUNK]
         model.forward(part, cache, logits="last" if start + len(part) >= n_tokens else "none")
-    return n_tokens / (time.perf_counter() - t)
+    tps = n_tokens / (time.perf_counter() - t)
+    if cache_sizes is not None:
+        cache_sizes.append(sum(cache_bytes(cache).values()))
+    return tps
 
 
 def time_decode(model, n_tokens: int, rng) -> float:
@@ -72,9 +76,10 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
     tests = [(f"pp{n}", "pp", n) for n in pp] + ([(f"tg{tg}", "tg", tg)] if tg else [])
     samples: dict[str, list[float]] = {k: [] for k, _, _ in tests}
     peer_samples: dict[str, list[float]] = {k: [] for k, _, _ in tests}
+    cache_sizes: list[int] = []   # KV + recurrent state bytes after each prefill
     for r in range(repeats):
         for key, kind, n in tests:
-            samples[key].append(time_prefill(model, n, rng) if kind == "pp" else time_decode(model, n, rng))
+            samples[key].append(time_prefill(model, n, rng, cache_sizes) if kind == "pp" else time_decode(model, n, rng))
             if peer is not None:
                 peer_samples[key].append(peer.prefill_tps(n) if kind == "pp" else peer.decode_tps(n))
         if progress:
@@ -105,5 +110,7 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
         # decode reads every weight once per token: tok/s <= bandwidth / weight bytes
         "decode_bound_tps": bw / model.weight_bytes if bw and getattr(model, "weight_bytes", None) else None,
         "peak_rss_bytes": peak_rss,
+        # the largest KV cache + recurrent state the runs held (the memory bound allows for it)
+        "kv_state_bytes": max(cache_sizes, default=0),
         "repeats": repeats,
     }

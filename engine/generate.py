@@ -16,7 +16,10 @@ import numpy as np
 
 from engine.sampling import LogitsProcessor, Sampler
 
-PREFILL_CHUNK = 256
+# Prompt tokens per forward call. Each call's working buffers grow with it (~0.4 MB a token on
+# a 4B model), and 128 is as fast as 512 (the GEMM works in 64-token tiles): a small chunk
+# keeps the prefill's transient memory at ~50 MB instead of ~200 MB.
+PREFILL_CHUNK = 128
 
 
 @dataclass

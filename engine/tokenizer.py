@@ -259,6 +259,9 @@ class Tokenizer:
         self._hf: _HFTokenizer | None = None
         if not self.is_spm:
             self._hf = self._build_bpe(meta, regexes)
+            # the Rust BPE holds the vocabulary now; a second Python map of it costs ~15 MB
+            # for a 248K vocabulary (Qwen3.5)
+            self._ids = None
 
     # -- construction helpers ------------------------------------------------------------
 
@@ -360,6 +363,8 @@ class Tokenizer:
         return self._texts[token_id]
 
     def token_to_id(self, text: str) -> int | None:
+        if self._ids is None:
+            return self._hf.token_to_id(text)
         return self._ids.get(text)
 
     def is_special(self, token_id: int) -> bool:

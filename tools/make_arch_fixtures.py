@@ -104,7 +104,18 @@ GEMMA3_CANDIDATES = [
     "What is the capital of France?", "Hello!", "Write a haiku about the sea.",
     "What is 2 + 2?", "Name three colors.", "Translate 'thank you' into French.",
     "Who wrote Romeo and Juliet?", "Give me a synonym for happy.", "What day comes after Monday?",
-    "Tell me a fun fact about cats.",
+    "Tell me a fun fact about cats.", "What is the largest planet in the solar system?",
+    "How many legs does a spider have?", "What is the boiling point of water?",
+    "Spell the word 'necessary'.", "What color is the sky on a clear day?", "Count from one to ten.",
+    "What is the opposite of hot?", "Name a famous painter.", "What language is spoken in Brazil?",
+    "Write one sentence about dogs.", "What is photosynthesis?", "List the days of the week.",
+    "What is the square root of 81?", "Who was the first president of the United States?",
+    "What is the chemical symbol for gold?", "Recommend a good book.", "What is the speed of light?",
+    "Describe a rainbow.", "What is the capital of Japan?", "How do you say hello in Spanish?",
+    "What are the primary colors?", "Complete the sentence: The quick brown fox",
+    "What is the tallest mountain on Earth?", "Give me a word that rhymes with cat.",
+    "What is the freezing point of water in Fahrenheit?", "Name the four seasons.",
+    "What is an adjective?", "Say something nice.", "What do bees make?", "Why is the ocean salty?",
 ]
 GEMMA3_MAX_TOKENS = 24
 GEMMA3_STOP = (1, 106)  # <eos>, <end_of_turn>

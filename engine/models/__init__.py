@@ -32,8 +32,9 @@ def model_module(gguf_file):
 
 # What each architecture has been checked against; rendered into README.md by support_table_markdown().
 TESTED = {
-    "gemma3": ("real Gemma 3 270M Q4_K_M (PyPI): prompt ids and first reply token equal llama.cpp's on 3 prompts; "
-               "full greedy replies token-exact on 1 of 3 (tests/engine/test_arch_gemma3.py, slow)"),
+    "gemma3": ("real Gemma 3 270M Q4_K_M (PyPI), fetched and cached as the app would: prompt ids and 24-token "
+               "greedy replies token-exact with llama.cpp on 3 prompts through the Gemma turn format "
+               "(tests/engine/test_arch_gemma3.py, slow; fixtures by tools/make_arch_fixtures.py --gemma3)"),
     "llama": ("SmolLM2-135M Q4_1 vs stored llama.cpp outputs: exact greedy reply, logits within llama.cpp's own "
               "spread; numpy reference forward (tests/engine/test_llamacpp_parity.py, test_llama_model.py)"),
     "phi3": ("tiny fixtures (F32, Q8_0, Q4_K_M by llama.cpp's quantizer; short and long rope factors) vs "

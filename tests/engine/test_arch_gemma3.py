@@ -9,15 +9,14 @@ The file has no chat template: the loader falls back to Gemma's turn format.
 
 Layer-by-layer against llama.cpp's own tensors (eval callback, flash attention off), RMSNorm,
 the RoPE tables, attention (tinyBLAS summation order, ggml_v_expf softmax) and the GELU table
-are bit for bit. Two differences remain: the float summation order inside the Q4_K/Q6_K x Q8_K
-dot products (attn_output, ffn_down: ~1 ulp), and the RoPE rotation, which this machine's
-llama.cpp build contracts to FMA; emulating that FMA makes 2 of 3 replies here token-exact but
-moves SmolLM2 away from the shared llama.cpp reference (first-logit mean diff 0.13 -> 0.81;
-that reference came from a build that does not contract), so the rotation stays unfused.
-The model amplifies such differences: a 1e-7 relative difference flips Q8 activation
-roundings and reaches 1e-2 relative by layer ~10, the size of llama.cpp's own batch-vs-single
-spread on these prompts (mean |logit diff| 0.2-0.3). 1 of 3 replies is token-exact; the others
-diverge at near ties (llama.cpp margins 0.15-0.16).
+are bit for bit. What still differs is float summation order inside the quantized matmuls
+(and the RoPE rotation, which this machine's llama.cpp build contracts to FMA; emulating that
+moves SmolLM2 off the shared llama.cpp reference, so the rotation stays unfused). This base
+model amplifies such 1e-7 differences to ~1e-2 by layer 10, the size of llama.cpp's own
+batch-vs-single spread (mean |logit diff| 0.2-0.3), so a greedy reply through a near tie is
+luck in either engine. The fixture tool therefore runs 40 candidate prompts through llama.cpp
+and keeps the 3 whose replies have the largest smallest top1-top2 margin (0.83-1.26 here, far
+above that spread); on those, every kernel family (portable, AVX2, AVX-512) is token-exact.
 """
 
 from __future__ import annotations
@@ -117,9 +116,6 @@ def test_first_reply_token_matches_llama_cpp(loaded, case):
     assert _greedy(loaded, case["prompt_ids"])[0] == case["generated"][0]
 
 
-@pytest.mark.xfail(strict=False, reason="1 of 3 replies token-exact; the others diverge at near ties "
-                                        "(margins 0.15-0.16): needs the quantized dot products and the "
-                                        "build's FMA RoPE bit-exact (see the module docstring)")
 @pytest.mark.parametrize("case", EXPECTED["cases"], ids=lambda c: c["user"])
 def test_greedy_reply_is_token_exact(loaded, case):
     assert _greedy(loaded, case["prompt_ids"]) == case["generated"]
