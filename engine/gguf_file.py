@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import ModelFileError
+from engine.string_array import StringArray
 from engine.quants import FORMATS, SUPPORTED_TYPE_NAMES
 
 GGUF_MAGIC = b"GGUF"
@@ -76,6 +77,10 @@ class TensorInfo:
         return n
 
 
+# String arrays longer than this stay in the file (StringArray); shorter ones become lists.
+LAZY_STRING_ARRAY = 1024
+
+
 class _Cursor:
     """Reads little-endian values from the mapped header, checking every read."""
 
@@ -111,6 +116,24 @@ class _Cursor:
         except UnicodeDecodeError:
             self.fail(f"{what}: not valid UTF-8")
 
+    def string_array(self, count: int, what: str) -> StringArray:
+        """count strings, each checked (length, bounds, UTF-8) but not kept as a Python str."""
+        starts = np.empty(count, np.int64)
+        lengths = np.empty(count, np.uint32)
+        buf = self.buf
+        for i in range(count):
+            n = self.unpack("<Q", what + " length")
+            if n > MAX_STRING_BYTES:
+                self.fail(f"{what}: string length {n} is implausible")
+            self.need(n, what)
+            try:
+                str(buf[self.pos : self.pos + n], "utf-8")
+            except UnicodeDecodeError:
+                self.fail(f"{what}: not valid UTF-8")
+            starts[i], lengths[i] = self.pos, n
+            self.pos += n
+        return StringArray(buf, starts, lengths)
+
     def value(self, vtype: int, what: str):
         if vtype == _STR:
             return self.string(what)
@@ -122,7 +145,9 @@ class _Cursor:
             if etype == _STR:
                 # Each string needs at least its 8-byte length: reject early.
                 self.need(count * 8, what)
-                return [self.string(what) for _ in range(count)]
+                if count <= LAZY_STRING_ARRAY:
+                    return [self.string(what) for _ in range(count)]
+                return self.string_array(count, what)
             dt = _SCALAR_DTYPES.get(etype)
             if dt is None:
                 self.fail(f"{what}: unsupported array element type {etype}")
@@ -145,7 +170,7 @@ class _Cursor:
 class GGUFFile:
     """A validated, memory-mapped GGUF file.
 
-    `metadata`: key -> python value (str, int, float, bool, list[str], numpy array).
+    `metadata`: key -> python value (str, int, float, bool, list[str] or StringArray, numpy array).
     `tensors`:  name -> TensorInfo.  `tensor_bytes(name)` is a zero-copy uint8 view
     of shape (n_rows, row_bytes) over the mapping.
     """

@@ -28,6 +28,8 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import models as _models
 from tokenizers import pre_tokenizers as _pre
 
+from engine.string_array import StringArray
+
 __all__ = ["Tokenizer", "StreamDecoder", "SUPPORTED_MODELS", "SUPPORTED_PRE"]
 
 # llama_token_attr bits (llama.h)
@@ -146,16 +148,21 @@ class Tokenizer:
             raise ValueError(f"unsupported tokenizer model {model!r} "
                              f"(supported: {', '.join(SUPPORTED_MODELS)})")
         tokens = meta.get(_KEY + "tokens")
-        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        if isinstance(tokens, StringArray):   # a big vocabulary, still in the file: keep it compact
+            tokens = tokens.detached() if not len(tokens.empty_indices()) else list(tokens)
+        elif not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise ValueError("tokenizer.ggml.tokens is missing or not a list of strings")
+        if not len(tokens):
             raise ValueError("tokenizer.ggml.tokens is missing or not a list of strings")
         n = len(tokens)
         self.model = model
         self.is_spm = model == "llama"
-        tokens = list(tokens)
-        for i, t in enumerate(tokens):
-            if not t:
-                tokens[i] = f"[EMPTY_{i}]"
-        self._texts = tokens
+        if isinstance(tokens, list):
+            tokens = list(tokens)
+            for i, t in enumerate(tokens):
+                if not t:
+                    tokens[i] = f"[EMPTY_{i}]"
+        self._texts = tokens   # list[str], or a StringArray (decoded on access)
         self._ids = {t: i for i, t in enumerate(tokens)}
         if len(self._ids) != n:
             seen = {}
@@ -271,7 +278,7 @@ class Tokenizer:
 
     def _build_bpe(self, meta: dict, regexes: Sequence[str]) -> _HFTokenizer:
         merges = meta.get(_KEY + "merges")
-        if not isinstance(merges, list):
+        if not isinstance(merges, (list, StringArray)):
             raise ValueError("tokenizer.ggml.merges is missing")
         vocab = self._ids
         pairs: list[tuple[str, str]] = []

@@ -163,3 +163,48 @@ def test_fuzzed_files_load_or_raise_the_clear_error(tiny_llama_path, tmp_path):
     assert counts["rejected"] > 500 and counts["loaded"] > 100, counts
     grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
     assert grown_kb < 512 * 1024, f"fuzzing grew peak RSS by {grown_kb} KB"
+
+
+def _with_string_array(path, key, strings: list[bytes]):
+    """A minimal GGUF v3 file: no tensors, one string-array metadata entry."""
+    body = struct.pack("<4sIQQ", b"GGUF", 3, 0, 1)
+    k = key.encode()
+    body += struct.pack("<Q", len(k)) + k + struct.pack("<IIQ", 9, 8, len(strings))   # array of strings
+    for s in strings:
+        body += struct.pack("<Q", len(s)) + s
+    path.write_bytes(body + bytes(-len(body) % 32))   # the (empty) data section starts aligned
+    return path
+
+
+def test_big_string_arrays_stay_in_the_file_and_read_like_lists(tmp_path):
+    from engine.gguf_file import LAZY_STRING_ARRAY
+    from engine.string_array import StringArray
+
+    words = [f"tok{i}·é".encode() for i in range(LAZY_STRING_ARRAY + 7)] + ["".encode(), "末".encode()]
+    p = _with_string_array(tmp_path / "v.gguf", "tokenizer.ggml.tokens", words)
+    gf = GGUFFile(p)
+    arr = gf.metadata["tokenizer.ggml.tokens"]
+    want = [w.decode() for w in words]
+    assert isinstance(arr, StringArray) and len(arr) == len(want)
+    assert arr == want and list(arr) == want and arr[5] == want[5] and arr[-1] == "末" and arr[2:4] == want[2:4]
+    assert list(arr.empty_indices()) == [len(words) - 2]
+    with pytest.raises(IndexError):
+        arr[len(want)]
+    own = arr.detached()
+    gf.close()
+    assert own == want   # its own bytes: still readable after the file is closed
+    small = _with_string_array(tmp_path / "s.gguf", "k", [b"a", b"b"])
+    assert GGUFFile(small).metadata["k"] == ["a", "b"]
+
+
+def test_big_string_arrays_are_still_checked(tmp_path):
+    from engine.gguf_file import LAZY_STRING_ARRAY
+
+    words = [b"ok"] * (LAZY_STRING_ARRAY + 1)
+    bad = _with_string_array(tmp_path / "bad.gguf", "tokenizer.ggml.tokens", words[:-1] + [b"\xff\xfe"])
+    with pytest.raises(ModelFileError, match="not valid UTF-8"):
+        GGUFFile(bad)
+    cut = _with_string_array(tmp_path / "cut.gguf", "tokenizer.ggml.tokens", words)
+    cut.write_bytes(cut.read_bytes().rstrip(b"\0")[:-1])
+    with pytest.raises(ModelFileError, match="truncated"):
+        GGUFFile(cut)
