@@ -44,22 +44,36 @@ SUPPORTED_TYPE_NAMES = tuple(f.name for f in FORMATS.values())
 # On CPUs with AVX2 the block formats run the vpmaddubsw kernels of simd_kernels.py (same
 # signature, same math); PORTABLE_KERNELS keeps the plain loops (used without AVX2, or with
 # DELTATALK_NO_SIMD=1, and by the tests that compare the two).
-# On CPUs with AVX-512 VNNI, the Q4_K/Q5_K/Q6_K row kernels run on zmm (bit-identical), and
-# Q4_K/Q6_K prefill runs the tokens-in-lanes GEMM of gemm512.py; DELTATALK_NO_AVX512=1 keeps AVX2.
-# KERNEL_FAMILY names the family in use (bench and the TUI overlay show it).
+# Kernel families, picked from the CPU (KERNEL_FAMILY names the one in use; bench and the TUI
+# overlay show it):
+#   "avx512-vnni": zmm row kernels for Q4_K/Q5_K/Q6_K decode (bit-identical to AVX2) and the
+#                  tokens-in-lanes prefill GEMM of gemm.py (its VNNI form on ymm);
+#   "avx-vnni":    AVX2 row kernels, the GEMM on ymm with the VEX vpdpbusd (AVX-VNNI CPUs);
+#   "avx2":        AVX2 row kernels (vpmaddubsw, simd_kernels.py), the GEMM on ymm without VNNI;
+#   "portable":    plain numba loops (no AVX2, or DELTATALK_NO_SIMD=1).
+# DELTATALK_NO_AVX512=1 and DELTATALK_NO_VNNI=1 step down (the tests run every family they can).
+# PORTABLE_KERNELS and AVX2_KERNELS keep the row kernels for the tests that compare them.
 PORTABLE_KERNELS = {k: f.kernel for k, f in FORMATS.items()}
 if simd.HAVE_AVX2 and os.environ.get("DELTATALK_NO_SIMD", "") != "1":
-    from engine.quants import simd_kernels as _sk
+    from engine.quants import gemm
+
+    try:
+        from engine.quants import simd_kernels as _sk
+    except ImportError as e:   # generated from an older simd.py / gemm.py
+        raise ImportError(f"{e}: engine/quants/simd_kernels.py is stale; regenerate it with "
+                          "`DELTATALK_NO_SIMD=1 python -m engine.quants.gen_simd_kernels`") from e
 
     AVX2_KERNELS, AVX2_MULTI_KERNELS = _sk.KERNELS, _sk.MULTI_KERNELS
-    if simd.HAVE_AVX512_VNNI and os.environ.get("DELTATALK_NO_AVX512", "") != "1":
-        from engine.quants import gemm512
-
-        SIMD_KERNELS, MULTI_KERNELS = gemm512.kernels(_sk.KERNELS_512, _sk.MULTI_KERNELS_512)
+    _no_vnni = os.environ.get("DELTATALK_NO_VNNI", "") == "1"
+    if simd.HAVE_AVX512_VNNI and not _no_vnni and os.environ.get("DELTATALK_NO_AVX512", "") != "1":
         KERNEL_FAMILY = "avx512-vnni"
+        SIMD_KERNELS, MULTI_KERNELS = gemm.kernels("avxvnni", _sk.KERNELS_512, _sk.MULTI_KERNELS_512)
+    elif simd.HAVE_AVX_VNNI and not _no_vnni:
+        KERNEL_FAMILY = "avx-vnni"
+        SIMD_KERNELS, MULTI_KERNELS = gemm.kernels("avxvnni", _sk.KERNELS, _sk.MULTI_KERNELS)
     else:
-        SIMD_KERNELS, MULTI_KERNELS = AVX2_KERNELS, AVX2_MULTI_KERNELS
         KERNEL_FAMILY = "avx2"
+        SIMD_KERNELS, MULTI_KERNELS = gemm.kernels("avx2", _sk.KERNELS, _sk.MULTI_KERNELS)
     FORMATS = {k: dataclasses.replace(f, kernel=SIMD_KERNELS.get(k, f.kernel)) for k, f in FORMATS.items()}
 else:
     SIMD_KERNELS, MULTI_KERNELS, AVX2_KERNELS, AVX2_MULTI_KERNELS = {}, {}, {}, {}

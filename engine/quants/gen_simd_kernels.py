@@ -1,4 +1,4 @@
-"""Regenerates simd_kernels.py from the templates below: `python -m engine.quants.gen_simd_kernels`.
+"""Regenerates simd_kernels.py from the templates below: `DELTATALK_NO_SIMD=1 python -m engine.quants.gen_simd_kernels`.
 
 The kernels are generated rather than written once per format because numba cannot take
 the intrinsic as a parameter of a cached function. Run this after editing the templates or
@@ -8,7 +8,13 @@ intrinsics (tests/engine/test_quants_simd.py checks the recorded hash).
 """
 
 import hashlib
+import os
 from pathlib import Path
+
+# engine.quants imports the generated file, which may name intrinsics that no longer exist:
+# generate with the portable kernels in use, so the package never imports it here
+os.environ["DELTATALK_NO_SIMD"] = "1"
+from engine.quants.gemm import ISAS, KQ_KINDS, LEGACY_KINDS, TILES  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 HEAD = '''"""AVX2 kernels (vpmaddubsw through numba intrinsics) for every block format.
@@ -134,6 +140,61 @@ def matmul_{k}(w, x, lut, out):
         _row_{k}(w, n, x, lut, out, T, K)
 '''
 
+GEMM = '''
+
+
+@numba.njit(**SER)
+def _tile_kq_{isa}(kind, w, n, xil, xdil, bsil, lut, out, c, nt, T):
+    """Row n of w times nt ({tiles} or 1) 16-token tiles from tile c: the {isa} intrinsic of this kind."""
+    K = xil.shape[1] * 4
+    nb, T16, xtile, woff = K // 256, xdil.shape[1], K * 16, n * w.shape[1]
+    a = (w, woff, xil, c * xtile, xtile, xdil, c * 16, T16, bsil, c * 32, lut, nb, out, n, c * 16, T)
+    if kind == 0:
+        if nt == {tiles}:
+            gemm{tiles}_q4_k_{isa}(*a)
+        else:
+            gemm1_q4_k_{isa}(*a)
+    elif nt == {tiles}:
+        gemm{tiles}_q6_k_{isa}(*a)
+    else:
+        gemm1_q6_k_{isa}(*a)
+
+
+@numba.njit(**SER)
+def _tile_legacy_{isa}(kind, w, n, xil, xdil, bsil, xsil, lut, out, c, nt, T):
+    K = xil.shape[1] * 4
+    nb, T16, xtile, woff = K // 32, xdil.shape[1], K * 16, n * w.shape[1]
+    a = (w, woff, xil, c * xtile, xtile, xdil, c * 16, T16, bsil, xsil, lut, nb, out, n, c * 16, T)
+    many = nt == {tiles}
+{legacy_dispatch}
+
+@numba.njit(**PAR)
+def gemm_kq_{isa}(kind, w, xil, xdil, bsil, lut, out):
+    """out (T, N) = W X for a K-quant (kind: index in gemm.KQ_KINDS), {tiles} tiles (their
+    activations, 16·{tiles}·K bytes, stay in L2) at a time, rows spread over the threads."""
+    T, N = out.shape
+    ntiles = xil.shape[0]
+    for c0 in range(0, ntiles - ntiles % {tiles}, {tiles}):
+        for n in prange(N):
+            _tile_kq_{isa}(kind, w, n, xil, xdil, bsil, lut, out, c0, {tiles}, T)
+    for c in range(ntiles - ntiles % {tiles}, ntiles):
+        for n in prange(N):
+            _tile_kq_{isa}(kind, w, n, xil, xdil, bsil, lut, out, c, 1, T)
+
+
+@numba.njit(**PAR)
+def gemm_legacy_{isa}(kind, w, xil, xdil, bsil, xsil, lut, out):
+    """As gemm_kq_{isa} for the 32-value formats (kind: index in gemm.LEGACY_KINDS)."""
+    T, N = out.shape
+    ntiles = xil.shape[0]
+    for c0 in range(0, ntiles - ntiles % {tiles}, {tiles}):
+        for n in prange(N):
+            _tile_legacy_{isa}(kind, w, n, xil, xdil, bsil, xsil, lut, out, c0, {tiles}, T)
+    for c in range(ntiles - ntiles % {tiles}, ntiles):
+        for n in prange(N):
+            _tile_legacy_{isa}(kind, w, n, xil, xdil, bsil, xsil, lut, out, c, 1, T)
+'''
+
 MULTI = '''
 
 @numba.njit(**PAR)
@@ -191,7 +252,9 @@ MULTI_KERNELS_512 = {**MULTI_KERNELS, int(_G.Q4_K): matmul3_q4_k_512, int(_G.Q5_
 '''
 
 WIDE = ("q4_k", "q5_k", "q6_k")
-src = HEAD
+src = HEAD + "from engine.quants.gemm import (  # noqa: E402\n" + "".join(
+    f"    gemm{t}_{k}_{isa},\n" for isa in ISAS for k in KQ_KINDS + LEGACY_KINDS for t in sorted({TILES[isa], 1}))
+src += ")\n"
 for k in ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"]:
     q81 = k in ("q4_1", "q5_1")
     src += LEGACY.format(k=k, xsp="xs, " if q81 else "", xsa="xs" if q81 else "xd")
@@ -204,10 +267,19 @@ for k in WIDE:  # the AVX-512 VNNI family
     src += MULTI.format(k=f"{k}_512", bs=256)
 for k in ("f16", "bf16"):
     src += FROW.format(k=k)
+for isa in ISAS:   # the prefill GEMM drivers, one set per instruction set
+    tiles = TILES[isa]
+    dispatch = ""
+    for i, k in enumerate(LEGACY_KINDS):
+        cond = "if" if i == 0 else ("elif" if i < len(LEGACY_KINDS) - 1 else "else")
+        head = f"    {cond} kind == {i}:\n" if cond != "else" else "    else:\n"
+        dispatch += (head + f"        if many:\n            gemm{tiles}_{k}_{isa}(*a)\n"
+                     f"        else:\n            gemm1_{k}_{isa}(*a)\n")
+    src += GEMM.format(isa=isa, tiles=tiles, legacy_dispatch=dispatch)
 src += TAIL
 src += f'''
-# sha256 of simd.py when this file was generated (see gen_simd_kernels.py)
-SIMD_SOURCE_SHA256 = "{hashlib.sha256((HERE / "simd.py").read_bytes()).hexdigest()}"
+# sha256 of simd.py and gemm.py when this file was generated (see gen_simd_kernels.py)
+SIMD_SOURCE_SHA256 = "{hashlib.sha256((HERE / "simd.py").read_bytes() + (HERE / "gemm.py").read_bytes()).hexdigest()}"
 '''
 (HERE / "simd_kernels.py").write_text(src)
 print(f"wrote {HERE / 'simd_kernels.py'}: {len(src.splitlines())} lines")

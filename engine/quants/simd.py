@@ -24,7 +24,7 @@ Q8 quantizers are within ±127. No pair sum can saturate int16 (max 128·127·2 
 Only valid when the CPU has AVX2: `HAVE_AVX2` says so; callers keep portable kernels.
 
 Caching: numba's on-disk cache of simd_kernels.py is keyed on that file's contents and does
-not notice edits here. After changing this file run `python -m engine.quants.gen_simd_kernels`
+not notice edits here. After changing this file run `DELTATALK_NO_SIMD=1 python -m engine.quants.gen_simd_kernels`
 (it records this file's sha256 in simd_kernels.py; a test checks it).
 
 Decode (one token) and each token of a 4-token prefill tile are summed in the same order,
@@ -74,8 +74,22 @@ def _target_has_avx512_vnni() -> bool:
         return False
 
 
+def _target_has_avx_vnni() -> bool:
+    """The VEX-encoded vpdpbusd/vpdpwssd on ymm (AVX-VNNI, or AVX-512 VNNI with VL)."""
+    import os
+
+    cpu = os.environ.get("NUMBA_CPU_NAME", "host")
+    if cpu not in ("", "host"):
+        return "+avxvnni" in os.environ.get("NUMBA_CPU_FEATURES", "")
+    try:
+        return bool(llvm.get_host_cpu_features().get("avxvnni", False))
+    except Exception:  # pragma: no cover - feature query unsupported
+        return False
+
+
 HAVE_AVX2 = _target_has_avx2() and _jit_enabled()
 HAVE_AVX512_VNNI = HAVE_AVX2 and _target_has_avx512_vnni()
+HAVE_AVX_VNNI = HAVE_AVX2 and (_target_has_avx_vnni() or HAVE_AVX512_VNNI)
 
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 V32I8, V16I8 = ir.VectorType(I8, 32), ir.VectorType(I8, 16)

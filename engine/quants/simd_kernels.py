@@ -30,6 +30,40 @@ from engine.quants.simd import (
 assert TILE == 4
 PAR = JIT_PAR
 SER = JIT
+from engine.quants.gemm import (  # noqa: E402
+    gemm1_q4_k_avxvnni,
+    gemm2_q4_k_avxvnni,
+    gemm1_q6_k_avxvnni,
+    gemm2_q6_k_avxvnni,
+    gemm1_q8_0_avxvnni,
+    gemm2_q8_0_avxvnni,
+    gemm1_q4_0_avxvnni,
+    gemm2_q4_0_avxvnni,
+    gemm1_q5_0_avxvnni,
+    gemm2_q5_0_avxvnni,
+    gemm1_iq4_nl_avxvnni,
+    gemm2_iq4_nl_avxvnni,
+    gemm1_q4_1_avxvnni,
+    gemm2_q4_1_avxvnni,
+    gemm1_q5_1_avxvnni,
+    gemm2_q5_1_avxvnni,
+    gemm1_q4_k_avx2,
+    gemm2_q4_k_avx2,
+    gemm1_q6_k_avx2,
+    gemm2_q6_k_avx2,
+    gemm1_q8_0_avx2,
+    gemm2_q8_0_avx2,
+    gemm1_q4_0_avx2,
+    gemm2_q4_0_avx2,
+    gemm1_q5_0_avx2,
+    gemm2_q5_0_avx2,
+    gemm1_iq4_nl_avx2,
+    gemm2_iq4_nl_avx2,
+    gemm1_q4_1_avx2,
+    gemm2_q4_1_avx2,
+    gemm1_q5_1_avx2,
+    gemm2_q5_1_avx2,
+)
 
 
 @numba.njit(**SER)
@@ -721,6 +755,172 @@ def matmul_bf16(w, x, lut, out):
 
 
 
+@numba.njit(**SER)
+def _tile_kq_avxvnni(kind, w, n, xil, xdil, bsil, lut, out, c, nt, T):
+    """Row n of w times nt (2 or 1) 16-token tiles from tile c: the avxvnni intrinsic of this kind."""
+    K = xil.shape[1] * 4
+    nb, T16, xtile, woff = K // 256, xdil.shape[1], K * 16, n * w.shape[1]
+    a = (w, woff, xil, c * xtile, xtile, xdil, c * 16, T16, bsil, c * 32, lut, nb, out, n, c * 16, T)
+    if kind == 0:
+        if nt == 2:
+            gemm2_q4_k_avxvnni(*a)
+        else:
+            gemm1_q4_k_avxvnni(*a)
+    elif nt == 2:
+        gemm2_q6_k_avxvnni(*a)
+    else:
+        gemm1_q6_k_avxvnni(*a)
+
+
+@numba.njit(**SER)
+def _tile_legacy_avxvnni(kind, w, n, xil, xdil, bsil, xsil, lut, out, c, nt, T):
+    K = xil.shape[1] * 4
+    nb, T16, xtile, woff = K // 32, xdil.shape[1], K * 16, n * w.shape[1]
+    a = (w, woff, xil, c * xtile, xtile, xdil, c * 16, T16, bsil, xsil, lut, nb, out, n, c * 16, T)
+    many = nt == 2
+    if kind == 0:
+        if many:
+            gemm2_q8_0_avxvnni(*a)
+        else:
+            gemm1_q8_0_avxvnni(*a)
+    elif kind == 1:
+        if many:
+            gemm2_q4_0_avxvnni(*a)
+        else:
+            gemm1_q4_0_avxvnni(*a)
+    elif kind == 2:
+        if many:
+            gemm2_q5_0_avxvnni(*a)
+        else:
+            gemm1_q5_0_avxvnni(*a)
+    elif kind == 3:
+        if many:
+            gemm2_iq4_nl_avxvnni(*a)
+        else:
+            gemm1_iq4_nl_avxvnni(*a)
+    elif kind == 4:
+        if many:
+            gemm2_q4_1_avxvnni(*a)
+        else:
+            gemm1_q4_1_avxvnni(*a)
+    else:
+        if many:
+            gemm2_q5_1_avxvnni(*a)
+        else:
+            gemm1_q5_1_avxvnni(*a)
+
+
+@numba.njit(**PAR)
+def gemm_kq_avxvnni(kind, w, xil, xdil, bsil, lut, out):
+    """out (T, N) = W X for a K-quant (kind: index in gemm.KQ_KINDS), 2 tiles (their
+    activations, 16·2·K bytes, stay in L2) at a time, rows spread over the threads."""
+    T, N = out.shape
+    ntiles = xil.shape[0]
+    for c0 in range(0, ntiles - ntiles % 2, 2):
+        for n in prange(N):
+            _tile_kq_avxvnni(kind, w, n, xil, xdil, bsil, lut, out, c0, 2, T)
+    for c in range(ntiles - ntiles % 2, ntiles):
+        for n in prange(N):
+            _tile_kq_avxvnni(kind, w, n, xil, xdil, bsil, lut, out, c, 1, T)
+
+
+@numba.njit(**PAR)
+def gemm_legacy_avxvnni(kind, w, xil, xdil, bsil, xsil, lut, out):
+    """As gemm_kq_avxvnni for the 32-value formats (kind: index in gemm.LEGACY_KINDS)."""
+    T, N = out.shape
+    ntiles = xil.shape[0]
+    for c0 in range(0, ntiles - ntiles % 2, 2):
+        for n in prange(N):
+            _tile_legacy_avxvnni(kind, w, n, xil, xdil, bsil, xsil, lut, out, c0, 2, T)
+    for c in range(ntiles - ntiles % 2, ntiles):
+        for n in prange(N):
+            _tile_legacy_avxvnni(kind, w, n, xil, xdil, bsil, xsil, lut, out, c, 1, T)
+
+
+
+@numba.njit(**SER)
+def _tile_kq_avx2(kind, w, n, xil, xdil, bsil, lut, out, c, nt, T):
+    """Row n of w times nt (2 or 1) 16-token tiles from tile c: the avx2 intrinsic of this kind."""
+    K = xil.shape[1] * 4
+    nb, T16, xtile, woff = K // 256, xdil.shape[1], K * 16, n * w.shape[1]
+    a = (w, woff, xil, c * xtile, xtile, xdil, c * 16, T16, bsil, c * 32, lut, nb, out, n, c * 16, T)
+    if kind == 0:
+        if nt == 2:
+            gemm2_q4_k_avx2(*a)
+        else:
+            gemm1_q4_k_avx2(*a)
+    elif nt == 2:
+        gemm2_q6_k_avx2(*a)
+    else:
+        gemm1_q6_k_avx2(*a)
+
+
+@numba.njit(**SER)
+def _tile_legacy_avx2(kind, w, n, xil, xdil, bsil, xsil, lut, out, c, nt, T):
+    K = xil.shape[1] * 4
+    nb, T16, xtile, woff = K // 32, xdil.shape[1], K * 16, n * w.shape[1]
+    a = (w, woff, xil, c * xtile, xtile, xdil, c * 16, T16, bsil, xsil, lut, nb, out, n, c * 16, T)
+    many = nt == 2
+    if kind == 0:
+        if many:
+            gemm2_q8_0_avx2(*a)
+        else:
+            gemm1_q8_0_avx2(*a)
+    elif kind == 1:
+        if many:
+            gemm2_q4_0_avx2(*a)
+        else:
+            gemm1_q4_0_avx2(*a)
+    elif kind == 2:
+        if many:
+            gemm2_q5_0_avx2(*a)
+        else:
+            gemm1_q5_0_avx2(*a)
+    elif kind == 3:
+        if many:
+            gemm2_iq4_nl_avx2(*a)
+        else:
+            gemm1_iq4_nl_avx2(*a)
+    elif kind == 4:
+        if many:
+            gemm2_q4_1_avx2(*a)
+        else:
+            gemm1_q4_1_avx2(*a)
+    else:
+        if many:
+            gemm2_q5_1_avx2(*a)
+        else:
+            gemm1_q5_1_avx2(*a)
+
+
+@numba.njit(**PAR)
+def gemm_kq_avx2(kind, w, xil, xdil, bsil, lut, out):
+    """out (T, N) = W X for a K-quant (kind: index in gemm.KQ_KINDS), 2 tiles (their
+    activations, 16·2·K bytes, stay in L2) at a time, rows spread over the threads."""
+    T, N = out.shape
+    ntiles = xil.shape[0]
+    for c0 in range(0, ntiles - ntiles % 2, 2):
+        for n in prange(N):
+            _tile_kq_avx2(kind, w, n, xil, xdil, bsil, lut, out, c0, 2, T)
+    for c in range(ntiles - ntiles % 2, ntiles):
+        for n in prange(N):
+            _tile_kq_avx2(kind, w, n, xil, xdil, bsil, lut, out, c, 1, T)
+
+
+@numba.njit(**PAR)
+def gemm_legacy_avx2(kind, w, xil, xdil, bsil, xsil, lut, out):
+    """As gemm_kq_avx2 for the 32-value formats (kind: index in gemm.LEGACY_KINDS)."""
+    T, N = out.shape
+    ntiles = xil.shape[0]
+    for c0 in range(0, ntiles - ntiles % 2, 2):
+        for n in prange(N):
+            _tile_legacy_avx2(kind, w, n, xil, xdil, bsil, xsil, lut, out, c0, 2, T)
+    for c in range(ntiles - ntiles % 2, ntiles):
+        for n in prange(N):
+            _tile_legacy_avx2(kind, w, n, xil, xdil, bsil, xsil, lut, out, c, 1, T)
+
+
+
 @numba.njit(**PAR)
 def touch_parallel(a):
     """An almost empty parallel region (the microbenchmark's overhead probe)."""
@@ -754,5 +954,5 @@ KERNELS_512 = {**KERNELS, int(_G.Q4_K): matmul_q4_k_512, int(_G.Q5_K): matmul_q5
 MULTI_KERNELS_512 = {**MULTI_KERNELS, int(_G.Q4_K): matmul3_q4_k_512, int(_G.Q5_K): matmul3_q5_k_512,
                      int(_G.Q6_K): matmul3_q6_k_512}
 
-# sha256 of simd.py when this file was generated (see gen_simd_kernels.py)
-SIMD_SOURCE_SHA256 = "20ec63b33e9f35c8d4b7a25b3363172896fbc86b4a4fd5a5d5f5c853d238b329"
+# sha256 of simd.py and gemm.py when this file was generated (see gen_simd_kernels.py)
+SIMD_SOURCE_SHA256 = "8f4de4e635f508aaa8519356c75e3ae5bcc7df4eb60ccd034d18c2dc64552e78"

@@ -131,15 +131,16 @@ def test_microbench_smoke():
 
 
 def test_simd_kernels_were_generated_from_this_simd_py():
-    """numba's cache of simd_kernels.py does not see edits to simd.py: regenerate after them."""
+    """numba's cache of simd_kernels.py does not see edits to simd.py or gemm.py: regenerate after them."""
     import hashlib
     from pathlib import Path
 
     from engine.quants import simd_kernels
 
-    src = Path(simd_kernels.__file__).with_name("simd.py").read_bytes()
+    here = Path(simd_kernels.__file__).parent
+    src = (here / "simd.py").read_bytes() + (here / "gemm.py").read_bytes()
     assert simd_kernels.SIMD_SOURCE_SHA256 == hashlib.sha256(src).hexdigest(), \
-        "simd.py changed: run `python -m engine.quants.gen_simd_kernels`"
+        "simd.py or gemm.py changed: run `DELTATALK_NO_SIMD=1 python -m engine.quants.gen_simd_kernels`"
 
 
 @pytest.mark.parametrize("qtype", TYPES + [G.F16, G.BF16], ids=lambda t: t.name)

@@ -1,31 +1,38 @@
-"""Prefill GEMM for Q4_K and Q6_K on AVX-512 VNNI: tokens in the vector lanes.
+"""Prefill GEMM: tokens in the vector lanes (AVX-512 VNNI, AVX-VNNI and plain AVX2 forms).
 
 The row kernels (simd.py) put a weight row's bytes in the lanes, so every (row, token,
 super-block) ends in a chain of lane folds, conversions and scale products: most of their
 instructions are that bookkeeping, not multiplies. Here the activation is reordered once
-per call so that one zmm holds the same 4 values of 16 tokens (`interleave_q8_k`):
+per call so that one vector holds the same 4 values of 16 (or 8) tokens (`interleave_q8_k`):
 
     xil[tile, k/4, lane, 4]   int8, lane = token - 16·tile     (16 tokens x 4 bytes = 64 B)
 
-and a weight's 4 codes, broadcast to every lane, meet 16 tokens in one `vpdpbusd`:
+and a weight's 4 codes, broadcast to every lane, meet all those tokens in one `vpdpbusd`:
 
     acc[lane] += Σ_{i<4} w[k+i] · x[16·tile + lane, k+i]       (u8 codes x s8 activations)
 
 Every lane is one token's own dot product, so per super-block there is one integer scale
-product per group and one float FMA per 16 tokens: no folds, no horizontal sums. Weights
-stay in their GGUF blocks; each row's block is unpacked to 256 code bytes on the stack
-(never to float) and used for 4 tiles (64 tokens) at a time.
+product per group and one float FMA per vector of tokens: no folds, no horizontal sums.
+Weights stay in their GGUF blocks; each row's block is unpacked to code bytes on the stack
+(never to float) and used for several tiles at a time.
 
     Q4_K: Σ_g sc_g·Σ_{i∈g} q·x  (8 groups of 32)  ·d·dx  - dmin·dx·Σ_g m_g·bsum32_g
     Q6_K: Σ_g sc_g·(Σ_{i∈g} q·x - 32·bsum16_g)  (16 groups of 16)  ·d·dx
+    32-value formats: d_w·dx·(Σ code·x - o·Σx) [+ m_w·s_x for Q4_1/Q5_1]
 
 The per-group sums of x (bsum) come in as int16 pairs, so the min / offset term is a
-`vpdpwssd` of (m_{2p}, m_{2p+1}) against (bsum_{2p}, bsum_{2p+1}) for 16 tokens.
+`vpdpwssd` of (m_{2p}, m_{2p+1}) against (bsum_{2p}, bsum_{2p+1}) per lane.
 
-The float sums run in a different order than the row kernels (per token over super-blocks,
-not per byte lane), so results agree with them to rounding, not bit for bit; decode (T < 16)
-keeps the row kernels. Numpy twin: the formats' `matmul_ref`. Only valid when
-simd.HAVE_AVX512_VNNI; callers validate shapes (nothing here bounds-checks).
+ISAs (`ISAS`): "avxvnni" 8 lanes with vpdpbusd / vpdpwssd on ymm (AVX-VNNI, or AVX-512 VNNI
+with VL); "avx2" 8 lanes with vpmaddubsw + vpmaddwd (weights whose codes could saturate its
+int16 pair sums, Q8_0 and IQ4_NL, go signed through the vpsignb trick there). A zmm form
+with 16 lanes measured no faster than ymm on Zen 5 (Q4_1 0.74x, Q6_K 0.9x; the kernels are
+bound by loading the activations, not by the dot products), so AVX-512 CPUs run "avxvnni".
+The float sums run per token over super-blocks, not per byte lane as in the row kernels, so
+results agree with those to rounding, not bit for bit; decode (one token) keeps the row
+kernels. The drivers that call these intrinsics are generated into simd_kernels.py (numba
+cannot take an intrinsic as an argument). Numpy twins: the formats' `matmul_ref`, and
+`interleave_*_ref`. Callers validate shapes (nothing here bounds-checks).
 """
 
 from __future__ import annotations
@@ -42,25 +49,89 @@ from engine.quants.legacy import IQ4NL_VALUES
 from engine.quants.simd import (BYTES, FLOAT, F32, I8, I16, I32, I64, INT32, V8I16, _bits32, _data, _f16, _fn,
                                 _load, _nibbles32, _pshufb, _q4k_unpack, _require, _splat)
 
-TILE_TOKENS = 16   # tokens per zmm
-TILES = 4          # tiles per weight-block decode (64 tokens)
-V16I32 = ir.VectorType(I32, 16)
-V16F32 = ir.VectorType(F32, 16)
-V64I8 = ir.VectorType(I8, 64)
 INT16 = (types.int16,)
+ISAS = ("avxvnni", "avx2")
+# 16-token tiles per weight-block decode: 2 (32 tokens, 4 vectors of accumulators in 16 ymm)
+TILES = {"avxvnni": 2, "avx2": 2}
 
 
-def _scatter(b, faccs, outp, N, n, t0, T):
-    """Lane l of tile i -> out[t0 + 16·i + l, n] for the tokens < T (column n of a row-major out)."""
-    for i, facc in enumerate(faccs):
+class _Lanes:
+    """The vector ops of one ISA: `lanes` tokens per vector, a 16-token tile is 16 // lanes
+    vectors ("halves"), dot4 = u8 x s8 4-byte dot product accumulate, madd = i16 pair dot
+    product accumulate."""
+
+    def __init__(self, b, isa):
+        self.b, self.isa = b, isa
+        self.lanes = 8
+        self.halves = 16 // self.lanes
+        L = self.lanes
+        self.vi, self.vf = ir.VectorType(I32, L), ir.VectorType(F32, L)
+        self.zero = ir.Constant(self.vi, [0] * L)
+        self.fma_fn = _fn(b, f"llvm.fma.v{L}f32", self.vf, [self.vf] * 3)
+        bits = 32 * L
+        if isa == "avx2":
+            vb, vh = ir.VectorType(I8, 4 * L), ir.VectorType(I16, 2 * L)
+            self._maddubs = _fn(b, "llvm.x86.avx2.pmadd.ub.sw", vh, [vb, vb])
+            self._maddwd = _fn(b, "llvm.x86.avx2.pmadd.wd", self.vi, [vh, vh])
+            self._psign = _fn(b, "llvm.x86.avx2.psign.b", vb, [vb, vb])
+            self._vb, self._vh = vb, vh
+            self._ones = ir.Constant(vh, [1] * (2 * L))
+        else:
+            self._dpbusd = _fn(b, f"llvm.x86.avx512.vpdpbusd.{bits}", self.vi, [self.vi] * 3)
+            self._dpwssd = _fn(b, f"llvm.x86.avx512.vpdpwssd.{bits}", self.vi, [self.vi] * 3)
+
+    def dot4(self, acc, w, x):
+        """acc + Σ_{4 bytes} w·x per lane: w unsigned codes (< 128 on avx2), x signed."""
+        b = self.b
+        if self.isa != "avx2":
+            return b.call(self._dpbusd, [acc, w, x])
+        p16 = b.call(self._maddubs, [b.bitcast(w, self._vb), b.bitcast(x, self._vb)])
+        return b.add(acc, b.call(self._maddwd, [p16, self._ones]))
+
+    def dot4_signed(self, acc, w, x):
+        """acc + Σ w·x with w signed (avx2: |w| times x with w's sign, so no pair sum saturates)."""
+        b = self.b
+        wb, xb = b.bitcast(w, self._vb), b.bitcast(x, self._vb)
+        p16 = b.call(self._maddubs, [b.call(self._psign, [wb, wb]), b.call(self._psign, [xb, wb])])
+        return b.add(acc, b.call(self._maddwd, [p16, self._ones]))
+
+    def madd(self, acc, a, x):
+        """acc + a[2j]·x[2j] + a[2j+1]·x[2j+1] per lane (int16 pairs)."""
+        b = self.b
+        if self.isa != "avx2":
+            return b.call(self._dpwssd, [acc, a, x])
+        return b.add(acc, b.call(self._maddwd, [b.bitcast(a, self._vh), b.bitcast(x, self._vh)]))
+
+    def fma(self, a, m, c):
+        return self.b.call(self.fma_fn, [a, m, c])
+
+    def splat_i(self, v):
+        return _splat(self.b, v, self.vi)
+
+    def splat_f(self, v):
+        return _splat(self.b, v, self.vf)
+
+
+def _scatter(b, faccs, outp, N, n, t0, T, lanes):
+    """Lane l of vector v -> out[t0 + lanes·v + l, n] for the tokens < T (column n of a row-major out)."""
+    for v, facc in enumerate(faccs):
         fa = b.load(facc)
-        for lane in range(16):
-            t = b.add(t0, ir.Constant(I64, 16 * i + lane))
+        for lane in range(lanes):
+            t = b.add(t0, ir.Constant(I64, lanes * v + lane))
             with b.if_then(b.icmp_signed("<", t, T), likely=True):
                 b.store(b.extract_element(fa, ir.Constant(I32, lane)), b.gep(outp, [b.add(b.mul(t, N), n)]))
 
 
-def _gemm_row(kind, ntiles):
+def _vectors(L, xps):
+    """(x pointer, token offset in the run of tiles) for each vector: halves per 16-token tile."""
+    out = []
+    for i in range(len(xps)):
+        for h in range(L.halves):
+            out.append((L.b.gep(xps[i], [ir.Constant(I64, 32 * h)]) if h else xps[i], 16 * i + L.lanes * h))
+    return out
+
+
+def _gemm_row(kind, ntiles, isa):
     """Intrinsic gemm(w, woff, xil, xoff, xtile, xd, xdoff, T16, bs, bsoff, lut, nb, out, n, t0, T):
     one weight row (nb super-blocks from byte woff) times ntiles 16-token tiles of the
     interleaved activation (tile i at element xoff + i·xtile); stores out[t, n] for the
@@ -77,6 +148,7 @@ def _gemm_row(kind, ntiles):
         def codegen(context, builder, sig, args):
             (w_, woff_, xil_, xoff_, xtile_, xd_, xdoff_, T16_, bs_, bsoff_, lut_, nb_, out_, n_, t0_, T_) = args
             b = builder
+            L = _Lanes(b, isa)
             wp = b.gep(_data(context, b, sig.args[0], w_), [woff_])
             x0 = _data(context, b, sig.args[2], xil_)
             xd0 = _data(context, b, sig.args[5], xd_)
@@ -84,16 +156,12 @@ def _gemm_row(kind, ntiles):
             lutp = _data(context, b, sig.args[10], lut_)
             outp = _data(context, b, sig.args[12], out_)
             N = b.extract_value(context.make_array(sig.args[12])(context, b, value=out_).shape, 1)
-            tiles = range(ntiles)
-            dpbusd = _fn(b, "llvm.x86.avx512.vpdpbusd.512", V16I32, [V16I32, V16I32, V16I32])
-            dpwssd = _fn(b, "llvm.x86.avx512.vpdpwssd.512", V16I32, [V16I32, V16I32, V16I32])
-            fma = _fn(b, "llvm.fma.v16f32", V16F32, [V16F32, V16F32, V16F32])
-            zero = ir.Constant(V16I32, [0] * 16)
             scratch = cgutils.alloca_once(b, ir.ArrayType(I8, 256))
             scratch.align = 64
             sp = b.bitcast(scratch, I8.as_pointer())
-            faccs = [cgutils.alloca_once_value(b, ir.Constant(V16F32, [0.0] * 16)) for _ in tiles]
-            xps = [b.gep(x0, [b.add(xoff_, b.mul(xtile_, ir.Constant(I64, i)))]) for i in tiles]
+            xps = [b.gep(x0, [b.add(xoff_, b.mul(xtile_, ir.Constant(I64, i)))]) for i in range(ntiles)]
+            vecs = _vectors(L, xps)
+            faccs = [cgutils.alloca_once_value(b, ir.Constant(L.vf, [0.0] * L.lanes)) for _ in vecs]
 
             def c8(v, k=32):
                 return ir.Constant(ir.VectorType(I8, k), [v & 0xFF] * k)
@@ -134,46 +202,44 @@ def _gemm_row(kind, ntiles):
                     sc16 = b.sext(sc8, ir.VectorType(I16, 16))
                     scales = [b.sext(b.extract_element(sc8, ir.Constant(I32, g)), I32) for g in range(16)]
                     pairs16 = b.bitcast(sc16, ir.VectorType(I32, 8))  # (sc_2p, sc_2p+1) per dword
-                # 2. integer sums: per tile, Σ_g sc_g · Σ_{i∈g} q·x, one vpdpbusd per 4 codes
+                # 2. integer sums: per vector of tokens, Σ_g sc_g · Σ_{i∈g} q·x, one dot4 per 4 codes
                 kbase = b.mul(blk_i, ir.Constant(I64, 64 * 64))  # 64 dwords x 64 bytes per block
-                iaccs = [zero] * ntiles
+                iaccs = [L.zero] * len(vecs)
                 for g in range(groups):
-                    gaccs = [zero] * ntiles
+                    gaccs = [L.zero] * len(vecs)
                     for j in range(per_group):
                         k4 = g * per_group + j
-                        wv = _splat(b, _load(b, b.gep(sp, [ir.Constant(I64, 4 * k4)]), I32, align=4), V16I32)
-                        for i in tiles:
-                            xv = ldv(xps[i], b.add(kbase, ir.Constant(I64, 64 * k4)), V16I32)
-                            gaccs[i] = b.call(dpbusd, [gaccs[i], wv, xv])
-                    s = _splat(b, scales[g], V16I32)
-                    iaccs = [b.add(iaccs[i], b.mul(gaccs[i], s)) for i in tiles]
-                # 3. the group-sum term: Σ_p pair_p · (bsum_2p, bsum_2p+1) for 16 tokens
+                        wv = L.splat_i(_load(b, b.gep(sp, [ir.Constant(I64, 4 * k4)]), I32, align=4))
+                        for v, (xp, _) in enumerate(vecs):
+                            gaccs[v] = L.dot4(gaccs[v], wv, ldv(xp, b.add(kbase, ir.Constant(I64, 64 * k4)), L.vi))
+                    s = L.splat_i(scales[g])
+                    iaccs = [b.add(iaccs[v], b.mul(gaccs[v], s)) for v in range(len(vecs))]
+                # 3. the group-sum term: Σ_p pair_p · (bsum_2p, bsum_2p+1) per token
                 bsb = b.add(bsoff_, b.mul(blk_i, b.mul(T16_, ir.Constant(I64, 2 * npairs))))
-                maccs = [zero] * ntiles
+                maccs = [L.zero] * len(vecs)
                 for p in range(npairs):
-                    pv = _splat(b, b.extract_element(pairs16, ir.Constant(I32, p)), V16I32)
-                    for i in tiles:
-                        o = b.add(bsb, b.add(b.mul(T16_, ir.Constant(I64, 2 * p)), ir.Constant(I64, 32 * i)))
-                        maccs[i] = b.call(dpwssd, [maccs[i], pv, ldv(bs0, o, V16I32)])
-                # 4. float: one FMA (two for Q4_K's min term) per 16 tokens
+                    pv = L.splat_i(b.extract_element(pairs16, ir.Constant(I32, p)))
+                    for v, (_, tok) in enumerate(vecs):
+                        o = b.add(bsb, b.add(b.mul(T16_, ir.Constant(I64, 2 * p)), ir.Constant(I64, 2 * tok)))
+                        maccs[v] = L.madd(maccs[v], pv, ldv(bs0, o, L.vi))
+                # 4. float: one FMA (two for Q4_K's min term) per vector of tokens
                 xdb = b.add(xdoff_, b.mul(blk_i, T16_))
-                for i in tiles:
-                    dx = ldv(xd0, b.add(xdb, ir.Constant(I64, 16 * i)), V16F32)
-                    fa = b.load(faccs[i])
+                for v, (_, tok) in enumerate(vecs):
+                    dx = ldv(xd0, b.add(xdb, ir.Constant(I64, tok)), L.vf)
+                    fa = b.load(faccs[v])
                     if kind == "q4_k":
-                        fa = b.call(fma, [b.sitofp(iaccs[i], V16F32), b.fmul(_splat(b, d, V16F32), dx), fa])
-                        fa = b.call(fma, [b.sitofp(maccs[i], V16F32), b.fmul(_splat(b, b.fneg(dmin), V16F32), dx), fa])
+                        fa = L.fma(b.sitofp(iaccs[v], L.vf), b.fmul(L.splat_f(d), dx), fa)
+                        fa = L.fma(b.sitofp(maccs[v], L.vf), b.fmul(L.splat_f(b.fneg(dmin)), dx), fa)
                     else:
-                        isum = b.sub(iaccs[i], b.shl(maccs[i], ir.Constant(V16I32, [5] * 16)))
-                        fa = b.call(fma, [b.sitofp(isum, V16F32), b.fmul(_splat(b, d, V16F32), dx), fa])
-                    b.store(fa, faccs[i])
-            _scatter(b, faccs, outp, N, n_, t0_, T_)
+                        isum = b.sub(iaccs[v], b.shl(maccs[v], ir.Constant(L.vi, [5] * L.lanes)))
+                        fa = L.fma(b.sitofp(isum, L.vf), b.fmul(L.splat_f(d), dx), fa)
+                    b.store(fa, faccs[v])
+            _scatter(b, faccs, outp, N, n_, t0_, T_, L.lanes)
             return context.get_dummy_value()
 
         return sig, codegen
 
     return gemm
-
 
 
 # 32-value formats: codes as unsigned bytes (an offset o makes signed ones unsigned), so a
@@ -184,17 +250,20 @@ _LEGACY = {  # kind: (block bytes, code offset o as a shift (o = 1 << shift) or 
 }
 
 
-def _legacy_codes(b, kind, blk):
-    """The block's 32 codes, in value order, as <32 x i8> unsigned."""
+def _legacy_codes(b, kind, blk, signed=False):
+    """The block's 32 codes, in value order, as <32 x i8>: unsigned (the offset o added to
+    signed formats), or for Q8_0 / IQ4_NL with signed=True their plain signed values."""
     def at(o):
         return b.gep(blk, [ir.Constant(I64, o)])
 
     if kind == "q8_0":
-        return b.xor(_load(b, at(2), ir.VectorType(I8, 32)), ir.Constant(ir.VectorType(I8, 32), [0x80] * 32))
+        q = _load(b, at(2), ir.VectorType(I8, 32))
+        return q if signed else b.xor(q, ir.Constant(ir.VectorType(I8, 32), [0x80] * 32))
     if kind == "q4_0":
         return _nibbles32(b, at(2))
-    if kind == "iq4_nl":  # the non-linear values + 128
-        table = ir.Constant(ir.VectorType(I8, 32), [(int(v) + 128) & 0xFF for v in IQ4NL_VALUES] * 2)
+    if kind == "iq4_nl":  # the non-linear values (+ 128 when unsigned)
+        off = 0 if signed else 128
+        table = ir.Constant(ir.VectorType(I8, 32), [(int(v) + off) & 0xFF for v in IQ4NL_VALUES] * 2)
         return _pshufb(b, table, _nibbles32(b, at(2)))
     if kind == "q5_0":
         return b.or_(_nibbles32(b, at(6)), _bits32(b, at(2)))
@@ -203,11 +272,14 @@ def _legacy_codes(b, kind, blk):
     return b.or_(_nibbles32(b, at(8)), _bits32(b, at(4)))  # q5_1
 
 
-def _gemm_row_legacy(kind, ntiles):
+def _gemm_row_legacy(kind, ntiles, isa):
     """Intrinsic gemm(w, woff, xil, xoff, xtile, xd, xdoff, T16, bs, xs, lut, nb, out, n, t0, T) for a
     32-value format: as _gemm_row, with bs the int32 block sums of x (nb, T16) and xs the Q8_1
     s = d·Σq (nb, T16) float32 (read by the _1 formats only)."""
     ts, shift, has_min = _LEGACY[kind]
+    signed = isa == "avx2" and kind in ("q8_0", "iq4_nl")   # u8 codes up to 255 would saturate vpmaddubsw
+    if signed:
+        shift = None
 
     @intrinsic
     def gemm(typingctx, w, woff, xil, xoff, xtile, xd, xdoff, T16, bs, xs, lut, nb, out, n, t0, T):
@@ -218,6 +290,7 @@ def _gemm_row_legacy(kind, ntiles):
         def codegen(context, builder, sig, args):
             (w_, woff_, xil_, xoff_, xtile_, xd_, xdoff_, T16_, bs_, xs_, lut_, nb_, out_, n_, t0_, T_) = args
             b = builder
+            L = _Lanes(b, isa)
             wp = b.gep(_data(context, b, sig.args[0], w_), [woff_])
             x0 = _data(context, b, sig.args[2], xil_)
             xd0 = _data(context, b, sig.args[5], xd_)
@@ -226,16 +299,14 @@ def _gemm_row_legacy(kind, ntiles):
             lutp = _data(context, b, sig.args[10], lut_)
             outp = _data(context, b, sig.args[12], out_)
             N = b.extract_value(context.make_array(sig.args[12])(context, b, value=out_).shape, 1)
-            tiles = range(ntiles)
-            dpbusd = _fn(b, "llvm.x86.avx512.vpdpbusd.512", V16I32, [V16I32, V16I32, V16I32])
-            fma = _fn(b, "llvm.fma.v16f32", V16F32, [V16F32, V16F32, V16F32])
-            zero = ir.Constant(V16I32, [0] * 16)
             scratch = cgutils.alloca_once(b, ir.ArrayType(I8, 32))
             scratch.align = 32
             sp = b.bitcast(scratch, ir.VectorType(I8, 32).as_pointer())
             sp32 = b.bitcast(scratch, I32.as_pointer())
-            faccs = [cgutils.alloca_once_value(b, ir.Constant(V16F32, [0.0] * 16)) for _ in tiles]
-            xps = [b.gep(x0, [b.add(xoff_, b.mul(xtile_, ir.Constant(I64, i)))]) for i in tiles]
+            xps = [b.gep(x0, [b.add(xoff_, b.mul(xtile_, ir.Constant(I64, i)))]) for i in range(ntiles)]
+            vecs = _vectors(L, xps)
+            faccs = [cgutils.alloca_once_value(b, ir.Constant(L.vf, [0.0] * L.lanes)) for _ in vecs]
+            dot = L.dot4_signed if signed else L.dot4
 
             def ldv(p, o, ty):
                 return _load(b, b.gep(p, [o]), ty)
@@ -243,27 +314,27 @@ def _gemm_row_legacy(kind, ntiles):
             with cgutils.for_range(b, nb_) as loop:
                 blk_i = loop.index
                 blk = b.gep(wp, [b.mul(blk_i, ir.Constant(I64, ts))])
-                b.store(_legacy_codes(b, kind, blk), sp).align = 32
-                dw = _splat(b, _f16(b, blk, lutp), V16F32)
+                b.store(_legacy_codes(b, kind, blk, signed), sp).align = 32
+                dw = L.splat_f(_f16(b, blk, lutp))
                 kbase = b.mul(blk_i, ir.Constant(I64, 8 * 64))  # 8 dwords x 64 bytes per block
-                iaccs = [zero] * ntiles
+                iaccs = [L.zero] * len(vecs)
                 for j in range(8):
-                    wv = _splat(b, _load(b, b.gep(sp32, [ir.Constant(I64, j)]), I32, align=4), V16I32)
-                    for i in tiles:
-                        iaccs[i] = b.call(dpbusd, [iaccs[i], wv, ldv(xps[i], b.add(kbase, ir.Constant(I64, 64 * j)), V16I32)])
+                    wv = L.splat_i(_load(b, b.gep(sp32, [ir.Constant(I64, j)]), I32, align=4))
+                    for v, (xp, _) in enumerate(vecs):
+                        iaccs[v] = dot(iaccs[v], wv, ldv(xp, b.add(kbase, ir.Constant(I64, 64 * j)), L.vi))
                 row = b.add(xdoff_, b.mul(blk_i, T16_))
                 if has_min:
-                    mw = _splat(b, _f16(b, b.gep(blk, [ir.Constant(I64, 2)]), lutp), V16F32)
-                for i in tiles:
-                    o = b.add(row, ir.Constant(I64, 16 * i))
-                    isum = iaccs[i]
+                    mw = L.splat_f(_f16(b, b.gep(blk, [ir.Constant(I64, 2)]), lutp))
+                for v, (_, tok) in enumerate(vecs):
+                    o = b.add(row, ir.Constant(I64, tok))
+                    isum = iaccs[v]
                     if shift is not None:
-                        isum = b.sub(isum, b.shl(ldv(bs0, o, V16I32), ir.Constant(V16I32, [shift] * 16)))
-                    fa = b.call(fma, [b.sitofp(isum, V16F32), b.fmul(dw, ldv(xd0, o, V16F32)), b.load(faccs[i])])
+                        isum = b.sub(isum, b.shl(ldv(bs0, o, L.vi), ir.Constant(L.vi, [shift] * L.lanes)))
+                    fa = L.fma(b.sitofp(isum, L.vf), b.fmul(dw, ldv(xd0, o, L.vf)), b.load(faccs[v]))
                     if has_min:
-                        fa = b.call(fma, [mw, ldv(xs0, o, V16F32), fa])
-                    b.store(fa, faccs[i])
-            _scatter(b, faccs, outp, N, n_, t0_, T_)
+                        fa = L.fma(mw, ldv(xs0, o, L.vf), fa)
+                    b.store(fa, faccs[v])
+            _scatter(b, faccs, outp, N, n_, t0_, T_, L.lanes)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -271,17 +342,15 @@ def _gemm_row_legacy(kind, ntiles):
     return gemm
 
 
-# Kind numbers for the drivers below (numba cannot take an intrinsic as an argument).
+# The intrinsics, named gemm{tiles}_{kind}_{isa}: TILES[isa] tiles and a single tile; the
+# drivers in simd_kernels.py call them (numba cannot take an intrinsic as an argument).
 KQ_KINDS = ("q4_k", "q6_k")
 LEGACY_KINDS = ("q8_0", "q4_0", "q5_0", "iq4_nl", "q4_1", "q5_1")
-gemm4_q4_k, gemm1_q4_k = _gemm_row("q4_k", TILES), _gemm_row("q4_k", 1)
-gemm4_q6_k, gemm1_q6_k = _gemm_row("q6_k", TILES), _gemm_row("q6_k", 1)
-gemm4_q8_0, gemm1_q8_0 = _gemm_row_legacy("q8_0", TILES), _gemm_row_legacy("q8_0", 1)
-gemm4_q4_0, gemm1_q4_0 = _gemm_row_legacy("q4_0", TILES), _gemm_row_legacy("q4_0", 1)
-gemm4_q5_0, gemm1_q5_0 = _gemm_row_legacy("q5_0", TILES), _gemm_row_legacy("q5_0", 1)
-gemm4_iq4_nl, gemm1_iq4_nl = _gemm_row_legacy("iq4_nl", TILES), _gemm_row_legacy("iq4_nl", 1)
-gemm4_q4_1, gemm1_q4_1 = _gemm_row_legacy("q4_1", TILES), _gemm_row_legacy("q4_1", 1)
-gemm4_q5_1, gemm1_q5_1 = _gemm_row_legacy("q5_1", TILES), _gemm_row_legacy("q5_1", 1)
+for _isa in ISAS:
+    for _kind in KQ_KINDS + LEGACY_KINDS:
+        _make = _gemm_row if _kind in KQ_KINDS else _gemm_row_legacy
+        globals()[f"gemm{TILES[_isa]}_{_kind}_{_isa}"] = _make(_kind, TILES[_isa], _isa)
+        globals()[f"gemm1_{_kind}_{_isa}"] = _make(_kind, 1, _isa)
 
 
 # --------------------------------------------------------------------------- activations
@@ -402,66 +471,6 @@ def interleaved_32(xq, xd, xs):
     return xil, xdil, bsil, xsil
 
 
-# --------------------------------------------------------------------------- kernels
-@numba.njit(**JIT)
-def _tile_kq(kind, w, n, xil, xdil, bsil, lut, out, c, nt, T):
-    """Row n of w times nt (TILES or 1) tiles from tile c: the intrinsic of this kind."""
-    K = xil.shape[1] * 4
-    nb, T16, xtile, woff = K // 256, xdil.shape[1], K * 16, n * w.shape[1]
-    a = (w, woff, xil, c * xtile, xtile, xdil, c * 16, T16, bsil, c * 32, lut, nb, out, n, c * 16, T)
-    if kind == 0:
-        gemm4_q4_k(*a) if nt == TILES else gemm1_q4_k(*a)
-    else:
-        gemm4_q6_k(*a) if nt == TILES else gemm1_q6_k(*a)
-
-
-@numba.njit(**JIT)
-def _tile_legacy(kind, w, n, xil, xdil, bsil, xsil, lut, out, c, nt, T):
-    K = xil.shape[1] * 4
-    nb, T16, xtile, woff = K // 32, xdil.shape[1], K * 16, n * w.shape[1]
-    a = (w, woff, xil, c * xtile, xtile, xdil, c * 16, T16, bsil, xsil, lut, nb, out, n, c * 16, T)
-    four = nt == TILES
-    if kind == 0:
-        gemm4_q8_0(*a) if four else gemm1_q8_0(*a)
-    elif kind == 1:
-        gemm4_q4_0(*a) if four else gemm1_q4_0(*a)
-    elif kind == 2:
-        gemm4_q5_0(*a) if four else gemm1_q5_0(*a)
-    elif kind == 3:
-        gemm4_iq4_nl(*a) if four else gemm1_iq4_nl(*a)
-    elif kind == 4:
-        gemm4_q4_1(*a) if four else gemm1_q4_1(*a)
-    else:
-        gemm4_q5_1(*a) if four else gemm1_q5_1(*a)
-
-
-@numba.njit(**JIT_PAR)
-def gemm_kq(kind, w, xil, xdil, bsil, lut, out):
-    """out (T, N) = W X (kind: index in KQ_KINDS) for T ≤ 16·ntiles tokens; 64 tokens at a
-    time (their activations, 16·K bytes, stay in L2), rows spread over the threads."""
-    T, N = out.shape
-    ntiles = xil.shape[0]
-    for c0 in range(0, ntiles - ntiles % TILES, TILES):
-        for n in prange(N):
-            _tile_kq(kind, w, n, xil, xdil, bsil, lut, out, c0, TILES, T)
-    for c in range(ntiles - ntiles % TILES, ntiles):
-        for n in prange(N):
-            _tile_kq(kind, w, n, xil, xdil, bsil, lut, out, c, 1, T)
-
-
-@numba.njit(**JIT_PAR)
-def gemm_legacy(kind, w, xil, xdil, bsil, xsil, lut, out):
-    """As gemm_kq for the 32-value formats (kind: index in LEGACY_KINDS)."""
-    T, N = out.shape
-    ntiles = xil.shape[0]
-    for c0 in range(0, ntiles - ntiles % TILES, TILES):
-        for n in prange(N):
-            _tile_legacy(kind, w, n, xil, xdil, bsil, xsil, lut, out, c0, TILES, T)
-    for c in range(ntiles - ntiles % TILES, ntiles):
-        for n in prange(N):
-            _tile_legacy(kind, w, n, xil, xdil, bsil, xsil, lut, out, c, 1, T)
-
-
 # --------------------------------------------------------------------------- entry points
 # One token (decode) runs the row kernels; from two on, the GEMM. Each token's result is the
 # same whatever T and its lane, so prefilling in chunks (of ≥ 2) equals one batch bit for bit.
@@ -469,17 +478,20 @@ GEMM_MIN_TOKENS = 2
 _GROUPS = {"q4_k": 8, "q6_k": 16}
 
 
-def _entry(kind, row_kernel, row_multi):
+def _entry(kind, isa, row_kernel, row_multi):
     """(matmul, matmul3) with the row kernels' calls: the GEMM from GEMM_MIN_TOKENS tokens,
     the row kernels below; matmul3 reorders the shared activation once for its weights."""
+    from engine.quants import simd_kernels
+
     if kind in KQ_KINDS:
-        k, groups = KQ_KINDS.index(kind), _GROUPS[kind]
+        k, groups, name = KQ_KINDS.index(kind), _GROUPS[kind], f"gemm_kq_{isa}"
         prepare = lambda xq, xd, xs: interleaved(xq, xd, xs, groups)
-        run = lambda w, il, lut, out: gemm_kq(k, w, *il, lut, out)
     else:
-        k = LEGACY_KINDS.index(kind)
+        k, name = LEGACY_KINDS.index(kind), f"gemm_legacy_{isa}"
         prepare = interleaved_32
-        run = lambda w, il, lut, out: gemm_legacy(k, w, *il, lut, out)
+
+    def run(w, il, lut, out):   # looked up when called: gen_simd_kernels imports this module
+        getattr(simd_kernels, name)(k, w, *il, lut, out)
     with_sums = kind in KQ_KINDS or kind in ("q4_1", "q5_1")   # the activation's third array
 
     def matmul(w, xq, xd, *rest):
@@ -498,17 +510,17 @@ def _entry(kind, row_kernel, row_multi):
             if out.shape[1]:
                 run(w, il, lut, out)
 
-    matmul.__name__, matmul3.__name__ = f"matmul_{kind}_gemm", f"matmul3_{kind}_gemm"
+    matmul.__name__, matmul3.__name__ = f"matmul_{kind}_gemm_{isa}", f"matmul3_{kind}_gemm_{isa}"
     return matmul, matmul3
 
 
-def kernels(row_kernels: dict, row_multi: dict) -> tuple[dict, dict]:
-    """The AVX-512 family's (KERNELS, MULTI_KERNELS): every format with a GEMM here routed
-    through it (from GEMM_MIN_TOKENS tokens), the others' row kernels as given."""
+def kernels(isa: str, row_kernels: dict, row_multi: dict) -> tuple[dict, dict]:
+    """(KERNELS, MULTI_KERNELS) of a family: every format with a GEMM here routed through
+    this ISA's (from GEMM_MIN_TOKENS tokens), the others' row kernels as given."""
     from gguf import GGMLQuantizationType as G
 
     ks, ms = dict(row_kernels), dict(row_multi)
     for kind in KQ_KINDS + LEGACY_KINDS:
         t = int(G[kind.upper()])
-        ks[t], ms[t] = _entry(kind, row_kernels[t], row_multi[t])
+        ks[t], ms[t] = _entry(kind, isa, row_kernels[t], row_multi[t])
     return ks, ms
