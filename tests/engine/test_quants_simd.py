@@ -156,8 +156,8 @@ def test_decode_is_bit_identical_to_a_prefill_row(qtype, rng):
         raw = blocks_for(qtype, 7, K, rng)
     lin = QuantLinear(raw, qtype, K, 7)
     X = rng.normal(size=(9, K)).astype(np.float32)
-    # the AVX2 row kernels' prefill (the AVX-512 family prefills through gemm512 instead,
-    # whose own chunking invariants are tested in test_quants_gemm512.py)
+    # the AVX2 row kernels' prefill (prefill runs gemm.py's GEMM instead, whose own chunking
+    # invariants are tested in test_quants_gemm.py)
     Y = np.empty((9, 7), np.float32)
     AVX2_KERNELS[int(qtype)](lin.weights, *lin.quantize(X), lin.lut, Y)
     for t in (0, 5, 8):
