@@ -95,4 +95,6 @@ def test_parallel_kernels_from_worker_threads_use_one_team():
     t.start()
     t.join()
     assert keep == [float(a.size)]
-    assert len(os.listdir("/proc/self/task")) <= n0
+    # a team per calling thread would add a thread for each of the 4 callers; allow one thread
+    # that something else in the process (a library's pool, a finished test's executor) starts
+    assert len(os.listdir("/proc/self/task")) <= n0 + 1
