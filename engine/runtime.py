@@ -37,7 +37,7 @@ def _touch_parallel(a):
 
 
 def kernel_family() -> str:
-    """Which quant kernels run here: "avx512-vnni", "avx2" or "portable" (engine.quants picks)."""
+    """Which quant kernels run here: "avx-vnni", "avx2" or "portable" (engine.quants picks)."""
     from engine import quants
 
     return quants.KERNEL_FAMILY

@@ -46,12 +46,12 @@ SUPPORTED_TYPE_NAMES = tuple(f.name for f in FORMATS.values())
 # DELTATALK_NO_SIMD=1, and by the tests that compare the two).
 # Kernel families, picked from the CPU (KERNEL_FAMILY names the one in use; bench and the TUI
 # overlay show it):
-#   "avx512-vnni": zmm row kernels for Q4_K/Q5_K/Q6_K decode (bit-identical to AVX2) and the
-#                  tokens-in-lanes prefill GEMM of gemm.py (its VNNI form on ymm);
-#   "avx-vnni":    AVX2 row kernels, the GEMM on ymm with the VEX vpdpbusd (AVX-VNNI CPUs);
-#   "avx2":        AVX2 row kernels (vpmaddubsw, simd_kernels.py), the GEMM on ymm without VNNI;
-#   "portable":    plain numba loops (no AVX2, or DELTATALK_NO_SIMD=1).
-# DELTATALK_NO_AVX512=1 and DELTATALK_NO_VNNI=1 step down (the tests run every family they can).
+#   "avx-vnni": the AVX2 row kernels for decode (simd.py -> generated simd_kernels.py) and the
+#               tokens-in-lanes prefill GEMM of gemm.py with vpdpbusd (AVX-VNNI, or AVX-512
+#               VNNI: zmm forms of both measured no faster on Zen 5, decode being memory-bound);
+#   "avx2":     the same row kernels and the GEMM with vpmaddubsw;
+#   "portable": plain numba loops (no AVX2, or DELTATALK_NO_SIMD=1).
+# DELTATALK_NO_VNNI=1 steps down to "avx2" (the tests run every family the CPU has).
 # PORTABLE_KERNELS and AVX2_KERNELS keep the row kernels for the tests that compare them.
 PORTABLE_KERNELS = {k: f.kernel for k, f in FORMATS.items()}
 if simd.HAVE_AVX2 and os.environ.get("DELTATALK_NO_SIMD", "") != "1":
@@ -64,16 +64,11 @@ if simd.HAVE_AVX2 and os.environ.get("DELTATALK_NO_SIMD", "") != "1":
                           "`DELTATALK_NO_SIMD=1 python -m engine.quants.gen_simd_kernels`") from e
 
     AVX2_KERNELS, AVX2_MULTI_KERNELS = _sk.KERNELS, _sk.MULTI_KERNELS
-    _no_vnni = os.environ.get("DELTATALK_NO_VNNI", "") == "1"
-    if simd.HAVE_AVX512_VNNI and not _no_vnni and os.environ.get("DELTATALK_NO_AVX512", "") != "1":
-        KERNEL_FAMILY = "avx512-vnni"
-        SIMD_KERNELS, MULTI_KERNELS = gemm.kernels("avxvnni", _sk.KERNELS_512, _sk.MULTI_KERNELS_512)
-    elif simd.HAVE_AVX_VNNI and not _no_vnni:
-        KERNEL_FAMILY = "avx-vnni"
-        SIMD_KERNELS, MULTI_KERNELS = gemm.kernels("avxvnni", _sk.KERNELS, _sk.MULTI_KERNELS)
+    if simd.HAVE_AVX_VNNI and os.environ.get("DELTATALK_NO_VNNI", "") != "1":
+        KERNEL_FAMILY, _isa = "avx-vnni", "avxvnni"
     else:
-        KERNEL_FAMILY = "avx2"
-        SIMD_KERNELS, MULTI_KERNELS = gemm.kernels("avx2", _sk.KERNELS, _sk.MULTI_KERNELS)
+        KERNEL_FAMILY, _isa = "avx2", "avx2"
+    SIMD_KERNELS, MULTI_KERNELS = gemm.kernels(_isa, AVX2_KERNELS, AVX2_MULTI_KERNELS)
     FORMATS = {k: dataclasses.replace(f, kernel=SIMD_KERNELS.get(k, f.kernel)) for k, f in FORMATS.items()}
 else:
     SIMD_KERNELS, MULTI_KERNELS, AVX2_KERNELS, AVX2_MULTI_KERNELS = {}, {}, {}, {}

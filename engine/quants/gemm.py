@@ -1,4 +1,4 @@
-"""Prefill GEMM: tokens in the vector lanes (AVX-512 VNNI, AVX-VNNI and plain AVX2 forms).
+"""Prefill GEMM: tokens in the vector lanes (a VNNI form and a plain AVX2 form).
 
 The row kernels (simd.py) put a weight row's bytes in the lanes, so every (row, token,
 super-block) ends in a chain of lane folds, conversions and scale products: most of their
@@ -27,7 +27,7 @@ ISAs (`ISAS`): "avxvnni" 8 lanes with vpdpbusd / vpdpwssd on ymm (AVX-VNNI, or A
 with VL); "avx2" 8 lanes with vpmaddubsw + vpmaddwd (weights whose codes could saturate its
 int16 pair sums, Q8_0 and IQ4_NL, go signed through the vpsignb trick there). A zmm form
 with 16 lanes measured no faster than ymm on Zen 5 (Q4_1 0.74x, Q6_K 0.9x; the kernels are
-bound by loading the activations, not by the dot products), so AVX-512 CPUs run "avxvnni".
+bound by loading the activations, not by the dot products), so it was dropped.
 The float sums run per token over super-blocks, not per byte lane as in the row kernels, so
 results agree with those to rounding, not bit for bit; decode (one token) keeps the row
 kernels. The drivers that call these intrinsics are generated into simd_kernels.py (numba

@@ -43,7 +43,6 @@ from engine.quants.simd import (
     dot_iq4_nl_row, dot_q4_0_row, dot_q4_1_row, dot_q5_0_row, dot_q5_1_row, dot_q8_0_row,
     row4_bf16, row4_f16, row4_iq4_xs, row4_q2_k, row4_q3_k, row4_q4_k, row4_q5_k, row4_q6_k,
     row_bf16, row_f16, row_iq4_xs, row_q2_k, row_q3_k, row_q4_k, row_q5_k, row_q6_k,
-    row4_512_q4_k, row4_512_q5_k, row4_512_q6_k, row512_q4_k, row512_q5_k, row512_q6_k,
 )
 
 assert TILE == 4
@@ -243,15 +242,8 @@ MULTI_KERNELS = {
     _G.Q6_K: matmul3_q6_k, _G.IQ4_XS: matmul3_iq4_xs,
 }
 MULTI_KERNELS = {int(k): v for k, v in MULTI_KERNELS.items()}
-
-# The AVX-512 VNNI family (engine.quants picks it when simd.HAVE_AVX512_VNNI): bit-identical
-# results, fewer instructions; formats without a wide form keep their AVX2 kernel.
-KERNELS_512 = {**KERNELS, int(_G.Q4_K): matmul_q4_k_512, int(_G.Q5_K): matmul_q5_k_512, int(_G.Q6_K): matmul_q6_k_512}
-MULTI_KERNELS_512 = {**MULTI_KERNELS, int(_G.Q4_K): matmul3_q4_k_512, int(_G.Q5_K): matmul3_q5_k_512,
-                     int(_G.Q6_K): matmul3_q6_k_512}
 '''
 
-WIDE = ("q4_k", "q5_k", "q6_k")
 src = HEAD + "from engine.quants.gemm import (  # noqa: E402\n" + "".join(
     f"    gemm{t}_{k}_{isa},\n" for isa in ISAS for k in KQ_KINDS + LEGACY_KINDS for t in sorted({TILES[isa], 1}))
 src += ")\n"
@@ -262,9 +254,6 @@ for k in ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"]:
 for k in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"):  # whole-row intrinsics
     src += KROW.format(k=k, row=f"row_{k}", row4=f"row4_{k}")
     src += MULTI.format(k=k, bs=256)
-for k in WIDE:  # the AVX-512 VNNI family
-    src += KROW.format(k=f"{k}_512", row=f"row512_{k}", row4=f"row4_512_{k}")
-    src += MULTI.format(k=f"{k}_512", bs=256)
 for k in ("f16", "bf16"):
     src += FROW.format(k=k)
 for isa in ISAS:   # the prefill GEMM drivers, one set per instruction set

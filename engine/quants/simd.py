@@ -59,7 +59,7 @@ def _jit_enabled() -> bool:
 
 
 def _target_has_avx512_vnni() -> bool:
-    """AVX-512 BW + VL + VNNI on the CPU numba compiles for (the `*512` kernels need all three)."""
+    """AVX-512 BW + VL + VNNI (whose VL forms include AVX-VNNI's ymm vpdpbusd) on the target CPU."""
     import os
 
     need = ("avx512bw", "avx512vl", "avx512vnni")
@@ -318,87 +318,6 @@ class _Acc:
         return self.accs[i]
 
 
-V64I8, V32I16, V16I32_ = ir.VectorType(I8, 64), ir.VectorType(I16, 32), ir.VectorType(I32, 16)
-
-
-class _Acc512:
-    """The AVX-512 VNNI twin of _Acc: 64 codes (two groups of 32) per step, `vpmaddubsw` on
-    zmm then `vpdpwssd` (scale multiply and accumulate in one instruction) into <16 x i32>.
-    result() folds the two halves: lane j then holds exactly the integer _Acc's lane j holds
-    (same products, integer adds), so the float steps after it are unchanged, bit for bit."""
-
-    def __init__(self, builder, xps, ld):
-        self.b, self.xps, self.ld = builder, xps, ld
-        self.accs = [ir.Constant(V16I32_, [0] * 16) for _ in xps]
-
-    def add(self, q, xo, scale):
-        b = self.b
-        madd = _fn(b, "llvm.x86.avx512.pmaddubs.w.512", V32I16, [V64I8, V64I8])
-        dpwssd = _fn(b, "llvm.x86.avx512.vpdpwssd.512", V16I32_, [V16I32_, V16I32_, V16I32_])
-        s32 = b.bitcast(scale, V16I32_)
-        for i, xp in enumerate(self.xps):
-            p16 = b.call(madd, [q, self.ld(xp, xo, V64I8)])
-            self.accs[i] = b.call(dpwssd, [self.accs[i], b.bitcast(p16, V16I32_), s32])
-
-    def result(self, i):
-        b, v = self.b, self.accs[i]
-        lo = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 8), list(range(8))))
-        hi = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 8), list(range(8, 16))))
-        return b.add(lo, hi)
-
-
-def _dup32(builder, v):
-    """<32 x i8> -> <64 x i8> holding it twice (one vbroadcasti64x4)."""
-    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 64), list(range(32)) * 2))
-
-
-def _srl16(builder, v64, lo_shift, hi_shift):
-    """<64 x i8> seen as 32 i16 lanes, the first half shifted right by lo_shift, the second by
-    hi_shift (one vpsrlvw); callers mask the bits that crossed a byte boundary."""
-    v = builder.bitcast(v64, V32I16)
-    v = builder.lshr(v, ir.Constant(V32I16, [lo_shift] * 16 + [hi_shift] * 16))
-    return builder.bitcast(v, V64I8)
-
-
-def _c64(v):
-    return ir.Constant(V64I8, [v & 0xFF] * 64)
-
-
-def _scale_pick(builder, sc, lanes):
-    """<32 x i16> whose lane k is scale sc[lanes[k]] (sc: <8 x i16> or <16 x i16>)."""
-    return builder.shuffle_vector(sc, sc, ir.Constant(ir.VectorType(I32, 32), lanes))
-
-
-def _q4k_body512(builder, wp, acc, sc, ld, qh_off=None, qs_off=16):
-    """Q4_K / Q5_K on zmm: groups 2p (low nibbles) and 2p+1 (high nibbles) of the 32 bytes at
-    qs_off + 32p side by side; their activations are the 64 contiguous bytes at 64p."""
-    qh = _dup32(builder, ld(wp, qh_off)) if qh_off is not None else None
-    for p in range(4):
-        q = builder.and_(_srl16(builder, _dup32(builder, ld(wp, qs_off + 32 * p)), 0, 4), _c64(15))
-        if qh is not None:
-            hb = builder.and_(_srl16(builder, qh, 2 * p, 2 * p + 1), _c64(1))
-            q = builder.or_(q, builder.shl(hb, _c64(4)))
-        acc.add(q, 64 * p, _scale_pick(builder, sc, [2 * p] * 16 + [2 * p + 1] * 16))
-
-
-def _q5k_body512(builder, wp, acc, sc, ld):
-    _q4k_body512(builder, wp, acc, sc, ld, qh_off=16, qs_off=48)
-
-
-def _q6k_body512(builder, wp, acc, sc, ld):
-    """Q6_K on zmm: the AVX2 body's parts 0|1 (low nibbles of the 64 bytes at 64n, high-bit
-    pairs 0|2 of h) and 2|3 (high nibbles, pairs 4|6); activations contiguous at 128n, 128n+64."""
-    for n in range(2):
-        a = ld(wp, 64 * n, V64I8)
-        h = _dup32(builder, ld(wp, 128 + 32 * n))
-        for half, (lo_sh, hi_sh) in enumerate(((0, 2), (4, 6))):
-            low = builder.and_(_srl16(builder, a, 4 * half, 4 * half), _c64(15))
-            high = builder.and_(_srl16(builder, h, lo_sh, hi_sh), _c64(3))
-            q = builder.or_(low, builder.shl(high, _c64(4)))
-            g = 8 * n + 4 * half
-            acc.add(q, 128 * n + 64 * half, _scale_pick(builder, sc, [g] * 8 + [g + 1] * 8 + [g + 2] * 8 + [g + 3] * 8))
-
-
 def _q4k_body(builder, wp, acc, scs, ld, qh_off=None, qs_off=16):
     """Q4_K / Q5_K: 8 groups of 32, scales scs[0..7] (i16), unsigned codes."""
     qh = ld(wp, 16) if qh_off is not None else None
@@ -570,18 +489,12 @@ def _pairsum16(builder, bsp):
     return builder.add(ev, od)
 
 
-def _kq_row(kind, ntok=1, wide=False):
+def _kq_row(kind, ntok=1):
     """Intrinsic dot(w, woff, xq, xoff, xstride, xd, xdoff, xdstride, bsums, bsoff, bsstride, lut, nb):
     a whole Q2_K / Q4_K / Q5_K / Q6_K weight row (nb super-blocks from byte woff) against ntok Q8_K
     activation rows -> float32 or UniTuple(float32, ntok). Scales unpacked, min / offset
-    terms and float accumulation all in vector registers; one horizontal sum per row.
-
-    wide (Q4_K, Q5_K, Q6_K; needs HAVE_AVX512_VNNI): the integer part on zmm with vpdpwssd
-    (_Acc512); the result is bit-identical to the AVX2 form."""
+    terms and float accumulation all in vector registers; one horizontal sum per row."""
     ts = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210, "iq4_xs": 136}[kind]
-    if wide and kind not in ("q4_k", "q5_k", "q6_k"):
-        raise ValueError(f"no AVX-512 form for {kind}")
-    Acc = _Acc512 if wide else _Acc
 
     @intrinsic
     def dot(typingctx, w, woff, xq, xoff, xstride, xd, xdoff, xdstride, bsums, bsoff, bsstride, lut, nb):
@@ -615,16 +528,13 @@ def _kq_row(kind, ntok=1, wide=False):
 
                 xb = [builder.gep(xps[i], [builder.mul(b, ir.Constant(I64, 256))]) for i in toks]
                 bsb = [builder.gep(bsps[i], [builder.mul(b, ir.Constant(I64, 16))]) for i in toks]
-                acc = Acc(builder, xb, ld)
+                acc = _Acc(builder, xb, ld)
                 if kind in ("q4_k", "q5_k"):
                     d = _f16(builder, blk, lutp)
                     dmin = _f16(builder, builder.gep(blk, [ir.Constant(I64, 2)]), lutp)
                     sc, mins = _q4k_unpack(builder, blk)
-                    if wide:
-                        (_q4k_body512 if kind == "q4_k" else _q5k_body512)(builder, blk, acc, sc, ld)
-                    else:
-                        scs = [builder.extract_element(sc, _i32c(g)) for g in range(8)]
-                        (_q4k_body if kind == "q4_k" else _q5k_body)(builder, blk, acc, scs, ld)
+                    scs = [builder.extract_element(sc, _i32c(g)) for g in range(8)]
+                    (_q4k_body if kind == "q4_k" else _q5k_body)(builder, blk, acc, scs, ld)
                     for i in toks:
                         dx = builder.load(builder.gep(xdps[i], [b]))
                         mterm = builder.mul(mins, _pairsum16(builder, bsb[i]))
@@ -669,10 +579,7 @@ def _kq_row(kind, ntok=1, wide=False):
                     sc8 = _load(builder, builder.gep(blk, [ir.Constant(I64, 192)]), V16I8)
                     sc16 = builder.sext(sc8, ir.VectorType(I16, 16))
                     sc32 = builder.sext(sc8, V16I32)
-                    if wide:
-                        _q6k_body512(builder, blk, acc, sc16, ld)
-                    else:
-                        _q6k_body(builder, blk, acc, [builder.extract_element(sc16, _i32c(g)) for g in range(16)], ld)
+                    _q6k_body(builder, blk, acc, [builder.extract_element(sc16, _i32c(g)) for g in range(16)], ld)
                     for i in toks:
                         dx = builder.load(builder.gep(xdps[i], [b]))
                         bsv = _load(builder, bsb[i], V16I32, align=4)
@@ -706,13 +613,6 @@ row_q6_k = _kq_row("q6_k")
 row4_q4_k = _kq_row("q4_k", TILE)
 row4_q5_k = _kq_row("q5_k", TILE)
 row4_q6_k = _kq_row("q6_k", TILE)
-# AVX-512 VNNI forms (only called when HAVE_AVX512_VNNI)
-row512_q4_k = _kq_row("q4_k", wide=True)
-row512_q5_k = _kq_row("q5_k", wide=True)
-row512_q6_k = _kq_row("q6_k", wide=True)
-row4_512_q4_k = _kq_row("q4_k", TILE, wide=True)
-row4_512_q5_k = _kq_row("q5_k", TILE, wide=True)
-row4_512_q6_k = _kq_row("q6_k", TILE, wide=True)
 
 
 # ----------------------------------------------------------------------------- F16 / BF16 rows

@@ -24,7 +24,6 @@ from engine.quants.simd import (
     dot_iq4_nl_row, dot_q4_0_row, dot_q4_1_row, dot_q5_0_row, dot_q5_1_row, dot_q8_0_row,
     row4_bf16, row4_f16, row4_iq4_xs, row4_q2_k, row4_q3_k, row4_q4_k, row4_q5_k, row4_q6_k,
     row_bf16, row_f16, row_iq4_xs, row_q2_k, row_q3_k, row_q4_k, row_q5_k, row_q6_k,
-    row4_512_q4_k, row4_512_q5_k, row4_512_q6_k, row512_q4_k, row512_q5_k, row512_q6_k,
 )
 
 assert TILE == 4
@@ -560,132 +559,6 @@ def matmul3_iq4_xs(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
 
 
 @numba.njit(**SER)
-def _row_q4_k_512(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
-    off = n * rb
-    nbs = bsums.shape[1]
-    T4 = T - T % 4
-    for t in range(0, T4, 4):
-        r0, r1, r2, r3 = row4_512_q4_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
-        out[t, n] = r0
-        out[t + 1, n] = r1
-        out[t + 2, n] = r2
-        out[t + 3, n] = r3
-    for t in range(T4, T):
-        out[t, n] = row512_q4_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
-
-
-@numba.njit(**PAR)
-def matmul_q4_k_512(w, xq, xd, bsums, lut, out):
-    T, N = out.shape
-    rb, K = w.shape[1], xq.shape[1]
-    nb = K // 256
-    for n in prange(N):
-        _row_q4_k_512(w, n, xq, xd, bsums, lut, out, T, K, nb, rb)
-
-
-@numba.njit(**PAR)
-def matmul3_q4_k_512(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
-    """Three weights of this format times one shared activation in one parallel region (q/k/v,
-    or gate/up with an empty third): one launch instead of three, rows spread over the threads."""
-    T = out0.shape[0]
-    N0, N1, N2 = out0.shape[1], out1.shape[1], out2.shape[1]
-    K = xq.shape[1]
-    nb = K // 256
-    for n in prange(N0 + N1 + N2):
-        if n < N0:
-            _row_q4_k_512(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
-        elif n < N0 + N1:
-            _row_q4_k_512(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
-        else:
-            _row_q4_k_512(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
-
-
-
-@numba.njit(**SER)
-def _row_q5_k_512(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
-    off = n * rb
-    nbs = bsums.shape[1]
-    T4 = T - T % 4
-    for t in range(0, T4, 4):
-        r0, r1, r2, r3 = row4_512_q5_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
-        out[t, n] = r0
-        out[t + 1, n] = r1
-        out[t + 2, n] = r2
-        out[t + 3, n] = r3
-    for t in range(T4, T):
-        out[t, n] = row512_q5_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
-
-
-@numba.njit(**PAR)
-def matmul_q5_k_512(w, xq, xd, bsums, lut, out):
-    T, N = out.shape
-    rb, K = w.shape[1], xq.shape[1]
-    nb = K // 256
-    for n in prange(N):
-        _row_q5_k_512(w, n, xq, xd, bsums, lut, out, T, K, nb, rb)
-
-
-@numba.njit(**PAR)
-def matmul3_q5_k_512(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
-    """Three weights of this format times one shared activation in one parallel region (q/k/v,
-    or gate/up with an empty third): one launch instead of three, rows spread over the threads."""
-    T = out0.shape[0]
-    N0, N1, N2 = out0.shape[1], out1.shape[1], out2.shape[1]
-    K = xq.shape[1]
-    nb = K // 256
-    for n in prange(N0 + N1 + N2):
-        if n < N0:
-            _row_q5_k_512(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
-        elif n < N0 + N1:
-            _row_q5_k_512(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
-        else:
-            _row_q5_k_512(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
-
-
-
-@numba.njit(**SER)
-def _row_q6_k_512(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
-    off = n * rb
-    nbs = bsums.shape[1]
-    T4 = T - T % 4
-    for t in range(0, T4, 4):
-        r0, r1, r2, r3 = row4_512_q6_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
-        out[t, n] = r0
-        out[t + 1, n] = r1
-        out[t + 2, n] = r2
-        out[t + 3, n] = r3
-    for t in range(T4, T):
-        out[t, n] = row512_q6_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
-
-
-@numba.njit(**PAR)
-def matmul_q6_k_512(w, xq, xd, bsums, lut, out):
-    T, N = out.shape
-    rb, K = w.shape[1], xq.shape[1]
-    nb = K // 256
-    for n in prange(N):
-        _row_q6_k_512(w, n, xq, xd, bsums, lut, out, T, K, nb, rb)
-
-
-@numba.njit(**PAR)
-def matmul3_q6_k_512(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
-    """Three weights of this format times one shared activation in one parallel region (q/k/v,
-    or gate/up with an empty third): one launch instead of three, rows spread over the threads."""
-    T = out0.shape[0]
-    N0, N1, N2 = out0.shape[1], out1.shape[1], out2.shape[1]
-    K = xq.shape[1]
-    nb = K // 256
-    for n in prange(N0 + N1 + N2):
-        if n < N0:
-            _row_q6_k_512(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
-        elif n < N0 + N1:
-            _row_q6_k_512(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
-        else:
-            _row_q6_k_512(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
-
-
-
-@numba.njit(**SER)
 def _row_f16(w, n, x, lut, out, T, K):
     n16 = K // 16
     k0 = n16 * 16
@@ -948,11 +821,5 @@ MULTI_KERNELS = {
 }
 MULTI_KERNELS = {int(k): v for k, v in MULTI_KERNELS.items()}
 
-# The AVX-512 VNNI family (engine.quants picks it when simd.HAVE_AVX512_VNNI): bit-identical
-# results, fewer instructions; formats without a wide form keep their AVX2 kernel.
-KERNELS_512 = {**KERNELS, int(_G.Q4_K): matmul_q4_k_512, int(_G.Q5_K): matmul_q5_k_512, int(_G.Q6_K): matmul_q6_k_512}
-MULTI_KERNELS_512 = {**MULTI_KERNELS, int(_G.Q4_K): matmul3_q4_k_512, int(_G.Q5_K): matmul3_q5_k_512,
-                     int(_G.Q6_K): matmul3_q6_k_512}
-
 # sha256 of simd.py and gemm.py when this file was generated (see gen_simd_kernels.py)
-SIMD_SOURCE_SHA256 = "8f4de4e635f508aaa8519356c75e3ae5bcc7df4eb60ccd034d18c2dc64552e78"
+SIMD_SOURCE_SHA256 = "6fca683ab1f597c1e120da2928439ca2c780bbc513961c0304bdfb10850e46f7"
