@@ -122,6 +122,24 @@ def _scatter(b, faccs, outp, N, n, t0, T, lanes):
                 b.store(b.extract_element(fa, ir.Constant(I32, lane)), b.gep(outp, [b.add(b.mul(t, N), n)]))
 
 
+class _Args:
+    """The intrinsics' shared arguments (w, woff, xil, xoff, xtile, xd, xdoff, T16, bs, <bsoff or
+    xs>, lut, nb, out, n, t0, T) as LLVM values: data pointers for the arrays."""
+
+    def __init__(self, context, b, sig, args):
+        (w, self.woff, xil, self.xoff, self.xtile, xd, self.xdoff, self.T16, bs, self.extra,
+         lut, self.nb, out, self.n, self.t0, self.T) = args
+        ptr = lambda i, v: _data(context, b, sig.args[i], v)
+        self.wp = b.gep(ptr(0, w), [self.woff])
+        self.x0, self.xd0, self.bs0, self.lutp, self.outp = ptr(2, xil), ptr(5, xd), ptr(8, bs), ptr(10, lut), ptr(12, out)
+        self.extra_p = ptr(9, self.extra) if isinstance(sig.args[9], types.Array) else None
+        self.N = b.extract_value(context.make_array(sig.args[12])(context, b, value=out).shape, 1)
+
+    def tiles(self, b, ntiles):
+        """Pointers to the first byte of each 16-token tile of the run."""
+        return [b.gep(self.x0, [b.add(self.xoff, b.mul(self.xtile, ir.Constant(I64, i)))]) for i in range(ntiles)]
+
+
 def _vectors(L, xps):
     """(x pointer, token offset in the run of tiles) for each vector: halves per 16-token tile."""
     out = []
@@ -146,21 +164,13 @@ def _gemm_row(kind, ntiles, isa):
         sig = types.void(w, woff, xil, xoff, xtile, xd, xdoff, T16, bs, bsoff, lut, nb, out, n, t0, T)
 
         def codegen(context, builder, sig, args):
-            (w_, woff_, xil_, xoff_, xtile_, xd_, xdoff_, T16_, bs_, bsoff_, lut_, nb_, out_, n_, t0_, T_) = args
             b = builder
-            L = _Lanes(b, isa)
-            wp = b.gep(_data(context, b, sig.args[0], w_), [woff_])
-            x0 = _data(context, b, sig.args[2], xil_)
-            xd0 = _data(context, b, sig.args[5], xd_)
-            bs0 = _data(context, b, sig.args[8], bs_)
-            lutp = _data(context, b, sig.args[10], lut_)
-            outp = _data(context, b, sig.args[12], out_)
-            N = b.extract_value(context.make_array(sig.args[12])(context, b, value=out_).shape, 1)
+            A, L = _Args(context, b, sig, args), _Lanes(b, isa)
+            wp, xd0, bs0, lutp, nb_, T16_, bsoff_, xdoff_ = A.wp, A.xd0, A.bs0, A.lutp, A.nb, A.T16, A.extra, A.xdoff
             scratch = cgutils.alloca_once(b, ir.ArrayType(I8, 256))
             scratch.align = 64
             sp = b.bitcast(scratch, I8.as_pointer())
-            xps = [b.gep(x0, [b.add(xoff_, b.mul(xtile_, ir.Constant(I64, i)))]) for i in range(ntiles)]
-            vecs = _vectors(L, xps)
+            vecs = _vectors(L, A.tiles(b, ntiles))
             faccs = [cgutils.alloca_once_value(b, ir.Constant(L.vf, [0.0] * L.lanes)) for _ in vecs]
 
             def c8(v, k=32):
@@ -234,7 +244,7 @@ def _gemm_row(kind, ntiles, isa):
                         isum = b.sub(iaccs[v], b.shl(maccs[v], ir.Constant(L.vi, [5] * L.lanes)))
                         fa = L.fma(b.sitofp(isum, L.vf), b.fmul(L.splat_f(d), dx), fa)
                     b.store(fa, faccs[v])
-            _scatter(b, faccs, outp, N, n_, t0_, T_, L.lanes)
+            _scatter(b, faccs, A.outp, A.N, A.n, A.t0, A.T, L.lanes)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -288,23 +298,14 @@ def _gemm_row_legacy(kind, ntiles, isa):
         sig = types.void(w, woff, xil, xoff, xtile, xd, xdoff, T16, bs, xs, lut, nb, out, n, t0, T)
 
         def codegen(context, builder, sig, args):
-            (w_, woff_, xil_, xoff_, xtile_, xd_, xdoff_, T16_, bs_, xs_, lut_, nb_, out_, n_, t0_, T_) = args
             b = builder
-            L = _Lanes(b, isa)
-            wp = b.gep(_data(context, b, sig.args[0], w_), [woff_])
-            x0 = _data(context, b, sig.args[2], xil_)
-            xd0 = _data(context, b, sig.args[5], xd_)
-            bs0 = _data(context, b, sig.args[8], bs_)
-            xs0 = _data(context, b, sig.args[9], xs_)
-            lutp = _data(context, b, sig.args[10], lut_)
-            outp = _data(context, b, sig.args[12], out_)
-            N = b.extract_value(context.make_array(sig.args[12])(context, b, value=out_).shape, 1)
+            A, L = _Args(context, b, sig, args), _Lanes(b, isa)
+            wp, xd0, bs0, xs0, lutp, nb_, T16_, xdoff_ = A.wp, A.xd0, A.bs0, A.extra_p, A.lutp, A.nb, A.T16, A.xdoff
             scratch = cgutils.alloca_once(b, ir.ArrayType(I8, 32))
             scratch.align = 32
             sp = b.bitcast(scratch, ir.VectorType(I8, 32).as_pointer())
             sp32 = b.bitcast(scratch, I32.as_pointer())
-            xps = [b.gep(x0, [b.add(xoff_, b.mul(xtile_, ir.Constant(I64, i)))]) for i in range(ntiles)]
-            vecs = _vectors(L, xps)
+            vecs = _vectors(L, A.tiles(b, ntiles))
             faccs = [cgutils.alloca_once_value(b, ir.Constant(L.vf, [0.0] * L.lanes)) for _ in vecs]
             dot = L.dot4_signed if signed else L.dot4
 
@@ -334,7 +335,7 @@ def _gemm_row_legacy(kind, ntiles, isa):
                     if has_min:
                         fa = L.fma(mw, ldv(xs0, o, L.vf), fa)
                     b.store(fa, faccs[v])
-            _scatter(b, faccs, outp, N, n_, t0_, T_, L.lanes)
+            _scatter(b, faccs, A.outp, A.N, A.n, A.t0, A.T, L.lanes)
             return context.get_dummy_value()
 
         return sig, codegen

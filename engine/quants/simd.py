@@ -39,15 +39,18 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-def _target_has_avx2() -> bool:
-    """AVX2 on the CPU numba compiles for (the host, unless NUMBA_CPU_NAME overrides it)."""
+def _target_has(*features: str) -> bool:
+    """All of these LLVM CPU features on the CPU numba compiles for (the host, unless
+    NUMBA_CPU_NAME / NUMBA_CPU_FEATURES override it)."""
     import os
 
     cpu = os.environ.get("NUMBA_CPU_NAME", "host")
     if cpu not in ("", "host"):
-        return "+avx2" in os.environ.get("NUMBA_CPU_FEATURES", "")
+        given = os.environ.get("NUMBA_CPU_FEATURES", "")
+        return all(f"+{f}" in given for f in features)
     try:
-        return bool(llvm.get_host_cpu_features().get("avx2", False))
+        have = llvm.get_host_cpu_features()
+        return all(have.get(f, False) for f in features)
     except Exception:  # pragma: no cover - feature query unsupported
         return False
 
@@ -58,38 +61,9 @@ def _jit_enabled() -> bool:
     return not numba.config.DISABLE_JIT  # intrinsics only exist in compiled code
 
 
-def _target_has_avx512_vnni() -> bool:
-    """AVX-512 BW + VL + VNNI (whose VL forms include AVX-VNNI's ymm vpdpbusd) on the target CPU."""
-    import os
-
-    need = ("avx512bw", "avx512vl", "avx512vnni")
-    cpu = os.environ.get("NUMBA_CPU_NAME", "host")
-    if cpu not in ("", "host"):
-        feats = os.environ.get("NUMBA_CPU_FEATURES", "")
-        return all(f"+{f}" in feats for f in need)
-    try:
-        feats = llvm.get_host_cpu_features()
-        return all(feats.get(f, False) for f in need)
-    except Exception:  # pragma: no cover - feature query unsupported
-        return False
-
-
-def _target_has_avx_vnni() -> bool:
-    """The VEX-encoded vpdpbusd/vpdpwssd on ymm (AVX-VNNI, or AVX-512 VNNI with VL)."""
-    import os
-
-    cpu = os.environ.get("NUMBA_CPU_NAME", "host")
-    if cpu not in ("", "host"):
-        return "+avxvnni" in os.environ.get("NUMBA_CPU_FEATURES", "")
-    try:
-        return bool(llvm.get_host_cpu_features().get("avxvnni", False))
-    except Exception:  # pragma: no cover - feature query unsupported
-        return False
-
-
-HAVE_AVX2 = _target_has_avx2() and _jit_enabled()
-HAVE_AVX512_VNNI = HAVE_AVX2 and _target_has_avx512_vnni()
-HAVE_AVX_VNNI = HAVE_AVX2 and (_target_has_avx_vnni() or HAVE_AVX512_VNNI)
+HAVE_AVX2 = _target_has("avx2") and _jit_enabled()
+# the ymm vpdpbusd / vpdpwssd: AVX-VNNI (VEX), or AVX-512 VNNI with VL (EVEX)
+HAVE_AVX_VNNI = HAVE_AVX2 and (_target_has("avxvnni") or _target_has("avx512vnni", "avx512vl"))
 
 I8, I16, I32, I64, F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 V32I8, V16I8 = ir.VectorType(I8, 32), ir.VectorType(I8, 16)

@@ -822,4 +822,4 @@ MULTI_KERNELS = {
 MULTI_KERNELS = {int(k): v for k, v in MULTI_KERNELS.items()}
 
 # sha256 of simd.py and gemm.py when this file was generated (see gen_simd_kernels.py)
-SIMD_SOURCE_SHA256 = "6fca683ab1f597c1e120da2928439ca2c780bbc513961c0304bdfb10850e46f7"
+SIMD_SOURCE_SHA256 = "ff8e2c9701909ca23e937ac8a4be597c92f967523037f8f7177b1019d4d84249"
