@@ -42,6 +42,9 @@ LoadProgress = Callable[[str, "float | None"], None]
 PrefillProgress = Callable[[int, int], None]
 
 DEFAULT_BANDWIDTH_BYTES_S = 15e9   # used until the engine measures the machine's bandwidth
+# Reply tokens cross from the kernel thread to the app in batches at most this far apart: a
+# wake-up of the receiving thread per token steals a core from the compute threads (2 cores).
+REPLY_HANDOVER_SECONDS = 0.02
 
 log = logging.getLogger("deltatalk")
 
@@ -227,7 +230,8 @@ class EngineBackend:
             # the session works out what is new (append / regenerate / edit) and feeds only that;
             # the state is saved on the kernel thread too, before the last item is handed over
             yield from kernel_thread().iterate(self._reply_and_save, session, messages, settings,
-                                               max_tokens, enable_thinking, cancel, prefill_progress, save_to)
+                                               max_tokens, enable_thinking, cancel, prefill_progress, save_to,
+                                               pace=REPLY_HANDOVER_SECONDS)
 
     def _reply_and_save(self, session, messages, settings, max_tokens, enable_thinking, cancel,
                         prefill_progress, save_to):

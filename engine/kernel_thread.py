@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -42,11 +43,12 @@ class KernelThread:
             return fn(*args, **kwargs)
         return self._pool.submit(fn, *args, **kwargs).result()
 
-    def iterate(self, gen_fn: Callable[..., Iterator[T]], *args: Any, **kwargs: Any) -> Iterator[T]:
+    def iterate(self, gen_fn: Callable[..., Iterator[T]], *args: Any, pace: float = 0.0, **kwargs: Any) -> Iterator[T]:
         """Run the generator gen_fn(*args, **kwargs) on the kernel thread; yield its items here.
 
         Items are handed over through a queue as they come (the producer never waits for the
-        consumer). If the consumer stops early (the generator is closed), the producer's
+        consumer); with pace > 0 the consumer sleeps that long whenever the queue is empty, so
+        it wakes once per batch of items instead of once per item. If the consumer stops early (the generator is closed), the producer's
         generator is closed after its current item; an exception in the producer is re-raised
         in the consumer after the items produced before it.
         """
@@ -57,7 +59,11 @@ class KernelThread:
         stop = threading.Event()
 
         def produce():
-            gen = gen_fn(*args, **kwargs)
+            try:
+                gen = gen_fn(*args, **kwargs)
+            except BaseException as e:  # noqa: BLE001  (not even a generator: the consumer must hear)
+                items.put((False, e))
+                return
             try:
                 for item in gen:
                     items.put((True, item))
@@ -73,6 +79,8 @@ class KernelThread:
         future = self._pool.submit(produce)
         try:
             while True:
+                if items.empty() and pace:
+                    time.sleep(pace)   # let items gather: one wake-up per batch, not per item
                 ok, item = items.get()
                 if not ok:
                     raise item

@@ -70,6 +70,24 @@ def test_closing_the_consumer_closes_the_producer():
     assert kt.call(lambda: 7) == 7
 
 
+def test_paced_handover_delivers_every_item_in_batches():
+    """pace: the consumer sleeps while the queue is empty, so a fast producer's items arrive
+    in bursts (fewer wake-ups of the consumer's thread), all of them, in order."""
+    kt = KernelThread()
+
+    def gen():
+        for i in range(60):
+            yield i, time.perf_counter()
+            time.sleep(0.001)
+
+    got = [(i, t, time.perf_counter()) for i, t in kt.iterate(gen, pace=0.02)]
+    assert [i for i, _, _ in got] == list(range(60))
+    waits = [seen - made for _, made, seen in got]
+    assert max(waits) >= 0.01   # items waited for the batch
+    with pytest.raises(ValueError, match="boom"):   # errors still come through after the items
+        list(kt.iterate(lambda: (_ for _ in ()).throw(ValueError("boom")), pace=0.02))
+
+
 @numba.njit(parallel=True, cache=True)
 def _par_sum(a):
     s = 0.0
