@@ -50,7 +50,7 @@ def cmd_bench(args) -> int:
             print(f"{k:>8} {v['median_tps']:15.1f}   {runs}")
     else:
         print(f"{'test':>8} {'deltatalk':>10} {'llama.cpp':>10} {'ratio':>7}   (tok/s, medians of "
-              f"{args.repeats} interleaved runs; {res['peer']['engine']})")
+              f"{args.repeats} interleaved runs; ratio: median of the pairs' ratios; {res['peer']['engine']})")
         for k, v in res["results"].items():
             theirs = res["peer"]["results"][k]["median_tps"]
             print(f"{k:>8} {v['median_tps']:10.1f} {theirs:10.1f} {res['ratios'][k]:7.2f}")

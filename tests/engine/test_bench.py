@@ -1,0 +1,42 @@
+"""engine.bench: interleaved runs against a peer, the ratios it reports, what it measures."""
+
+from __future__ import annotations
+
+import statistics
+
+from engine.bench import run_bench
+from engine.loader import load_model
+
+
+class FakePeer:
+    """Answers like LlamaCppPeer, with a slow spell in the middle (a noisy machine)."""
+
+    version = "test"
+
+    def __init__(self):
+        self.calls = 0
+
+    def _tps(self, base):
+        self.calls += 1
+        return base * (0.5 if self.calls in (4, 5, 6) else 1.0)
+
+    def prefill_tps(self, n):
+        return self._tps(1000.0)
+
+    def decode_tps(self, n):
+        return self._tps(100.0)
+
+
+def test_ratios_are_medians_of_the_pairs_and_the_json_fields_are_there(tiny_llama_path):
+    lm = load_model(tiny_llama_path, n_ctx=64)
+    peer = FakePeer()
+    res = run_bench(lm.model, pp=(16,), tg=8, repeats=5, bandwidth=False, peer=peer)
+    assert peer.calls == 10   # one peer run after each of ours: pp16 and tg8, 5 times
+    for k in ("pp16", "tg8"):
+        ours = res["results"][k]["runs"]
+        theirs = res["peer"]["results"][k]["runs"]
+        assert len(ours) == len(theirs) == 5
+        assert res["ratios"][k] == statistics.median(a / b for a, b in zip(ours, theirs))
+    assert res["decode_ratio"] == res["ratios"]["tg8"] and res["prefill_ratio"] == res["ratios"]["pp16"]
+    assert res["kv_state_bytes"] > 0 and res["peak_rss_bytes"] > 0
+    assert res["kernel_family"] in ("avx-vnni", "avx2", "portable")
