@@ -77,11 +77,20 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
     samples: dict[str, list[float]] = {k: [] for k, _, _ in tests}
     peer_samples: dict[str, list[float]] = {k: [] for k, _, _ in tests}
     cache_sizes: list[int] = []   # KV + recurrent state bytes after each prefill
+    # the read bandwidth is measured after every round too (median): it drifts with the
+    # machine's load like the runs do; the probe's buffer is kept out of the peak RSS
+    bw_samples: list[float] = []
+    peak_rss = runtime.peak_rss_bytes()   # loading and warm-up count too
+    probe_each_round = bandwidth and runtime.reset_peak_rss()
     for r in range(repeats):
         for key, kind, n in tests:
             samples[key].append(time_prefill(model, n, rng, cache_sizes) if kind == "pp" else time_decode(model, n, rng))
             if peer is not None:
                 peer_samples[key].append(peer.prefill_tps(n) if kind == "pp" else peer.decode_tps(n))
+        if probe_each_round:
+            peak_rss = max(peak_rss, runtime.peak_rss_bytes())
+            bw_samples.append(measure_bandwidth(n_bytes=256 << 20, repeats=3))
+            runtime.reset_peak_rss()
         if progress:
             line = ", ".join(f"{k} {v[-1]:.1f}" + (f" (llama.cpp {peer_samples[k][-1]:.1f})" if peer else "")
                              for k, v in samples.items())
@@ -98,8 +107,10 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
         out_peer["decode_ratio"] = ratio.get(f"tg{tg}")
         big_pp = f"pp{max(pp)}" if pp else None
         out_peer["prefill_ratio"] = ratio.get(big_pp)
-    peak_rss = runtime.peak_rss_bytes()  # before the bandwidth probe's own 512 MB buffer
-    bw = measure_bandwidth() if bandwidth else None
+    peak_rss = max(peak_rss, runtime.peak_rss_bytes())   # (without a reset: before the probe's buffer)
+    if bandwidth and not bw_samples:
+        bw_samples.append(measure_bandwidth())
+    bw = statistics.median(bw_samples) if bw_samples else None
     return {
         **out_peer,
         "results": {k: {"median_tps": statistics.median(v), "runs": v} for k, v in samples.items()},
@@ -109,6 +120,7 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
         "kernel_family": runtime.kernel_family(),
         "weight_bytes": getattr(model, "weight_bytes", None),
         "bandwidth_bytes_per_s": bw,
+        "bandwidth_runs": bw_samples,
         # decode reads every weight once per token: tok/s <= bandwidth / weight bytes
         "decode_bound_tps": bw / model.weight_bytes if bw and getattr(model, "weight_bytes", None) else None,
         "peak_rss_bytes": peak_rss,

@@ -71,6 +71,17 @@ def peak_rss_bytes() -> int:
     return r if sys.platform == "darwin" else r * 1024
 
 
+def reset_peak_rss() -> bool:
+    """Restart the peak-RSS count from the current RSS (Linux: /proc/self/clear_refs), so a
+    temporary buffer (the bandwidth probe's) does not count as the model's. False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def current_rss_bytes() -> int:
     try:
         with open(f"/proc/{os.getpid()}/statm") as f:

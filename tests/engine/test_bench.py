@@ -40,3 +40,17 @@ def test_ratios_are_medians_of_the_pairs_and_the_json_fields_are_there(tiny_llam
     assert res["decode_ratio"] == res["ratios"]["tg8"] and res["prefill_ratio"] == res["ratios"]["pp16"]
     assert res["kv_state_bytes"] > 0 and res["peak_rss_bytes"] > 0
     assert res["kernel_family"] in ("avx-vnni", "avx2", "portable")
+
+
+def test_bandwidth_is_probed_each_round_and_kept_out_of_the_peak_rss(tiny_llama_path):
+    from engine import runtime
+
+    lm = load_model(tiny_llama_path, n_ctx=64)
+    res = run_bench(lm.model, pp=(8,), tg=4, repeats=3)
+    if not runtime.reset_peak_rss():
+        assert len(res["bandwidth_runs"]) == 1
+        return
+    assert len(res["bandwidth_runs"]) == 3 and res["bandwidth_bytes_per_s"] == statistics.median(res["bandwidth_runs"])
+    # the probe reads 256 MB; a tiny model's peak stays far below the probe's buffer
+    assert res["peak_rss_bytes"] < runtime.current_rss_bytes() + (200 << 20)
+    assert res["decode_bound_tps"] > 0
