@@ -12,7 +12,9 @@ def cmd_bench(args) -> int:
     from engine.bench import run_bench
     from engine.peer import LlamaCppPeer, PeerError
 
-    # RSS of the runtime alone (Python, numpy, numba + LLVM, tokenizers, jinja2), before the model
+    # RSS of the runtime alone, before the model: Python, numpy, tokenizers, jinja2, and numba
+    # started (LLVM, the OpenMP thread team: one parallel kernel run, as any model's first call)
+    runtime.threading_layer()
     baseline_rss = runtime.current_rss_bytes()
     loaded, warm_s = open_model(args, quiet=args.json)
     pp = [int(x) for x in args.pp.split(",") if x.strip()]
@@ -63,4 +65,10 @@ def cmd_bench(args) -> int:
     print(f"peak RSS {res['peak_rss_bytes'] / 1e6:.1f} MB = runtime {baseline_rss / 1e6:.1f} MB (before the model) "
           f"+ model {res['model_rss_bytes'] / 1e6:.1f} MB, {ok} the bound file x 1.1 + KV/state = "
           f"{res['memory_bound_bytes'] / 1e6:.1f} MB; warm-up {warm_s:.2f} s")
+    theirs = res.get("peer", {})
+    if theirs.get("peak_rss_bytes") and theirs.get("baseline_rss_bytes"):
+        model = theirs["peak_rss_bytes"] - theirs["baseline_rss_bytes"]
+        print(f"llama.cpp peak RSS {theirs['peak_rss_bytes'] / 1e6:.1f} MB = runtime "
+              f"{theirs['baseline_rss_bytes'] / 1e6:.1f} MB + model {model / 1e6:.1f} MB (its KV cache is "
+              f"F16, allocated and cleared for the whole context: {loaded.model.n_ctx} positions)")
     return 0

@@ -99,7 +99,9 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
     if peer is not None:
         out_peer = {"peer": {"engine": f"llama.cpp (llama-cpp-python {peer.version})",
                              "results": {k: {"median_tps": statistics.median(v), "runs": v}
-                                         for k, v in peer_samples.items()}}}
+                                         for k, v in peer_samples.items()},
+                             "peak_rss_bytes": getattr(peer, "peak_rss_bytes", None),
+                             "baseline_rss_bytes": getattr(peer, "baseline_rss_bytes", None)}}
         # the median of the per-pair ratios: each pair ran back to back, so a slow spell of the
         # (shared, noisy) machine hits both sides of a pair instead of skewing one median
         ratio = {k: statistics.median(a / b for a, b in zip(samples[k], peer_samples[k])) for k in samples}

@@ -1,8 +1,9 @@
 """Per-layer caches with one small shared interface: `kind`, `offset`, `nbytes`, `trim`, `snapshot`/`restore`.
 
 `KVCache` (attention layers) is preallocated for the whole context and trimmable: the
-positions past `offset` are simply overwritten later. The zero-filled buffers are only
-touched as the conversation grows, so untouched pages cost no resident memory.
+positions past `offset` are simply overwritten later. Its buffers are fresh anonymous
+mappings (`lazy_zeros`), touched only as the conversation grows, so untouched pages cost no
+resident memory.
 
 `RecurrentCache` (Gated DeltaNet layers) is a fixed-size state that can be snapshotted and
 restored but not trimmed. `cache_bytes(caches)` sums the bytes in use by kind.
@@ -10,7 +11,20 @@ restored but not trimmed. `cache_bytes(caches)` sums the bytes in use by kind.
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """Zeros in their own anonymous mapping: a page becomes resident when first written, and
+    the whole mapping goes back to the OS with the array. (np.zeros may instead be served
+    from malloc's heap, which zero-fills, and so touches, every page at once: glibc raises
+    its mmap threshold after big frees. Seen: +340 MB for an 8K-context SmolLM2 cache.)"""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if n == 0:
+        return np.zeros(shape, dtype)
+    return np.frombuffer(mmap.mmap(-1, n), dtype=dtype).reshape(shape)
 
 
 class KVCache:
@@ -24,8 +38,8 @@ class KVCache:
 
     def __init__(self, n_ctx: int, n_kv_heads: int, head_dim: int):
         self.n_ctx = n_ctx
-        self.keys = np.zeros((n_ctx, n_kv_heads, head_dim), dtype=np.float32)
-        self.values = np.zeros((n_ctx, n_kv_heads, head_dim), dtype=np.float32)
+        self.keys = lazy_zeros((n_ctx, n_kv_heads, head_dim))
+        self.values = lazy_zeros((n_ctx, n_kv_heads, head_dim))
         self.offset = 0
 
     def write(self, k: np.ndarray, v: np.ndarray) -> int:

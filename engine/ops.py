@@ -50,28 +50,57 @@ def rmsnorm_ref(x, w, eps):
 
 
 # --------------------------------------------------------------------------- RoPE
-def rope_tables(n_ctx: int, n_rot: int, base: float, freq_factors=None, freq_scale: float = 1.0,
-                attn_factor: float = 1.0):
-    """cos/sin (n_ctx, n_rot/2) float32, bit for bit as ggml's rope cache.
+class RopeTable:
+    """cos/sin (positions, n_rot/2) float32, bit for bit as ggml's rope cache, for the
+    positions reached so far: rows are added (doubling) as a conversation grows, so a long
+    context window (Qwen3.5: 262K positions, 64 MB of rows) costs only what is used.
 
     theta starts at the position and is multiplied by powf(base, -2/n_rot) once per pair in
     float32; freq_factors (Llama-3 rope_freqs, Phi-3 long/short factors) divide theta. The
     cos/sin are libm's cosf/sinf (numba's math.cos on float32), not numpy's float32 SIMD
-    versions, which are off by an ulp on ~10% of the angles.
+    versions, which are off by an ulp on ~10% of the angles. A row depends on its position
+    only, so rows computed later equal rows computed at once.
     """
-    half = n_rot // 2
-    ff = np.ones(half, np.float32) if freq_factors is None else np.asarray(freq_factors, np.float32)[:half]
-    cos = np.empty((n_ctx, half), dtype=np.float32)
-    sin = np.empty((n_ctx, half), dtype=np.float32)
-    _rope_cache(np.float32(base), np.float32(-2.0) / np.float32(n_rot), np.ascontiguousarray(ff),
-                np.float32(freq_scale), np.float32(attn_factor), cos, sin)
-    return cos, sin
+
+    MIN_ROWS = 256
+
+    def __init__(self, n_ctx: int, n_rot: int, base: float, freq_factors=None, freq_scale: float = 1.0,
+                 attn_factor: float = 1.0):
+        half = n_rot // 2
+        ff = np.ones(half, np.float32) if freq_factors is None else np.asarray(freq_factors, np.float32)[:half]
+        self.n_ctx = int(n_ctx)
+        self._args = (np.float32(base), np.float32(-2.0) / np.float32(n_rot), np.ascontiguousarray(ff),
+                      np.float32(freq_scale), np.float32(attn_factor))
+        self.cos = np.empty((0, half), np.float32)
+        self.sin = np.empty((0, half), np.float32)
+
+    def upto(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(cos, sin) holding at least positions 0..n-1."""
+        have = self.cos.shape[0]
+        if n > have:
+            if n > self.n_ctx:
+                raise ValueError(f"position {n - 1} is past the context of {self.n_ctx}")
+            rows = min(self.n_ctx, max(n, 2 * have, self.MIN_ROWS))
+            cos = np.empty((rows, self.cos.shape[1]), np.float32)
+            sin = np.empty_like(cos)
+            cos[:have], sin[:have] = self.cos, self.sin
+            _rope_cache(*self._args, have, cos, sin)
+            self.cos, self.sin = cos, sin
+        return self.cos, self.sin
+
+
+def rope_tables(n_ctx: int, n_rot: int, base: float, freq_factors=None, freq_scale: float = 1.0,
+                attn_factor: float = 1.0):
+    """cos/sin (n_ctx, n_rot/2) float32 for every position (see RopeTable)."""
+    cos, sin = RopeTable(n_ctx, n_rot, base, freq_factors, freq_scale, attn_factor).upto(n_ctx)
+    return cos[:n_ctx], sin[:n_ctx]
 
 
 @numba.njit(**JIT_EXACT)
-def _rope_cache(base, exponent, ff, freq_scale, attn_factor, cos, sin):
+def _rope_cache(base, exponent, ff, freq_scale, attn_factor, first, cos, sin):
+    """Rows first.. of the tables."""
     theta_scale = math.pow(base, exponent)
-    for p in range(cos.shape[0]):
+    for p in range(first, cos.shape[0]):
         theta = np.float32(p)
         for i in range(cos.shape[1]):
             t = freq_scale * (theta / ff[i])

@@ -17,7 +17,14 @@ PEER_SCRIPT = r"""
 import json, sys, time
 import numpy as np
 from llama_cpp import Llama
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+def peak():  # VmHWM: ru_maxrss would also count the RSS of our process when it forked this one
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
 path, threads, n_ctx = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+base = rss()
 llm = Llama(path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads,
             logits_all=False, verbose=False)
 rng = np.random.default_rng(0)
@@ -32,7 +39,7 @@ for line in sys.stdin:
         t = time.perf_counter()
         llm.eval(toks)
         dt = time.perf_counter() - t
-        print(json.dumps({"tps": cmd["pp"] / dt}), flush=True)
+        print(json.dumps({"tps": cmd["pp"] / dt, "peak_rss": peak(), "base_rss": base}), flush=True)
     else:
         tok = int(rng.integers(0, n_vocab))
         llm.eval([tok])  # position 0 is not timed, as ours
@@ -40,7 +47,7 @@ for line in sys.stdin:
         for _ in range(cmd["tg"]):
             llm.eval([tok])
         dt = time.perf_counter() - t
-        print(json.dumps({"tps": cmd["tg"] / dt}), flush=True)
+        print(json.dumps({"tps": cmd["tg"] / dt, "peak_rss": peak(), "base_rss": base}), flush=True)
 """
 
 
@@ -61,6 +68,9 @@ class LlamaCppPeer:
                     "~10 min) or pass --peer-python PATH") if "No module named 'llama_cpp'" in err else err
             raise PeerError(f"llama.cpp peer did not start ({self.python}): {hint}")
         self.version = json.loads(line).get("version")
+        # its process's peak RSS and the RSS before it loaded the model (Linux; else None)
+        self.peak_rss_bytes: int | None = None
+        self.baseline_rss_bytes: int | None = None
 
     def _ask(self, cmd: dict) -> float:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
@@ -68,7 +78,10 @@ class LlamaCppPeer:
         line = self.proc.stdout.readline()
         if not line:
             raise PeerError("llama.cpp peer stopped: " + self.proc.stderr.read()[-2000:])
-        return float(json.loads(line)["tps"])
+        reply = json.loads(line)
+        self.peak_rss_bytes = reply.get("peak_rss", self.peak_rss_bytes)
+        self.baseline_rss_bytes = reply.get("base_rss", self.baseline_rss_bytes)
+        return float(reply["tps"])
 
     def prefill_tps(self, n: int) -> float:
         return self._ask({"pp": n})

@@ -67,6 +67,16 @@ def memory_bandwidth_bytes_s() -> float:
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak RSS. On Linux, VmHWM: the high-water mark of its own memory, which
+    reset_peak_rss() restarts (getrusage's ru_maxrss also keeps, after an exec, the RSS the
+    parent had when it forked: a test runner's 500 MB)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
 

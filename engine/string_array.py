@@ -42,6 +42,9 @@ class StringArray(Sequence):
             return len(self) == len(other) and all(a == b for a, b in zip(self, other))
         return NotImplemented
 
+    def byte_length(self, i: int) -> int:
+        return int(self._lengths[i])
+
     def empty_indices(self) -> np.ndarray:
         return np.flatnonzero(self._lengths == 0)
 
@@ -52,6 +55,21 @@ class StringArray(Sequence):
         base = int(self._starts[0])
         end = int(self._starts[-1]) + int(self._lengths[-1])
         return StringArray(bytes(self._buf[base:end]), self._starts - base, self._lengths)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(bytes as uint8, starts int64, lengths uint32): the strings as kernels read them."""
+        return (np.frombuffer(self._buf, np.uint8), self._starts.astype(np.int64, copy=False),
+                self._lengths.astype(np.uint32, copy=False))
+
+    @classmethod
+    def from_strings(cls, strings) -> "StringArray":
+        """A compact copy of a list of strings."""
+        encoded = [s.encode("utf-8") for s in strings]
+        lengths = np.fromiter((len(e) for e in encoded), np.uint32, len(encoded))
+        starts = np.zeros(len(encoded), np.int64)
+        if len(encoded) > 1:
+            np.cumsum(lengths[:-1], out=starts[1:])
+        return cls(b"".join(encoded), starts, lengths)
 
     def __repr__(self):
         return f"StringArray({len(self)} strings)"

@@ -2,10 +2,10 @@
 
 Two vocabulary kinds are supported, chosen by `tokenizer.ggml.model`:
 
-- ``gpt2``: byte-level BPE. The BPE itself runs in a `tokenizers.Tokenizer` (Rust) built
-  from `tokenizer.ggml.tokens` + `tokenizer.ggml.merges`, with the split regexes that
-  llama.cpp uses for `tokenizer.ggml.pre` applied as isolated splits before the GPT-2
-  byte mapping.
+- ``gpt2``: byte-level BPE. The text is split by the regexes llama.cpp uses for
+  `tokenizer.ggml.pre` (a `tokenizers` pre-tokenizer: Rust regexes with Unicode classes),
+  and each piece is merged by `engine.bpe.BytePairEncoder` over flat tables built from
+  `tokenizer.ggml.tokens` + `tokenizer.ggml.merges`.
 - ``llama``: SentencePiece-style vocabulary (Phi-3, Llama 2). llama.cpp does not run
   SentencePiece; it merges adjacent symbols greedily by token score (ties: leftmost)
   and falls back to ``<0xXX>`` byte tokens. That algorithm is implemented here.
@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import codecs
 import heapq
-from typing import Iterable, Sequence
+from typing import Iterable
 
 from tokenizers import Regex
-from tokenizers import Tokenizer as _HFTokenizer
-from tokenizers import models as _models
 from tokenizers import pre_tokenizers as _pre
 
+import numpy as np
+
+from engine.bpe import BYTE_CHARS, BytePairEncoder
 from engine.string_array import StringArray
 
 __all__ = ["Tokenizer", "StreamDecoder", "SUPPORTED_MODELS", "SUPPORTED_PRE"]
@@ -116,22 +117,11 @@ _EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "
               "<｜end▁of▁sentence｜>", "[e~[")
 
 _KEY = "tokenizer.ggml."
+# above this many special tokens, find the ones in a text through the vocabulary index
+_SPECIALS_BY_INDEX = 64
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    out = {b: chr(b) for b in keep}
-    n = 0
-    for b in range(256):
-        if b not in out:
-            out[b] = chr(256 + n)
-            n += 1
-    return out
-
-
-_BYTE_ENC = _bytes_to_unicode()
+_BYTE_ENC = dict(enumerate(BYTE_CHARS))     # GPT-2's reversible byte -> character map
 _BYTE_DEC = {c: b for b, c in _BYTE_ENC.items()}
 
 
@@ -162,23 +152,40 @@ class Tokenizer:
             for i, t in enumerate(tokens):
                 if not t:
                     tokens[i] = f"[EMPTY_{i}]"
-        self._texts = tokens   # list[str], or a StringArray (decoded on access)
-        self._ids = {t: i for i, t in enumerate(tokens)}
-        if len(self._ids) != n:
-            seen = {}
-            for i, t in enumerate(tokens):
-                if t in seen:
-                    raise ValueError(f"duplicate token in vocabulary: {t!r} has ids {seen[t]} and {i}")
-                seen[t] = i
+        self._bpe: BytePairEncoder | None = None
+        self._ids: dict[str, int] | None = None
+        if self.is_spm:   # the SPM merge loop looks texts up from Python: a dict
+            self._texts = tokens
+            self._ids = {t: i for i, t in enumerate(tokens)}
+            if len(self._ids) != n:
+                seen = {}
+                for i, t in enumerate(tokens):
+                    if t in seen:
+                        raise ValueError(f"duplicate token in vocabulary: {t!r} has ids {seen[t]} and {i}")
+                    seen[t] = i
+        else:             # byte-level BPE: flat tables, no per-token Python objects
+            if not isinstance(tokens, StringArray):
+                tokens = StringArray.from_strings(tokens)
+            merges = meta.get(_KEY + "merges")
+            if isinstance(merges, list) and all(isinstance(m, str) for m in merges):
+                merges = StringArray.from_strings(merges)
+            elif not isinstance(merges, StringArray):
+                raise ValueError("tokenizer.ggml.merges is missing or not a list of strings")
+            self._texts = tokens
 
         types = meta.get(_KEY + "token_type")
         if types is not None:
-            types = _as_list(types)
             if len(types) < n:
                 raise ValueError(f"tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
-            self._attr = [_TYPE_ATTR.get(int(t), A_UNDEFINED) for t in types[:n]]
+            table = np.zeros(8, np.uint16)
+            for k, v in _TYPE_ATTR.items():
+                table[k] = v
+            types = np.asarray(types[:n], np.int64)
+            # one uint16 per token (a list of ints would cost 8 bytes + an object per token)
+            self._attr = np.where((types >= 0) & (types < len(table)), table[np.clip(types, 0, 7)],
+                                  A_UNDEFINED).astype(np.uint16)
         else:
-            self._attr = [A_NORMAL] * n
+            self._attr = np.full(n, A_NORMAL, np.uint16)
 
         if self.is_spm:
             scores = meta.get(_KEY + "scores")
@@ -206,6 +213,8 @@ class Tokenizer:
                 raise ValueError(f"unsupported pre-tokenizer {pre!r} for a gpt2 vocabulary "
                                  f"(supported: {', '.join(SUPPORTED_PRE)})")
             regexes, self.ignore_merges, add_bos, self.clean_spaces = _PRE[pre]
+            self._bpe = BytePairEncoder(tokens, merges, self.ignore_merges)
+            self._split = _pre.Sequence([_pre.Split(Regex(r), behavior="isolated") for r in regexes])
             bos, eos, unk = 11, 11, None
             self.add_space_prefix = False
             self.add_bos, self.add_eos = bool(add_bos), False
@@ -249,26 +258,20 @@ class Tokenizer:
 
         # special tokens, split out of the text longest first
         attr = self._attr
-        specials = [i for i in range(n) if attr[i] & _SPECIAL_CACHE]
-        specials.sort(key=lambda i: (-len(self._texts[i].encode("utf-8")), i))
-        self._special_order = specials
+        specials = np.flatnonzero(attr & _SPECIAL_CACHE)
+        sizes = np.array([self._byte_length(i) for i in specials], np.int64)
+        self._special_order = specials[np.lexsort((specials, -sizes))]
+        self._special_sizes = np.unique(sizes)
 
         name = meta.get("general.name", "")
         if isinstance(name, str) and ("phi-3" in name.lower() or "phi3" in name.lower()):
-            for i in specials:
-                attr[i] |= A_RSTRIP
+            attr[specials] |= A_RSTRIP
             for t, on in (("</s>", True), ("<unk>", False), ("<s>", False), ("<|endoftext|>", False)):
-                i = self._ids.get(t)
+                i = self.token_to_id(t)
                 if i is not None:
-                    attr[i] = (attr[i] | A_RSTRIP) if on else (attr[i] & ~A_RSTRIP)
+                    attr[i] = (int(attr[i]) | A_RSTRIP) if on else (int(attr[i]) & ~A_RSTRIP)
 
         self._piece_cache: dict[int, bytes] = {}
-        self._hf: _HFTokenizer | None = None
-        if not self.is_spm:
-            self._hf = self._build_bpe(meta, regexes)
-            # the Rust BPE holds the vocabulary now; a second Python map of it costs ~15 MB
-            # for a 248K vocabulary (Qwen3.5)
-            self._ids = None
 
     # -- construction helpers ------------------------------------------------------------
 
@@ -276,41 +279,18 @@ class Tokenizer:
     def from_metadata(cls, meta: dict) -> "Tokenizer":
         return cls(meta)
 
-    def _build_bpe(self, meta: dict, regexes: Sequence[str]) -> _HFTokenizer:
-        merges = meta.get(_KEY + "merges")
-        if not isinstance(merges, (list, StringArray)):
-            raise ValueError("tokenizer.ggml.merges is missing")
-        vocab = self._ids
-        pairs: list[tuple[str, str]] = []
-        seen: set[str] = set()
-        for m in merges:
-            if not isinstance(m, str) or m in seen:
-                continue
-            seen.add(m)
-            pos = m.find(" ", 1)
-            if pos < 0:
-                continue
-            a, b = m[:pos], m[pos + 1:]
-            if a in vocab and b in vocab and (a + b) in vocab:
-                pairs.append((a, b))
-        bpe = _models.BPE(vocab=vocab, merges=pairs, ignore_merges=self.ignore_merges)
-        tok = _HFTokenizer(bpe)
-        steps = [_pre.Split(Regex(r), behavior="isolated") for r in regexes]
-        steps.append(_pre.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False))
-        tok.pre_tokenizer = _pre.Sequence(steps)
-        return tok
-
     def _detect_special(self, ids: dict):
         """llama.cpp's detection of EOT/EOM/FIM/EOG tokens by their text."""
-        attr, tid = self._attr, self._ids
+        attr = self._attr
 
         def force_control(i):
             attr[i] |= A_CONTROL
 
         def first(texts):
             for t in texts:
-                if t in tid:
-                    return tid[t]
+                i = self.token_to_id(t)
+                if i is not None:
+                    return i
             return None
 
         if ids.get("eot") is None:
@@ -326,19 +306,20 @@ class Tokenizer:
                 ids[name] = first(texts)
                 if ids[name] is not None:
                     force_control(ids[name])
-        for i, a in enumerate(attr):
-            if a & A_CONTROL and not a & A_UNUSED and "unused" in self._texts[i]:
+        for i in np.flatnonzero(((attr & A_CONTROL) != 0) & ((attr & A_UNUSED) == 0)):
+            if "unused" in self._texts[i]:
                 attr[i] |= A_UNUSED
 
         eog = {ids[k] for k in ("fim_pad", "fim_rep", "fim_sep") if ids.get(k) is not None}
         for t in _EOG_TEXTS:
-            i = tid.get(t)
+            i = self.token_to_id(t)
             if i is not None:
                 eog.add(i)
                 force_control(i)
         for t in ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"):
-            if t in tid:
-                attr[tid[t]] = A_USER_DEFINED
+            i = self.token_to_id(t)
+            if i is not None:
+                attr[i] = A_USER_DEFINED
         for k in ("eos", "eot", "eom"):
             if ids.get(k) is not None:
                 eog.add(ids[k])
@@ -360,18 +341,13 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return len(self._texts)
 
-    @property
-    def backend(self) -> _HFTokenizer | None:
-        """The `tokenizers.Tokenizer` doing byte-level BPE on plain text (None for SPM)."""
-        return self._hf
-
     def token_text(self, token_id: int) -> str:
         """The token's string as stored in the GGUF vocabulary."""
         return self._texts[token_id]
 
     def token_to_id(self, text: str) -> int | None:
-        if self._ids is None:
-            return self._hf.token_to_id(text)
+        if self._bpe is not None:
+            return self._bpe.token_to_id(text)
         return self._ids.get(text)
 
     def is_special(self, token_id: int) -> bool:
@@ -387,17 +363,36 @@ class Tokenizer:
 
     # -- encoding ------------------------------------------------------------------------
 
+    def _byte_length(self, token_id: int) -> int:
+        t = self._texts
+        return t.byte_length(token_id) if isinstance(t, StringArray) else len(t[token_id].encode("utf-8"))
+
+    def _specials_in(self, text: str, parse_special: bool) -> list[int]:
+        """The special tokens that occur in text, longest first then by id (llama.cpp's order)."""
+        attr, texts = self._attr, self._texts
+        if self._bpe is not None and len(self._special_order) > _SPECIALS_BY_INDEX:
+            # many specials (padded vocabularies): look every substring of a special's length
+            # up in the vocabulary index instead of searching the text once per special
+            wanted = (attr & _SPECIAL_CACHE) != 0
+            if not parse_special:
+                wanted &= (attr & (A_CONTROL | A_UNKNOWN)) == 0
+            found = self._bpe.tokens_in(text.encode("utf-8"), self._special_sizes, wanted)
+            return sorted(found, key=lambda i: (-self._byte_length(i), i))
+        out = []
+        for sid in self._special_order:
+            if not parse_special and attr[sid] & (A_CONTROL | A_UNKNOWN):
+                continue
+            if texts[sid] in text:
+                out.append(int(sid))
+        return out
+
     def _partition(self, text: str, parse_special: bool) -> list:
         """Split text on special tokens: a list of str (raw text) and int (token ids)."""
         frags: list = [text]
         attr, texts = self._attr, self._texts
-        for sid in self._special_order:
-            a = attr[sid]
-            if not parse_special and a & (A_CONTROL | A_UNKNOWN):
-                continue
+        for sid in self._specials_in(text, parse_special):
+            a = int(attr[sid])
             s = texts[sid]
-            if s not in text:
-                continue
             out: list = []
             for f in frags:
                 if isinstance(f, int) or s not in f:
@@ -443,18 +438,12 @@ class Tokenizer:
                     self._spm_tokenize(f.replace(" ", "\u2581"), out)
                     prev_special = False
         else:
-            raw = [f for f in frags if isinstance(f, str)]
-            if len(raw) == 1 and len(frags) == 1:
-                out.extend(self._hf.encode(raw[0], add_special_tokens=False).ids)
-            elif raw:
-                encs = iter(self._hf.encode_batch(raw, add_special_tokens=False))
-                for f in frags:
-                    if isinstance(f, int):
-                        out.append(f)
-                    else:
-                        out.extend(next(encs).ids)
-            else:
-                out.extend(frags)
+            for f in frags:
+                if isinstance(f, int):
+                    out.append(f)
+                else:
+                    out.extend(self._bpe.encode_pieces([p.encode("utf-8") for p, _ in
+                                                        self._split.pre_tokenize_str(f)]))
         if add_special and self.add_eos:
             out.append(self.eos_id)
         return out

@@ -212,7 +212,7 @@ class DenseModel:
         else:  # tied head: the embedding matrix, still quantized
             self.output = QuantLinear(self.token_embd, emb.ggml_type, D, a.n_vocab, name="token_embd.weight")
         self.output_bias = optional_vector(gf, "output.bias", a.n_vocab)
-        self.rope = self.rope_tables(gf)  # per layer: (cos, sin)
+        self.rope = self.rope_tables(gf)  # per layer: a RopeTable (shared where equal)
         self.weight_bytes = sum(t.nbytes for t in gf.tensors.values())
 
     # ---- per-architecture hooks
@@ -234,8 +234,8 @@ class DenseModel:
         a = self.args
         ff = self.rope_factors_for(gf)
         self.rope_freq_factors = ff
-        cos_sin = ops.rope_tables(self.n_ctx, a.n_rot, a.rope_base, ff, a.rope_freq_scale, a.rope_attn_factor)
-        return [cos_sin] * a.n_layer
+        table = ops.RopeTable(self.n_ctx, a.n_rot, a.rope_base, ff, a.rope_freq_scale, a.rope_attn_factor)
+        return [table] * a.n_layer
 
     def window(self, i: int) -> int:
         return 0
@@ -312,7 +312,7 @@ class DenseModel:
             if layer.q_norm is not None:
                 ops.rmsnorm(q.reshape(T * H, hd), layer.q_norm, eps, q.reshape(T * H, hd))
                 ops.rmsnorm(k.reshape(T * Hkv, hd), layer.k_norm, eps, k.reshape(T * Hkv, hd))
-            cos, sin = self.rope[i]
+            cos, sin = self.rope[i].upto(p0 + T)
             ops.rope_inplace(q, cos, sin, p0, a.n_rot, True)
             ops.rope_inplace(k, cos, sin, p0, a.n_rot, True)
             kv.write(ops.to_f16_precision(k), ops.to_f16_precision(v))

@@ -58,8 +58,8 @@ class Model(DenseModel):
     def rope_tables(self, gf: GGUFFile) -> list:
         a = self.args
         self.rope_freq_factors = None
-        glob = ops.rope_tables(self.n_ctx, a.n_rot, a.rope_base, None, a.rope_freq_scale)
-        local = ops.rope_tables(self.n_ctx, a.n_rot, a.rope_base_swa, None, 1.0) if any(a.swa_layers) else None
+        glob = ops.RopeTable(self.n_ctx, a.n_rot, a.rope_base, None, a.rope_freq_scale)
+        local = ops.RopeTable(self.n_ctx, a.n_rot, a.rope_base_swa, None, 1.0) if any(a.swa_layers) else None
         return [local if s else glob for s in a.swa_layers]
 
     def window(self, i: int) -> int:

@@ -138,8 +138,7 @@ class Model:
         freq_factors = None
         if "rope_freqs.weight" in gf.tensors:
             freq_factors = _vector(gf, "rope_freqs.weight", a.n_rot // 2)
-        self.rope_cos, self.rope_sin = ops.rope_tables(self.n_ctx, a.n_rot, a.rope_base, freq_factors,
-                                                       a.rope_freq_scale)
+        self.rope = ops.RopeTable(self.n_ctx, a.n_rot, a.rope_base, freq_factors, a.rope_freq_scale)
         self.weight_bytes = sum(t.nbytes for t in gf.tensors.values())
 
     @property
@@ -174,12 +173,13 @@ class Model:
         x = self.embed(tokens)  # (T, D)
         n = np.empty_like(x)
         att = np.empty((T, H, hd), dtype=np.float32)
+        cos, sin = self.rope.upto(p0 + T)
         for layer, kv in zip(self.layers, cache):
             ops.rmsnorm(x, layer.attn_norm, a.norm_eps, n)
             q, k, v = layer.wqkv.matmul(n)
             q, k, v = q.reshape(T, H, hd), k.reshape(T, Hkv, hd), v.reshape(T, Hkv, hd)
             # RoPE, then q/k/v rounded to fp16 (llama.cpp's F16 cache); k, v appended to the cache
-            ops.rope_and_store(q, k, v, self.rope_cos, self.rope_sin, a.n_rot, False, kv)
+            ops.rope_and_store(q, k, v, cos, sin, a.n_rot, False, kv)
             ops.attend(q, kv.keys, kv.values, p0, scale, att)
             x += layer.wo.matmul(att.reshape(T, H * hd))
 

@@ -237,7 +237,7 @@ class Model:
             self.output = _linear(gf, "output.weight", D, a.n_vocab)
         else:  # tied head: the embedding matrix, still quantized
             self.output = QuantLinear(self.token_embd, emb.ggml_type, D, a.n_vocab, name="token_embd.weight")
-        self.rope_cos, self.rope_sin = ops.rope_tables(self.n_ctx, a.n_rot, a.rope_base)
+        self.rope = ops.RopeTable(self.n_ctx, a.n_rot, a.rope_base)
         # bytes read per token: the trunk and the head (MTP blocks are never read)
         skip = tuple(f"blk.{i}." for i in range(a.n_layer, a.n_layer_all))
         self.weight_bytes = sum(t.nbytes for n, t in gf.tensors.items() if not n.startswith(skip))
@@ -305,7 +305,8 @@ class Model:
                 ops.rmsnorm(q.reshape(T * Hq, hd), layer.q_norm, eps, q.reshape(T * Hq, hd))
                 ops.rmsnorm(k.reshape(T * Hkv, hd), layer.k_norm, eps, k.reshape(T * Hkv, hd))
                 # RoPE; q, k, v rounded to fp16 (llama.cpp's F16 cache); k, v appended to the cache
-                ops.rope_and_store(q, k, v, self.rope_cos, self.rope_sin, a.n_rot, True, c)
+                cos, sin = self.rope.upto(c.offset + T)
+                ops.rope_and_store(q, k, v, cos, sin, a.n_rot, True, c)
                 att = np.empty((T, Hq, hd), dtype=np.float32)
                 ops.attention(q, c.keys, c.values, p0, scale, att)
                 att *= ops.sigmoid(gate)

@@ -12,6 +12,8 @@ class FakePeer:
     """Answers like LlamaCppPeer, with a slow spell in the middle (a noisy machine)."""
 
     version = "test"
+    peak_rss_bytes = 300_000_000
+    baseline_rss_bytes = 100_000_000
 
     def __init__(self):
         self.calls = 0
@@ -40,6 +42,7 @@ def test_ratios_are_medians_of_the_pairs_and_the_json_fields_are_there(tiny_llam
     assert res["decode_ratio"] == res["ratios"]["tg8"] and res["prefill_ratio"] == res["ratios"]["pp16"]
     assert res["kv_state_bytes"] > 0 and res["peak_rss_bytes"] > 0
     assert res["kernel_family"] in ("avx-vnni", "avx2", "portable")
+    assert res["peer"]["peak_rss_bytes"] == 300_000_000 and res["peer"]["baseline_rss_bytes"] == 100_000_000
 
 
 def test_bandwidth_is_probed_each_round_and_kept_out_of_the_peak_rss(tiny_llama_path):

@@ -43,6 +43,20 @@ def test_rope_freq_factors_divide_theta():
     np.testing.assert_allclose(cos, np.cos(theta), atol=1e-5)
 
 
+def test_rope_table_grows_with_the_positions_used():
+    whole = ops.rope_tables(3000, 64, 1e6, freq_scale=0.5, attn_factor=1.1)
+    table = ops.RopeTable(3000, 64, 1e6, freq_scale=0.5, attn_factor=1.1)
+    assert table.upto(1)[0].shape[0] == ops.RopeTable.MIN_ROWS     # nothing sized by the context
+    for n in (1, 300, 301, 700, 2999, 3000):   # rows added later equal rows made at once
+        cos, sin = table.upto(n)
+        assert cos.shape[0] >= n
+        np.testing.assert_array_equal(cos[:n], whole[0][:n])
+        np.testing.assert_array_equal(sin[:n], whole[1][:n])
+    assert table.upto(3000)[0].shape[0] == 3000                      # capped at the context
+    with pytest.raises(ValueError, match="past the context"):
+        table.upto(3001)
+
+
 @pytest.mark.parametrize("neox", [False, True])
 @pytest.mark.parametrize("n_rot", [16, 8])
 def test_rope_matches_numpy(rng, neox, n_rot):
