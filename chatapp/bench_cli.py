@@ -65,6 +65,9 @@ def cmd_bench(args) -> int:
     print(f"peak RSS {res['peak_rss_bytes'] / 1e6:.1f} MB = runtime {baseline_rss / 1e6:.1f} MB (before the model) "
           f"+ model {res['model_rss_bytes'] / 1e6:.1f} MB, {ok} the bound file x 1.1 + KV/state = "
           f"{res['memory_bound_bytes'] / 1e6:.1f} MB; warm-up {warm_s:.2f} s")
+    if warm_s > 2.0:
+        print("(the kernels were compiled in this run: the peak RSS includes the compiler's memory; "
+              "run again for the cached figure)")
     theirs = res.get("peer", {})
     if theirs.get("peak_rss_bytes") and theirs.get("baseline_rss_bytes"):
         model = theirs["peak_rss_bytes"] - theirs["baseline_rss_bytes"]
