@@ -400,13 +400,29 @@ def attend(q, k_cache, v_cache, p0, scale, out):
 
 # --------------------------------------------------------------------------- FFN
 @numba.njit(**_JIT)
+def _swiglu_token(gate, up, out, t):
+    for i in range(gate.shape[1]):
+        g = gate[t, i]
+        out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+
+
+@numba.njit(**_JIT)
+def _swiglu_serial(gate, up, out):
+    for t in range(gate.shape[0]):
+        _swiglu_token(gate, up, out, t)
+
+
+@numba.njit(**_JIT_PAR)
+def _swiglu_par(gate, up, out):
+    for t in prange(gate.shape[0]):
+        _swiglu_token(gate, up, out, t)
+
+
 def swiglu(gate, up, out):
-    """out = silu(gate) * up, all (T, F)."""
-    T, F = gate.shape
-    for t in range(T):
-        for i in range(F):
-            g = gate[t, i]
-            out[t, i] = g / (np.float32(1.0) + np.exp(-g)) * up[t, i]
+    """out = silu(gate) * up, all (T, F): one token serially, more over the threads."""
+    if not (gate.shape == up.shape == out.shape and gate.ndim == 2):
+        raise ValueError(f"swiglu: shapes {gate.shape}, {up.shape}, {out.shape}")
+    (_swiglu_serial if gate.shape[0] == 1 else _swiglu_par)(gate, up, out)
 
 
 def swiglu_ref(gate, up):

@@ -9,7 +9,9 @@
     F16 / BF16 weights: x rounded to that type; F32: x as is.
 
 Each quantizer takes X (T, K) float32 and returns a tuple of arrays the kernels take.
-Every numba quantizer has a numpy twin (`*_ref`) with bit-identical integers.
+Every numba quantizer has a numpy twin (`*_ref`) with bit-identical integers. Tokens are
+independent: one token (decode) runs serially, more (prefill) spread over the threads by the
+same per-token code (a parallel region costs a few µs, more than one token's work).
 """
 
 from __future__ import annotations
@@ -17,39 +19,51 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from engine.jit import JIT_EXACT_PAR
 from engine.quants.common import JIT_EXACT, F16_TO_F32, f32_to_f16_bits, f32_to_f16_ref
 
 
 @numba.njit(**JIT_EXACT)
-def _q8_0_kernel(X, xq, xd, with_sums, xs, lut):
-    T, K = X.shape
+def _q8_0_token(X, xq, xd, with_sums, xs, lut, t):
+    K = X.shape[1]
     sf = np.empty(1, np.float32)
     su = sf.view(np.uint32)
-    for t in range(T):
-        for b in range(K // 32):
-            o = b * 32
-            amax = np.float32(0.0)
-            for j in range(32):
-                a = abs(X[t, o + j])
-                if a > amax:
-                    amax = a
-            d = amax / np.float32(127.0)
-            inv = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
-            s = 0
-            for j in range(32):
-                q = np.int64(np.rint(X[t, o + j] * inv))
-                xq[t, o + j] = q
-                s += q
-            xd[t, b] = lut[f32_to_f16_bits(d, sf, su)]
-            if with_sums:
-                xs[t, b] = lut[f32_to_f16_bits(d * np.float32(s), sf, su)]
+    for b in range(K // 32):
+        o = b * 32
+        amax = np.float32(0.0)
+        for j in range(32):
+            a = abs(X[t, o + j])
+            if a > amax:
+                amax = a
+        d = amax / np.float32(127.0)
+        inv = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
+        s = 0
+        for j in range(32):
+            q = np.int64(np.rint(X[t, o + j] * inv))
+            xq[t, o + j] = q
+            s += q
+        xd[t, b] = lut[f32_to_f16_bits(d, sf, su)]
+        if with_sums:
+            xs[t, b] = lut[f32_to_f16_bits(d * np.float32(s), sf, su)]
+
+
+@numba.njit(**JIT_EXACT)
+def _q8_0_kernel(X, xq, xd, with_sums, xs, lut):
+    for t in range(X.shape[0]):
+        _q8_0_token(X, xq, xd, with_sums, xs, lut, t)
+
+
+@numba.njit(**JIT_EXACT_PAR)
+def _q8_0_kernel_par(X, xq, xd, with_sums, xs, lut):
+    for t in numba.prange(X.shape[0]):
+        _q8_0_token(X, xq, xd, with_sums, xs, lut, t)
 
 
 def quantize_q8_0(X):
     T, K = X.shape
     xq = np.empty((T, K), np.int8)
     xd = np.empty((T, K // 32), np.float32)
-    _q8_0_kernel(X, xq, xd, False, xd, F16_TO_F32)
+    (_q8_0_kernel if T == 1 else _q8_0_kernel_par)(X, xq, xd, False, xd, F16_TO_F32)
     return xq, xd
 
 
@@ -58,7 +72,7 @@ def quantize_q8_1(X):
     xq = np.empty((T, K), np.int8)
     xd = np.empty((T, K // 32), np.float32)
     xs = np.empty((T, K // 32), np.float32)
-    _q8_0_kernel(X, xq, xd, True, xs, F16_TO_F32)
+    (_q8_0_kernel if T == 1 else _q8_0_kernel_par)(X, xq, xd, True, xs, F16_TO_F32)
     return xq, xd, xs
 
 
@@ -85,36 +99,47 @@ def quantize_q8_1_ref(X):
 
 
 @numba.njit(**JIT_EXACT)
-def _q8_k_kernel(X, xq, xd, bsums):
-    T, K = X.shape
-    for t in range(T):
-        for b in range(K // 256):
-            o = b * 256
-            amax = np.float32(0.0)
-            mx = np.float32(0.0)
+def _q8_k_token(X, xq, xd, bsums, t):
+    K = X.shape[1]
+    for b in range(K // 256):
+        o = b * 256
+        amax = np.float32(0.0)
+        mx = np.float32(0.0)
+        for j in range(256):
+            a = abs(X[t, o + j])
+            if a > amax:
+                amax = a
+                mx = X[t, o + j]
+        if amax == 0:
+            xd[t, b] = 0
             for j in range(256):
-                a = abs(X[t, o + j])
-                if a > amax:
-                    amax = a
-                    mx = X[t, o + j]
-            if amax == 0:
-                xd[t, b] = 0
-                for j in range(256):
-                    xq[t, o + j] = 0
-                for j in range(16):
-                    bsums[t, b * 16 + j] = 0
-                continue
-            iscale = np.float32(-127.0) / mx
-            for g in range(16):
-                s = 0
-                for j in range(16):
-                    q = np.int64(np.rint(iscale * X[t, o + g * 16 + j]))
-                    if q > 127:
-                        q = 127
-                    xq[t, o + g * 16 + j] = q
-                    s += q
-                bsums[t, b * 16 + g] = s
-            xd[t, b] = np.float32(1.0) / iscale
+                xq[t, o + j] = 0
+            for j in range(16):
+                bsums[t, b * 16 + j] = 0
+            continue
+        iscale = np.float32(-127.0) / mx
+        for g in range(16):
+            s = 0
+            for j in range(16):
+                q = np.int64(np.rint(iscale * X[t, o + g * 16 + j]))
+                if q > 127:
+                    q = 127
+                xq[t, o + g * 16 + j] = q
+                s += q
+            bsums[t, b * 16 + g] = s
+        xd[t, b] = np.float32(1.0) / iscale
+
+
+@numba.njit(**JIT_EXACT)
+def _q8_k_kernel(X, xq, xd, bsums):
+    for t in range(X.shape[0]):
+        _q8_k_token(X, xq, xd, bsums, t)
+
+
+@numba.njit(**JIT_EXACT_PAR)
+def _q8_k_kernel_par(X, xq, xd, bsums):
+    for t in numba.prange(X.shape[0]):
+        _q8_k_token(X, xq, xd, bsums, t)
 
 
 def quantize_q8_k(X):
@@ -122,7 +147,7 @@ def quantize_q8_k(X):
     xq = np.empty((T, K), np.int8)
     xd = np.empty((T, K // 256), np.float32)
     bsums = np.empty((T, K // 16), np.int32)
-    _q8_k_kernel(X, xq, xd, bsums)
+    (_q8_k_kernel if T == 1 else _q8_k_kernel_par)(X, xq, xd, bsums)
     return xq, xd, bsums
 
 

@@ -89,12 +89,18 @@ def test_attention_matches_numpy(rng, T, p0, Hq, Hkv):
     np.testing.assert_allclose(out, ops.attention_ref(q, k, v, p0, 0.25), rtol=1e-4, atol=1e-5)
 
 
-def test_swiglu_matches_numpy(rng):
-    g = rng.normal(size=(3, 40)).astype(np.float32) * 4
-    u = rng.normal(size=(3, 40)).astype(np.float32)
+@pytest.mark.parametrize("T", [1, 3, 33])
+def test_swiglu_matches_numpy(rng, T):
+    g = rng.normal(size=(T, 40)).astype(np.float32) * 4
+    u = rng.normal(size=(T, 40)).astype(np.float32)
     out = np.empty_like(g)
     ops.swiglu(g, u, out)
     np.testing.assert_allclose(out, ops.swiglu_ref(g, u), rtol=1e-5, atol=1e-6)
+    one = np.empty((1, 40), np.float32)   # decode (serial) equals its row of a prefill (parallel)
+    ops.swiglu(g[-1:], u[-1:], one)
+    np.testing.assert_array_equal(one[0], out[-1])
+    with pytest.raises(ValueError):
+        ops.swiglu(g, u[:, :10], out)
 
 
 @pytest.mark.parametrize("p0,Hq,Hkv", [(0, 4, 2), (12, 9, 3), (40, 4, 4)])

@@ -94,16 +94,22 @@ def test_dequantize_of_gguf_quantized_data(qtype, rng):
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q8_1", "q8_k"])
-def test_activation_quantizer_matches_numpy_twin(kind, rng):
-    X = (rng.normal(size=(5, 512)) * rng.uniform(0.01, 30, size=(5, 1))).astype(np.float32)
-    X[2] = 0.0  # an all-zero row
-    X[3, :256] = 0.0  # a zero block
-    X[4, 7] = 1e4  # an outlier
+@pytest.mark.parametrize("T", [1, 5, 37])
+def test_activation_quantizer_matches_numpy_twin(kind, T, rng):
+    """One token runs the serial kernel, more the token-parallel one: both equal the twin."""
+    X = (rng.normal(size=(T, 512)) * rng.uniform(0.01, 30, size=(T, 1))).astype(np.float32)
+    if T > 1:
+        X[1] = 0.0  # an all-zero row
+    X[T // 2, :256] = 0.0  # a zero block
+    X[-1, 7] = 1e4  # an outlier
     got = act.QUANTIZERS[kind](X)
     want = act.QUANTIZERS_REF[kind](X)
     assert len(got) == len(want)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
+    for t in (0, T - 1):   # a token alone (decode) gives its row of the batch
+        for g, w in zip(act.QUANTIZERS[kind](X[t : t + 1]), got):
+            np.testing.assert_array_equal(g[0], w[t])
 
 
 def test_q8_0_activation_follows_llama_cpp():
