@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "llamacpp"
+# llama.cpp's outputs on the default model, vendored (see tests/fixtures/llamacpp/README.md).
+REFERENCE_DIR = Path(__file__).resolve().parent / "fixtures" / "llamacpp"
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +25,7 @@ def default_model_path() -> Path:
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     if not REFERENCE_DIR.exists():
-        pytest.fail(f"llama.cpp reference outputs not found at {REFERENCE_DIR} (shared/ beside the checkout)")
+        pytest.fail(f"llama.cpp reference outputs not found at {REFERENCE_DIR}")
     return REFERENCE_DIR
 
 

@@ -1,6 +1,6 @@
 """The default model (SmolLM2-135M-Instruct Q4_1) against llama.cpp's stored outputs.
 
-Reference: ../shared/reference/llamacpp/smollm2_q4_1.json (llama.cpp 0c1e57098, CPU).
+Reference: tests/fixtures/llamacpp/smollm2_q4_1.json (llama.cpp 0c1e57098, CPU).
 """
 
 from __future__ import annotations
