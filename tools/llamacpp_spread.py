@@ -1,6 +1,6 @@
 """How far llama.cpp itself lands from the stored reference logits on this machine.
 
-The stored vectors (../shared/reference/llamacpp/) were made by an AVX2 build on another
+The stored vectors (tests/fixtures/llamacpp/) were made by an AVX2 build on another
 CPU. This runs the llama.cpp of llama-cpp-python (the `peer` extra, built here) on the same
 prompts with flash attention on and off and prints mean/max |Δ|, KL and the top-5 overlap
 against the stored vectors and between its own two runs. The parity tests' tolerances
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "reference" / "llamacpp"
+REF = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "llamacpp"
 CASES = {"primary": "smollm2_q4_1_first_logits.f32",
          "alt_builtin_chatml_no_system": "smollm2_q4_1_builtin_first_logits.f32"}
 
