@@ -199,3 +199,129 @@ def test_undefined_values_are_lenient_like_hf():
     tpl = ChatTemplate("{{ nothing }}{% if message_tool_calls %}T{% endif %}"
                        "{% for m in messages %}{{ m.tool_calls or '' }}{% endfor %}|", "", "")
     assert tpl.render([{"role": "user", "content": "x"}]) == "|"
+
+
+# -- limits: a hostile template ends quickly, in bounded memory, with the limit named ----------
+HOSTILE_TEMPLATES = {
+    "nested_range": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+    "lipsum": "{{ lipsum(10**6) }}",
+    "str_repeat": "{{ 'x' * 10**9 }}",
+    "list_repeat": "{{ ([1] * 10**9) | length }}",
+    "center_method": "{{ 'a'.center(10**9) }}",
+    "ljust_method": "{{ 'a'.ljust(10**9) }}",
+    "center_filter": "{{ 'a' | center(10**9) }}",
+    "to_bytes": "{{ (1).to_bytes(10**9, 'big') }}",
+    "tojson_indent": "{{ messages | tojson(indent=10**8) }}",
+    "format_width": "{{ '{:>1000000000}'.format(1) }}",
+    "percent_width": "{{ '%1000000000d' % 1 }}",
+    "percent_star": "{{ '%*d' % (1000000000, 1) }}",
+    "format_filter": "{{ '%1000000000s' | format('a') }}",
+    "indent_filter": "{{ 'a' | indent(10**9, true) }}",
+    "replace_empty": "{{ ('a' * 1000).replace('', 'b' * 100000) }}",
+    "join_filter": "{{ range(100000) | join('x' * 100000) }}",
+    "batch_fill": "{{ [1] | batch(10**9, 'x') | list }}",
+    "int_power": "{{ 7 ** 100000000 }}",
+    "int_squaring": "{% set ns = namespace(x=3) %}{% for i in range(64) %}{% set ns.x = ns.x * ns.x %}{% endfor %}",
+    "tilde_doubling": "{% set ns = namespace(x='ab') %}{% for i in range(40) %}{% set ns.x = ns.x ~ ns.x %}"
+                      "{% endfor %}",
+    "block_set_doubling": "{% set ns = namespace(x='ab') %}{% for i in range(40) %}{% set y %}{{ ns.x }}{{ ns.x }}"
+                          "{% endset %}{% set ns.x = y %}{% endfor %}",
+    "output_flood": "{% for i in range(100000) %}{% for j in range(1000) %}xxxxxxxxxxxxxxxx{% endfor %}{% endfor %}",
+}
+
+_HOSTILE_RUNNER = r"""
+import json, resource, sys
+def vm(key):
+    for line in open('/proc/self/status'):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+from engine.chat_template import ChatTemplate, TemplateLimitError
+src = sys.stdin.read()
+before = vm('VmRSS')
+# a safety net so a regression fails instead of swapping the machine: 2 GB more address space
+resource.setrlimit(resource.RLIMIT_AS, (vm('VmSize') + (2 << 30),) * 2)
+try:
+    ChatTemplate(src).render_strict([{"role": "user", "content": "hi"}])
+    outcome = "rendered"
+except TemplateLimitError as e:
+    outcome = "limit: " + str(e)
+except Exception as e:
+    outcome = type(e).__name__ + ": " + str(e)
+print(json.dumps({"outcome": outcome, "grew": vm('VmHWM') - before}))
+"""
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_TEMPLATES))
+def test_hostile_template_ends_in_bounded_time_and_memory(name):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", _HOSTILE_RUNNER], input=HOSTILE_TEMPLATES[name],
+                          capture_output=True, text=True, cwd=root, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    assert doc["outcome"].startswith("limit: the chat template went over a limit: "), doc
+    assert "\n" not in doc["outcome"]
+    assert doc["grew"] < 300 << 20, doc
+
+
+def test_limit_messages_name_the_limit():
+    msgs = [{"role": "user", "content": "x"}]
+    with pytest.raises(TemplateError, match="longer than 2 s"):
+        ChatTemplate(HOSTILE_TEMPLATES["nested_range"]).render_strict(msgs)
+    with pytest.raises(TemplateError, match=r"'\*' would build 1,000,000,000 characters \(limit 8,388,608\)"):
+        ChatTemplate(HOSTILE_TEMPLATES["str_repeat"]).render_strict(msgs)
+    with pytest.raises(TemplateError, match="lipsum over 20 paragraphs"):
+        ChatTemplate(HOSTILE_TEMPLATES["lipsum"]).render_strict(msgs)
+
+
+def test_render_leaves_the_thread_trace_as_it_was():
+    import sys
+
+    def tracer(frame, event, arg):
+        return None
+
+    before = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        ChatTemplate("{{ messages[0].content }}").render([{"role": "user", "content": "x"}])
+        with pytest.raises(TemplateError):
+            ChatTemplate("{{ 'x' * 10**9 }}").render_strict([])
+        assert sys.gettrace() is tracer
+    finally:
+        sys.settrace(before)
+
+
+def test_ordinary_sizes_stay_within_the_limits():
+    # padding, repetition and joins a real template might use are unaffected
+    src = ("{{ '=' * 40 }}|{{ 'a'.center(9) }}|{{ '%5d' % 42 }}|{{ '{:>6}'.format('ab') }}|"
+           "{{ [1, 2] * 2 }}|{{ ['a', 'b'] | join(', ') }}|{{ 'x' | indent(2, true) }}|{{ lipsum(1, false)[:5] }}")
+    out = ChatTemplate(src).render([])
+    assert out == "=" * 40 + "|    a    |   42|    ab|[1, 2, 1, 2]|a, b|  x|" + out.rsplit("|", 1)[1]
+    assert len(out.rsplit("|", 1)[1]) == 5
+
+
+@pytest.mark.parametrize("arch, expected", [
+    ("llama", "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+    ("qwen35", "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+    ("phi3", "<|user|>\nHi<|end|>\n<|assistant|>\n"),
+    ("gemma3", "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"),
+])
+def test_template_over_a_limit_falls_back_to_the_architectures_format(arch, expected):
+    notices = []
+    tpl = ChatTemplate("{{ 'x' * 10**9 }}", "<s>", "</s>", fallback=fallback_for(arch))
+    tpl.on_fallback = notices.append
+    assert not tpl.is_fallback
+    assert tpl.render([{"role": "user", "content": "Hi"}]) == expected
+    assert tpl.is_fallback and "'*' would build" in tpl.fallback_reason
+    assert len(notices) == 1 and "'*' would build" in notices[0] and "built-in" in notices[0]
+    assert tpl.render([{"role": "user", "content": "Hi"}]) == expected  # stays on the fallback
+    assert len(notices) == 1
+
+
+def test_template_errors_other_than_limits_do_not_fall_back():
+    tpl = ChatTemplate("{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(TemplateError, match="roles must alternate"):
+        tpl.render([{"role": "user", "content": "x"}])
+    assert not tpl.is_fallback and tpl.fallback_reason is None
