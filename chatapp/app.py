@@ -23,7 +23,7 @@ from textual.binding import Binding
 from textual.css.query import NoMatches
 from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
-from textual.widgets import Footer, Header, Label, ProgressBar
+from textual.widgets import Footer, Header, Label, ProgressBar, Static
 
 from chatapp.backend import ChatBackend, ModelInfo
 from chatapp.config import ASSETS, Config
@@ -109,6 +109,14 @@ class ModelLoaded(Message):
         self.info = info
 
 
+class BackendNotice(Message):
+    """A one-line notice from the backend (any thread): shown in the chat and as a toast."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+
 class LoadFailed(Message):
     def __init__(self, path: Path, error: BaseException):
         super().__init__()
@@ -173,6 +181,7 @@ class DeltatalkApp(App):
             backend = EngineBackend(threads=self.config.get("threads"), n_ctx=self.config.get("context"),
                                     bandwidth_bytes_s=self.config.bandwidth_bytes_s)
         self.backend = backend
+        backend.on_notice = self._backend_notice
         self.initial_model = Path(model_path) if model_path else None
         self._find_models = find_models
         self.offer_fetch = offer_fetch
@@ -246,6 +255,13 @@ class DeltatalkApp(App):
             self.store.close()
 
     # -- errors ---------------------------------------------------------------------------
+    def _backend_notice(self, text: str):
+        self.post_message(BackendNotice(text))   # post_message is thread-safe
+
+    async def on_backend_notice(self, m: BackendNotice):
+        await self.messages_view.mount(Static(f"⚠ {m.text}", classes="chat-notice", markup=False))
+        self.notify(m.text, severity="warning", title="Notice", timeout=10)
+
     def _error(self, exc: BaseException, doing: str = "", title: str = "Error"):
         log_exception(exc, doing)
         self.notify(describe_error(exc, doing), severity="error", title=title, timeout=8)

@@ -19,6 +19,10 @@ that chat's: kept if it already is, else restored from the chat's saved state (n
 prefill needed), else reset. `reply(..., save_to=path)` writes the session's state there
 once the reply has finished (still in the worker thread, before the generator ends).
 All session work (bind, reply, save) is serialized by one lock.
+
+Notices: `on_notice` (set by the app) receives one-line messages the user must see that are
+not errors, from whatever thread found them: today, that the model's chat template went over
+a render limit and the built-in format of its architecture is used instead.
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ class BackendStats:
 
 class ChatBackend(Protocol):
     info: ModelInfo | None
+    on_notice: Callable[[str], None] | None   # set by the app; called from worker threads
 
     def load(self, path: Path, progress: LoadProgress | None = None) -> ModelInfo:
         """Open, validate and warm up a model; switch to it only when it is ready."""
@@ -135,6 +140,12 @@ class EngineBackend:
         self._bandwidth = bandwidth_bytes_s
         self._bandwidth_measured: float | None = None
         self.state_events: list[tuple] = []   # (key, outcome) of every bind, for the log and tests
+        self.on_notice: Callable[[str], None] | None = None
+
+    def _notice(self, text: str):
+        log.warning("%s", text)
+        if self.on_notice is not None:
+            self.on_notice(text)
 
     def load(self, path: Path, progress: LoadProgress | None = None,
              bind: tuple | None = None) -> ModelInfo:
@@ -147,6 +158,7 @@ class EngineBackend:
         t0 = time.perf_counter()
         say("open", None)
         loaded = load_model(path, n_ctx=self.n_ctx)   # opens + validates; raises ModelFileError
+        loaded.template.on_fallback = self._notice    # a template over its limits -> built-in format
         say("validate", 1.0)
         t1 = time.perf_counter()
         say("compile", None)
@@ -334,6 +346,8 @@ class FakeBackend:
     messages. Each whitespace-separated word (with its leading space) is one "token".
     `token_delay`: seconds slept per token (0 for instant), so tests can stop mid-reply.
     `fail_on_reply` / `fail_on_load`: an exception to raise (engine error tests).
+    `template`: a chat template source; each reply then renders the conversation with the real
+    `engine.chat_template.ChatTemplate` (limits, fallback and its notice included) first.
     Like the real session it drops the oldest turns when the prompt plus a reply reserve
     does not fit `n_ctx` (reported as `last_turn().dropped_messages`), and it saves and
     restores its "cache" (the fed pieces) as JSON files with the model's name as fingerprint.
@@ -346,7 +360,12 @@ class FakeBackend:
     def __init__(self, replies: list[str] | Callable[[list[dict]], str] | None = None, *,
                  n_ctx: int = 4096, token_delay: float = 0.0, supports_thinking: bool = False,
                  fail_on_reply: BaseException | None = None, fail_on_load: BaseException | None = None,
-                 load_delay: float = 0.0, stats: BackendStats | None = None, hold_after: int | None = None):
+                 load_delay: float = 0.0, stats: BackendStats | None = None, hold_after: int | None = None,
+                 template: str | None = None):
+        self.template_source = template
+        self.template = None
+        self.rendered: list[str] = []        # prompts rendered by `template`
+        self.on_notice: Callable[[str], None] | None = None
         self.replies = replies if replies is not None else ["Hello! How can I help you today?"]
         self.n_ctx = n_ctx
         self.token_delay = token_delay
@@ -389,9 +408,18 @@ class FakeBackend:
                               supports_thinking=self.supports_thinking)
         self.tokens = []
         self._owner = None
+        if self.template_source is not None:
+            from engine.chat_template import ChatTemplate
+
+            self.template = ChatTemplate(self.template_source)
+            self.template.on_fallback = self._notice
         if bind is not None:
             self.bind(*bind)
         return self.info
+
+    def _notice(self, text: str):
+        if self.on_notice is not None:
+            self.on_notice(text)
 
     # chat states ---------------------------------------------------------------------
     def bind(self, key, state_path):
@@ -471,6 +499,8 @@ class FakeBackend:
                            "max_tokens": max_tokens, "enable_thinking": enable_thinking})
         if self.fail_on_reply is not None:
             raise self.fail_on_reply
+        if self.template is not None:
+            self.rendered.append(self.template.render(messages))
         messages, dropped = self._fit(messages, max_tokens)
         prompt = self._prompt_tokens(messages)
         reuse = 0
