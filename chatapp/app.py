@@ -27,7 +27,7 @@ from textual.widgets import Footer, Header, Label, ProgressBar, Static
 
 from chatapp.backend import ChatBackend, ModelInfo
 from chatapp.config import ASSETS, Config
-from chatapp.discovery import candidates, describe
+from chatapp.discovery import SCAN_SECONDS, candidates, describe_all
 from chatapp.errors import describe_error, log, log_exception, setup_logging
 from chatapp.paths import data_dir, models_dir
 from chatapp.screens import ChatList, ChatSettings, Confirm, HelpScreen, ModelPicker, TextPrompt
@@ -192,6 +192,7 @@ class DeltatalkApp(App):
         self.loading: Path | None = None
         self.gen_id = 0
         self._cancel = threading.Event()
+        self._quitting = threading.Event()   # stops background scans when the app ends
         self._reply_box: MessageBox | None = None
         self._reply_msg_id: int | None = None
         self._last_save = 0.0
@@ -251,6 +252,7 @@ class DeltatalkApp(App):
 
     def on_unmount(self):
         self._cancel.set()
+        self._quitting.set()
         if self.store is not None:
             self.store.close()
 
@@ -272,7 +274,8 @@ class DeltatalkApp(App):
             return self._find_models()
         d = self.config.get("discover") or {}
         return candidates(models_dir(), self.config.model_folders, huggingface=d.get("huggingface", True),
-                          lmstudio=d.get("lmstudio", True), ollama=d.get("ollama", True))
+                          lmstudio=d.get("lmstudio", True), ollama=d.get("ollama", True),
+                          deadline=time.monotonic() + SCAN_SECONDS)
 
     def _startup_model(self):
         if self.initial_model is not None:
@@ -291,12 +294,18 @@ class DeltatalkApp(App):
 
     @work(thread=True, exclusive=True, group="discover", exit_on_error=False)
     def _startup_discover(self):
+        deadline = time.monotonic() + SCAN_SECONDS
         try:
-            ok = any(describe(c).supported for c in self.find_models())
+            entries = describe_all(self.find_models(), deadline=deadline, cancel=self._quitting)
+            try:
+                ok = any(e.supported for e in entries)   # stops reading at the first supported file
+            finally:
+                entries.close()                          # ends the header reader process now
         except Exception as e:  # noqa: BLE001
             log_exception(e, "startup discovery")
             ok = False
-        self.call_from_thread(self._after_discover, ok)
+        if not self._quitting.is_set():
+            self.call_from_thread(self._after_discover, ok)
 
     def _after_discover(self, any_supported: bool):
         if any_supported:

@@ -352,20 +352,9 @@ def cmd_chat_plain(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from chatapp.paths import models_dir
+    from chatapp.models_cli import cmd_models as list_models
 
-    rows = []
-    d = models_dir()
-    for p in sorted(d.glob("**/*.gguf")) if d.exists() else []:
-        rows.append({"path": str(p), "size_bytes": p.stat().st_size})
-    if args.json:
-        print(json.dumps(rows))
-    elif not rows:
-        print(f"no GGUF files in {d} (run `deltatalk fetch` for the default model)")
-    else:
-        for r in rows:
-            print(f"{r['size_bytes'] / 1e6:9.1f} MB  {r['path']}")
-    return 0
+    return list_models(args)
 
 
 if __name__ == "__main__":

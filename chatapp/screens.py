@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Input, Label, Markdown, OptionList, Static, Switch, TextArea
 from textual.widgets.option_list import Option
 
-from chatapp.discovery import Candidate, ModelEntry, describe, human_bytes
+from chatapp.discovery import SCAN_SECONDS, Candidate, ModelEntry, describe_all, human_bytes
 
 
 class _Modal(ModalScreen):
@@ -49,6 +51,7 @@ class ModelPicker(_Modal):
         self.current = current
         self.entries: dict[str, ModelEntry] = {}
         self.done_scanning = False
+        self._stop_scan = threading.Event()   # set when the picker closes: the header reader stops
 
     def compose(self) -> ComposeResult:
         with Vertical():
@@ -65,17 +68,24 @@ class ModelPicker(_Modal):
         self.query_one(DataTable).focus()
         self.scan()
 
+    def on_unmount(self):
+        self._stop_scan.set()
+
     @work(thread=True, exclusive=True, group="discover", exit_on_error=False)
     def scan(self):
+        """Off the UI thread; headers are read in discovery's worker process, the whole scan time-boxed."""
+        deadline = time.monotonic() + SCAN_SECONDS
         try:
             found = self.find()
         except Exception as e:  # noqa: BLE001
             self.app.call_from_thread(self._scan_failed, e)
             return
-        for c in found:
-            entry = describe(c)
+        for entry in describe_all(found, deadline=deadline, cancel=self._stop_scan):
+            if self._stop_scan.is_set():
+                return
             self.app.call_from_thread(self._add, entry)
-        self.app.call_from_thread(self._scan_done, len(found))
+        if not self._stop_scan.is_set():
+            self.app.call_from_thread(self._scan_done, len(found))
 
     def _scan_failed(self, e: Exception):
         from chatapp.errors import describe_error, log_exception
@@ -95,9 +105,13 @@ class ModelPicker(_Modal):
     def _scan_done(self, n: int):
         self.done_scanning = True
         ok = sum(1 for e in self.entries.values() if e.supported)
-        msg = (f"{n} GGUF file(s) found, {ok} supported." if n else
+        models = sum(1 for e in self.entries.values() if e.readable)
+        broken = len(self.entries) - models   # not GGUF, truncated, unreadable: not counted as models
+        msg = (f"{models} GGUF file(s) found, {ok} supported." if models else
                "No GGUF files found. Put models in the models folder, add folders in the config, "
                "or type a path below.")
+        if broken:
+            msg += f" {broken} other file(s) could not be read as GGUF (see their rows)."
         self.query_one("#picker-status", Label).update(msg)
         if not self.entries:
             self.query_one("#picker-path", Input).focus()
