@@ -31,7 +31,7 @@ from chatapp.discovery import SCAN_SECONDS, candidates, describe_all
 from chatapp.errors import describe_error, log, log_exception, setup_logging
 from chatapp.paths import data_dir, models_dir
 from chatapp.screens import ChatList, ChatSettings, Confirm, HelpScreen, ModelPicker, TextPrompt
-from chatapp.store import Chat, ChatStore, delete_state, state_path
+from chatapp.store import Chat, ChatStore, HistoryBusyError, delete_state, state_path, wait_until_writable
 from chatapp.widgets import ChatInput, Gauge, MessageBox, SpeedOverlay, TurnRecord
 
 BATCH_SECONDS = 0.04          # text goes up to the UI at most this often
@@ -43,6 +43,7 @@ BATCH_SECONDS = 0.04          # text goes up to the UI at most this often
 UI_SHARE_TARGET = 0.03
 MAX_BATCH_SECONDS = 0.4
 SAVE_PARTIAL_SECONDS = 1.0    # a streaming reply is written to SQLite this often
+HISTORY_WAIT_SECONDS = 600.0  # how long a worker waits for another program's lock on the history
 FINISH_STATUS = {"stop": "done", None: "done", "length": "length", "cancelled": "stopped"}
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
 
@@ -235,13 +236,59 @@ class DeltatalkApp(App):
             self.set_keymap(self.config.keymap)
         except Exception as e:  # noqa: BLE001
             self._error(e, "keymap in the config")
-        try:
-            self.store = ChatStore(data_dir() / "chats.sqlite3")
-        except Exception as e:  # noqa: BLE001
-            self._error(e, "opening the chat history")
+        notice = self._open_store()
         self.chat_input.focus()
         await self._open_last_chat()
+        if notice:   # after the chat is shown, so it stays in view
+            await self._mount_notice(notice)
         self._startup_model()
+
+    # -- the chat history -------------------------------------------------------------------
+    def _open_store(self) -> str | None:
+        """Open the history; returns what the user must be told (also shown as a toast), if anything."""
+        notice = None
+        try:
+            self.store = ChatStore(data_dir() / "chats.sqlite3")
+            notice = self.store.notice
+        except HistoryBusyError:
+            notice = "The chat history is locked by another program: waiting for it (Enter keeps your text)."
+            self._wait_for_history(data_dir() / "chats.sqlite3", self._store_free)
+        except Exception as e:  # noqa: BLE001
+            self._error(e, "opening the chat history")
+        if notice:
+            log.warning("%s", notice)
+            self.notify(notice, severity="warning", title="Chat history", timeout=30)
+        return notice
+
+    async def _store_free(self):
+        if self.store is not None:
+            return
+        notice = self._open_store()
+        if self.store is not None:
+            self.notify("The chat history is available again.", timeout=5)
+            if self.chat is None:
+                await self._open_last_chat()
+        if notice:
+            await self._mount_notice(notice)
+
+    def _history_notice(self, text: str):
+        log.warning("%s", text)
+        self.notify(text, severity="warning", title="Chat history", timeout=20)
+        self.call_later(self._mount_notice, text)
+
+    async def _mount_notice(self, text: str):
+        await self.messages_view.mount(Static(f"⚠ {text}", classes="chat-notice", markup=False))
+
+    @work(thread=True, group="history", exit_on_error=False)
+    def _wait_for_history(self, path: Path, then: Callable):
+        """Another program holds the history's write lock: wait here, then run `then` on the UI."""
+        if wait_until_writable(path, HISTORY_WAIT_SECONDS, self._quitting) and not self._quitting.is_set():
+            self.call_from_thread(then)
+
+    def _history_busy(self, then: Callable, what: str):
+        self._history_notice(f"The chat history is locked by another program; {what}")
+        path = self.store.path if self.store else data_dir() / "chats.sqlite3"
+        self._wait_for_history(path, then)
 
     def _theme_changed(self, theme):
         if self.config.get("theme") != theme.name:
@@ -604,13 +651,27 @@ class DeltatalkApp(App):
         if not self.store:
             self.notify("The chat history is not available.", severity="error")
             return False
-        chat = self._ensure_chat(text)
-        msg = self.store.add_message(chat.id, "user", text)
+        try:
+            chat = self._ensure_chat(text)
+            msg = self.store.add_message(chat.id, "user", text)
+        except HistoryBusyError:
+            # the text stays in the input; it is sent once the other program lets go
+            self._history_busy(lambda: self._resend(text), "your message stays in the input and is sent "
+                                                           "as soon as the history is free.")
+            return False
         if chat.model != self.backend.info.name:
-            self.store.update_chat(chat.id, model=self.backend.info.name)
+            try:
+                self.store.update_chat(chat.id, model=self.backend.info.name)
+            except HistoryBusyError:
+                pass   # a label of the chat; the next send sets it
         await self.messages_view.mount(MessageBox("user", text, msg_id=msg.id))
         await self.start_reply()
         return True
+
+    async def _resend(self, text: str):
+        """The history is free again: send the kept message if it is still what the input holds."""
+        if self.chat_input.text.strip() == text and not self.generating and await self.send(text):
+            self.chat_input.clear()
 
     def conversation(self) -> list[dict]:
         msgs = []
@@ -634,7 +695,12 @@ class DeltatalkApp(App):
             self._error(e, "sampling settings")
             return
         messages = self.conversation()
-        row = self.store.add_message(self.chat.id, "assistant", "", status="streaming")
+        try:
+            row = self.store.add_message(self.chat.id, "assistant", "", status="streaming")
+        except HistoryBusyError:
+            self._history_notice("The chat history is locked by another program: no reply started "
+                                 "(Ctrl+R regenerates once it is free).")
+            return
         box = MessageBox("assistant", streaming=True, msg_id=row.id)
         self._reply_box, self._reply_msg_id = box, row.id
         view = self.messages_view
@@ -744,8 +810,11 @@ class DeltatalkApp(App):
         now = time.monotonic()
         if now - self._last_save >= SAVE_PARTIAL_SECONDS and self.store:
             self._last_save = now
-            self.store.update_message(self._reply_msg_id, content=self._reply_box.content,
-                                      thinking=self._reply_box.thinking)
+            try:
+                self.store.update_message(self._reply_msg_id, content=self._reply_box.content,
+                                          thinking=self._reply_box.thinking)
+            except HistoryBusyError:
+                pass   # a partial save; the final one waits for the lock
 
     async def on_reply_done(self, m: ReplyDone):
         if m.gen_id != self.gen_id:
@@ -772,10 +841,20 @@ class DeltatalkApp(App):
                          "reused_tokens": turn.reused_tokens, "finish": finish}
                 if box.dropped:
                     stats["dropped_messages"] = box.dropped
-                self.store.update_message(msg_id, content=box.content, thinking=box.thinking, status=status,
-                                          stats=stats)
+                fields = dict(content=box.content, thinking=box.thinking, status=status, stats=stats)
+                try:
+                    self.store.update_message(msg_id, **fields)
+                except HistoryBusyError:
+                    self._history_busy(lambda: self._save_reply_later(msg_id, fields),
+                                       "the reply is saved as soon as it is free.")
         self.turns.append(turn)   # last: a reply counts as finished once it is stored
         self._refresh_speed()
+
+    def _save_reply_later(self, msg_id: int, fields: dict):
+        try:
+            self.store.update_message(msg_id, **fields)
+        except HistoryBusyError:
+            self._history_busy(lambda: self._save_reply_later(msg_id, fields), "still waiting to save the reply.")
 
     def action_stop(self):
         if self.generating:
