@@ -17,7 +17,7 @@ def cmd_bench(args) -> int:
     runtime.threading_layer()
     baseline_rss = runtime.current_rss_bytes()
     loaded, warm_s = open_model(args, quiet=args.json)
-    pp = [int(x) for x in args.pp.split(",") if x.strip()]
+    pp = args.pp
     say = None if args.json else (lambda s: print("  " + s, file=sys.stderr, flush=True))
     peer = None
     if args.peer:

@@ -8,10 +8,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.chat_template import ChatTemplate, fallback_for
-from engine.errors import ModelFileError
+from engine.errors import InvalidSettingError, ModelFileError
 from engine.gguf_file import GGUFFile
 from engine.models import model_module
 from engine.tokenizer import Tokenizer
+
+
+# The context window a caller may ask for. Below 16 positions not even one chat-template turn
+# (role markup is ~10 tokens) and a reply fit; the upper bound is the model's training context
+# (what its rope and weights were made for) and never more than 1M positions (a KV cache for
+# more would not fit any machine this runs on).
+MIN_CTX = 16
+MAX_CTX = 1 << 20
+
+
+def check_context_size(n_ctx: int, n_ctx_train: int | None = None) -> int:
+    """n_ctx if it is a usable window for a model trained on n_ctx_train positions, else InvalidSettingError."""
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int):
+        raise InvalidSettingError(f"context size must be an integer, got {n_ctx!r}")
+    top = min(MAX_CTX, n_ctx_train) if n_ctx_train else MAX_CTX
+    if not MIN_CTX <= n_ctx <= top:
+        limit = f"this model's training context is {n_ctx_train}" if n_ctx_train and n_ctx_train < MAX_CTX \
+            else f"at most {MAX_CTX}"
+        raise InvalidSettingError(f"context size {n_ctx} is out of range {MIN_CTX}..{top} ({limit})")
+    return n_ctx
 
 
 @dataclass
@@ -47,6 +67,9 @@ def load_model(path: str | os.PathLike, n_ctx: int | None = None) -> LoadedModel
     gf = GGUFFile(path)
     try:
         module = model_module(gf)
+        if n_ctx is not None:
+            n_ctx_train = gf.get(f"{gf.architecture}.context_length", None)
+            check_context_size(n_ctx, n_ctx_train if isinstance(n_ctx_train, int) and n_ctx_train > 0 else None)
         try:
             model = module.Model(gf, n_ctx)
         except (ValueError, TypeError, KeyError, IndexError, OverflowError) as e:
@@ -56,9 +79,11 @@ def load_model(path: str | os.PathLike, n_ctx: int | None = None) -> LoadedModel
             tokenizer = Tokenizer.from_metadata(gf.metadata)
         except Exception as e:  # the vocabulary is untrusted input to a third-party builder
             raise ModelFileError(gf.path, f"tokenizer: {e}") from None
-        if tokenizer.vocab_size > model.n_vocab:
-            raise ModelFileError(gf.path, f"tokenizer has {tokenizer.vocab_size} tokens but the model "
-                                          f"only {model.n_vocab}")
+        if tokenizer.vocab_size != model.n_vocab:
+            # fewer tokens: the model can sample ids nothing decodes; more: ids with no embedding row
+            # (llama.cpp refuses both: it shapes token_embd from the token list)
+            raise ModelFileError(gf.path, f"the vocabulary has {tokenizer.vocab_size} tokens but "
+                                          f"token_embd.weight has {model.n_vocab} rows")
         bos = tokenizer.decode([tokenizer.bos_id]) if tokenizer.bos_id is not None else ""
         eos = tokenizer.decode([tokenizer.eos_id]) if tokenizer.eos_id is not None else ""
         template = ChatTemplate(gf.get("tokenizer.chat_template", None, kind=str), bos_token=bos, eos_token=eos,
