@@ -253,15 +253,10 @@ def _check_utf8(path: Path, where: str, text: str):
         raise ValueError(f"{path}: {where}: a lone surrogate at character {e.start} is not valid text") from None
 
 
-def cmd_script(args, loaded, settings) -> int:
-    """Replay a scripted conversation through one ChatSession; report each step."""
+def cmd_script(args, loaded, settings, script: dict) -> int:
+    """Replay a checked script (load_script) through one ChatSession; report each step."""
     from engine.session import ChatSession
 
-    try:
-        script = load_script(args.script)
-    except ValueError as e:
-        print(f"deltatalk: {e}", file=sys.stderr)
-        return 2
     session = ChatSession(loaded)
     messages = [{"role": "system", "content": script["system"]}] if script.get("system") else []
     for i, step in enumerate(script["steps"]):
@@ -319,9 +314,15 @@ def cmd_run(args) -> int:
     from engine.session import ChatSession
 
     settings = _sampling(args)
+    if args.script is not None:
+        try:  # checked before the model is loaded: a usage error costs nothing
+            script = load_script(args.script)
+        except ValueError as e:
+            print(f"deltatalk: {e}", file=sys.stderr)
+            return 2
     loaded, _ = open_model(args, quiet=args.json)
     if args.script is not None:
-        return cmd_script(args, loaded, settings)
+        return cmd_script(args, loaded, settings, script)
     session = ChatSession(loaded)
     tok = loaded.tokenizer
     if args.prompt_ids is not None:
