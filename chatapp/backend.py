@@ -146,7 +146,7 @@ class EngineBackend:
         path = Path(path)
         t0 = time.perf_counter()
         say("open", None)
-        loaded = load_model(path, n_ctx=self.n_ctx)   # opens + validates; raises ModelFileError
+        loaded = load_model(path, n_ctx=self.n_ctx, within_training_context=True)   # opens + validates; raises ModelFileError
         say("validate", 1.0)
         t1 = time.perf_counter()
         say("compile", None)

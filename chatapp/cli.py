@@ -192,7 +192,7 @@ def open_model(args, quiet: bool = False):
 
     runtime.set_threads(args.threads)
     path = resolve_model(args.model)
-    loaded = load_model(path, n_ctx=args.ctx)
+    loaded = load_model(path, n_ctx=args.ctx, within_training_context=True)
     t = time.perf_counter()
     warm_up(loaded.model, say=None if quiet else (lambda s: print(s, file=sys.stderr, flush=True)))
     return loaded, time.perf_counter() - t

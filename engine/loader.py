@@ -14,23 +14,23 @@ from engine.models import model_module
 from engine.tokenizer import Tokenizer
 
 
-# The context window a caller may ask for. Below 16 positions not even one chat-template turn
-# (role markup is ~10 tokens) and a reply fit; the upper bound is the model's training context
-# (what its rope and weights were made for) and never more than 1M positions (a KV cache for
-# more would not fit any machine this runs on).
+# The context window. The engine refuses more than 1M positions (a KV cache for more would not
+# fit any machine this runs on). A user's request (within_training_context) must also be at
+# least 16 (below that not even one chat-template turn, ~10 tokens of role markup, and a reply
+# fit) and at most the model's training context (what its rope and weights were made for).
 MIN_CTX = 16
 MAX_CTX = 1 << 20
 
 
 def check_context_size(n_ctx: int, n_ctx_train: int | None = None) -> int:
-    """n_ctx if it is a usable window for a model trained on n_ctx_train positions, else InvalidSettingError."""
+    """n_ctx if usable; n_ctx_train given: also MIN_CTX..n_ctx_train. Else InvalidSettingError."""
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int):
         raise InvalidSettingError(f"context size must be an integer, got {n_ctx!r}")
-    top = min(MAX_CTX, n_ctx_train) if n_ctx_train else MAX_CTX
-    if not MIN_CTX <= n_ctx <= top:
+    low, top = (MIN_CTX, min(MAX_CTX, n_ctx_train)) if n_ctx_train else (1, MAX_CTX)
+    if not low <= n_ctx <= top:
         limit = f"this model's training context is {n_ctx_train}" if n_ctx_train and n_ctx_train < MAX_CTX \
             else f"at most {MAX_CTX}"
-        raise InvalidSettingError(f"context size {n_ctx} is out of range {MIN_CTX}..{top} ({limit})")
+        raise InvalidSettingError(f"context size {n_ctx} is out of range {low}..{top} ({limit})")
     return n_ctx
 
 
@@ -59,8 +59,12 @@ class LoadedModel:
         return h.hexdigest()[:32]
 
 
-def load_model(path: str | os.PathLike, n_ctx: int | None = None) -> LoadedModel:
+def load_model(path: str | os.PathLike, n_ctx: int | None = None, *,
+               within_training_context: bool = False) -> LoadedModel:
     """Validate the file, map its weights and build model, tokenizer and chat template.
+
+    within_training_context: n_ctx is a user's request (CLI, app): refuse more than the model
+    was trained on (tests and tools may go beyond it, as llama.cpp allows).
 
     Raises ModelFileError for anything wrong with the file.
     """
@@ -68,8 +72,10 @@ def load_model(path: str | os.PathLike, n_ctx: int | None = None) -> LoadedModel
     try:
         module = model_module(gf)
         if n_ctx is not None:
-            n_ctx_train = gf.get(f"{gf.architecture}.context_length", None)
-            check_context_size(n_ctx, n_ctx_train if isinstance(n_ctx_train, int) and n_ctx_train > 0 else None)
+            n_ctx_train = gf.get(f"{gf.architecture}.context_length", None) if within_training_context else None
+            if within_training_context and not (isinstance(n_ctx_train, int) and n_ctx_train > 0):
+                n_ctx_train = MAX_CTX  # unknown: the engine's bound only
+            check_context_size(n_ctx, n_ctx_train)
         try:
             model = module.Model(gf, n_ctx)
         except (ValueError, TypeError, KeyError, IndexError, OverflowError) as e:

@@ -201,7 +201,10 @@ def test_context_size_is_checked_against_the_model(tiny_llama_path):
     from engine.errors import InvalidSettingError
 
     with pytest.raises(InvalidSettingError, match="out of range 16..256"):
-        load_model(tiny_llama_path, n_ctx=257)
+        load_model(tiny_llama_path, n_ctx=257, within_training_context=True)
     with pytest.raises(InvalidSettingError, match="out of range"):
-        load_model(tiny_llama_path, n_ctx=15)
-    assert load_model(tiny_llama_path, n_ctx=256).model.n_ctx == 256
+        load_model(tiny_llama_path, n_ctx=15, within_training_context=True)
+    with pytest.raises(InvalidSettingError, match=r"out of range 1..1048576"):
+        load_model(tiny_llama_path, n_ctx=10**9)  # the engine's own bound, before any allocation
+    assert load_model(tiny_llama_path, n_ctx=256, within_training_context=True).model.n_ctx == 256
+    assert load_model(tiny_llama_path, n_ctx=512).model.n_ctx == 512  # tools may go beyond training
