@@ -18,6 +18,10 @@ def cmd_bench(args) -> int:
     baseline_rss = runtime.current_rss_bytes()
     loaded, warm_s = open_model(args, quiet=args.json)
     pp = args.pp
+    if args.tg >= loaded.model.n_ctx:
+        print(f"deltatalk: --tg {args.tg} does not fit the context of {loaded.model.n_ctx} tokens "
+              f"(raise --ctx or lower --tg)", file=sys.stderr)
+        return 2
     say = None if args.json else (lambda s: print("  " + s, file=sys.stderr, flush=True))
     peer = None
     if args.peer:
