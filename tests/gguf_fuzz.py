@@ -308,12 +308,25 @@ def _vm_kb(pid: int, key: str) -> int:
 
 
 # -- the pool (in the parent) ---------------------------------------------------------------
+def _child_setup(nice: int):
+    """In the worker before exec: lower priority; die with the parent (no orphan keeps fuzzing)."""
+    if nice:
+        os.nice(nice)
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+
+
 class Worker:
     def __init__(self, warm: list[Path], nice: int = 0, startup_s: float = 900.0):
         cmd = [sys.executable, "-m", "tests.gguf_fuzz", "--worker", json.dumps([str(p) for p in warm])]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True, bufsize=1,
-                                     preexec_fn=(lambda: os.nice(nice)) if nice else None)
+                                     preexec_fn=lambda: _child_setup(nice))
         line = self._read(startup_s)
         if line is None or not json.loads(line).get("ready"):
             self.kill()
@@ -420,7 +433,7 @@ def run_cases(seeds: list[Path], n: int, seed: int = 0, workers: int = 2, time_l
                     with lock:
                         report.add(f"#{i} {label}", outcome)
                         done = sum(report.counts.values())
-                    if progress and done % 250 == 0:
+                    if progress and done % 100 == 0:
                         progress(done, report)
                     if not w.alive():
                         w = Worker(seeds, nice)
