@@ -378,8 +378,8 @@ class Report:
     def add(self, label: str, outcome: str):
         key = outcome.split("\n")[0]
         key = ":".join(key.split(":")[:2]) if key.startswith(("clean:", "traceback:", "crash:")) else key
-        if key.startswith("slow-first-compile"):
-            key = "slow-first-compile"
+        if key.startswith("slow("):
+            key = "slow"
         self.counts[key] += 1
         self.examples.setdefault(key, (label, outcome))
 
@@ -393,7 +393,7 @@ class Report:
                 "tracebacks": sum(v for k, v in c.items() if k.startswith("traceback")),
                 "crashes": sum(v for k, v in c.items() if k.startswith("crash")),
                 "hangs": c.get("hang", 0), "memory_blowups": c.get("memory", 0),
-                "slow_first_compile": c.get("slow-first-compile", 0),
+                "slow_over_time_limit_but_finished": c.get("slow", 0),
                 "seconds": round(self.seconds, 1)}
 
 
@@ -420,10 +420,11 @@ def run_cases(seeds: list[Path], n: int, seed: int = 0, workers: int = 2, time_l
                     if outcome == "hang":
                         # numba compiles a kernel on its first use (a mutated tensor type the seeds
                         # lack) and a kill mid-compile caches nothing: give it one long try; if it
-                        # finishes, it was compilation (counted apart), otherwise a real hang
+                        # finishes it is counted apart as "slow" (compilation, or a slow path:
+                        # look at the examples), otherwise as a hang
                         w = Worker(seeds, nice)
                         again = w.run(path, COMPILE_LIMIT)
-                        outcome = "hang" if again in ("hang", "memory") else f"slow-first-compile({again})"
+                        outcome = "hang" if again in ("hang", "memory") else f"slow({again})"
                         if again == "hang" or not w.alive():
                             w.kill()
                             w = Worker(seeds, nice)
