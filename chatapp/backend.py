@@ -157,7 +157,7 @@ class EngineBackend:
         path = Path(path)
         t0 = time.perf_counter()
         say("open", None)
-        loaded = load_model(path, n_ctx=self.n_ctx)   # opens + validates; raises ModelFileError
+        loaded = load_model(path, n_ctx=self.n_ctx, within_training_context=True)   # opens + validates; raises ModelFileError
         loaded.template.on_fallback = self._notice    # a template over its limits -> built-in format
         say("validate", 1.0)
         t1 = time.perf_counter()

@@ -17,7 +17,7 @@ def cmd_bench(args) -> int:
     runtime.threading_layer()
     baseline_rss = runtime.current_rss_bytes()
     loaded, warm_s = open_model(args, quiet=args.json)
-    pp = [int(x) for x in args.pp.split(",") if x.strip()]
+    pp = args.pp
     say = None if args.json else (lambda s: print("  " + s, file=sys.stderr, flush=True))
     peer = None
     if args.peer:
@@ -29,6 +29,12 @@ def cmd_bench(args) -> int:
         except PeerError as e:
             print(f"deltatalk: {e}", file=sys.stderr)
             return 2
+    if args.tg >= loaded.model.n_ctx:
+        print(f"deltatalk: --tg {args.tg} does not fit the context of {loaded.model.n_ctx} tokens "
+              f"(raise --ctx or lower --tg)", file=sys.stderr)
+        if peer is not None:
+            peer.close()
+        return 2
     try:
         res = run_bench(loaded.model, pp=pp, tg=args.tg, repeats=args.repeats, progress=say, peer=peer)
     finally:

@@ -4,111 +4,181 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import threading
 import time
 from pathlib import Path
 
+from chatapp import arg_types as A
+from chatapp.errors import log_exception, one_line, setup_logging
 from engine.errors import DeltatalkError
 
 # The model used when -m is not given.
 DEFAULT_MAX_TOKENS = 512
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (exit 2), naming where to find the options."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _add_common_args(p: argparse.ArgumentParser):
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
+
+
 def _add_model_args(p: argparse.ArgumentParser):
-    p.add_argument("-m", "--model", help="path to a .gguf file (default: the default model, fetched if missing)")
-    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
-    p.add_argument("--ctx", type=int, default=None, help="context size in tokens (default: min(model, 8192))")
+    p.add_argument("-m", "--model", type=A.existing_file("model file"),
+                   help="path to a .gguf file (default: the default model, fetched if missing)")
+    p.add_argument("--threads", type=A.int_in(1, A.MAX_THREADS), default=None,
+                   help="compute threads (default: all cores)")
+    p.add_argument("--ctx", type=A.context_size, default=None,
+                   help="context size in tokens, 16 up to the model's training context (default: min(model, 8192))")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser):
-    p.add_argument("--temp", type=float, default=0.7, help="temperature; 0 = greedy")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("--repeat-last-n", type=int, default=64)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--temp", type=A.float_in(0.0, math.inf), default=0.7, help="temperature >= 0; 0 = greedy")
+    p.add_argument("--top-k", type=A.int_in(0), default=40, help="keep the k likeliest tokens (>= 0; 0 = off)")
+    p.add_argument("--top-p", type=A.float_in(0.0, 1.0, low_open=True), default=0.95, help="nucleus, in (0, 1]")
+    p.add_argument("--min-p", type=A.float_in(0.0, 1.0, high_open=True), default=0.05, help="in [0, 1)")
+    p.add_argument("--repeat-penalty", type=A.float_in(0.0, math.inf, low_open=True), default=1.0,
+                   help="> 0; 1 = off")
+    p.add_argument("--repeat-last-n", type=A.int_in(0), default=64, help=">= 0 tokens")
+    p.add_argument("--seed", type=A.int_in(0, (1 << 63) - 1), default=None, help="0 .. 2^63-1")
+    p.add_argument("--max-tokens", type=A.int_in(1, A.MAX_TOKENS_LIMIT), default=DEFAULT_MAX_TOKENS,
+                   help="at most this many tokens in a reply (>= 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="deltatalk", description="Private terminal chat for local GGUF models.")
+    ap = OneLineParser(prog="deltatalk", description="Private terminal chat for local GGUF models.")
+    _add_common_args(ap)
     sub = ap.add_subparsers(dest="command")
 
     chat = sub.add_parser("chat", help="chat in the terminal (the default command)")
+    _add_common_args(chat)
     _add_model_args(chat)
     _add_sampling_args(chat)
-    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--system", type=A.text, default=None, help="system prompt")
     chat.add_argument("--plain", action="store_true", help="a line-based chat instead of the full-screen app")
 
     run = sub.add_parser("run", help="answer one prompt on stdout")
+    _add_common_args(run)
     _add_model_args(run)
     _add_sampling_args(run)
     src = run.add_mutually_exclusive_group(required=True)
-    src.add_argument("-p", "--prompt", help="the user message")
-    src.add_argument("--prompt-ids", help="comma-separated token ids fed as-is")
-    src.add_argument("--script", type=Path,
+    src.add_argument("-p", "--prompt", type=A.text, help="the user message")
+    src.add_argument("--prompt-ids", type=A.token_ids, help="comma-separated token ids fed as-is")
+    src.add_argument("--script", type=A.existing_file("script file"),
                      help='replay a conversation: {"system": "...", "steps": [{"user": "..."}, '
                           '{"regenerate": true}, {"edit": "..."}]}; each step may set "max_tokens"')
-    run.add_argument("--system", default=None, help="system prompt")
+    run.add_argument("--system", type=A.text, default=None, help="system prompt")
     run.add_argument("--raw", action="store_true", help="feed the prompt text as-is: no chat template")
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
-    run.add_argument("--logits-out", type=Path, help="save float32 logits of every generated position (.npy)")
+    run.add_argument("--logits-out", type=A.output_file,
+                     help="save float32 logits of every generated position (.npy); its folder must exist")
 
     bench = sub.add_parser("bench", help="prefill and decode speed (medians of interleaved runs)")
+    _add_common_args(bench)
     _add_model_args(bench)
-    bench.add_argument("--pp", default="128,512", help="prompt lengths to time (comma-separated)")
-    bench.add_argument("--tg", type=int, default=128, help="tokens to decode")
-    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--pp", type=A.int_list(1, A.MAX_TOKENS_LIMIT), default=[128, 512],
+                       help="prompt lengths to time (comma-separated integers >= 1)")
+    bench.add_argument("--tg", type=A.int_in(1, A.MAX_TOKENS_LIMIT), default=128, help="tokens to decode (>= 1)")
+    bench.add_argument("--repeats", type=A.int_in(1, 1000), default=5, help="runs per test, 1..1000")
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--peer", action="store_true",
                        help="also run llama.cpp (llama-cpp-python) on the same file, interleaved, with ratios")
-    bench.add_argument("--peer-python", default=None,
+    bench.add_argument("--peer-python", default=None, type=A.existing_file("Python executable"),
                        help="a Python that has llama-cpp-python (default: this one; see the `peer` extra)")
 
-    sub.add_parser("fetch", help="download the default model (if missing) and exit")
+    _add_common_args(sub.add_parser("fetch", help="download the default model (if missing) and exit"))
     models = sub.add_parser("models", help="list the GGUF files found")
+    _add_common_args(models)
     models.add_argument("--json", action="store_true")
     return ap
 
 
 COMMANDS = ("chat", "run", "bench", "fetch", "models")
 
+# Exit codes: a usage error (a value out of range, a bad script) is 2, as argparse's own; a
+# failure while running (a bad model file, out of memory, a download) is 1; Ctrl+C is 130.
+EXIT_USAGE, EXIT_RUNTIME, EXIT_INTERRUPTED = 2, 1, 130
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # `deltatalk [-m FILE ...]` is `deltatalk chat [-m FILE ...]`
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
-        argv = ["chat"] + argv
-    args = build_parser().parse_args(argv)
-    cmd = args.command
+    debug = "--debug" in argv
+    # `deltatalk [-m FILE ...]` is `deltatalk chat [-m FILE ...]` (--debug may come first)
+    first = next((a for a in argv if a != "--debug"), None)
+    if first is None or (first not in COMMANDS and first not in ("-h", "--help")):
+        argv = ["chat"] + [a for a in argv if a != "--debug"] + (["--debug"] if debug else [])
     try:
-        if cmd == "fetch":
-            from chatapp.default_model import ensure_default_model
-
-            ensure_default_model(say=lambda s: print(s, file=sys.stderr), verify_existing=True)
-            return 0
-        if cmd == "models":
-            return cmd_models(args)
-        if cmd == "run":
-            return cmd_run(args)
-        if cmd == "bench":
-            from chatapp.bench_cli import cmd_bench
-
-            return cmd_bench(args)
-        return cmd_chat(args)
-    except DeltatalkError as e:
-        print(f"deltatalk: {e}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+        return _dispatch(args)
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed)
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     except KeyboardInterrupt:
         print("", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BaseException as e:  # noqa: BLE001  (the last line of defence: one line, never a traceback)
+        if debug:
+            raise
+        return _report(e)
 
 
-def resolve_model(path: str | None) -> Path:
+def _report(e: BaseException) -> int:
+    """Print one line for an error that reached main(); return the exit code."""
+    from engine.errors import InvalidSettingError, PromptError
+
+    if isinstance(e, BrokenPipeError):  # `deltatalk run ... | head`: the reader left
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return EXIT_RUNTIME
+    if isinstance(e, DeltatalkError):
+        print(f"deltatalk: {one_line(str(e), 400)}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, (InvalidSettingError, PromptError)) else EXIT_RUNTIME
+    if isinstance(e, MemoryError):
+        print("deltatalk: out of memory: try a smaller model or a smaller --ctx", file=sys.stderr)
+        return EXIT_RUNTIME
+    if isinstance(e, OSError):
+        print(f"deltatalk: {one_line(str(e), 400)}", file=sys.stderr)
+        return EXIT_RUNTIME
+    where = ""
+    try:
+        log_exception(e, "deltatalk command")
+        where = f"; details in {setup_logging()}"
+    except Exception:  # noqa: BLE001  (logging must not turn one line into a traceback)
+        pass
+    print(f"deltatalk: internal error: {one_line(f'{type(e).__name__}: {e}', 300)} "
+          f"(run with --debug for the traceback{where})", file=sys.stderr)
+    return EXIT_RUNTIME
+
+
+def _dispatch(args) -> int:
+    cmd = args.command
+    if cmd == "fetch":
+        from chatapp.default_model import ensure_default_model
+
+        ensure_default_model(say=lambda s: print(s, file=sys.stderr), verify_existing=True)
+        return 0
+    if cmd == "models":
+        return cmd_models(args)
+    if cmd == "run":
+        return cmd_run(args)
+    if cmd == "bench":
+        from chatapp.bench_cli import cmd_bench
+
+        return cmd_bench(args)
+    return cmd_chat(args)
+
+
+def resolve_model(path: Path | None) -> Path:
     if path:
-        return Path(path).expanduser()
+        return path
     from chatapp.default_model import ensure_default_model
 
     return ensure_default_model(say=lambda s: print(s, file=sys.stderr))
@@ -122,7 +192,7 @@ def open_model(args, quiet: bool = False):
 
     runtime.set_threads(args.threads)
     path = resolve_model(args.model)
-    loaded = load_model(path, n_ctx=args.ctx)
+    loaded = load_model(path, n_ctx=args.ctx, within_training_context=True)
     loaded.template.on_fallback = lambda notice: print(f"deltatalk: {notice}", file=sys.stderr, flush=True)
     t = time.perf_counter()
     warm_up(loaded.model, say=None if quiet else (lambda s: print(s, file=sys.stderr, flush=True)))
@@ -142,36 +212,52 @@ def _messages(system: str | None, user: str) -> list[dict]:
     return msgs + [{"role": "user", "content": user}]
 
 
+MAX_SCRIPT_BYTES = 16 << 20  # a conversation script; more is a mistake, not a script
+
+
 def load_script(path: Path) -> dict:
     """Read and check a conversation script; raise ValueError with what is wrong."""
     try:
-        script = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SCRIPT_BYTES + 1)
+        if len(raw) > MAX_SCRIPT_BYTES:
+            raise ValueError(f"{path}: larger than {MAX_SCRIPT_BYTES >> 20} MB")
+        script = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    except (OSError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"{path}: {e}") from None
     if not isinstance(script, dict) or not isinstance(script.get("steps"), list) or not script["steps"]:
         raise ValueError(f'{path}: expected {{"system": "...", "steps": [...]}} with at least one step')
     if not isinstance(script.get("system", ""), str):
         raise ValueError(f"{path}: system must be a string")
+    _check_utf8(path, "system", script.get("system", ""))
     for i, step in enumerate(script["steps"]):
         kinds = [k for k in ("user", "regenerate", "edit") if k in step] if isinstance(step, dict) else []
         if len(kinds) != 1:
             raise ValueError(f'{path}: step {i} must have exactly one of "user", "regenerate", "edit"')
-        if kinds[0] in ("user", "edit") and not isinstance(step[kinds[0]], str):
-            raise ValueError(f"{path}: step {i}: {kinds[0]} must be a string")
-        if "max_tokens" in step and (not isinstance(step["max_tokens"], int) or step["max_tokens"] < 1):
-            raise ValueError(f"{path}: step {i}: max_tokens must be a positive integer")
+        if kinds[0] in ("user", "edit"):
+            if not isinstance(step[kinds[0]], str):
+                raise ValueError(f"{path}: step {i}: {kinds[0]} must be a string")
+            _check_utf8(path, f"step {i}: {kinds[0]}", step[kinds[0]])
+        mt = step.get("max_tokens", 1)
+        if isinstance(mt, bool) or not isinstance(mt, int) or not 1 <= mt <= A.MAX_TOKENS_LIMIT:
+            raise ValueError(f"{path}: step {i}: max_tokens must be an integer in 1..{A.MAX_TOKENS_LIMIT}")
     return script
 
 
-def cmd_script(args, loaded, settings) -> int:
-    """Replay a scripted conversation through one ChatSession; report each step."""
+def _check_utf8(path: Path, where: str, text: str):
+    """JSON's \\ud800 escapes make lone surrogates: text no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{path}: {where}: a lone surrogate at character {e.start} is not valid text") from None
+
+
+def cmd_script(args, loaded, settings, script: dict) -> int:
+    """Replay a checked script (load_script) through one ChatSession; report each step."""
     from engine.session import ChatSession
 
-    try:
-        script = load_script(args.script)
-    except ValueError as e:
-        print(f"deltatalk: {e}", file=sys.stderr)
-        return 2
     session = ChatSession(loaded)
     messages = [{"role": "system", "content": script["system"]}] if script.get("system") else []
     for i, step in enumerate(script["steps"]):
@@ -229,19 +315,20 @@ def cmd_run(args) -> int:
     from engine.session import ChatSession
 
     settings = _sampling(args)
+    if args.script is not None:
+        try:  # checked before the model is loaded: a usage error costs nothing
+            script = load_script(args.script)
+        except ValueError as e:
+            print(f"deltatalk: {e}", file=sys.stderr)
+            return 2
     loaded, _ = open_model(args, quiet=args.json)
     if args.script is not None:
-        return cmd_script(args, loaded, settings)
+        return cmd_script(args, loaded, settings, script)
     session = ChatSession(loaded)
     tok = loaded.tokenizer
     if args.prompt_ids is not None:
-        try:
-            prompt = [int(x) for x in args.prompt_ids.replace(" ", "").split(",") if x]
-        except ValueError:
-            print("deltatalk: --prompt-ids takes comma-separated integers", file=sys.stderr)
-            return 2
-        bad = [i for i in prompt if not 0 <= i < loaded.model.n_vocab]
-        if bad or not prompt:
+        prompt = args.prompt_ids
+        if any(i >= loaded.model.n_vocab for i in prompt):
             print(f"deltatalk: token ids must be in 0..{loaded.model.n_vocab - 1}", file=sys.stderr)
             return 2
     elif args.raw:
@@ -292,7 +379,7 @@ def cmd_chat(args) -> int:
     if not args.plain:
         from chatapp.app import run_tui
 
-        return run_tui(model=Path(args.model).expanduser() if args.model else None, threads=args.threads,
+        return run_tui(model=args.model, threads=args.threads,
                        ctx=args.ctx, system=args.system)
     return cmd_chat_plain(args)
 

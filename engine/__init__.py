@@ -3,6 +3,10 @@
 This package never imports `chatapp`.
 """
 
+from engine.kernel_cache import use_user_cache_dir
+
+use_user_cache_dir()  # before numba is imported anywhere: it reads NUMBA_CACHE_DIR once
+
 
 def _no_numpy_hugepages() -> None:
     """numpy asks for transparent huge pages on its big arrays (madvise). The engine's per-chunk

@@ -35,3 +35,17 @@ class ContextOverflowError(DeltatalkError):
 
 class StateMismatchError(DeltatalkError):
     """A saved chat state that belongs to another model file (or is damaged)."""
+
+
+class InvalidSettingError(DeltatalkError, ValueError):
+    """A setting outside what the engine or this model allows (context size, sampling values).
+
+    Also a ValueError: callers that check settings catch that."""
+
+
+class PromptError(DeltatalkError):
+    """A prompt that cannot be run: empty (after the template), or with ids outside the vocabulary."""
+
+
+class ModelOutputError(DeltatalkError):
+    """Logits that cannot be sampled: no finite value left (NaN/inf from damaged weights)."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine.errors import PromptError
 from engine.sampling import LogitsProcessor, Sampler
 
 # Prompt tokens per forward call. Each call's working buffers grow with it (~0.4 MB a token on
@@ -67,7 +68,7 @@ def stream_generate(model, tokenizer, prompt_tokens: Sequence[int], cache, sampl
     `history`: tokens already in the cache, for the repetition penalty.
     """
     if len(prompt_tokens) == 0:
-        raise ValueError("the prompt is empty")
+        raise PromptError("the prompt is empty: nothing to answer")
     stop_ids = tokenizer.eog_ids if stop_ids is None else stop_ids
     t0 = time.perf_counter()
     logits = prefill(model, cache, prompt_tokens, chunk=prefill_chunk, progress=prefill_progress, cancel=cancel)

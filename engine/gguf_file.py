@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,11 +180,15 @@ class GGUFFile:
         self.path = Path(path)
         spath = str(self.path)
         try:
-            fd = os.open(spath, os.O_RDONLY)
+            # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever
+            fd = os.open(spath, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except OSError as e:
             raise ModelFileError(spath, f"cannot open: {e.strerror}") from None
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ModelFileError(spath, "not a regular file (a folder, pipe or device)")
+            size = st.st_size
             if size < 24:
                 raise ModelFileError(spath, f"truncated: {size} bytes is smaller than a GGUF header")
             self._mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
@@ -218,6 +223,8 @@ class GGUFFile:
         self.metadata_types: dict[str, str] = {}
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
+            if key in meta:  # readers disagree on which copy wins: refuse rather than guess
+                cur.fail(f"metadata {key!r} appears twice")
             vtype = cur.unpack("<I", f"type of {key!r}")
             if vtype not in _TYPE_NAMES:
                 cur.fail(f"metadata {key!r} has unknown value type {vtype}")
@@ -269,6 +276,7 @@ class GGUFFile:
                 cur.fail(f"truncated: tensor {name!r} needs bytes {start}..{start + nbytes}, "
                          f"file has {self.file_size}")
             tensors[name] = TensorInfo(name, gtype, shape, start, nbytes)
+        _check_no_overlap(cur, tensors.values())
         self.tensors = tensors
 
     # -- access --------------------------------------------------------------------------
@@ -320,6 +328,17 @@ class GGUFFile:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _check_no_overlap(cur: _Cursor, tensors) -> None:
+    """Two tensors sharing bytes: a crafted file (writing one through a cache or reading it as two
+    types is never meant); llama.cpp's writer never produces it, so refuse."""
+    prev = None
+    for t in sorted(tensors, key=lambda t: t.offset):
+        if prev is not None and t.offset < prev.offset + prev.nbytes:
+            cur.fail(f"tensors {prev.name!r} and {t.name!r} overlap (bytes {t.offset}.."
+                     f"{min(t.offset + t.nbytes, prev.offset + prev.nbytes)} are in both)")
+        prev = t
 
 
 def _ggml_type_name(gtype: int) -> str:

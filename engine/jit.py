@@ -2,7 +2,8 @@
 
 error_model="numpy": a float division by zero gives inf/nan as in C, instead of raising
 (a corrupt weight must give garbage logits, never an exception inside a kernel).
-cache=True: compiled once per machine, loaded from disk afterwards.
+cache=True: compiled once per machine, loaded from disk afterwards (under the user's cache
+folder: engine/kernel_cache.py).
 nogil=True: a kernel releases the GIL, so the TUI thread never has to wait for it.
 """
 

@@ -6,10 +6,13 @@ temperature, then a draw. temperature <= 0 is greedy (argmax, ties to the lowest
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from engine.errors import InvalidSettingError, ModelOutputError
 
 Sampler = Callable[[np.ndarray], int]
 LogitsProcessor = Callable[[Sequence[int], np.ndarray], np.ndarray]
@@ -29,29 +32,79 @@ class SamplingSettings:
         return asdict(self)
 
     def validate(self) -> "SamplingSettings":
+        """Raise InvalidSettingError (a ValueError) naming the first value out of its range."""
+        def bad(msg):
+            raise InvalidSettingError(msg)
+
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(f"{name} must be a finite number, got {v!r}")
+        for name in ("top_k", "repeat_last_n"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                bad(f"{name} must be an integer, got {v!r}")
+        if self.temperature < 0:
+            bad("temperature must be >= 0 (0 is greedy)")
         if self.top_k < 0:
-            raise ValueError("top_k must be >= 0 (0 disables it)")
+            bad("top_k must be >= 0 (0 disables it)")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError("top_p must be in (0, 1]")
+            bad("top_p must be in (0, 1]")
         if not 0.0 <= self.min_p < 1.0:
-            raise ValueError("min_p must be in [0, 1)")
+            bad("min_p must be in [0, 1)")
         if self.repeat_penalty <= 0:
-            raise ValueError("repeat_penalty must be > 0 (1 disables it)")
+            bad("repeat_penalty must be > 0 (1 disables it)")
+        if self.repeat_last_n < 0:
+            bad("repeat_last_n must be >= 0")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**63):
+            bad(f"seed must be an integer in [0, 2^63), got {self.seed!r}")
         return self
+
+
+def finite_candidates(logits: np.ndarray) -> np.ndarray | None:
+    """The ids a sampler may draw from when `logits` holds non-finite values, or None if all are finite.
+
+    NaN and -inf are never drawn; if any logit is +inf, only those are (they dominate every finite
+    value). Nothing left -> ModelOutputError: the numbers are garbage, usually damaged weights.
+    """
+    finite = np.isfinite(logits)
+    if finite.all():
+        return None
+    pos_inf = np.flatnonzero(np.isposinf(logits))
+    if len(pos_inf):
+        return pos_inf
+    ids = np.flatnonzero(finite)
+    if len(ids) == 0:
+        raise ModelOutputError("the model produced no finite logits (all NaN or infinite): "
+                               "its weights are probably damaged")
+    return ids
 
 
 def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  seed: int | None = None) -> Sampler:
     if temperature <= 0:
-        return lambda logits: int(np.argmax(logits))
+        def greedy(logits: np.ndarray) -> int:
+            logits = np.asarray(logits)
+            ids = finite_candidates(logits)
+            if ids is None:
+                return int(np.argmax(logits))
+            return int(ids[np.argmax(logits[ids])])  # all +inf: the lowest id, as argmax would
+
+        return greedy
     rng = np.random.default_rng(seed)
 
     def sample(logits: np.ndarray) -> int:
         logits = np.asarray(logits, dtype=np.float64)
         ids = np.arange(logits.shape[0])
+        masked = finite_candidates(logits)
+        if masked is not None:
+            # +inf logits: equal among themselves; otherwise the finite ones only
+            ids = masked
+            logits = np.zeros(len(ids)) if np.isposinf(logits[ids[0]]) else logits[ids]
         if 0 < top_k < logits.shape[0]:
             keep = np.argpartition(-logits, top_k - 1)[:top_k]
-            ids, logits = keep, logits[keep]
+            ids, logits = ids[keep], logits[keep]
         order = np.argsort(-logits, kind="stable")
         ids, logits = ids[order], logits[order]
         probs = np.exp(logits - logits[0])
@@ -62,8 +115,8 @@ def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, m
         if min_p > 0.0:
             keep = probs >= min_p * probs[0]
             ids, logits = ids[keep], logits[keep]
-        scaled = logits / temperature
-        p = np.exp(scaled - scaled.max())
+        scaled = (logits - logits[0]) / temperature  # <= 0: no overflow even at a tiny temperature
+        p = np.exp(scaled)
         p /= p.sum()
         return int(ids[rng.choice(len(ids), p=p)])
 

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from engine.cache import cache_bytes
 import numpy as np
 
-from engine.errors import ContextOverflowError, StateMismatchError
+from engine.errors import ContextOverflowError, PromptError, StateMismatchError
 from engine.generate import PREFILL_CHUNK, GenerationResponse, stream_generate
 from engine.loader import LoadedModel
 from engine.sampling import SamplingSettings, from_settings
@@ -284,6 +284,8 @@ class ChatSession:
                  keep_logits: bool = False, prefill_chunk: int = PREFILL_CHUNK,
                  mode: str = "tokens") -> Iterator[GenerationResponse]:
         """Make the cache hold `prompt` (reusing the common prefix), then stream a reply."""
+        if len(prompt) == 0:
+            raise PromptError("the prompt is empty (the chat template rendered no tokens): nothing to answer")
         if len(prompt) >= self.n_ctx:
             raise ContextOverflowError(f"the prompt has {len(prompt)} tokens; the context holds {self.n_ctx}")
         # where this turn's new messages begin in the log (a regenerated turn keeps its own)

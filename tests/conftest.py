@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# Fixes NUMBA_CACHE_DIR (engine/kernel_cache.py) in os.environ before any test moves HOME or
+# DELTATALK_HOME: this process and the CLI subprocesses of the tests share one kernel cache.
+import engine  # noqa: F401
+
 # llama.cpp's outputs on the default model, vendored (see tests/fixtures/llamacpp/README.md).
 REFERENCE_DIR = Path(__file__).resolve().parent / "fixtures" / "llamacpp"
 

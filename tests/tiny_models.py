@@ -46,11 +46,13 @@ def _quantize(data: np.ndarray, qtype: T) -> np.ndarray:
 
 def write_tiny_llama(path: str | Path, *, d_model=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128,
                      weight_type: T = T.Q8_0, embd_type: T = T.Q8_0, tied=True, seed=0,
-                     n_ctx_train=256, rope_freqs: bool = False, chat_template: str | None = None) -> Path:
+                     n_ctx_train=256, rope_freqs: bool = False, chat_template: str | None = None,
+                     n_vocab_rows: int | None = None) -> Path:
+    """n_vocab_rows: embedding/output rows when they should differ from the token list (a hostile file)."""
     path = Path(path)
     rng = np.random.default_rng(seed)
     tokens, types, merges = byte_vocab()
-    vocab = len(tokens)
+    vocab = n_vocab_rows or len(tokens)
     hd = d_model // n_head
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(n_layer)

@@ -73,7 +73,7 @@ def test_bad_scripts_are_clear_errors(tiny_llama_path, capsys, tmp_path, content
 def test_bad_model_file_is_one_clear_line(tmp_path, capsys):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + bytes(10))
-    assert main(["run", "-m", str(bad), "-p", "x"]) == 2
+    assert main(["run", "-m", str(bad), "-p", "x"]) == 1   # a runtime error, not a usage error
     err = capsys.readouterr().err
     assert "bad.gguf" in err and "Traceback" not in err
 

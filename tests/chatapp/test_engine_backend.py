@@ -60,7 +60,7 @@ class StubSession:
 def stub_engine(monkeypatch):
     calls = {"warm": 0, "block": None}
 
-    def load_model(path, n_ctx=None):
+    def load_model(path, n_ctx=None, within_training_context=False):
         if calls["block"] is not None:
             calls["block"].wait(5)
         if "bad" in str(path):

@@ -72,7 +72,7 @@ def test_config_overrides_are_not_saved(tmp_path):
     assert saved["theme"] == "nord" and saved["threads"] is None
 
 
-def test_deltatalk_chat_runs_the_tui_and_plain_the_line_chat(monkeypatch):
+def test_deltatalk_chat_runs_the_tui_and_plain_the_line_chat(monkeypatch, tmp_path):
     from pathlib import Path
 
     import chatapp.app as appmod
@@ -82,10 +82,12 @@ def test_deltatalk_chat_runs_the_tui_and_plain_the_line_chat(monkeypatch):
     monkeypatch.setattr(appmod, "run_tui", lambda **kw: seen.append(("tui", kw)) or 0)
     monkeypatch.setattr(cli, "cmd_chat_plain", lambda args: seen.append(("plain", args.model)) or 0)
     assert cli.main([]) == 0
-    assert cli.main(["chat", "-m", "/x/m.gguf", "--threads", "2"]) == 0
+    model = tmp_path / "m.gguf"  # -m must name an existing regular file
+    model.write_bytes(b"GGUF")
+    assert cli.main(["chat", "-m", str(model), "--threads", "2"]) == 0
     assert cli.main(["chat", "--plain"]) == 0
     assert seen[0] == ("tui", {"model": None, "threads": None, "ctx": None, "system": None})
-    assert seen[1][1]["model"] == Path("/x/m.gguf") and seen[1][1]["threads"] == 2
+    assert seen[1][1]["model"] == Path(model) and seen[1][1]["threads"] == 2
     assert seen[2] == ("plain", None)
 
 

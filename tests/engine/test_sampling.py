@@ -54,3 +54,36 @@ def test_settings_reject_nonsense():
         SamplingSettings(top_p=0).validate()
     with pytest.raises(ValueError):
         SamplingSettings(top_k=-1).validate()
+
+
+def test_non_finite_logits_are_masked_or_a_clear_error():
+    from engine.errors import ModelOutputError
+
+    nan_row = np.array([0.5, np.nan, 2.0, -np.inf, 1.0], np.float32)
+    # numpy's argmax would pick the NaN; the sampler never draws NaN or -inf
+    assert make_sampler(0.0)(nan_row) == 2
+    drawn = {make_sampler(1.0, seed=s)(nan_row) for s in range(200)}
+    assert drawn == {0, 2, 4}
+    # +inf dominates every finite logit: only those are drawn (ties to the lowest id when greedy)
+    inf_row = np.array([1.0, np.inf, 3.0, np.inf], np.float32)
+    assert make_sampler(0.0)(inf_row) == 1
+    assert {make_sampler(0.8, top_k=2, seed=s)(inf_row) for s in range(100)} == {1, 3}
+    for row in (np.full(5, np.nan, np.float32), np.array([np.nan, -np.inf], np.float32)):
+        for sampler in (make_sampler(0.0), make_sampler(0.7, top_k=40, top_p=0.9, min_p=0.05, seed=0)):
+            with pytest.raises(ModelOutputError, match="no finite logits"):
+                sampler(row)
+
+
+def test_tiny_temperature_does_not_overflow():
+    row = np.array([1.0, 2.0, 3.0], np.float32)
+    assert make_sampler(1e-30, seed=0)(row) == 2
+
+
+@pytest.mark.parametrize("field,value", [("temperature", float("nan")), ("top_p", float("inf")),
+                                         ("repeat_penalty", float("nan")), ("top_k", True), ("seed", -1),
+                                         ("temperature", -0.1), ("repeat_last_n", -1)])
+def test_settings_reject_non_finite_and_wrong_types(field, value):
+    from engine.errors import InvalidSettingError
+
+    with pytest.raises(InvalidSettingError, match=field):
+        SamplingSettings(**{field: value}).validate()
