@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numba
 import numpy as np
 
-from engine import runtime
+from engine import runtime, threads
 from engine.cache import cache_bytes
 from engine.jit import JIT_PAR
 from engine.generate import PREFILL_CHUNK
@@ -46,6 +46,7 @@ def measure_bandwidth(n_bytes: int = 512 << 20, repeats: int = 5) -> float:
 def time_prefill(model, n_tokens: int, rng, cache_sizes: list | None = None) -> float:
     cache = model.make_cache()
     tokens = rng.integers(0, model.n_vocab, size=n_tokens)
+    threads.governor().before_work()   # as a reply starts: no more threads than free cores
     t = time.perf_counter()
     for start in range(0, n_tokens, PREFILL_CHUNK):   # as the app feeds a prompt
         part = tokens[start : start + PREFILL_CHUNK]
@@ -57,13 +58,18 @@ def time_prefill(model, n_tokens: int, rng, cache_sizes: list | None = None) -> 
 
 
 def time_decode(model, n_tokens: int, rng) -> float:
+    """Greedy decode tok/s, with the thread policy adapting per step as in a reply."""
+    governor = threads.governor()
     cache = model.make_cache()
     token = int(rng.integers(0, model.n_vocab))
+    governor.before_work()
     model.forward([token], cache, logits="last")  # position 0 is not timed
     t = time.perf_counter()
     for _ in range(n_tokens):
+        t_step = time.perf_counter()
         logits = model.forward([token], cache, logits="last")
         token = int(np.argmax(logits[-1]))
+        governor.after_step(time.perf_counter() - t_step)
     return n_tokens / (time.perf_counter() - t)
 
 
@@ -117,6 +123,7 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
         **out_peer,
         "results": {k: {"median_tps": statistics.median(v), "runs": v} for k, v in samples.items()},
         "threads": numba.get_num_threads(),
+        "thread_policy": threads.governor().summary(),
         "threading_layer": runtime.threading_layer(),
         "cpu_features": runtime.cpu_features(),
         "kernel_family": runtime.kernel_family(),
