@@ -6,7 +6,12 @@ these machines are noisy. Prompts are random token ids, as llama-bench uses.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -137,3 +142,29 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
         "kv_state_bytes": max(cache_sizes, default=0),
         "repeats": repeats,
     }
+
+
+# A CPU-bound process, as a build or a browser tab: its own session, so the scheduler's
+# autogroups share the CPU between it and us (nice would not matter).
+BUSY_LOOP = "while True: pass"
+
+
+@contextlib.contextmanager
+def busy_processes(n: int, python: str | None = None):
+    """Run n CPU-bound processes, each in its own session, for the duration of the block; they
+    are killed (their whole session) on the way out, whatever happens in the block."""
+    procs: list[subprocess.Popen] = []
+    try:
+        for _ in range(n):
+            procs.append(subprocess.Popen([python or sys.executable, "-c", BUSY_LOOP], start_new_session=True,
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            p.wait()

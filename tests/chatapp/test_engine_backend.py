@@ -78,6 +78,7 @@ def stub_engine(monkeypatch):
         return 0.5
 
     runtime = types.SimpleNamespace(set_threads=lambda n: 2, threading_layer=lambda: "omp",
+                                    threads_in_use=lambda: {"threads": 1, "max_threads": 2, "policy": "adaptive"},
                                     current_rss_bytes=lambda: 5_000_000, peak_rss_bytes=lambda: 6_000_000,
                                     cpu_features=lambda: ["avx", "fma"], kernel_family=lambda: "avx2")
     monkeypatch.setitem(sys.modules, "engine.loader", types.SimpleNamespace(load_model=load_model))
