@@ -110,6 +110,8 @@ def test_engine_backend_loads_replies_and_reports(stub_engine, tmp_path):
     assert (st.model_bytes, st.kv_bytes, st.state_bytes, st.checkpoint_bytes) == (123_000, 1000, 4096, 0)
     assert st.threading_layer == "omp" and st.rss_bytes == 5_000_000 and st.context_used == 10
     assert st.kernel_family == "avx2" and st.cpu_features == ["avx", "fma"]
+    # the threads the policy uses now (the overlay's "threads 1 of 2 (adaptive)")
+    assert (st.threads, st.threads_max, st.threads_policy) == (1, 2, "adaptive")
 
 
 def test_engine_backend_keeps_the_old_model_until_the_new_one_is_ready(stub_engine, tmp_path):
