@@ -38,7 +38,8 @@ def cmd_bench(args) -> int:
         res = run_bench(loaded.model, pp=pp, tg=args.tg, repeats=args.repeats, progress=say, peer=peer)
         if args.busy:
             if say:
-                say(f"again with {args.busy} CPU-bound process(es) in other sessions")
+                say(f"again with {args.busy} CPU-bound process(es) in other sessions"
+                    + (" (llama.cpp's fixed thread team may slow to ~1 tok/s: minutes per run)" if peer else ""))
             runtime.set_threads(args.threads)   # a fresh thread policy for the busy runs
             with busy_processes(args.busy):
                 busy = run_bench(loaded.model, pp=pp, tg=args.tg, repeats=args.repeats, progress=say, peer=peer,
