@@ -8,8 +8,11 @@ descheduled and the other spins until the scheduler runs it again, a time slice 
 measured on a 2-vCPU EPYC, decode of the default model fell from ~115 to 0.9 tok/s. A team
 no bigger than the free cores does not wait: 1 thread keeps its 1-thread speed.
 
-The governor watches each decode step's time. Steps far slower than the recent fast step at
-this thread count (the team waited for a descheduled member) shrink the team by one. With
+The governor watches each decode step's time and the process's CPU time over it. Steps far
+slower than the recent fast step at this thread count, or steps in which the process got
+much less than n cores of CPU (a starved team: its spinning members count as CPU, so an
+unstarved team gets ~n cores: one such step is enough), shrink the team by one. The CPU share catches a team starved
+from its first step, when every step is equally slow. With
 fewer threads than allowed, it reads the number of runnable tasks (/proc/loadavg, ~2 µs)
 each step; once the others leave a core free for a while, it tries one more thread for a few
 steps and keeps it only if that is clearly faster (else it waits twice as long before the
@@ -32,6 +35,7 @@ from collections.abc import Callable
 import numba
 
 SHRINK_RATIO = 2.0      # a step this many times the recent fast step: the team waited for a member
+CPU_SHARE_MIN = 0.7     # ... or the process got less CPU than this share of n cores (spinning counts)
 SLOW_STEPS = 2          # ... this many of the last 3 steps: shrink by one thread
 QUIET_STEPS = 8         # steps with a core free (by the run queue) before trying one more thread
 PROBE_STEPS = 4         # steps timed at one more thread (the first is not judged: workers wake up)
@@ -92,14 +96,16 @@ class ThreadGovernor:
     def __init__(self, max_threads: int, adaptive: bool, cpus: int | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  runnable: Callable[[], int | None] | None = None,
-                 apply: Callable[[int], None] = numba.set_num_threads):
+                 apply: Callable[[int], None] = numba.set_num_threads,
+                 cpu_clock: Callable[[], float] = time.process_time):
         self.max_threads = max(1, int(max_threads))
         self.adaptive = adaptive and self.max_threads > 1
         self.cpus = cpus or _cpus_allowed()
         self.n = self.max_threads
         self.steps_by_threads: Counter = Counter()    # decode steps run at each count
         self.changes = 0
-        self._clock, self._apply = clock, apply
+        self._clock, self._apply, self._cpu_clock = clock, apply, cpu_clock
+        self._mark: tuple[float, float] | None = None   # (wall, cpu) at the end of the last step
         self._runnable = runnable if runnable is not None else RunQueue().runnable
         self._recent: dict[int, deque] = {}
         self._ref: dict[int, float] = {}
@@ -125,6 +131,7 @@ class ThreadGovernor:
                 free = self._free_cores()
                 if free is not None and free < self.n:
                     self._set(max(1, free))
+        self._mark = (self._clock(), self._cpu_clock())
         return self.apply()
 
     def after_step(self, seconds: float) -> int:
@@ -135,10 +142,11 @@ class ThreadGovernor:
             self.steps_by_threads[n] += 1
             if not self.adaptive:
                 return n
+            starved = self._cpu_starved(n)
             if self._probe is not None:
                 self._judge_probe(seconds)
             else:
-                self._watch(seconds)
+                self._watch(seconds, starved)
             if self.n != n:
                 self._apply(self.n)
             return self.n
@@ -157,18 +165,28 @@ class ThreadGovernor:
         others = max(0, r - 1)   # the caller itself is running; at this moment our workers are not
         return max(0, self.cpus - others)
 
+    def _cpu_starved(self, n: int) -> bool:
+        """Did the process get less than CPU_SHARE_MIN of n cores since the last step?"""
+        mark = (self._clock(), self._cpu_clock())
+        last, self._mark = self._mark, mark
+        if last is None or n < 2:
+            return False
+        wall = mark[0] - last[0]
+        return wall > 0 and (mark[1] - last[1]) < CPU_SHARE_MIN * n * wall
+
     def _record(self, n: int, seconds: float):
         self._recent.setdefault(n, deque(maxlen=RECENT)).append(seconds)
         ref = self._ref.get(n)
         self._ref[n] = seconds if ref is None else min(seconds, ref * REF_DRIFT)
 
-    def _watch(self, seconds: float):
+    def _watch(self, seconds: float, starved: bool = False):
         n = self.n
         ref = self._ref.get(n)
         self._record(n, seconds)
         if n > 1:
             self._slow.append(ref is not None and seconds > SHRINK_RATIO * ref)
-            if sum(self._slow) >= SLOW_STEPS:
+            # the CPU share is a direct signal: one starved step is enough (each costs a lot)
+            if starved or sum(self._slow) >= SLOW_STEPS:
                 self._set(n - 1)
                 self._next_probe = self._clock() + self._backoff
                 return

@@ -19,11 +19,12 @@ from engine.threads import PROBE_STEPS, QUIET_STEPS, ThreadGovernor
 
 class Fake:
     def __init__(self, runnable=1):
-        self.now, self.runnable_now, self.applied = 100.0, runnable, []
+        self.now, self.cpu, self.runnable_now, self.applied = 100.0, 0.0, runnable, []
 
     def governor(self, max_threads=2, adaptive=True) -> ThreadGovernor:
         return ThreadGovernor(max_threads, adaptive, cpus=max_threads, clock=lambda: self.now,
-                              runnable=lambda: self.runnable_now, apply=self.applied.append)
+                              runnable=lambda: self.runnable_now, apply=self.applied.append,
+                              cpu_clock=lambda: self.cpu)
 
 
 def steps(g: ThreadGovernor, seconds: float, n: int):
@@ -50,6 +51,23 @@ def test_starved_steps_shrink_the_team_but_one_slow_step_does_not():
     steps(g, 0.5, 2)            # the team waits for a descheduled member, step after step
     assert g.n == 1 and f.applied[-1] == 1
     assert g.summary()["policy"] == "adaptive" and g.changes == 1
+
+
+def test_a_team_starved_from_its_first_step_shrinks_by_its_cpu_share():
+    f = Fake()
+    g = f.governor()
+    g.before_work()
+
+    def step(seconds, cores):   # every step equally slow: only the CPU share tells
+        f.now += seconds
+        f.cpu += seconds * cores
+        g.after_step(seconds)
+
+    for _ in range(5):
+        step(0.5, 1.9)          # both threads had a core
+    assert g.n == 2
+    step(0.5, 1.0)              # the process got one core for its two threads
+    assert g.n == 1 and f.applied[-1] == 1
 
 
 def test_grows_back_when_a_core_is_free_and_more_threads_are_faster():
