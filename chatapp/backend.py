@@ -90,6 +90,8 @@ class BackendStats:
     state_bytes: int = 0          # recurrent (DeltaNet) state
     checkpoint_bytes: int = 0
     threads: int = 1
+    threads_max: int = 1
+    threads_policy: str = ""          # "adaptive" (fewer threads while the CPU is busy) or "fixed"
     threading_layer: str = "?"
     bandwidth_bytes_s: float = DEFAULT_BANDWIDTH_BYTES_S
     bandwidth_measured: bool = False
@@ -300,6 +302,9 @@ class EngineBackend:
 
         st = BackendStats(threading_layer=self._threading_layer)
         st.threads = self._threads_in_use   # numba's count is per thread: the kernel thread's
+        policy = runtime.threads_in_use()   # the count the kernel thread's last step used
+        if self._threads_in_use:
+            st.threads, st.threads_max, st.threads_policy = policy["threads"], policy["max_threads"], policy["policy"]
         st.rss_bytes = runtime.current_rss_bytes()
         st.peak_rss_bytes = runtime.peak_rss_bytes()
         st.cpu_features = runtime.cpu_features()

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import sys
 
+# The decided memory line (#7, #13): the model's share of peak RSS <= file x 1.1 + KV/state +
+# this much for fixed costs (compiled kernels, vocabulary tables, prefill buffers).
+MEMORY_FIXED_BYTES = 25_000_000
+
 
 def cmd_bench(args) -> int:
     from chatapp.cli import open_model
     from engine import loader, runtime  # noqa: F401  (imported before the baseline is read)
-    from engine.bench import run_bench
+    from engine.bench import busy_processes, run_bench
     from engine.peer import LlamaCppPeer, PeerError
 
     # RSS of the runtime alone, before the model: Python, numpy, tokenizers, jinja2, and numba
@@ -35,8 +39,17 @@ def cmd_bench(args) -> int:
         if peer is not None:
             peer.close()
         return 2
+    busy = None
     try:
         res = run_bench(loaded.model, pp=pp, tg=args.tg, repeats=args.repeats, progress=say, peer=peer)
+        if args.busy:
+            if say:
+                say(f"again with {args.busy} CPU-bound process(es) in other sessions"
+                    + (" (llama.cpp's fixed thread team may slow to ~1 tok/s: minutes per run)" if peer else ""))
+            runtime.set_threads(args.threads)   # a fresh thread policy for the busy runs
+            with busy_processes(args.busy):
+                busy = run_bench(loaded.model, pp=pp, tg=args.tg, repeats=args.repeats, progress=say, peer=peer,
+                                 bandwidth=False)
     finally:
         if peer is not None:
             peer.close()
@@ -44,14 +57,18 @@ def cmd_bench(args) -> int:
                baseline_rss_bytes=baseline_rss)
     # the memory target: what the model adds to the runtime <= file x 1.1 + KV cache + state
     res["model_rss_bytes"] = res["peak_rss_bytes"] - baseline_rss
-    res["memory_bound_bytes"] = int(loaded.file_size * 1.1) + res["kv_state_bytes"]
+    res["memory_bound_bytes"] = int(loaded.file_size * 1.1) + res["kv_state_bytes"] + MEMORY_FIXED_BYTES
+    if busy is not None:
+        res["busy"] = {"processes": args.busy, **busy}
     if args.json:
         print(json.dumps(res))
         return 0
     print(f"model   {loaded.path.name} ({loaded.arch}, {loaded.file_size / 1e6:.1f} MB)")
-    print(f"threads {res['threads']} ({res['threading_layer']}), cpu {' '.join(res['cpu_features'])}, "
+    print(f"threads {res['threads']} ({res['thread_policy']['policy']}, {res['threading_layer']}), cpu {' '.join(res['cpu_features'])}, "
           f"kernels {res.get('kernel_family', '?')}")
-    if peer is None:
+    if busy is not None:
+        _print_busy(res, busy, args.busy)
+    elif peer is None:
         print(f"{'test':>8} {'tok/s (median)':>15}   runs")
         for k, v in res["results"].items():
             runs = " ".join(f"{x:.1f}" for x in v["runs"])
@@ -69,7 +86,7 @@ def cmd_bench(args) -> int:
               f"{res['decode_bound_tps']:.1f} tok/s for {res['weight_bytes'] / 1e6:.1f} MB of weights{share}")
     ok = "within" if res["model_rss_bytes"] <= res["memory_bound_bytes"] else "OVER"
     print(f"peak RSS {res['peak_rss_bytes'] / 1e6:.1f} MB = runtime {baseline_rss / 1e6:.1f} MB (before the model) "
-          f"+ model {res['model_rss_bytes'] / 1e6:.1f} MB, {ok} the bound file x 1.1 + KV/state = "
+          f"+ model {res['model_rss_bytes'] / 1e6:.1f} MB, {ok} the bound file x 1.1 + KV/state + 25 MB = "
           f"{res['memory_bound_bytes'] / 1e6:.1f} MB; warm-up {warm_s:.2f} s")
     if warm_s > 2.0:
         print("(the kernels were compiled in this run: the peak RSS includes the compiler's memory; "
@@ -81,3 +98,21 @@ def cmd_bench(args) -> int:
               f"{theirs['baseline_rss_bytes'] / 1e6:.1f} MB + model {model / 1e6:.1f} MB (its KV cache is "
               f"F16, allocated and cleared for the whole context: {loaded.model.n_ctx} positions)")
     return 0
+
+
+def _print_busy(idle: dict, busy: dict, n: int):
+    """Idle and busy figures side by side (and llama.cpp's, when it ran)."""
+    peer = "peer" in idle
+    head = f"{'test':>8} {'idle':>8} {f'busy x{n}':>8} {'kept':>6}"
+    if peer:
+        head += f" | {'llama.cpp idle':>14} {'busy':>8} {'kept':>6}"
+    print(head + "   (tok/s, medians)")
+    for k, v in idle["results"].items():
+        a, b = v["median_tps"], busy["results"][k]["median_tps"]
+        line = f"{k:>8} {a:8.1f} {b:8.1f} {b / a:6.2f}"
+        if peer:
+            pa, pb = idle["peer"]["results"][k]["median_tps"], busy["peer"]["results"][k]["median_tps"]
+            line += f" | {pa:14.1f} {pb:8.1f} {pb / pa:6.2f}"
+        print(line)
+    pol = busy["thread_policy"]
+    print(f"busy runs: thread policy {pol['policy']}, decode steps per thread count {pol['steps_by_threads']}")

@@ -34,7 +34,8 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("-m", "--model", type=A.existing_file("model file"),
                    help="path to a .gguf file (default: the default model, fetched if missing)")
     p.add_argument("--threads", type=A.int_in(1, A.MAX_THREADS), default=None,
-                   help="compute threads (default: all cores)")
+                   help="compute threads, fixed (default: the physical cores, fewer while other programs "
+                        "keep the CPU busy)")
     p.add_argument("--ctx", type=A.context_size, default=None,
                    help="context size in tokens, 16 up to the model's training context (default: min(model, 8192))")
 
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--peer", action="store_true",
                        help="also run llama.cpp (llama-cpp-python) on the same file, interleaved, with ratios")
+    bench.add_argument("--busy", type=A.int_in(0, 64), default=0, metavar="N",
+                       help="also run everything with N CPU-bound processes in their own sessions, side by side")
     bench.add_argument("--peer-python", default=None, type=A.existing_file("Python executable"),
                        help="a Python that has llama-cpp-python (default: this one; see the `peer` extra)")
 
@@ -362,7 +365,8 @@ def cmd_run(args) -> int:
         "generated_tokens": len(generated),
         "decode_tps": last.decode_tps if last else 0.0,
         "peak_rss_bytes": runtime.peak_rss_bytes(),
-        "threads": runtime.set_threads(args.threads),
+        "threads": runtime.threads_in_use()["threads"],
+        "thread_policy": runtime.threads_in_use(),   # count, maximum, policy, decode steps per count
     }
     if args.json:
         print(json.dumps(result, ensure_ascii=False))

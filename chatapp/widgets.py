@@ -392,7 +392,8 @@ class SpeedOverlay(Static):
             lines.append(f" context        {s.context_used:>6,} / {s.n_ctx:,} tokens")
         lines.append("")
         lines.append("[b]Compute[/b]")
-        lines.append(f" threads {s.threads} · threading layer {s.threading_layer}")
+        of = f" of {s.threads_max} ({s.threads_policy})" if s.threads_policy else ""
+        lines.append(f" threads {s.threads}{of} · threading layer {s.threading_layer}")
         if s.cpu_features:
             lines.append(f" CPU {' '.join(s.cpu_features)}")
         if s.kernel_family:

@@ -6,14 +6,19 @@ these machines are noisy. Prompts are random token ids, as llama-bench uses.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
 import numba
 import numpy as np
 
-from engine import runtime
+from engine import runtime, threads
 from engine.cache import cache_bytes
 from engine.jit import JIT_PAR
 from engine.generate import PREFILL_CHUNK
@@ -46,6 +51,7 @@ def measure_bandwidth(n_bytes: int = 512 << 20, repeats: int = 5) -> float:
 def time_prefill(model, n_tokens: int, rng, cache_sizes: list | None = None) -> float:
     cache = model.make_cache()
     tokens = rng.integers(0, model.n_vocab, size=n_tokens)
+    threads.governor().before_work()   # as a reply starts: no more threads than free cores
     t = time.perf_counter()
     for start in range(0, n_tokens, PREFILL_CHUNK):   # as the app feeds a prompt
         part = tokens[start : start + PREFILL_CHUNK]
@@ -57,13 +63,18 @@ def time_prefill(model, n_tokens: int, rng, cache_sizes: list | None = None) -> 
 
 
 def time_decode(model, n_tokens: int, rng) -> float:
+    """Greedy decode tok/s, with the thread policy adapting per step as in a reply."""
+    governor = threads.governor()
     cache = model.make_cache()
     token = int(rng.integers(0, model.n_vocab))
+    governor.before_work()
     model.forward([token], cache, logits="last")  # position 0 is not timed
     t = time.perf_counter()
     for _ in range(n_tokens):
+        t_step = time.perf_counter()
         logits = model.forward([token], cache, logits="last")
         token = int(np.argmax(logits[-1]))
+        governor.after_step(time.perf_counter() - t_step)
     return n_tokens / (time.perf_counter() - t)
 
 
@@ -117,6 +128,7 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
         **out_peer,
         "results": {k: {"median_tps": statistics.median(v), "runs": v} for k, v in samples.items()},
         "threads": numba.get_num_threads(),
+        "thread_policy": threads.governor().summary(),
         "threading_layer": runtime.threading_layer(),
         "cpu_features": runtime.cpu_features(),
         "kernel_family": runtime.kernel_family(),
@@ -130,3 +142,29 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
         "kv_state_bytes": max(cache_sizes, default=0),
         "repeats": repeats,
     }
+
+
+# A CPU-bound process, as a build or a browser tab: its own session, so the scheduler's
+# autogroups share the CPU between it and us (nice would not matter).
+BUSY_LOOP = "while True: pass"
+
+
+@contextlib.contextmanager
+def busy_processes(n: int, python: str | None = None):
+    """Run n CPU-bound processes, each in its own session, for the duration of the block; they
+    are killed (their whole session) on the way out, whatever happens in the block."""
+    procs: list[subprocess.Popen] = []
+    try:
+        for _ in range(n):
+            procs.append(subprocess.Popen([python or sys.executable, "-c", BUSY_LOOP], start_new_session=True,
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            p.wait()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.errors import PromptError
+from engine import threads
 from engine.sampling import LogitsProcessor, Sampler
 
 # Prompt tokens per forward call. Each call's working buffers grow with it (~0.4 MB a token on
@@ -70,6 +71,8 @@ def stream_generate(model, tokenizer, prompt_tokens: Sequence[int], cache, sampl
     if len(prompt_tokens) == 0:
         raise PromptError("the prompt is empty: nothing to answer")
     stop_ids = tokenizer.eog_ids if stop_ids is None else stop_ids
+    governor = threads.governor()   # the thread count: fewer threads while the CPU is busy
+    governor.before_work()
     t0 = time.perf_counter()
     logits = prefill(model, cache, prompt_tokens, chunk=prefill_chunk, progress=prefill_progress, cancel=cancel)
     t_prompt = time.perf_counter() - t0
@@ -107,4 +110,6 @@ def stream_generate(model, tokenizer, prompt_tokens: Sequence[int], cache, sampl
         if finish is not None:
             return
         seen.append(token)
+        t_step = time.perf_counter()
         logits = model.forward([token], cache, logits="last")[-1]
+        governor.after_step(time.perf_counter() - t_step)

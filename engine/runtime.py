@@ -11,11 +11,18 @@ import numba
 
 
 def set_threads(n: int | None) -> int:
-    """Use n numba threads (default: all cores); return the number in use."""
-    n = n or numba.config.NUMBA_NUM_THREADS
-    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(n)
-    return n
+    """Use n numba threads, fixed; None: the default count, adapted to the machine's load
+    (engine.threads). Call it on the thread that runs the kernels; return the count in use."""
+    from engine import threads
+
+    return threads.configure(n).n
+
+
+def threads_in_use() -> dict:
+    """The thread policy and what it did: count now, maximum, policy, decode steps per count."""
+    from engine import threads
+
+    return threads.governor().summary()
 
 
 def threading_layer() -> str:

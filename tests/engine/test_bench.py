@@ -58,3 +58,27 @@ def test_bandwidth_is_probed_each_round_and_kept_out_of_the_peak_rss(tiny_llama_
     # the probe reads 256 MB; a tiny model's peak stays far below the probe's buffer
     assert res["peak_rss_bytes"] < runtime.current_rss_bytes() + (200 << 20)
     assert res["decode_bound_tps"] > 0
+
+
+def test_busy_processes_run_in_their_own_sessions_and_are_always_killed():
+    import os
+
+    import pytest
+
+    from engine.bench import busy_processes
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(") ")[1][0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    with busy_processes(2) as pids:
+        assert len(pids) == 2 and all(alive(p) for p in pids)
+        assert all(os.getsid(p) == p != os.getsid(0) for p in pids)   # each leads its own session
+    assert not any(alive(p) for p in pids)
+    with pytest.raises(RuntimeError):
+        with busy_processes(1) as pids:
+            raise RuntimeError("a failed run")
+    assert not alive(pids[0])

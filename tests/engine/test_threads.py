@@ -1,0 +1,164 @@
+"""The thread policy (engine/threads.py) and its promise: output unchanged by the thread count.
+
+The policy is driven here by a fake clock, run queue and step times (no timing is asserted);
+the determinism tests run the real kernels at 1 and 2 threads and while the count changes.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from engine import threads
+from engine.generate import stream_generate
+from engine.loader import load_model
+from engine.sampling import make_sampler
+from engine.threads import PROBE_STEPS, QUIET_STEPS, ThreadGovernor
+
+
+class Fake:
+    def __init__(self, runnable=1):
+        self.now, self.cpu, self.runnable_now, self.applied = 100.0, 0.0, runnable, []
+
+    def governor(self, max_threads=2, adaptive=True) -> ThreadGovernor:
+        return ThreadGovernor(max_threads, adaptive, cpus=max_threads, clock=lambda: self.now,
+                              runnable=lambda: self.runnable_now, apply=self.applied.append,
+                              cpu_clock=lambda: self.cpu)
+
+
+def steps(g: ThreadGovernor, seconds: float, n: int):
+    for _ in range(n):
+        g.after_step(seconds)
+
+
+def test_fixed_count_never_changes():
+    f = Fake(runnable=5)
+    g = f.governor(adaptive=False)
+    assert g.before_work() == 2
+    steps(g, 0.01, 10)
+    steps(g, 1.0, 10)
+    assert g.n == 2 and f.applied == [2] and g.summary()["steps_by_threads"] == {"2": 20}
+
+
+def test_starved_steps_shrink_the_team_but_one_slow_step_does_not():
+    f = Fake()
+    g = f.governor()
+    steps(g, 0.010, 10)
+    g.after_step(0.5)           # one hiccup
+    steps(g, 0.010, 3)
+    assert g.n == 2
+    steps(g, 0.5, 2)            # the team waits for a descheduled member, step after step
+    assert g.n == 1 and f.applied[-1] == 1
+    assert g.summary()["policy"] == "adaptive" and g.changes == 1
+
+
+def test_a_team_starved_from_its_first_step_shrinks_by_its_cpu_share():
+    f = Fake()
+    g = f.governor()
+    g.before_work()
+
+    def step(seconds, cores):   # every step equally slow: only the CPU share tells
+        f.now += seconds
+        f.cpu += seconds * cores
+        g.after_step(seconds)
+
+    for _ in range(5):
+        step(0.5, 1.9)          # both threads had a core
+    assert g.n == 2
+    step(0.5, 1.0)              # the process got one core for its two threads
+    assert g.n == 1 and f.applied[-1] == 1
+
+
+def test_grows_back_when_a_core_is_free_and_more_threads_are_faster():
+    f = Fake(runnable=3)        # two others running: no probe
+    g = f.governor()
+    steps(g, 0.010, 5)
+    steps(g, 0.5, 2)
+    assert g.n == 1
+    f.now += 60
+    steps(g, 0.02, 3 * QUIET_STEPS)
+    assert g.n == 1             # the run queue shows no free core
+    f.runnable_now = 1          # only us
+    steps(g, 0.02, QUIET_STEPS)
+    assert g.n == 2             # probing
+    steps(g, 0.011, PROBE_STEPS)
+    assert g.n == 2 and f.applied[-1] == 2
+    steps(g, 0.011, 20)
+    assert g.n == 2
+
+
+def test_a_failed_probe_goes_back_and_waits_longer():
+    f = Fake(runnable=1)
+    g = f.governor()
+    steps(g, 0.010, 5)
+    steps(g, 0.5, 2)
+    f.now += 60
+    steps(g, 0.02, QUIET_STEPS)
+    assert g.n == 2
+    g.after_step(0.02)          # the first probe step is not judged
+    g.after_step(0.2)           # much slower than at one thread: abort at once
+    assert g.n == 1
+    steps(g, 0.02, QUIET_STEPS)
+    assert g.n == 1             # the back-off (2 s now) has not passed on the fake clock
+    f.now += 2.5
+    steps(g, 0.02, 1)
+    assert g.n == 2
+
+
+def test_a_prompt_starts_with_no_more_threads_than_free_cores():
+    f = Fake(runnable=2)        # us + one other on 2 cores
+    g = f.governor()
+    assert g.before_work() == 1 and f.applied == [1]
+    f.runnable_now = None       # unknown (not Linux): keep the count
+    g2 = f.governor()
+    assert g2.before_work() == 2
+
+
+def test_default_threads_and_configure():
+    assert 1 <= threads.default_threads() <= numba.config.NUMBA_NUM_THREADS
+    try:
+        g = threads.configure(1)
+        assert (g.n, g.adaptive, numba.get_num_threads()) == (1, False, 1)
+        g = threads.configure(None)
+        assert g.adaptive == (threads.default_threads() > 1) and threads.governor() is g
+    finally:
+        threads.configure(None)
+
+
+class Alternating(ThreadGovernor):
+    """A policy that changes the count after every step: the worst case for determinism."""
+
+    def after_step(self, seconds: float) -> int:
+        self.n = 1 if self.n > 1 else self.max_threads
+        return self.apply()
+
+
+@pytest.fixture
+def loaded(tiny_llama_path):
+    return load_model(tiny_llama_path, n_ctx=128)
+
+
+def _greedy(loaded, governor, monkeypatch):
+    monkeypatch.setattr(threads, "_governor", governor)
+    m = loaded.model
+    prompt = list(range(1, 40))   # a multi-token prefill (the GEMM path), then decode
+    out = list(stream_generate(m, loaded.tokenizer, prompt, m.make_cache(), make_sampler(0), max_tokens=12,
+                               stop_ids=frozenset(), keep_logits=True))
+    return [r.token for r in out], np.stack([r.logits for r in out])
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 threads")
+def test_greedy_output_is_the_same_for_1_2_and_changing_threads(loaded, monkeypatch):
+    try:
+        ids1, logits1 = _greedy(loaded, ThreadGovernor(1, adaptive=False), monkeypatch)
+        ids2, logits2 = _greedy(loaded, ThreadGovernor(2, adaptive=False), monkeypatch)
+        ids_alt, logits_alt = _greedy(loaded, Alternating(2, adaptive=True), monkeypatch)
+        ids_ad, logits_ad = _greedy(loaded, ThreadGovernor(2, adaptive=True), monkeypatch)
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    assert ids1 == ids2 == ids_alt == ids_ad
+    # bit-identical: every kernel gives each row (token, head) to one thread
+    np.testing.assert_array_equal(logits1, logits2)
+    np.testing.assert_array_equal(logits1, logits_alt)
+    np.testing.assert_array_equal(logits1, logits_ad)
