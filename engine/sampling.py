@@ -40,34 +40,56 @@ class SamplingSettings:
         return self
 
 
+def chain_distribution(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                       min_p: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """The chain top-k, top-p, min-p, temperature: (token ids, their probabilities), sorted by
+    logit. What a draw samples from (and speculative acceptance reads). temperature > 0."""
+    logits = np.asarray(logits, dtype=np.float64)
+    ids = np.arange(logits.shape[0])
+    if 0 < top_k < logits.shape[0]:
+        keep = np.argpartition(-logits, top_k - 1)[:top_k]
+        ids, logits = keep, logits[keep]
+    order = np.argsort(-logits, kind="stable")
+    ids, logits = ids[order], logits[order]
+    probs = np.exp(logits - logits[0])
+    probs /= probs.sum()
+    if top_p < 1.0:
+        cut = int(np.searchsorted(np.cumsum(probs), top_p)) + 1
+        ids, logits, probs = ids[:cut], logits[:cut], probs[:cut]
+    if min_p > 0.0:
+        keep = probs >= min_p * probs[0]
+        ids, logits = ids[keep], logits[keep]
+    scaled = logits / temperature
+    p = np.exp(scaled - scaled.max())
+    p /= p.sum()
+    return ids, p
+
+
+class ChainSampler:
+    """A Sampler (callable on one logits row) that also exposes its distribution and random
+    generator, for speculative decoding's acceptance rule. temperature <= 0: greedy."""
+
+    def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 seed: int | None = None):
+        self.temperature, self.top_k, self.top_p, self.min_p = temperature, top_k, top_p, min_p
+        self.greedy = temperature <= 0
+        self.rng = np.random.default_rng(seed)
+
+    def distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.greedy:  # a point mass on the argmax (ties to the lowest id)
+            return np.array([int(np.argmax(logits))]), np.array([1.0])
+        return chain_distribution(logits, self.temperature, self.top_k, self.top_p, self.min_p)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.greedy:
+            return int(np.argmax(logits))
+        ids, p = self.distribution(logits)
+        return int(ids[self.rng.choice(len(ids), p=p)])
+
+
 def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 seed: int | None = None) -> Sampler:
-    if temperature <= 0:
-        return lambda logits: int(np.argmax(logits))
-    rng = np.random.default_rng(seed)
-
-    def sample(logits: np.ndarray) -> int:
-        logits = np.asarray(logits, dtype=np.float64)
-        ids = np.arange(logits.shape[0])
-        if 0 < top_k < logits.shape[0]:
-            keep = np.argpartition(-logits, top_k - 1)[:top_k]
-            ids, logits = keep, logits[keep]
-        order = np.argsort(-logits, kind="stable")
-        ids, logits = ids[order], logits[order]
-        probs = np.exp(logits - logits[0])
-        probs /= probs.sum()
-        if top_p < 1.0:
-            cut = int(np.searchsorted(np.cumsum(probs), top_p)) + 1
-            ids, logits, probs = ids[:cut], logits[:cut], probs[:cut]
-        if min_p > 0.0:
-            keep = probs >= min_p * probs[0]
-            ids, logits = ids[keep], logits[keep]
-        scaled = logits / temperature
-        p = np.exp(scaled - scaled.max())
-        p /= p.sum()
-        return int(ids[rng.choice(len(ids), p=p)])
-
-    return sample
+                 seed: int | None = None) -> ChainSampler:
+    return ChainSampler(temperature, top_k, top_p, min_p, seed)
 
 
 def make_repetition_penalty(penalty: float, last_n: int = 64) -> LogitsProcessor:
