@@ -302,3 +302,20 @@ def _accept(sampler, processors, hist, row, d: int) -> int:
     if total <= 0.0:   # p_d rounds to 1 but the draw fell above it
         return d
     return int(ids[sampler.rng.choice(len(ids), p=rest / total)])
+
+
+def make_speculator(mode: str, target, draft=None, draft_max: int = DEFAULT_DRAFT_MAX,
+                    adaptive: bool = True) -> Speculator | None:
+    """The Speculator for a --speculate mode ("off" -> None). target, draft: LoadedModel."""
+    if mode not in MODES:
+        raise ValueError(f"--speculate must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode == "off":
+        return None
+    if mode == "lookup":
+        return Speculator(LookupDrafter(), draft_max, adaptive)
+    if mode == "draft":
+        if draft is None:
+            raise DraftModelError("--speculate draft needs --draft MODEL (a small model with the same vocabulary)")
+        return Speculator(ModelDrafter(target, draft), draft_max, adaptive)
+    raise DeltatalkError("--speculate mtp is not implemented yet: the engine does not load the nextn "
+                         "(multi-token prediction) block; use lookup or draft")
