@@ -180,7 +180,8 @@ class DeltatalkApp(App):
             from chatapp.backend import EngineBackend
 
             backend = EngineBackend(threads=self.config.get("threads"), n_ctx=self.config.get("context"),
-                                    bandwidth_bytes_s=self.config.bandwidth_bytes_s)
+                                    bandwidth_bytes_s=self.config.bandwidth_bytes_s,
+                                    speculate=self.config.get("speculate", "off"))
         self.backend = backend
         backend.on_notice = self._backend_notice
         self.initial_model = Path(model_path) if model_path else None
@@ -779,7 +780,8 @@ class DeltatalkApp(App):
                 "prefilled_tokens": turn.prefilled_tokens, "decode_tps": r.decode_tps, "ttft_s": r.ttft_s,
                 "prompt_tps": r.prompt_tps, "generated": r.generation_tokens,
                 "context_used": ss.get("context_used", turn.prompt_tokens + r.generation_tokens),
-                "dropped_messages": getattr(turn, "dropped_messages", 0)}
+                "dropped_messages": getattr(turn, "dropped_messages", 0),
+                "speculation": r.speculation}
 
     def on_prefill_progress(self, m: PrefillProgress):
         if m.gen_id == self.gen_id and self.generating:

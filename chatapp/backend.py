@@ -128,8 +128,9 @@ class EngineBackend:
     """The real engine. One loaded model + one ChatSession at a time."""
 
     def __init__(self, threads: int | None = None, n_ctx: int | None = None,
-                 bandwidth_bytes_s: float | None = None):
+                 bandwidth_bytes_s: float | None = None, speculate: str = "off"):
         self.threads = threads
+        self.speculate = speculate   # engine.speculative mode for replies (the app offers off / lookup)
         self.n_ctx = n_ctx
         self.info: ModelInfo | None = None
         self._loaded = None
@@ -154,6 +155,7 @@ class EngineBackend:
         """Load and warm up a model; `bind=(key, state_path)` restores that chat into the new session."""
         from engine.loader import load_model
         from engine.session import ChatSession
+        from engine.speculative import make_speculator
 
         say = progress or (lambda stage, frac: None)
         path = Path(path)
@@ -167,6 +169,7 @@ class EngineBackend:
         # on the kernel thread: a reply on the previous model finishes first, then this runs
         compile_s, layer = kernel_thread().call(self._warm_up, loaded.model)
         session = ChatSession(loaded)
+        session.speculator = make_speculator(self.speculate, loaded)
         owner = None
         if bind is not None:
             owner = bind[0]

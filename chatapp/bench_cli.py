@@ -23,6 +23,8 @@ def cmd_bench(args) -> int:
     loaded, warm_s = open_model(args, quiet=args.json)
     pp = args.pp
     say = None if args.json else (lambda s: print("  " + s, file=sys.stderr, flush=True))
+    if args.speculate != "off":
+        return _bench_speculate(args, loaded, say)
     peer = None
     if args.peer:
         import numba
@@ -116,3 +118,26 @@ def _print_busy(idle: dict, busy: dict, n: int):
         print(line)
     pol = busy["thread_policy"]
     print(f"busy runs: thread policy {pol['policy']}, decode steps per thread count {pol['steps_by_threads']}")
+
+
+def _bench_speculate(args, loaded, say) -> int:
+    """--speculate MODE: decode tok/s plain and speculative on the same prompts, and the ratio."""
+    from chatapp.cli import make_speculator_from_args
+    from engine.bench import run_speculate_bench
+
+    make_speculator_from_args(args, loaded)   # refuse a bad pair before any timing
+    res = run_speculate_bench(loaded, lambda: make_speculator_from_args(args, loaded), tg=args.tg,
+                              repeats=args.repeats, progress=say)
+    if args.json:
+        print(json.dumps({"model": str(loaded.path), "speculate": args.speculate, "draft": args.draft,
+                          "draft_max": args.draft_max, "results": res}))
+        return 0
+    print(f"model   {loaded.path.name} ({loaded.arch}); --speculate {args.speculate}"
+          + (f" --draft {args.draft}" if args.draft else "") + f", draft max {args.draft_max}, tg{args.tg} greedy")
+    print(f"{'prompt':>6} {'plain':>8} {'specul.':>8} {'ratio':>6} {'accept':>7} {'tok/step':>8}  same ids"
+          f"   (tok/s, medians of {args.repeats} interleaved runs; ratio: median of the pairs' ratios)")
+    for name, v in res.items():
+        sp = v["speculation"] or {}
+        print(f"{name:>6} {v['plain_tps']:8.1f} {v['speculative_tps']:8.1f} {v['ratio']:6.2f} "
+              f"{100 * sp.get('acceptance', 0):6.0f}% {sp.get('tokens_per_step', 0):8.2f}  {v['identical_ids']}")
+    return 0

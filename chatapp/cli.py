@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="answer one prompt on stdout")
     _add_common_args(run)
+    _add_speculate_args(run)
     _add_model_args(run)
     _add_sampling_args(run)
     src = run.add_mutually_exclusive_group(required=True)
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="prefill and decode speed (medians of interleaved runs)")
     _add_common_args(bench)
     _add_model_args(bench)
+    _add_speculate_args(bench)
     bench.add_argument("--pp", type=A.int_list(1, A.MAX_TOKENS_LIMIT), default=[128, 512],
                        help="prompt lengths to time (comma-separated integers >= 1)")
     bench.add_argument("--tg", type=A.int_in(1, A.MAX_TOKENS_LIMIT), default=128, help="tokens to decode (>= 1)")
@@ -311,6 +313,30 @@ def cmd_script(args, loaded, settings, script: dict) -> int:
     return 0
 
 
+def _add_speculate_args(p):
+    from engine.speculative import DEFAULT_DRAFT_MAX, MODES
+
+    p.add_argument("--speculate", choices=MODES, default="off",
+                   help="speculative decoding (same tokens, faster): lookup = n-grams of the conversation, "
+                        "draft = a small model (--draft), mtp = the model's own MTP head")
+    p.add_argument("--draft", default=None, help="draft model .gguf for --speculate draft (same vocabulary)")
+    p.add_argument("--draft-max", type=int, default=DEFAULT_DRAFT_MAX,
+                   help=f"most tokens drafted per step (adaptive below it; default {DEFAULT_DRAFT_MAX})")
+
+
+def make_speculator_from_args(args, loaded):
+    """The Speculator for --speculate/--draft/--draft-max (None when off); errors are DeltatalkError."""
+    from engine.loader import load_model
+    from engine.speculative import make_speculator
+
+    if args.draft_max < 1:
+        raise DeltatalkError(f"--draft-max must be >= 1, got {args.draft_max}")
+    draft = None
+    if args.speculate == "draft" and args.draft:
+        draft = load_model(Path(args.draft).expanduser(), n_ctx=loaded.model.n_ctx)
+    return make_speculator(args.speculate, loaded, draft, args.draft_max)
+
+
 def cmd_run(args) -> int:
     import numpy as np
 
@@ -328,6 +354,7 @@ def cmd_run(args) -> int:
     if args.script is not None:
         return cmd_script(args, loaded, settings, script)
     session = ChatSession(loaded)
+    session.speculator = make_speculator_from_args(args, loaded)
     tok = loaded.tokenizer
     if args.prompt_ids is not None:
         prompt = args.prompt_ids
@@ -368,6 +395,8 @@ def cmd_run(args) -> int:
         "threads": runtime.threads_in_use()["threads"],
         "thread_policy": runtime.threads_in_use(),   # count, maximum, policy, decode steps per count
     }
+    if session.speculator is not None:
+        result["speculation"] = dict(mode=args.speculate, **session.speculator.stats.to_dict())
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     else:
@@ -375,6 +404,10 @@ def cmd_run(args) -> int:
         print(f"[{result['prompt_tokens']} prompt tokens, {result['prompt_tps']:.1f} tok/s prefill, "
               f"ttft {result['ttft_s'] * 1000:.0f} ms | {result['generated_tokens']} tokens, "
               f"{result['decode_tps']:.1f} tok/s decode | stop: {result['stop_reason']}]", file=sys.stderr)
+        if "speculation" in result:
+            sp = result["speculation"]
+            print(f"[speculate {sp['mode']}: {sp['accepted']}/{sp['drafted']} drafted tokens accepted "
+                  f"({100 * sp['acceptance']:.0f}%), {sp['tokens_per_step']:.2f} tokens per step]", file=sys.stderr)
     return 0
 
 

@@ -25,6 +25,7 @@ _FALLBACK_DEFAULTS = {
     "max_tokens": 1024,
     "threads": None,
     "context": None,
+    "speculate": "off",          # speculative decoding in the app: off | lookup (same tokens, faster)
     "memory_bandwidth_gbs": None,
     "sampling": {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
                  "repeat_penalty": 1.0, "repeat_last_n": 64, "seed": None},

@@ -194,6 +194,7 @@ class TurnRecord:
     generated: int = 0
     context_used: int = 0
     finish: str | None = None
+    speculation: dict | None = None   # drafted, accepted, acceptance, tokens_per_step (speculative decoding)
     # decode tok/s per column of SPARK_TOKENS_PER_COLUMN tokens: [sum, count]; the last may be partial
     speed_columns: deque = field(default_factory=lambda: deque(maxlen=SPARK_WIDTH))
 
@@ -282,8 +283,9 @@ class Gauge(Horizontal):
 
     def on_tokens(self, *, decode_tps: float, ttft_s: float, prompt_tps: float, generated: int,
                   context_used: int, prompt_tokens: int, reused_tokens: int, prefilled_tokens: int,
-                  dropped_messages: int = 0):
+                  dropped_messages: int = 0, speculation: dict | None = None):
         t = self.turn
+        t.speculation = speculation
         new_tokens = max(generated - t.generated, 0)
         t.decode_tps, t.ttft_s, t.prompt_tps, t.generated = decode_tps, ttft_s, prompt_tps, generated
         t.context_used = context_used
@@ -378,6 +380,10 @@ class SpeedOverlay(Static):
             cur = last[-1]
             lines.append(f" reused {cur.reused_tokens:,} of {cur.prompt_tokens:,} prompt tokens, "
                          f"prefilled {cur.prefilled_tokens:,}")
+            if cur.speculation:
+                sp = cur.speculation
+                lines.append(f" speculative: {sp['accepted']:,} of {sp['drafted']:,} drafted accepted "
+                             f"({sp['acceptance'] * 100:.0f}%), {sp['tokens_per_step']:.2f} tokens/step")
         else:
             lines.append(" [dim]no replies yet[/dim]")
         lines.append("")

@@ -168,3 +168,47 @@ def busy_processes(n: int, python: str | None = None):
                 pass
         for p in procs:
             p.wait()
+
+
+# Same prompts for plain and speculative decoding: one the drafters can predict (code repeated
+# with a change), one they cannot (free prose).
+SPECULATE_PROMPTS = {
+    "code": "Repeat this function exactly, adding a docstring:\n\n"
+            "def moving_average(values, window):\n    result = []\n    total = 0.0\n"
+            "    for i, v in enumerate(values):\n        total += v\n        if i >= window:\n"
+            "            total -= values[i - window]\n        if i >= window - 1:\n"
+            "            result.append(total / window)\n    return result\n",
+    "prose": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+}
+
+
+def run_speculate_bench(loaded, make_speculator: Callable, tg: int = 128, repeats: int = 5,
+                        progress: Callable[[str], None] | None = None) -> dict:
+    """Greedy decode tok/s of each prompt, plain and speculative, interleaved; medians, the
+    median of the pairs' ratios, and the speculator's counts (the last run's)."""
+    from engine.generate import stream_generate
+    from engine.sampling import make_sampler
+
+    model, tok = loaded.model, loaded.tokenizer
+    out = {}
+    for name, text in SPECULATE_PROMPTS.items():
+        prompt = tok.encode(loaded.template.render([{"role": "user", "content": text}], add_generation_prompt=True),
+                            add_special=False, parse_special=True)
+        plain, spec, ratios, stats, ids_equal = [], [], [], None, True
+        for rep in range(repeats):
+            runs = []
+            for speculator in (None, make_speculator()):
+                rs = list(stream_generate(model, tok, prompt, model.make_cache(), make_sampler(0.0), max_tokens=tg,
+                                          stop_ids=frozenset(), speculator=speculator))
+                runs.append(([r.token for r in rs], rs[-1].decode_tps, rs[-1].speculation))
+            plain.append(runs[0][1])
+            spec.append(runs[1][1])
+            ratios.append(runs[1][1] / runs[0][1] if runs[0][1] else 0.0)
+            ids_equal &= runs[0][0] == runs[1][0]
+            stats = runs[1][2]
+            if progress:
+                progress(f"{name} {rep + 1}/{repeats}: plain {runs[0][1]:.1f}, speculative {runs[1][1]:.1f} tok/s")
+        out[name] = {"plain_tps": statistics.median(plain), "speculative_tps": statistics.median(spec),
+                     "ratio": statistics.median(ratios), "plain_runs": plain, "speculative_runs": spec,
+                     "identical_ids": ids_equal, "speculation": stats}
+    return out

@@ -97,6 +97,9 @@ class RecurrentCache:
         self.conv = np.zeros((conv_kernel - 1, conv_dim), dtype=np.float32)
         self.state = np.zeros((n_v_heads, head_v_dim, head_k_dim), dtype=np.float32)
         self.offset = 0
+        # While a list: the model feeds tokens one at a time and records a snapshot after each
+        # (speculative decoding rolls back to the state after the last accepted token).
+        self.trail: list | None = None
 
     def advance(self, n: int) -> int:
         """Record that n more tokens went into the state; return the position of the first one."""
@@ -133,6 +136,10 @@ class RecurrentCache:
         self.state[...] = state
         self.offset = offset
 
+    def record(self):
+        """Called by the model after each token while a trail is kept."""
+        self.trail.append(self.snapshot())
+
 
 def cache_bytes(caches) -> dict[str, int]:
     """Bytes in use per cache kind, e.g. {"kv": ..., "recurrent": ...} (what the stats report)."""
@@ -140,6 +147,37 @@ def cache_bytes(caches) -> dict[str, int]:
     for c in caches:
         out[c.kind] = out.get(c.kind, 0) + c.nbytes
     return out
+
+
+def start_trail(caches):
+    """Keep a snapshot of every recurrent layer after each token fed from now on (KV layers
+    need none: they are trimmed), starting with the state as it is."""
+    for c in caches:
+        if c.kind == "recurrent":
+            c.trail = [c.snapshot()]
+
+
+def rewind(caches, pos: int):
+    """Back to the state after the first `pos` tokens: KV layers trimmed, recurrent layers
+    restored from their trail (CacheTrimError if no snapshot holds that position). The trail
+    ends: positions past `pos` no longer exist."""
+    for c in caches:
+        if c.kind == "kv":
+            if pos > c.offset:
+                raise CacheTrimError(f"cannot rewind forward: {pos} > {c.offset}")
+            c.trim(c.offset - pos)
+        elif pos != c.offset:
+            snap = next((s for s in (c.trail or ()) if s[0] == pos), None)
+            if snap is None:
+                raise CacheTrimError(f"no recurrent snapshot at position {pos} (state at {c.offset})")
+            c.restore(snap)
+    stop_trail(caches)
+
+
+def stop_trail(caches):
+    for c in caches:
+        if c.kind == "recurrent":
+            c.trail = None
 
 
 def can_trim(caches, n: int) -> bool:

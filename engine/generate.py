@@ -35,6 +35,7 @@ class GenerationResponse:
     decode_tps: float         # decode speed so far
     finish_reason: str | None = None   # "stop" | "length" | "cancelled" | None while running
     logits: np.ndarray | None = field(default=None, repr=False)   # when keep_logits
+    speculation: dict | None = None   # with a speculator: drafted, accepted, acceptance, steps, tokens_per_step
 
 
 def prefill(model, cache, tokens: Sequence[int], chunk: int = PREFILL_CHUNK,
@@ -61,12 +62,16 @@ def stream_generate(model, tokenizer, prompt_tokens: Sequence[int], cache, sampl
                     prefill_progress: Callable[[int, int], None] | None = None,
                     keep_logits: bool = False, history: Sequence[int] = (),
                     stop_ids: frozenset | None = None,
-                    prefill_chunk: int = PREFILL_CHUNK) -> Iterator[GenerationResponse]:
+                    prefill_chunk: int = PREFILL_CHUNK,
+                    speculator=None) -> Iterator[GenerationResponse]:
     """Prefill `prompt_tokens` on top of `cache`, then sample up to `max_tokens` tokens.
 
     The last sampled token is not fed to the cache (its logits are never needed), so
     after the loop the cache holds the prompt plus every yielded token but the last.
     `history`: tokens already in the cache, for the repetition penalty.
+    `speculator` (engine.speculative.Speculator): draft and verify several tokens per forward
+    pass; the tokens (and the cache after the loop) are exactly those of plain decoding.
+    A cancel is seen after the tokens of the current pass.
     """
     if len(prompt_tokens) == 0:
         raise PromptError("the prompt is empty: nothing to answer")
@@ -84,11 +89,15 @@ def stream_generate(model, tokenizer, prompt_tokens: Sequence[int], cache, sampl
     decoder = tokenizer.stream_decoder()
     ttft = 0.0
     t_first = 0.0
+    pending: list = []   # (token, logits) sampled by the speculator's last pass, not yet yielded
     for i in range(max_tokens):
-        row = logits
-        for proc in logits_processors:
-            row = proc(seen, row)
-        token = sampler(row)
+        if pending:
+            token, logits = pending.pop(0)
+        else:
+            row = logits
+            for proc in logits_processors:
+                row = proc(seen, row)
+            token = sampler(row)
         now = time.perf_counter()
         if i == 0:
             ttft = now - t0
@@ -100,16 +109,23 @@ def stream_generate(model, tokenizer, prompt_tokens: Sequence[int], cache, sampl
             finish = "stop"
         elif n_gen >= max_tokens:
             finish = "length"
-        elif cancel is not None and cancel.is_set():
+        elif cancel is not None and cancel.is_set() and not pending:
             finish = "cancelled"
         text = decoder.feed(token) if token not in stop_ids else ""
         if finish is not None:
             text += decoder.flush()
         yield GenerationResponse(text, token, n_prompt, prompt_tps, ttft, n_gen, decode_tps, finish,
-                                 logits if keep_logits else None)
+                                 logits if keep_logits else None,
+                                 speculator.stats.to_dict() if speculator is not None else None)
         if finish is not None:
             return
         seen.append(token)
-        t_step = time.perf_counter()
-        logits = model.forward([token], cache, logits="last")[-1]
-        governor.after_step(time.perf_counter() - t_step)
+        if pending:
+            continue   # already in the cache (the speculator's pass fed it)
+        if speculator is None:
+            t_step = time.perf_counter()
+            logits = model.forward([token], cache, logits="last")[-1]
+            governor.after_step(time.perf_counter() - t_step)
+        else:
+            pending = speculator.step(model, cache, token, seen[:-1], sampler, logits_processors,
+                                      limit=max_tokens - n_gen, stop_ids=stop_ids)

@@ -81,46 +81,70 @@ def finite_candidates(logits: np.ndarray) -> np.ndarray | None:
     return ids
 
 
+def greedy_token(logits: np.ndarray) -> int:
+    """argmax (ties to the lowest id) over the drawable logits."""
+    logits = np.asarray(logits)
+    ids = finite_candidates(logits)
+    if ids is None:
+        return int(np.argmax(logits))
+    return int(ids[np.argmax(logits[ids])])  # all +inf: the lowest id, as argmax would
+
+
+def chain_distribution(logits: np.ndarray, temperature: float, top_k: int = 0, top_p: float = 1.0,
+                       min_p: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """The chain top-k, top-p, min-p, temperature: (token ids, their probabilities), sorted by
+    logit. What a draw samples from (and speculative acceptance reads). temperature > 0."""
+    logits = np.asarray(logits, dtype=np.float64)
+    ids = np.arange(logits.shape[0])
+    masked = finite_candidates(logits)
+    if masked is not None:
+        # +inf logits: equal among themselves; otherwise the finite ones only
+        ids = masked
+        logits = np.zeros(len(ids)) if np.isposinf(logits[ids[0]]) else logits[ids]
+    if 0 < top_k < logits.shape[0]:
+        keep = np.argpartition(-logits, top_k - 1)[:top_k]
+        ids, logits = ids[keep], logits[keep]
+    order = np.argsort(-logits, kind="stable")
+    ids, logits = ids[order], logits[order]
+    probs = np.exp(logits - logits[0])
+    probs /= probs.sum()
+    if top_p < 1.0:
+        cut = int(np.searchsorted(np.cumsum(probs), top_p)) + 1
+        ids, logits, probs = ids[:cut], logits[:cut], probs[:cut]
+    if min_p > 0.0:
+        keep = probs >= min_p * probs[0]
+        ids, logits = ids[keep], logits[keep]
+    scaled = (logits - logits[0]) / temperature  # <= 0: no overflow even at a tiny temperature
+    p = np.exp(scaled)
+    p /= p.sum()
+    return ids, p
+
+
+class ChainSampler:
+    """A Sampler (callable on one logits row) that also exposes its distribution and random
+    generator, for speculative decoding's acceptance rule. temperature <= 0: greedy."""
+
+    def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 seed: int | None = None):
+        self.temperature, self.top_k, self.top_p, self.min_p = temperature, top_k, top_p, min_p
+        self.greedy = temperature <= 0
+        self.rng = np.random.default_rng(seed)
+
+    def distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.greedy:  # a point mass on the argmax (ties to the lowest id)
+            return np.array([greedy_token(logits)]), np.array([1.0])
+        return chain_distribution(logits, self.temperature, self.top_k, self.top_p, self.min_p)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.greedy:
+            return greedy_token(logits)
+        ids, p = self.distribution(logits)
+        return int(ids[self.rng.choice(len(ids), p=p)])
+
+
 def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 seed: int | None = None) -> Sampler:
-    if temperature <= 0:
-        def greedy(logits: np.ndarray) -> int:
-            logits = np.asarray(logits)
-            ids = finite_candidates(logits)
-            if ids is None:
-                return int(np.argmax(logits))
-            return int(ids[np.argmax(logits[ids])])  # all +inf: the lowest id, as argmax would
-
-        return greedy
-    rng = np.random.default_rng(seed)
-
-    def sample(logits: np.ndarray) -> int:
-        logits = np.asarray(logits, dtype=np.float64)
-        ids = np.arange(logits.shape[0])
-        masked = finite_candidates(logits)
-        if masked is not None:
-            # +inf logits: equal among themselves; otherwise the finite ones only
-            ids = masked
-            logits = np.zeros(len(ids)) if np.isposinf(logits[ids[0]]) else logits[ids]
-        if 0 < top_k < logits.shape[0]:
-            keep = np.argpartition(-logits, top_k - 1)[:top_k]
-            ids, logits = ids[keep], logits[keep]
-        order = np.argsort(-logits, kind="stable")
-        ids, logits = ids[order], logits[order]
-        probs = np.exp(logits - logits[0])
-        probs /= probs.sum()
-        if top_p < 1.0:
-            cut = int(np.searchsorted(np.cumsum(probs), top_p)) + 1
-            ids, logits, probs = ids[:cut], logits[:cut], probs[:cut]
-        if min_p > 0.0:
-            keep = probs >= min_p * probs[0]
-            ids, logits = ids[keep], logits[keep]
-        scaled = (logits - logits[0]) / temperature  # <= 0: no overflow even at a tiny temperature
-        p = np.exp(scaled)
-        p /= p.sum()
-        return int(ids[rng.choice(len(ids), p=p)])
-
-    return sample
+                 seed: int | None = None) -> ChainSampler:
+    return ChainSampler(temperature, top_k, top_p, min_p, seed)
 
 
 def make_repetition_penalty(penalty: float, last_n: int = 64) -> LogitsProcessor:

@@ -126,6 +126,8 @@ class ChatSession:
         self.max_checkpoint_bytes = max_checkpoint_bytes
         self.last_turn = TurnStats()
         self.trimmable = all(c.kind == "kv" for c in self.cache)
+        # engine.speculative.Speculator or None: replies decoded speculatively (same tokens)
+        self.speculator = None
 
     # -- facts -------------------------------------------------------------------------
     @property
@@ -318,7 +320,7 @@ class ChatSession:
         n_head = len(prompt) - reuse - len(suffix)
         for r in stream_generate(self.model, self.tokenizer, suffix, self.cache, sampler, procs, max_tokens,
                                  cancel=cancel, keep_logits=keep_logits, history=self.tokens,
-                                 prefill_chunk=prefill_chunk,
+                                 prefill_chunk=prefill_chunk, speculator=self.speculator,
                                  prefill_progress=(lambda d, t: prefill_progress(n_head + d, n_head + t))
                                  if prefill_progress else None):
             if not turn.reply_tokens:

@@ -262,10 +262,13 @@ class DenseModel:
             ops.swiglu(g, u, g)
         return g
 
-    def forward(self, tokens, cache: list, logits: str = "last") -> np.ndarray | None:
+    def forward(self, tokens, cache: list, logits: str = "last",
+                token_exact: bool = False) -> np.ndarray | None:
         """Feed tokens (T,) at the cache's current position; return logits (n, V) or None.
 
         logits: "last" (the last position only), "all" (every position) or "none".
+        token_exact: each row's logits bit-identical to feeding the tokens one at a time
+        (decode's row kernels instead of the GEMM; speculative verification).
         """
         a = self.args
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
@@ -293,13 +296,13 @@ class DenseModel:
                 raise ValueError("cache layers are at different positions")
             ops.rmsnorm(x, layer.attn_norm, eps, n)
             if layer.w_qkv is not None:
-                qkv = layer.w_qkv.matmul(n)
+                qkv = layer.w_qkv.matmul(n, token_exact=token_exact)
                 if layer.bqkv is not None:
                     qkv += layer.bqkv
                 qd, kd = layer.q_dim, layer.kv_dim
                 q, k, v = qkv[:, :qd], qkv[:, qd : qd + kd], qkv[:, qd + kd :]
             else:
-                q, k, v = layer.qkv_group.matmul(n)
+                q, k, v = layer.qkv_group.matmul(n, token_exact=token_exact)
                 if layer.bq is not None:
                     q += layer.bq
                 if layer.bk is not None:
@@ -323,19 +326,19 @@ class DenseModel:
                 s = scale
             qh = ops.to_f16_precision(q)
             ops.attention_nofa(qh, kv.keys, kv.values, p0, s, self.window(i), att, F16_TO_F32)
-            o = layer.wo.matmul(att.reshape(T, H * hd))
+            o = layer.wo.matmul(att.reshape(T, H * hd), token_exact=token_exact)
             if layer.post_attn_norm is not None:
                 ops.rmsnorm(o, layer.post_attn_norm, eps, o)
             x += o
 
             ops.rmsnorm(x, layer.ffn_norm, eps, n)
             if layer.w_gate_up is not None:
-                gu = layer.w_gate_up.matmul(n)
+                gu = layer.w_gate_up.matmul(n, token_exact=token_exact)
                 g = np.ascontiguousarray(gu[:, : a.n_ff])
                 u = np.ascontiguousarray(gu[:, a.n_ff :])
             else:
-                g, u = layer.gate_up_group.matmul(n)
-            f = layer.w_down.matmul(self._ffn_act(g, u))
+                g, u = layer.gate_up_group.matmul(n, token_exact=token_exact)
+            f = layer.w_down.matmul(self._ffn_act(g, u), token_exact=token_exact)
             if layer.post_ffw_norm is not None:
                 ops.rmsnorm(f, layer.post_ffw_norm, eps, f)
             x += f
@@ -345,7 +348,7 @@ class DenseModel:
         rows = x[-1:] if logits == "last" else x
         h = np.empty_like(rows)
         ops.rmsnorm(np.ascontiguousarray(rows), self.output_norm, eps, h)
-        out = self.output.matmul(h)
+        out = self.output.matmul(h, token_exact=token_exact)
         if self.output_bias is not None:
             out += self.output_bias
         return out

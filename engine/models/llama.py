@@ -152,10 +152,13 @@ class Model:
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(self.embd_format.dequantize(self.token_embd[tokens]), dtype=np.float32)
 
-    def forward(self, tokens, cache: list[KVCache], logits: str = "last") -> np.ndarray | None:
+    def forward(self, tokens, cache: list[KVCache], logits: str = "last",
+                token_exact: bool = False) -> np.ndarray | None:
         """Feed tokens (T,) at the cache's current position; return logits (n, V) or None.
 
         logits: "last" (the last position only), "all" (every position) or "none".
+        token_exact: each row's logits bit-identical to feeding the tokens one at a time
+        (decode's row kernels and single-query attention; speculative verification).
         """
         a = self.args
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
@@ -176,21 +179,25 @@ class Model:
         cos, sin = self.rope.upto(p0 + T)
         for layer, kv in zip(self.layers, cache):
             ops.rmsnorm(x, layer.attn_norm, a.norm_eps, n)
-            q, k, v = layer.wqkv.matmul(n)
+            q, k, v = layer.wqkv.matmul(n, token_exact)
             q, k, v = q.reshape(T, H, hd), k.reshape(T, Hkv, hd), v.reshape(T, Hkv, hd)
             # RoPE, then q/k/v rounded to fp16 (llama.cpp's F16 cache); k, v appended to the cache
             ops.rope_and_store(q, k, v, cos, sin, a.n_rot, False, kv)
-            ops.attend(q, kv.keys, kv.values, p0, scale, att)
-            x += layer.wo.matmul(att.reshape(T, H * hd))
+            if token_exact:  # decode's single-query path (fp16 accumulator), query by query
+                for t in range(T):
+                    ops.attend(q[t : t + 1], kv.keys, kv.values, p0 + t, scale, att[t : t + 1])
+            else:
+                ops.attend(q, kv.keys, kv.values, p0, scale, att)
+            x += layer.wo.matmul(att.reshape(T, H * hd), token_exact=token_exact)
 
             ops.rmsnorm(x, layer.ffn_norm, a.norm_eps, n)
-            g, u = layer.w_gate_up.matmul(n)
+            g, u = layer.w_gate_up.matmul(n, token_exact)
             ops.swiglu(g, u, g)
-            x += layer.w_down.matmul(g)
+            x += layer.w_down.matmul(g, token_exact=token_exact)
 
         if logits == "none":
             return None
         rows = x[-1:] if logits == "last" else x
         h = np.empty_like(rows)
         ops.rmsnorm(np.ascontiguousarray(rows), self.output_norm, a.norm_eps, h)
-        return self.output.matmul(h)
+        return self.output.matmul(h, token_exact=token_exact)

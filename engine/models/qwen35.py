@@ -254,10 +254,13 @@ class Model:
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(self.embd_format.dequantize(self.token_embd[tokens]), dtype=np.float32)
 
-    def forward(self, tokens, cache: list, logits: str = "last") -> np.ndarray | None:
+    def forward(self, tokens, cache: list, logits: str = "last",
+                token_exact: bool = False) -> np.ndarray | None:
         """Feed tokens (T,) at the cache's current position; return logits (n, V) or None.
 
         logits: "last" (the last position only), "all" (every position) or "none".
+        token_exact: each row's logits bit-identical to feeding the tokens one at a time
+        (decode's row kernels instead of the GEMM; speculative verification).
         """
         a = self.args
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
@@ -285,18 +288,27 @@ class Model:
             ops.rmsnorm(x, layer.attn_norm, eps, n)
             if layer.recurrent:
                 # (T, conv_dim), (T, Hv*dv), (T, Hv), (T, Hv)
-                qkv, z, b, al = layer.w_in.matmul(n)
-                y = deltanet_mix(qkv, z, al, b, c.conv, c.state, layer.conv_w, layer.dt_bias, layer.ssm_a,
-                                 layer.ssm_norm, eps, a.n_k_heads, self.tiled_v_heads)   # (T, Hv*dv)
-                c.advance(T)
-                x += layer.w_out.matmul(y)
+                qkv, z, b, al = layer.w_in.matmul(n, token_exact=token_exact)
+                if c.trail is None:
+                    y = deltanet_mix(qkv, z, al, b, c.conv, c.state, layer.conv_w, layer.dt_bias, layer.ssm_a,
+                                     layer.ssm_norm, eps, a.n_k_heads, self.tiled_v_heads)   # (T, Hv*dv)
+                    c.advance(T)
+                else:  # a snapshot after each token (speculative verification rolls back to one)
+                    y = np.empty((T, a.d_inner), dtype=np.float32)
+                    for t in range(T):
+                        y[t] = deltanet_mix(qkv[t : t + 1], z[t : t + 1], al[t : t + 1], b[t : t + 1], c.conv,
+                                            c.state, layer.conv_w, layer.dt_bias, layer.ssm_a, layer.ssm_norm,
+                                            eps, a.n_k_heads, self.tiled_v_heads)[0]
+                        c.advance(1)
+                        c.record()
+                x += layer.w_out.matmul(y, token_exact=token_exact)
             else:
                 if layer.w_qkv is not None:
-                    qkv = layer.w_qkv.matmul(n)
+                    qkv = layer.w_qkv.matmul(n, token_exact=token_exact)
                     nq = Hq * hd * 2
                     qg, k, v = qkv[:, :nq], qkv[:, nq : nq + Hkv * hd], qkv[:, nq + Hkv * hd :]
                 else:
-                    qg, k, v = layer.wqkv.matmul(n)
+                    qg, k, v = layer.wqkv.matmul(n, token_exact=token_exact)
                 qg = qg.reshape(T, Hq, 2, hd)
                 q = np.ascontiguousarray(qg[:, :, 0, :])                 # (T, Hq, hd)
                 gate = np.ascontiguousarray(qg[:, :, 1, :])              # (T, Hq, hd)
@@ -310,16 +322,16 @@ class Model:
                 att = np.empty((T, Hq, hd), dtype=np.float32)
                 ops.attention(q, c.keys, c.values, p0, scale, att)
                 att *= ops.sigmoid(gate)
-                x += layer.wo.matmul(att.reshape(T, Hq * hd))
+                x += layer.wo.matmul(att.reshape(T, Hq * hd), token_exact=token_exact)
 
             ops.rmsnorm(x, layer.post_norm, eps, n)
-            g, u = layer.w_gate_up.matmul(n)
+            g, u = layer.w_gate_up.matmul(n, token_exact=token_exact)
             ops.swiglu(g, u, g)
-            x += layer.w_down.matmul(g)
+            x += layer.w_down.matmul(g, token_exact=token_exact)
 
         if logits == "none":
             return None
         rows = x[-1:] if logits == "last" else x
         h = np.empty_like(rows)
         ops.rmsnorm(np.ascontiguousarray(rows), self.output_norm, eps, h)
-        return self.output.matmul(h)
+        return self.output.matmul(h, token_exact=token_exact)

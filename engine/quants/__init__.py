@@ -73,6 +73,11 @@ if simd.HAVE_AVX2 and os.environ.get("DELTATALK_NO_SIMD", "") != "1":
 else:
     SIMD_KERNELS, MULTI_KERNELS, AVX2_KERNELS, AVX2_MULTI_KERNELS = {}, {}, {}, {}
     KERNEL_FAMILY = "portable"
+# The row kernels alone (no GEMM): each token's result is bit for bit what a one-token call
+# gives, whatever T. The GEMM sums in another order, so a batch through it differs from
+# decode in the last bits; speculative verification must equal decode, so it takes these.
+TOKEN_EXACT_KERNELS = {k: AVX2_KERNELS.get(k, f.kernel) for k, f in FORMATS.items()}
+TOKEN_EXACT_MULTI_KERNELS = dict(AVX2_MULTI_KERNELS)
 
 # Float weights are handed to their kernels as float32 / uint16 views of the bytes, and
 # the 16-bit kernel needs the right table; Q8_0's kernel reads its bytes as signed.
@@ -125,7 +130,8 @@ class QuantLinear:
             raise ValueError(f"{self.name}: input of shape {X.shape}, expected (T, {self.n_in})")
         return self.fmt.quantize_act(np.ascontiguousarray(X, dtype=np.float32))
 
-    def matmul_quantized(self, act: tuple, out: np.ndarray | None = None) -> np.ndarray:
+    def matmul_quantized(self, act: tuple, out: np.ndarray | None = None, token_exact: bool = False) -> np.ndarray:
+        """token_exact: every row bit-identical to a one-token call (row kernels, no GEMM)."""
         T = act[0].shape[0]
         if act[0].shape[1] != self.n_in:
             raise ValueError(f"{self.name}: activation width {act[0].shape[1]}, expected {self.n_in}")
@@ -133,12 +139,13 @@ class QuantLinear:
             out = np.empty((T, self.n_out), dtype=np.float32)
         elif out.shape != (T, self.n_out) or out.dtype != np.float32 or not out.flags.c_contiguous:
             raise ValueError(f"{self.name}: output buffer {out.shape}, expected ({T}, {self.n_out}) float32")
-        self.fmt.kernel(self.weights, *act, self.lut, out)
+        kernel = TOKEN_EXACT_KERNELS[self.fmt.ggml_type] if token_exact else self.fmt.kernel
+        kernel(self.weights, *act, self.lut, out)
         return out
 
-    def matmul(self, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def matmul(self, X: np.ndarray, out: np.ndarray | None = None, token_exact: bool = False) -> np.ndarray:
         """X (T, n_in) float32 -> (T, n_out)."""
-        return self.matmul_quantized(self.quantize(X), out)
+        return self.matmul_quantized(self.quantize(X), out, token_exact)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.matmul(x.reshape(1, -1))[0]
@@ -186,15 +193,23 @@ class LinearGroup:
         self.fused = any(k is not None for _, launches in self.plan for k, _ in launches)
         self.shared_act = len(self.plan) == 1
 
-    def matmul(self, X: np.ndarray) -> list[np.ndarray]:
-        """X (T, n_in) float32 -> [(T, n_out_i)] in the order of the weights."""
+    def matmul(self, X: np.ndarray, token_exact: bool = False) -> list[np.ndarray]:
+        """X (T, n_in) float32 -> [(T, n_out_i)] in the order of the weights.
+
+        token_exact: every row bit-identical to a one-token call (row kernels, no GEMM)."""
         T = X.shape[0]
         outs: list = [None] * len(self.linears)
         for first, launches in self.plan:
             act = self.linears[first].quantize(X)
             for kernel, idx in launches:
+                if kernel is not None and token_exact:
+                    kernel = TOKEN_EXACT_MULTI_KERNELS.get(self.linears[idx[0]].fmt.ggml_type)
+                    if kernel is None:  # no fused row kernel: the weights one by one
+                        for i in idx:
+                            outs[i] = self.linears[i].matmul_quantized(act, token_exact=True)
+                        continue
                 if kernel is None:
-                    outs[idx[0]] = self.linears[idx[0]].matmul_quantized(act)
+                    outs[idx[0]] = self.linears[idx[0]].matmul_quantized(act, token_exact=token_exact)
                     continue
                 lins = [self.linears[i] for i in idx]
                 ys = [np.empty((T, l.n_out), dtype=np.float32) for l in lins]

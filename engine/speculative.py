@@ -1,0 +1,321 @@
+"""Speculative decoding: a cheap drafter guesses the next tokens, the model checks them all in
+one forward pass, and the output is exactly what plain decoding would have produced.
+
+Exactness. A batch through the prefill GEMM sums in another order than decode's row kernels,
+so its logits differ from one-token steps in the last bits, and greedy ids can differ. The
+verification pass therefore runs `model.forward(..., token_exact=True)`: decode's row kernels
+(each weight row read once for all drafted tokens, every token in its own accumulator, in
+decode's order) and decode's single-query attention, query by query. Its rows equal T
+one-token steps bit for bit (tests/engine/test_speculative.py checks every architecture).
+
+Rollback. The pass feeds [the last sampled token, d1..dk]. When d_{m+1} is rejected the cache
+must hold the state after d_m exactly: attention KV is trimmed; DeltaNet layers keep a trail
+of snapshots, one after each token of the pass (engine.cache.start_trail / rewind), and the
+right one is restored. (The alternative, restoring the state before the pass and feeding the
+accepted tokens again, reads every weight a second time on every rejection.)
+
+Sampling (temperature > 0). Drafts are deterministic (a point mass q = 1 on the drafted
+token), so the standard rule min(1, p/q) becomes: accept d with probability p(d), where p is
+the model's distribution after the same sampler chain (penalties, top-k, top-p, min-p,
+temperature); on rejection sample from p with d removed. Each output token is then
+distributed exactly as plain sampling would draw it.
+
+Drafters:
+- LookupDrafter: prompt lookup, the longest recent n-gram of the context that occurred
+  before, continued by what followed it then (no second model).
+- ModelDrafter: a small model with the same vocabulary, greedy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.cache import CacheTrimError, rewind, start_trail, stop_trail
+from engine.errors import DeltatalkError
+
+MODES = ("off", "lookup", "draft", "mtp")
+DEFAULT_DRAFT_MAX = 8
+
+
+class DraftModelError(DeltatalkError):
+    """A draft model that cannot draft for this model (the message says why)."""
+
+
+@dataclass
+class SpeculationStats:
+    drafted: int = 0        # draft tokens checked
+    accepted: int = 0       # of those, accepted
+    steps: int = 0          # verification passes (a pass with no draft is a plain decode step)
+    tokens: int = 0         # tokens produced by those passes (accepted + the model's own)
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.tokens / self.steps if self.steps else 0.0
+
+    def to_dict(self) -> dict:
+        return {"drafted": self.drafted, "accepted": self.accepted, "acceptance": round(self.acceptance, 4),
+                "steps": self.steps, "tokens_per_step": round(self.tokens_per_step, 3)}
+
+
+class LookupDrafter:
+    """Prompt lookup: find the most recent earlier occurrence of the context's last n tokens
+    (n from max_ngram down to min_ngram) and propose the tokens that followed it."""
+
+    name = "lookup"
+
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 2):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"n-gram sizes must satisfy 1 <= min ({min_ngram}) <= max ({max_ngram})")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self._arr = np.empty(0, dtype=np.int64)
+        self._n = 0
+
+    def _sync(self, context: Sequence[int]) -> np.ndarray:
+        """The context as an array, appended to incrementally when it only grew."""
+        L = len(context)
+        if L < self._n or (self._n and int(self._arr[self._n - 1]) != int(context[self._n - 1])):
+            self._n = 0  # another conversation or a rewind: start over
+        if L > self._arr.shape[0]:
+            grown = np.empty(max(2 * self._arr.shape[0], L, 256), dtype=np.int64)
+            grown[: self._n] = self._arr[: self._n]
+            self._arr = grown
+        if L > self._n:
+            self._arr[self._n : L] = np.asarray(context[self._n :], dtype=np.int64)
+            self._n = L
+        return self._arr[:L]
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        arr = self._sync(context)
+        L = arr.shape[0]
+        if k <= 0 or L < self.min_ngram + 1:
+            return []
+        # candidate ends j (< L-1, so something follows) where the last token occurred
+        # ends j (< L-1, so something follows) of earlier matches of the last n tokens, n = 1, 2, ...
+        ok = np.flatnonzero(arr[: L - 1] == arr[L - 1])
+        best = -1
+        for n in range(1, self.max_ngram + 1):
+            if n >= self.min_ngram and ok.size:
+                best = int(ok[-1])   # the most recent match of this length; try a longer one
+            if n == self.max_ngram or L - 1 - n < 0:
+                break
+            ok = ok[ok >= n]
+            ok = ok[arr[ok - n] == arr[L - 1 - n]]
+            if not ok.size:
+                break
+        if best < 0:
+            return []
+        return arr[best + 1 : best + 1 + k].tolist()
+
+
+def check_draft_compatible(target, draft) -> None:
+    """Raise DraftModelError unless `draft` (a LoadedModel) can draft for `target`: the same
+    vocabulary (size and every token's text) and the same end-of-generation tokens."""
+    tt, dt = target.tokenizer, draft.tokenizer
+    if target.model.n_vocab != draft.model.n_vocab or tt.vocab_size != dt.vocab_size:
+        raise DraftModelError(f"{draft.path.name} cannot draft for {target.path.name}: vocabulary sizes differ "
+                              f"({dt.vocab_size} tokens / {draft.model.n_vocab} logits vs "
+                              f"{tt.vocab_size} / {target.model.n_vocab})")
+    ids = np.arange(tt.vocab_size)
+    for lo in range(0, tt.vocab_size, 4096):
+        part = ids[lo : lo + 4096].tolist()
+        a, b = [tt.token_text(i) for i in part], [dt.token_text(i) for i in part]
+        if a != b:
+            i = next(j for j, (x, y) in enumerate(zip(a, b)) if x != y) + lo
+            raise DraftModelError(f"{draft.path.name} cannot draft for {target.path.name}: token {i} is "
+                                  f"{dt.token_text(i)!r} there but {tt.token_text(i)!r} here")
+    if tt.eog_ids != dt.eog_ids:
+        raise DraftModelError(f"{draft.path.name} cannot draft for {target.path.name}: end-of-generation "
+                              f"tokens differ ({sorted(dt.eog_ids)} vs {sorted(tt.eog_ids)})")
+
+
+class ModelDrafter:
+    """A small model with the same vocabulary drafts greedily. Its cache follows the
+    context by common prefix: trimmed (KV) or restored from its trail (recurrent layers)
+    to the accepted part, then fed what is new."""
+
+    name = "draft"
+
+    def __init__(self, target, draft, prefill_chunk: int = 128):
+        check_draft_compatible(target, draft)
+        self.loaded = draft
+        self.model = draft.model
+        self.cache = self.model.make_cache()
+        self.fed: list[int] = []
+        self.chunk = prefill_chunk
+
+    def _rewind(self, keep: int) -> int:
+        try:
+            rewind(self.cache, keep)
+        except CacheTrimError:  # no snapshot there (another conversation): start over
+            stop_trail(self.cache)
+            for c in self.cache:
+                c.trim(c.offset)
+            keep = 0
+        del self.fed[keep:]
+        return keep
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        if k <= 0 or not context:
+            return []
+        room = self.model.n_ctx - len(context)
+        k = min(k, room)
+        if k <= 0:
+            return []
+        keep = 0
+        n = min(len(self.fed), len(context) - 1)   # feed >= 1 token: its logits start the draft
+        while keep < n and self.fed[keep] == context[keep]:
+            keep += 1
+        self._rewind(keep)
+        new = list(context[len(self.fed):])
+        logits = None
+        for i in range(0, len(new), self.chunk):
+            part = new[i : i + self.chunk]
+            last = i + self.chunk >= len(new)
+            logits = self.model.forward(part, self.cache, logits="last" if last else "none")
+            self.fed.extend(part)
+        start_trail(self.cache)   # the drafted positions can be rolled back next time
+        drafts = []
+        for i in range(k):
+            tok = int(np.argmax(logits[-1]))
+            drafts.append(tok)
+            if i < k - 1:
+                logits = self.model.forward([tok], self.cache, logits="last")
+                self.fed.append(tok)
+        return drafts
+
+
+class DraftLength:
+    """Adaptive k: grows while drafts are accepted whole, falls to what was accepted + 1 on a
+    rejection; after repeated wholesale rejections, drafting pauses for a few steps (so text
+    the drafter cannot predict runs at plain speed)."""
+
+    def __init__(self, k_max: int, adaptive: bool = True):
+        if k_max < 1:
+            raise ValueError(f"--draft-max must be >= 1, got {k_max}")
+        self.k_max, self.adaptive = k_max, adaptive
+        self.k = k_max if not adaptive else min(4, k_max)
+        self.misses = 0     # consecutive drafts rejected at the first token
+        self.pause = 0      # steps left without drafting
+
+    def next(self) -> int:
+        if self.pause > 0:
+            self.pause -= 1
+            return 0
+        return self.k
+
+    def update(self, drafted: int, accepted: int):
+        if not self.adaptive or drafted == 0:
+            return
+        if accepted == drafted:
+            self.k = min(self.k_max, self.k + 2)
+            self.misses = 0
+        else:
+            self.k = max(1, accepted + 1)
+            self.misses = self.misses + 1 if accepted == 0 else 0
+            if self.misses >= 2:
+                self.pause = min(8, 2 ** (self.misses - 1))
+
+
+class Speculator:
+    """Drafter + adaptive length + verification; one per generation setting (it keeps stats
+    and, for a draft model, that model's cache)."""
+
+    def __init__(self, drafter, draft_max: int = DEFAULT_DRAFT_MAX, adaptive: bool = True):
+        self.drafter = drafter
+        self.length = DraftLength(draft_max, adaptive)
+        self.stats = SpeculationStats()
+
+    @property
+    def mode(self) -> str:
+        return self.drafter.name
+
+    def step(self, model, cache, token: int, seen: list[int], sampler, processors=(), limit: int = 1 << 30,
+             stop_ids: frozenset = frozenset()) -> list[tuple[int, np.ndarray]]:
+        """Feed `token` (sampled, not yet in the cache) and a draft; return the tokens sampled
+        after it with their logits rows: the accepted drafts, then the model's own token
+        (1 to k+1 tokens, at most `limit`, ending at a stop id). The cache then holds `token`
+        and every returned token but the last, exactly as plain decoding would have left it."""
+        p0 = cache[0].offset
+        k = min(self.length.next(), limit - 1, model.n_ctx - p0 - 1)
+        context = list(seen) + [token]
+        draft = self.drafter.propose(context, k) if k > 0 else []
+        draft = [int(d) for d in draft[:k]]
+        self.stats.steps += 1
+        if not draft:
+            row = model.forward([token], cache, logits="last")[-1]
+            out = [(_sample(sampler, processors, context, row), row)]
+            self.stats.tokens += 1
+            return out
+        start_trail(cache)
+        rows = model.forward([token] + draft, cache, logits="all", token_exact=True)
+        out = []
+        accepted = 0
+        hist = context
+        for i, d in enumerate(draft):
+            t = _accept(sampler, processors, hist, rows[i], d)
+            out.append((t, rows[i]))
+            if t != d:
+                break
+            accepted += 1
+            if t in stop_ids or len(out) >= limit:
+                break
+            hist = hist + [t]
+        else:
+            out.append((_sample(sampler, processors, hist, rows[len(draft)]), rows[len(draft)]))
+        rewind(cache, p0 + len(out))   # token + all returned but the last
+        self.stats.drafted += len(draft)
+        self.stats.accepted += accepted
+        self.stats.tokens += len(out)
+        self.length.update(len(draft), accepted)
+        return out
+
+
+def _processed(processors, hist, row):
+    for proc in processors:
+        row = proc(hist, row)
+    return row
+
+
+def _sample(sampler, processors, hist, row) -> int:
+    return sampler(_processed(processors, hist, row))
+
+
+def _accept(sampler, processors, hist, row, d: int) -> int:
+    """The token at this position given draft d: d itself, or the model's own choice."""
+    row = _processed(processors, hist, row)
+    if sampler.greedy:
+        return int(np.argmax(row))
+    ids, p = sampler.distribution(row)
+    at = ids == d
+    p_d = float(p[at].sum())
+    if sampler.rng.random() < p_d:
+        return d
+    rest = np.where(at, 0.0, p)
+    total = rest.sum()
+    if total <= 0.0:   # p_d rounds to 1 but the draw fell above it
+        return d
+    return int(ids[sampler.rng.choice(len(ids), p=rest / total)])
+
+
+def make_speculator(mode: str, target, draft=None, draft_max: int = DEFAULT_DRAFT_MAX,
+                    adaptive: bool = True) -> Speculator | None:
+    """The Speculator for a --speculate mode ("off" -> None). target, draft: LoadedModel."""
+    if mode not in MODES:
+        raise ValueError(f"--speculate must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode == "off":
+        return None
+    if mode == "lookup":
+        return Speculator(LookupDrafter(), draft_max, adaptive)
+    if mode == "draft":
+        if draft is None:
+            raise DraftModelError("--speculate draft needs --draft MODEL (a small model with the same vocabulary)")
+        return Speculator(ModelDrafter(target, draft), draft_max, adaptive)
+    raise DeltatalkError("--speculate mtp is not implemented yet: the engine does not load the nextn "
+                         "(multi-token prediction) block; use lookup or draft")

@@ -1,0 +1,263 @@
+"""Speculative decoding changes nothing but the speed: greedy ids identical to plain decoding
+(every architecture, rejections forced), the cache left exactly as plain decoding leaves it,
+and at temperature > 0 the same output distribution."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine import cache as cache_mod
+from engine.generate import stream_generate
+from engine.loader import load_model
+from engine.sampling import ChainSampler, make_sampler
+from engine.speculative import (DraftModelError, LookupDrafter, ModelDrafter, Speculator,
+                                check_draft_compatible)
+
+
+class NoisyOracleDrafter:
+    """Test drafter: proposes the plain-decoding continuation (known in advance) with some
+    drafted tokens replaced by wrong ones, so both acceptance and rejection happen."""
+
+    name = "oracle"
+
+    def __init__(self, full: list[int], n_vocab: int, wrong_every: int = 3, seed: int = 0):
+        self.full, self.n_vocab, self.wrong_every = full, n_vocab, wrong_every
+        self.rng = np.random.default_rng(seed)
+        self.calls = 0
+
+    def propose(self, context, k):
+        self.calls += 1
+        n = len(context)
+        truth = self.full[n : n + k]
+        out = []
+        for i, t in enumerate(truth):
+            if (self.calls + i) % self.wrong_every == 0:
+                out.append(int((t + 1 + self.rng.integers(self.n_vocab - 1)) % self.n_vocab))
+            else:
+                out.append(int(t))
+        return out
+
+
+def _greedy(model, tok, prompt, max_tokens, speculator=None, stop_ids=frozenset()):
+    cache = model.make_cache()
+    rs = list(stream_generate(model, tok, prompt, cache, make_sampler(0.0), max_tokens=max_tokens,
+                              stop_ids=stop_ids, keep_logits=True, speculator=speculator))
+    return [r.token for r in rs], np.stack([r.logits for r in rs]), cache
+
+
+def _cache_equal(a, b):
+    for x, y in zip(a, b):
+        assert x.offset == y.offset
+        if x.kind == "kv":
+            assert np.array_equal(x.keys[: x.offset], y.keys[: y.offset])
+            assert np.array_equal(x.values[: x.offset], y.values[: y.offset])
+        else:
+            assert np.array_equal(x.conv, y.conv) and np.array_equal(x.state, y.state)
+
+
+def _check_identity(lm, prompt, n=40, draft_max=5):
+    m, tok = lm.model, lm.tokenizer
+    plain, plain_logits, plain_cache = _greedy(m, tok, prompt, n)
+    oracle = NoisyOracleDrafter(list(prompt) + plain, m.n_vocab)
+    spec = Speculator(oracle, draft_max=draft_max, adaptive=False)
+    ids, logits, cache = _greedy(m, tok, prompt, n, spec)
+    assert ids == plain
+    assert np.array_equal(logits, plain_logits)   # bit for bit: the verification pass is token-exact
+    _cache_equal(cache, plain_cache)
+    assert 0 < spec.stats.accepted < spec.stats.drafted   # both acceptances and rejections happened
+    return spec
+
+
+@pytest.fixture(scope="module")
+def arch_files(tmp_path_factory):
+    from tests.arch_models import CONFIGS, write_arch
+    from tests.qwen35_models import Qwen35Config, write_qwen35
+    from tests.tiny_models import write_tiny_llama
+
+    d = tmp_path_factory.mktemp("spec")
+    files = {"llama": write_tiny_llama(d / "llama.gguf"),
+             "qwen35": write_qwen35(d / "qwen35.gguf", Qwen35Config(n_layer=4))}
+    for name, cfg in CONFIGS.items():
+        files[name] = write_arch(d / f"{name}.gguf", cfg)
+    return files
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen35", "phi3", "qwen2", "qwen3"])
+def test_token_exact_batch_equals_single_steps(arch_files, arch):
+    lm = load_model(arch_files[arch])
+    m = lm.model
+    toks = np.random.default_rng(1).integers(0, m.n_vocab, 20).tolist()
+    for T in (2, 5, 9):
+        a, b = m.make_cache(), m.make_cache()
+        m.forward(toks[:8], a, "none")
+        m.forward(toks[:8], b, "none")
+        batch = m.forward(toks[8 : 8 + T], a, "all", token_exact=True)
+        steps = np.stack([m.forward([t], b, "last")[-1] for t in toks[8 : 8 + T]])
+        assert np.array_equal(batch, steps), (arch, T)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen35", "phi3", "qwen2", "qwen3"])
+def test_greedy_ids_identical_with_rejections(arch_files, arch):
+    lm = load_model(arch_files[arch])
+    prompt = np.random.default_rng(2).integers(0, lm.model.n_vocab, 12).tolist()
+    _check_identity(lm, prompt)
+
+
+def test_recurrent_rollback_restores_the_state_after_the_last_accepted_token(arch_files):
+    lm = load_model(arch_files["qwen35"])
+    m = lm.model
+    toks = np.random.default_rng(3).integers(0, m.n_vocab, 16).tolist()
+    a, b = m.make_cache(), m.make_cache()
+    m.forward(toks[:6], a, "none")
+    cache_mod.start_trail(a)
+    m.forward(toks[6:14], a, "all", token_exact=True)
+    cache_mod.rewind(a, 9)
+    m.forward(toks[:9], b, "none")
+    _cache_equal(a, b)
+    assert all(c.trail is None for c in a if c.kind == "recurrent")
+    with pytest.raises(cache_mod.CacheTrimError):
+        cache_mod.rewind(a, 7)   # the trail is gone: no snapshot there any more
+
+
+def test_lookup_drafter_continues_the_longest_recent_match():
+    d = LookupDrafter(max_ngram=3, min_ngram=2)
+    ctx = [1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 1, 2, 3]
+    # last 3 tokens [1, 2, 3] occurred at the start: continue with 4, 5, 9
+    assert d.propose(ctx, 3) == [4, 5, 9]
+    assert d.propose([5, 6, 7, 8], 4) == []          # no earlier match of 2 tokens
+    assert d.propose([5, 6, 5, 6], 4) == [5, 6]      # stops at the end of the context
+    assert d.propose([1, 2, 1, 2, 1, 2], 2) == [1, 2]   # most recent match first
+
+
+def test_default_model_lookup_identical_to_plain(default_model_path):
+    lm = load_model(default_model_path)
+    msgs = [{"role": "user", "content": "Repeat this function exactly, adding a docstring:\n\n"
+             "def area(w, h):\n    if w < 0 or h < 0:\n        raise ValueError('negative')\n    return w * h\n"}]
+    prompt = lm.tokenizer.encode(lm.template.render(msgs, add_generation_prompt=True), add_special=False)
+    m, tok = lm.model, lm.tokenizer
+    plain, plain_logits, plain_cache = _greedy(m, tok, prompt, 60, stop_ids=tok.eog_ids)
+    spec = Speculator(LookupDrafter(), draft_max=8)
+    ids, logits, cache = _greedy(m, tok, prompt, 60, spec, stop_ids=tok.eog_ids)
+    assert ids == plain
+    assert np.array_equal(logits, plain_logits)
+    _cache_equal(cache, plain_cache)
+    assert spec.stats.accepted > 0
+    _check_identity(lm, prompt, n=30)   # and with rejections forced
+
+
+def test_default_model_session_regenerate_and_edit_identical(default_model_path):
+    from engine.sampling import SamplingSettings
+    from engine.session import ChatSession
+
+    lm = load_model(default_model_path)
+    greedy = SamplingSettings(temperature=0.0)
+
+    def turns(session):
+        msgs = [{"role": "user", "content": "List three fruits, then list them again."}]
+        r1 = [r.token for r in session.reply(msgs, greedy, max_tokens=24)]
+        r2 = [r.token for r in session.reply(msgs, greedy, max_tokens=24)]       # regenerate
+        edited = [{"role": "user", "content": "List three colours, then list them again."}]
+        r3 = [r.token for r in session.reply(edited, greedy, max_tokens=24)]     # edit
+        return r1, r2, r3, list(session.tokens)
+
+    plain = turns(ChatSession(lm))
+    s = ChatSession(lm)
+    s.speculator = Speculator(LookupDrafter())
+    assert turns(s) == plain
+    assert s.speculator.stats.steps > 0 and s.speculator.stats.drafted > 0
+
+
+def test_draft_model_q4_1_for_q8_0_identical(default_model_path, tmp_path):
+    from tests.requantize_model import requantize_q8_0
+
+    target = load_model(requantize_q8_0(default_model_path, tmp_path / "smollm2-q8_0.gguf"))
+    draft = load_model(default_model_path)
+    msgs = [{"role": "user", "content": "Write a haiku about the sea."}]
+    prompt = target.tokenizer.encode(target.template.render(msgs, add_generation_prompt=True), add_special=False)
+    plain, plain_logits, _ = _greedy(target.model, target.tokenizer, prompt, 40)
+    spec = Speculator(ModelDrafter(target, draft), draft_max=4)
+    ids, logits, _ = _greedy(target.model, target.tokenizer, prompt, 40, spec)
+    assert ids == plain and np.array_equal(logits, plain_logits)
+    assert spec.stats.accepted > 0 and spec.stats.drafted > spec.stats.accepted
+
+
+def test_draft_model_with_another_vocabulary_is_refused(arch_files):
+    a, b = load_model(arch_files["llama"]), load_model(arch_files["qwen35"])
+    with pytest.raises(DraftModelError, match="vocabulary sizes differ|token"):
+        check_draft_compatible(a, b)
+
+
+def test_draft_model_drafter_identity_on_tiny_recurrent_pair(arch_files, tmp_path):
+    """A qwen35 drafting for another qwen35 with the same vocabulary (different weights):
+    the drafter's recurrent cache follows the context through its own trail."""
+    from tests.qwen35_models import Qwen35Config, write_qwen35
+
+    target = load_model(arch_files["qwen35"])
+    draft = load_model(write_qwen35(tmp_path / "d.gguf", Qwen35Config(n_layer=4), seed=1))
+    prompt = np.random.default_rng(4).integers(0, target.model.n_vocab, 10).tolist()
+    plain, _, plain_cache = _greedy(target.model, target.tokenizer, prompt, 30)
+    spec = Speculator(ModelDrafter(target, draft), draft_max=3, adaptive=False)
+    ids, _, cache = _greedy(target.model, target.tokenizer, prompt, 30, spec)
+    assert ids == plain
+    _cache_equal(cache, plain_cache)
+    assert spec.stats.drafted > 0
+
+
+def _empirical(lm, prompt, spec_factory, n_runs, settings):
+    """Counts of the first three sampled tokens' (pair) outcomes over n_runs seeds."""
+    m, tok = lm.model, lm.tokenizer
+    counts = {}
+    for seed in range(n_runs):
+        s = ChainSampler(seed=seed, **settings)
+        rs = list(stream_generate(m, tok, prompt, m.make_cache(), s, max_tokens=3, stop_ids=frozenset(),
+                                  speculator=spec_factory()))
+        key = tuple(r.token for r in rs[1:3])
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def test_temperature_distribution_unchanged(arch_files):
+    """Speculative sampling: the joint distribution of tokens 2-3 (both drafted and verified)
+    matches the exact distribution computed from the model's own probabilities (chi-square)."""
+    lm = load_model(arch_files["llama"])
+    m = lm.model
+    settings = dict(temperature=1.5, top_k=4, top_p=1.0, min_p=0.0)
+    prompt = [5, 17, 40, 5, 17]
+    # exact joint distribution of (t2, t3) given t1, by enumeration, for each t1
+    ref = ChainSampler(**settings)
+    c = m.make_cache()
+    row0 = m.forward(prompt, c, "last")[-1]
+    ids1, p1 = ref.distribution(row0)
+    exact = {}
+    for t1, q1 in zip(ids1, p1):
+        c1 = m.make_cache()
+        r1 = m.forward(prompt + [int(t1)], c1, "last")[-1]
+        ids2, p2 = ref.distribution(r1)
+        for t2, q2 in zip(ids2, p2):
+            c2 = m.make_cache()
+            r2 = m.forward(prompt + [int(t1), int(t2)], c2, "last")[-1]
+            ids3, p3 = ref.distribution(r2)
+            for t3, q3 in zip(ids3, p3):
+                key = (int(t2), int(t3))
+                exact[key] = exact.get(key, 0.0) + q1 * q2 * q3
+
+    class Fixed:   # drafts a fixed guess: accepted only as often as the model picks it
+        name = "fixed"
+
+        def propose(self, context, k):
+            return [int(ids1[0]), int(ids1[1])][:k]
+
+    n = 1500
+    got = _empirical(lm, prompt, lambda: Speculator(Fixed(), draft_max=2, adaptive=False), n, settings)
+    keys = [k for k, p in exact.items() if p * n >= 5]
+    chi2 = sum((got.get(k, 0) - exact[k] * n) ** 2 / (exact[k] * n) for k in keys)
+    rest_exp = n - sum(exact[k] * n for k in keys)
+    rest_got = n - sum(got.get(k, 0) for k in keys)
+    if rest_exp >= 5:
+        chi2 += (rest_got - rest_exp) ** 2 / rest_exp
+    dof = len(keys) - (0 if rest_exp >= 5 else 1)
+    # 99.9% quantile of chi-square ~ dof + 3.1*sqrt(2 dof) + 10 (loose Wilson-Hilferty bound)
+    assert chi2 < dof + 3.1 * np.sqrt(2 * dof) + 10, (chi2, dof)
+    # and a drafter whose guesses ignore the rule would fail: the counts must not be the draft's
+    assert got.get((int(ids1[0]), int(ids1[1])), 0) < 0.9 * n
