@@ -1,4 +1,4 @@
-"""The `deltatalk` command: chat, run, bench, models, fetch."""
+"""The `deltatalk` command: chat, run, bench, models, fetch, serve."""
 
 from __future__ import annotations
 
@@ -70,10 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("fetch", help="download the default model (if missing) and exit")
     models = sub.add_parser("models", help="list the GGUF files found")
     models.add_argument("--json", action="store_true")
+    from chatapp.remote_cli import add_endpoint_args
+    from chatapp.server.cli import add_serve_parser
+
+    add_endpoint_args(chat)
+    add_endpoint_args(run)
+    add_serve_parser(sub)
     return ap
 
 
-COMMANDS = ("chat", "run", "bench", "fetch", "models")
+COMMANDS = ("chat", "run", "bench", "fetch", "models", "serve")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +97,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if cmd == "models":
             return cmd_models(args)
+        if cmd == "serve":
+            from chatapp.server.cli import cmd_serve
+
+            return cmd_serve(args)
         if cmd == "run":
+            if args.endpoint:
+                from chatapp.remote_cli import cmd_run_remote
+
+                return cmd_run_remote(args)
             return cmd_run(args)
         if cmd == "bench":
             from chatapp.bench_cli import cmd_bench
