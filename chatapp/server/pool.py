@@ -13,9 +13,10 @@ tokenized and fed, which also keeps templates that rewrite history (Qwen3.5 drop
 <think> blocks) from invalidating the cache.
 
 Several sessions are kept within a byte budget (KV high-water mark + recurrent state +
-checkpoints); the least recently used is dropped first. A request that would rewind a
-session by more than it reuses gets a fresh session instead while the budget allows, so
-two clients that share only a system prompt do not keep destroying each other's cache.
+checkpoints); the least recently used is dropped first. A request that diverges inside a
+session's history (not just in its last reply: that is a regenerate) and would rewind it
+by more than it reuses gets a fresh session instead while the budget allows, so two
+clients that share only a system prompt do not keep destroying each other's cache.
 
 Everything here runs on the kernel thread (one request at a time): no locking.
 """
@@ -90,8 +91,10 @@ class SessionPool:
                 best = cand
         if best is None or best.reusable == 0:
             return Match(None, rendered, 0)
-        lost = len(best.kept.session.tokens) - best.reusable
-        if lost > best.reusable and self._room_for_another():
+        s = best.kept.session
+        lost = len(s.tokens) - best.reusable
+        in_history = not s.turns or best.reusable < len(s.turns[-1].prompt) - 1   # not just a new last reply
+        if lost > best.reusable and in_history and self._room_for_another():
             return Match(None, rendered, 0)
         return best
 
