@@ -302,6 +302,10 @@ def cmd_run(args) -> int:
 
 def cmd_chat(args) -> int:
     """The full-screen chat (Textual); `--plain` gives the line-based chat below."""
+    if args.endpoint:
+        from chatapp.remote_cli import cmd_chat_remote
+
+        return cmd_chat_remote(args)
     if not args.plain:
         from chatapp.app import run_tui
 

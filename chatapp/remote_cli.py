@@ -86,3 +86,21 @@ def cmd_run_remote(args) -> int:
               f"{f.decode_tps:.1f} tok/s decode (at the client) | stop: {f.finish} | {endpoint.url}]",
               file=sys.stderr)
     return 0
+
+
+def cmd_chat_remote(args) -> int:
+    """`deltatalk --endpoint URL [-m NAME] [--api-key-env VAR]`: the TUI on a remote model."""
+    from chatapp.app import run_tui
+    from chatapp.remote import RemoteChoice, RemoteError, api_key_from_env, normalize_url
+
+    if args.plain:
+        print("deltatalk: --plain needs a local model; not available with --endpoint", file=sys.stderr)
+        return 2
+    try:
+        url = normalize_url(args.endpoint)
+        api_key_from_env(args.api_key_env)   # a missing variable is said here, before the screen opens
+    except RemoteError as e:
+        print(f"deltatalk: {e}", file=sys.stderr)
+        return 2
+    return run_tui(threads=args.threads, ctx=args.ctx, system=args.system,
+                   endpoint=RemoteChoice(url, args.model, args.api_key_env))

@@ -13,10 +13,11 @@ tokenized and fed, which also keeps templates that rewrite history (Qwen3.5 drop
 <think> blocks) from invalidating the cache.
 
 Several sessions are kept within a byte budget (KV high-water mark + recurrent state +
-checkpoints); the least recently used is dropped first. A request that diverges inside a
-session's history (not just in its last reply: that is a regenerate) and would rewind it
-by more than it reuses gets a fresh session instead while the budget allows, so two
-clients that share only a system prompt do not keep destroying each other's cache.
+checkpoints); the least recently used is dropped first. A request from another conversation
+(another first user message) that would rewind a session by more than it reuses gets a
+fresh session instead while the budget allows, so two clients that share only a system
+prompt do not keep destroying each other's cache; the same conversation (edited,
+regenerated, its history rewritten by the client) rewinds its own session.
 
 Everything here runs on the kernel thread (one request at a time): no locking.
 """
@@ -57,6 +58,16 @@ def extends(recorded: list[dict], messages: list[dict]) -> bool:
             and _same_list(messages[: len(recorded)], recorded))
 
 
+def same_conversation(recorded: list[dict], messages: list[dict]) -> bool:
+    """Do both start with the same first user message? (A client that edits, regenerates or
+    rewrites its history keeps it; another client that shares only the system prompt does not.)"""
+    def first(ms):
+        return next(({"role": "user", "content": str(m.get("content", "")).strip()} for m in ms
+                     if m.get("role") == "user"), None)
+    a, b = first(recorded), first(messages)
+    return a is not None and a == b
+
+
 class SessionPool:
     def __init__(self, loaded: LoadedModel, budget_bytes: int, max_sessions: int = 64):
         self.loaded = loaded
@@ -93,8 +104,7 @@ class SessionPool:
             return Match(None, rendered, 0)
         s = best.kept.session
         lost = len(s.tokens) - best.reusable
-        in_history = not s.turns or best.reusable < len(s.turns[-1].prompt) - 1   # not just a new last reply
-        if lost > best.reusable and in_history and self._room_for_another():
+        if lost > best.reusable and not same_conversation(s.messages, messages) and self._room_for_another():
             return Match(None, rendered, 0)
         return best
 
