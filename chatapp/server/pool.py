@@ -129,6 +129,12 @@ class SessionPool:
                 self.kept.move_to_end(key)
                 break
 
+    def discard(self, kept: Kept):
+        """Forget a session (one made for a request that was then refused)."""
+        for key, k in list(self.kept.items()):
+            if k is kept:
+                del self.kept[key]
+
     def total_bytes(self) -> int:
         return sum(k.nbytes for k in self.kept.values())
 

@@ -124,7 +124,7 @@ class ServeEngine:
         prompt = m.prompt if m.prompt is not None else session.render(req.messages, req.enable_thinking)
         if len(prompt) >= self.n_ctx:
             if m.kept is None:
-                self.pool.evict()   # the fresh session holds nothing
+                self.pool.discard(kept)   # the fresh session holds nothing
             raise ContextOverflowError(f"the prompt has {len(prompt)} tokens; the context holds {self.n_ctx} "
                                        "(serve --ctx raises it up to the model's)")
         room = self.n_ctx - len(prompt)
