@@ -125,7 +125,7 @@ class LoadFailed(Message):
 
 
 LOAD_STAGES = {"open": "Opening", "validate": "Validated", "compile": "Preparing kernels (compiled on the first run)",
-               "ready": "Ready", "fetch": "Fetching the default model"}
+               "ready": "Ready", "fetch": "Fetching the default model", "connect": "Connecting to"}
 
 
 class LoadBar(Horizontal):
@@ -173,17 +173,13 @@ class DeltatalkApp(App):
 
     def __init__(self, backend: ChatBackend | None = None, *, model_path: Path | None = None,
                  config: Config | None = None, find_models: Callable[[], list] | None = None,
-                 offer_fetch: bool = True):
+                 offer_fetch: bool = True, endpoint=None):
         super().__init__()
         self.config = config or Config.load()
-        if backend is None:
-            from chatapp.backend import EngineBackend
-
-            backend = EngineBackend(threads=self.config.get("threads"), n_ctx=self.config.get("context"),
-                                    bandwidth_bytes_s=self.config.bandwidth_bytes_s,
-                                    speculate=self.config.get("speculate", "off"))
-        self.backend = backend
-        backend.on_notice = self._backend_notice
+        self.backend = backend if backend is not None else self._new_local_backend()
+        self.backend.on_notice = self._backend_notice
+        self._local_backend = self.backend        # kept while a remote endpoint is in use
+        self.initial_endpoint = endpoint          # a chatapp.remote.RemoteChoice to connect to at start
         self.initial_model = Path(model_path) if model_path else None
         self._find_models = find_models
         self.offer_fetch = offer_fetch
@@ -325,7 +321,17 @@ class DeltatalkApp(App):
                           lmstudio=d.get("lmstudio", True), ollama=d.get("ollama", True),
                           deadline=time.monotonic() + SCAN_SECONDS)
 
+    def _new_local_backend(self):
+        from chatapp.backend import EngineBackend
+
+        return EngineBackend(threads=self.config.get("threads"), n_ctx=self.config.get("context"),
+                             bandwidth_bytes_s=self.config.bandwidth_bytes_s,
+                             speculate=self.config.get("speculate", "off"))
+
     def _startup_model(self):
+        if self.initial_endpoint is not None:
+            self.use_endpoint(self.initial_endpoint)
+            return
         if self.initial_model is not None:
             self.load_model(self.initial_model)
             return
@@ -426,13 +432,17 @@ class DeltatalkApp(App):
         self.sub_title = f"{info.name} · {info.arch} · ctx {info.n_ctx:,}"
         self.gauge.n_ctx = info.n_ctx
         self.gauge.show_context(self._session_stats())
-        if self.store:
+        if info.endpoint:
+            self._remember_endpoint()
+        elif self.store:
             self.store.set_meta("last_model", str(info.path))
         extra = f" (kernels {info.compile_seconds:.1f} s)" if info.compile_seconds > 2 else ""
         self.notify(f"Model ready: {info.name}{extra}", title="Model")
 
     def on_load_failed(self, m: LoadFailed):
         self.loading = None
+        if self.backend.info is None and self.backend is not self._local_backend:
+            self.backend = self._local_backend   # an endpoint that could not be reached: back to local
         self.query_one(LoadBar).hide()
         still = f" — still using {self.backend.info.name}" if self.backend.info else ""
         log_exception(m.error, f"loading {m.path}")
@@ -441,13 +451,43 @@ class DeltatalkApp(App):
     def action_pick_model(self):
         if isinstance(self.screen, ModelPicker):
             return
-        current = self.backend.info.path if self.backend.info else None
+        from chatapp.remote import RemoteChoice
 
-        def chosen(path: Path | None):
-            if path is not None:
-                self.load_model(path)
+        info = self.backend.info
+        current = info.path if info and not info.endpoint else None
+        in_use = (info.endpoint, info.path.name) if info and info.endpoint else None
 
-        self.push_screen(ModelPicker(self.find_models, current), chosen)
+        def chosen(choice):
+            if isinstance(choice, RemoteChoice):
+                self.use_endpoint(choice)
+            elif choice is not None:
+                if self.backend is not self._local_backend:   # back from a remote endpoint
+                    self.backend = self._local_backend
+                self.load_model(choice)
+
+        self.push_screen(ModelPicker(self.find_models, current, self.config.endpoints, in_use), chosen)
+
+    def use_endpoint(self, choice):
+        """Chat with a model on an OpenAI-compatible server (the local model stays loaded)."""
+        from chatapp.remote import RemoteBackend, RemoteError
+
+        try:
+            self.backend = RemoteBackend(choice.url, choice.model, choice.api_key_env)
+            self.backend.on_notice = self._backend_notice
+        except RemoteError as e:
+            self._error(e, "endpoint")
+            return
+        self.load_model(Path(choice.model or self.backend.url))
+
+    def _remember_endpoint(self):
+        from chatapp.remote import RemoteBackend
+
+        if isinstance(self.backend, RemoteBackend):
+            c = self.backend.choice
+            try:
+                self.config.remember_endpoint(c.url, c.model, c.api_key_env)
+            except OSError as e:
+                self._error(e, "saving the endpoint")
 
     # -- chats ------------------------------------------------------------------------------
     async def _open_last_chat(self):
@@ -1066,7 +1106,7 @@ class DeltatalkApp(App):
 
 
 def run_tui(model: Path | None = None, threads: int | None = None, ctx: int | None = None,
-            system: str | None = None) -> int:
+            system: str | None = None, endpoint=None) -> int:
     """Run the app. Command-line values override the config for this run only (not saved)."""
     config = Config.load()
     if threads:
@@ -1075,6 +1115,6 @@ def run_tui(model: Path | None = None, threads: int | None = None, ctx: int | No
         config.overrides["context"] = ctx
     if system is not None:
         config.overrides["system_prompt"] = system
-    app = DeltatalkApp(model_path=model, config=config)
+    app = DeltatalkApp(model_path=model, config=config, endpoint=endpoint)
     app.run()
     return app.return_code or 0

@@ -5,6 +5,8 @@ reply to a list of messages, and report figures for the gauge and the speed over
 
 - `EngineBackend` wraps `engine.loader.load_model`, `engine.session.ChatSession` and
   `engine.warmup.warm_up`; its figures come from `ChatSession.stats()` / `last_turn`.
+- `chatapp.remote.RemoteBackend` talks to an OpenAI-compatible server (deltatalk serve,
+  vLLM, llama.cpp's server, Ollama); its figures are measured at the client.
 - `FakeBackend` is scripted and deterministic with frozen timings; the TUI tests use
   it, so they never load a real model or compile numba.
 
@@ -65,6 +67,7 @@ class ModelInfo:
     supports_thinking: bool = False
     load_seconds: float = 0.0
     compile_seconds: float = 0.0
+    endpoint: str = ""            # the API base URL of a remote model (chatapp.remote), else ""
 
 
 @dataclass
@@ -100,6 +103,7 @@ class BackendStats:
     checkpoints: int = 0
     cpu_features: list[str] = field(default_factory=list)
     kernel_family: str = ""
+    remote: str = ""              # the endpoint URL when the model runs elsewhere (no local memory figures)
 
 
 class ChatBackend(Protocol):

@@ -1,4 +1,4 @@
-"""The `deltatalk` command: chat, run, bench, models, fetch."""
+"""The `deltatalk` command: chat, run, bench, models, fetch, serve."""
 
 from __future__ import annotations
 
@@ -102,10 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the GGUF files found")
     _add_common_args(models)
     models.add_argument("--json", action="store_true")
+    from chatapp.remote_cli import add_endpoint_args
+    from chatapp.server.cli import add_serve_parser
+
+    add_endpoint_args(chat)
+    add_endpoint_args(run)
+    add_serve_parser(sub)
     return ap
 
 
-COMMANDS = ("chat", "run", "bench", "fetch", "models")
+COMMANDS = ("chat", "run", "bench", "fetch", "models", "serve")
 
 # Exit codes: a usage error (a value out of range, a bad script) is 2, as argparse's own; a
 # failure while running (a bad model file, out of memory, a download) is 1; Ctrl+C is 130.
@@ -172,7 +178,15 @@ def _dispatch(args) -> int:
         return 0
     if cmd == "models":
         return cmd_models(args)
+    if cmd == "serve":
+        from chatapp.server.cli import cmd_serve
+
+        return cmd_serve(args)
     if cmd == "run":
+        if args.endpoint:
+            from chatapp.remote_cli import cmd_run_remote
+
+            return cmd_run_remote(args)
         return cmd_run(args)
     if cmd == "bench":
         from chatapp.bench_cli import cmd_bench
@@ -413,6 +427,10 @@ def cmd_run(args) -> int:
 
 def cmd_chat(args) -> int:
     """The full-screen chat (Textual); `--plain` gives the line-based chat below."""
+    if args.endpoint:
+        from chatapp.remote_cli import cmd_chat_remote
+
+        return cmd_chat_remote(args)
     if not args.plain:
         from chatapp.app import run_tui
 

@@ -1,8 +1,9 @@
 """The user's config file: config.json in the platformdirs config dir.
 
 Holds the theme (persisted when the user changes it), the keymap (binding id -> keys),
-extra model folders, default sampling settings and the memory bandwidth figure used
-by the speed overlay. Unknown keys are kept; a broken file falls back to the defaults
+extra model folders, default sampling settings, the memory bandwidth figure used
+by the speed overlay, and remote endpoints (OpenAI-compatible servers: URL, the name of
+the environment variable holding the API key, never the key itself, and the last model). Unknown keys are kept; a broken file falls back to the defaults
 (and the app says so) rather than refusing to start.
 """
 
@@ -31,6 +32,7 @@ _FALLBACK_DEFAULTS = {
                  "repeat_penalty": 1.0, "repeat_last_n": 64, "seed": None},
     "system_prompt": "",
     "keymap": {},
+    "endpoints": [],
 }
 
 
@@ -108,3 +110,23 @@ class Config:
     def bandwidth_bytes_s(self) -> float | None:
         v = self.get("memory_bandwidth_gbs")
         return float(v) * 1e9 if isinstance(v, (int, float)) and v > 0 else None
+
+    @property
+    def endpoints(self) -> list[dict]:
+        """Saved remote endpoints: [{"url", "api_key_env", "model"}], malformed entries skipped."""
+        out = []
+        for e in self.data.get("endpoints") or []:
+            if isinstance(e, str):
+                e = {"url": e}
+            if isinstance(e, dict) and isinstance(e.get("url"), str) and e["url"].strip():
+                out.append({"url": e["url"].strip(), "api_key_env": e.get("api_key_env") or None,
+                            "model": e.get("model") or None})
+        return out
+
+    def remember_endpoint(self, url: str, model: str | None = None, api_key_env: str | None = None,
+                          save: bool = True):
+        """Add (or update) an endpoint, most recent first."""
+        rest = [e for e in self.endpoints if e["url"].rstrip("/") != url.rstrip("/")]
+        self.data["endpoints"] = [{"url": url, "api_key_env": api_key_env, "model": model}] + rest
+        if save:
+            self.save()

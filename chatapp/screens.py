@@ -38,20 +38,29 @@ class _Modal(ModalScreen):
 
 # -- model picker ---------------------------------------------------------------------------
 class ModelPicker(_Modal):
-    """Lists GGUF files found on this machine; returns the chosen path (or None)."""
+    """Lists GGUF files found on this machine and the models of saved remote endpoints.
+
+    Returns the chosen path, a `chatapp.remote.RemoteChoice`, or None. Endpoints are asked
+    for their models (GET /models) in a worker; one that does not answer is listed with why.
+    """
 
     DEFAULT_CSS = """
     ModelPicker DataTable { height: auto; max-height: 24; }
+    ModelPicker #picker-remote { max-height: 10; }
     ModelPicker #picker-path { margin-top: 1; }
     """
 
-    def __init__(self, find: Callable[[], list[Candidate]], current: Path | None = None):
+    def __init__(self, find: Callable[[], list[Candidate]], current: Path | None = None,
+                 endpoints: list[dict] | None = None, current_endpoint: tuple[str, str] | None = None):
         super().__init__()
         self.find = find
         self.current = current
         self.entries: dict[str, ModelEntry] = {}
         self.done_scanning = False
         self._stop_scan = threading.Event()   # set when the picker closes: the header reader stops
+        self.endpoints = endpoints or []        # [{"url", "api_key_env", "model"}] from the config
+        self.current_endpoint = current_endpoint  # (url, model) in use, if remote
+        self.remote_rows: dict[str, object] = {}  # row key -> RemoteChoice, or the reason it is unreachable
 
     def compose(self) -> ComposeResult:
         with Vertical():
@@ -61,12 +70,58 @@ class ModelPicker(_Modal):
             yield table
             yield Label("", id="picker-detail", classes="hint")
             yield Label("Looking for GGUF files…", id="picker-status", classes="hint")
+            if self.endpoints:
+                yield Label("Remote endpoints (OpenAI-compatible)", classes="title")
+                remote = DataTable(cursor_type="row", zebra_stripes=True, id="picker-remote")
+                remote.add_columns("Model", "Endpoint", "Context", "Status")
+                yield remote
             yield Input(placeholder="…or type the path of a .gguf file and press Enter", id="picker-path")
             yield Label("Enter loads the highlighted model · Esc closes", classes="hint")
 
     def on_mount(self):
-        self.query_one(DataTable).focus()
+        self.query_one("#picker-table", DataTable).focus()
         self.scan()
+        if self.endpoints:
+            self.probe_endpoints()
+
+    @work(thread=True, exclusive=True, group="endpoints", exit_on_error=False)
+    def probe_endpoints(self):
+        from chatapp.remote import OpenAIEndpoint, RemoteChoice, RemoteError, api_key_from_env
+
+        for i, ep in enumerate(self.endpoints):
+            try:
+                endpoint = OpenAIEndpoint(ep["url"], api_key_from_env(ep.get("api_key_env")), connect_timeout=3.0)
+                models = endpoint.models()
+                rows = [(RemoteChoice(endpoint.url, m["id"], ep.get("api_key_env")), m["context_length"])
+                        for m in models] or [("lists no models", None)]
+            except RemoteError as e:
+                rows = [(str(e), None)]
+            except Exception as e:  # noqa: BLE001  (a bad entry never breaks the picker)
+                rows = [(f"{type(e).__name__}: {e}", None)]
+            self.app.call_from_thread(self._add_remote, i, ep["url"], rows)
+
+    def _add_remote(self, i: int, url: str, rows: list):
+        from chatapp.remote import RemoteChoice
+
+        table = self.query_one("#picker-remote", DataTable)
+        for j, (what, ctx) in enumerate(rows):
+            key = f"remote:{i}:{j}"
+            self.remote_rows[key] = what
+            if isinstance(what, RemoteChoice):
+                name = what.model + ("  (in use)" if self.current_endpoint == (what.url, what.model) else "")
+                table.add_row(name, what.url, f"{ctx:,}" if ctx else "?", "✓ reachable", key=key)
+            else:
+                table.add_row("—", url, "", f"✗ {what}", key=key)
+
+    @on(DataTable.RowSelected, "#picker-remote")
+    def _chosen_remote(self, event: DataTable.RowSelected):
+        from chatapp.remote import RemoteChoice
+
+        what = self.remote_rows.get(str(event.row_key.value))
+        if isinstance(what, RemoteChoice):
+            self.dismiss(what)
+        elif what is not None:
+            self.notify(str(what), severity="warning", title="Endpoint not reachable")
 
     def on_unmount(self):
         self._stop_scan.set()
@@ -96,7 +151,7 @@ class ModelPicker(_Modal):
     def _add(self, e: ModelEntry):
         key = str(e.path)
         self.entries[key] = e
-        table = self.query_one(DataTable)
+        table = self.query_one("#picker-table", DataTable)
         name = e.name + ("  (loaded)" if self.current and Path(self.current) == e.path else "")
         status = "✓ supported" if e.supported else f"✗ {e.reason}"
         table.add_row(name, e.arch, e.quant, human_bytes(e.size), f"{e.context:,}" if e.context else "?",
@@ -142,6 +197,11 @@ class ModelPicker(_Modal):
     def _typed(self, event: Input.Submitted):
         p = Path(event.value.strip()).expanduser()
         if not event.value.strip():
+            return
+        if event.value.strip().startswith(("http://", "https://")):   # an endpoint URL
+            from chatapp.remote import RemoteChoice
+
+            self.dismiss(RemoteChoice(event.value.strip()))
             return
         if not p.is_file():
             self.notify(f"no such file: {p}", severity="warning")

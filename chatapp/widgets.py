@@ -387,6 +387,15 @@ class SpeedOverlay(Static):
         else:
             lines.append(" [dim]no replies yet[/dim]")
         lines.append("")
+        if s.remote:   # the model runs on a server: speeds are measured here, memory is not ours to see
+            lines.append("[b]Memory[/b]")
+            lines.append(f" remote ({s.remote})")
+            if s.n_ctx:
+                lines.append(f" context        {s.context_used:>6,} / {s.n_ctx:,} tokens")
+            lines.append("")
+            lines.append("[b]Compute[/b]")
+            lines.append(" memory bandwidth: remote · tok/s measured at this client")
+            return "\n".join(lines)
         lines.append("[b]Memory[/b]")
         lines.append(f" RSS            {human_bytes(s.rss_bytes):>10}  (peak {human_bytes(s.peak_rss_bytes)})")
         lines.append(f" model weights  {human_bytes(s.model_bytes):>10}")

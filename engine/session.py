@@ -293,7 +293,10 @@ class ChatSession:
         # where this turn's new messages begin in the log (a regenerated turn keeps its own)
         turn_start = self.turns[-1].start if mode == "regenerate" and self.turns else len(self.tokens)
         start = min(len(self.tokens), common_prefix_len(self.tokens, prompt))
-        want = min(start, len(prompt) - 1)  # re-feed >= 1 token so the next logits are fresh
+        # re-feed >= 1 token so the next logits are fresh; >= 2 where the cache can be trimmed: the
+        # last prompt token then goes through the prefill kernels as in an uncached run (alone it
+        # would take the decode path, whose rounding differs), so a cached reply equals an uncached one
+        want = min(start, len(prompt) - (2 if self.trimmable and len(prompt) >= 2 else 1))
         n_before = len(self.tokens)
         reuse = self._rewind(want)
         restored = reuse if reuse < n_before and not self.trimmable else None
