@@ -40,6 +40,7 @@ class ModelEntry:
     context: int | None = None
     supported: bool = False
     reason: str = ""     # why not supported (empty when supported)
+    has_chat_template: bool = True   # False: a base model, it continues text (completion only)
 
     @property
     def status(self) -> str:
@@ -219,6 +220,7 @@ def describe(c: Candidate) -> ModelEntry:
         e.arch = arch if isinstance(arch, str) else "?"
         ctx = meta.get(f"{e.arch}.context_length")
         e.context = int(ctx) if isinstance(ctx, int) else None
+        e.has_chat_template = isinstance(meta.get("tokenizer.chat_template"), str)
         ft = file_type_name(meta.get("general.file_type")) if "general.file_type" in meta else None
         counts: Counter = Counter()
         for t in gf.tensors.values():
