@@ -31,7 +31,7 @@ from chatapp.discovery import candidates, describe
 from chatapp.errors import describe_error, log, log_exception, setup_logging
 from chatapp.paths import data_dir, models_dir
 from chatapp.model_switch import ModelSwitchDialog, estimate_switch
-from chatapp.prompt_input import ChatInput, newline_hint, shift_enter_reported
+from chatapp.prompt_input import ChatInput, newline_hint, shift_enter_reported, teach_alt_enter
 from chatapp.screens import ChatList, ChatSettings, Confirm, HelpScreen, ModelPicker, TextPrompt, shorten
 from chatapp.store import Chat, ChatStore, delete_state, state_path
 from chatapp.transcript import MessageBox, Transcript, model_label
@@ -175,6 +175,7 @@ class DeltatalkApp(App):
                  config: Config | None = None, find_models: Callable[[], list] | None = None,
                  offer_fetch: bool = True):
         super().__init__()
+        teach_alt_enter()
         self.config = config or Config.load()
         if backend is None:
             from chatapp.backend import EngineBackend

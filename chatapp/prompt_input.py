@@ -22,6 +22,24 @@ def shift_enter_reported(env: Mapping[str, str] = os.environ) -> bool:
     return any(t in names for t in SHIFT_ENTER_TERMINALS) or bool(env.get("KITTY_WINDOW_ID"))
 
 
+class _KeyName(str):
+    """Stands in for a textual.keys.Keys member in Textual's sequence table (it reads `.value`)."""
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+
+def teach_alt_enter():
+    """Make Textual's terminal parser report ESC CR (Alt+Enter in most terminals, and tmux) as
+    "alt+enter". Textual does not know the sequence: it waits for more input, takes in the keys
+    typed next, and then replays it as a plain Enter, which sends the message while the keys
+    typed after it land in the box that is about to be cleared."""
+    from textual._ansi_sequences import ANSI_SEQUENCES_KEYS
+
+    ANSI_SEQUENCES_KEYS.setdefault("\x1b\r", (_KeyName("alt+enter"),))  # type: ignore[index]
+
+
 def newline_hint(shift_enter: bool) -> str:
     keys = "Shift+Enter" if shift_enter else "Ctrl+J or Alt+Enter"
     return f"Message · Enter sends · {keys}: new line · ↑ earlier prompts"

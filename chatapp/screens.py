@@ -398,13 +398,13 @@ class ChatSettings(_Modal):
     """
 
     DEFAULT_CSS = """
-    ChatSettings > Vertical { max-height: 100%; }
-    ChatSettings #cs-form { height: auto; max-height: 100vh; }
-    ChatSettings #cs-system { height: auto; min-height: 3; max-height: 6; }
-    ChatSettings .row { height: 1; margin-top: 1; }
+    ChatSettings #cs-form { height: auto; max-height: 50vh; }
+    ChatSettings #cs-system { height: auto; min-height: 3; max-height: 6; margin-bottom: 1; }
+    ChatSettings .row { height: 1; }
     ChatSettings .row Label { width: 28; }
     ChatSettings .row Input { width: 1fr; }
     ChatSettings .buttons { height: 1; }
+    ChatSettings .buttons .hint { width: 1fr; margin-top: 0; }
     """
 
     def __init__(self, system_prompt: str, values: dict, thinking: bool | None, supports_thinking: bool):
@@ -427,8 +427,8 @@ class ChatSettings(_Modal):
                     yield Label("thinking" + ("" if self.supports_thinking else " (model has none)"))
                     yield Checkbox("on", value=bool(self.thinking) if self.thinking is not None else True,
                                    id="cs-thinking", disabled=not self.supports_thinking, compact=True)
-            yield Label("Enter saves · Esc cancels · Tab next field · Ctrl+J new line", classes="hint")
             with Horizontal(classes="buttons"):
+                yield Label("Enter saves · Esc cancels", classes="hint")
                 yield Button("Cancel", id="cancel", compact=True)
                 yield Button("Save", variant="primary", id="ok", compact=True)
 

@@ -73,14 +73,14 @@ class Gauge(Horizontal):
     """Always visible while generating: tok/s + sparkline, prefill bar, TTFT, context, reuse."""
 
     DEFAULT_CSS = """
-    Gauge { height: 2; padding: 0 1; background: $panel; }
+    Gauge { height: 1; padding: 0 1; background: $panel; }
     Gauge > Label { width: auto; margin-right: 1; }
     Gauge #g-tps { text-style: bold; color: $success; width: 12; }
     Gauge #g-prefill-label { width: 7; }
     Gauge #g-spark { width: 16; height: 1; margin-right: 1; color: $success; }
     Gauge ProgressBar { width: 12; }
     Gauge ProgressBar Bar { width: 10; }
-    Gauge #g-details { width: 1fr; height: 2; margin-right: 0; }
+    Gauge #g-details { width: 1fr; height: 1; margin-right: 0; }
     Gauge.idle #g-tps { color: $text-muted; }
     Gauge .turn-only { display: none; }
     """
@@ -144,6 +144,9 @@ class Gauge(Horizontal):
         if t.prefill_total == 0 or t.prefill_done < t.prefill_total:
             t.prefill_done = t.prefill_total = max(prefilled_tokens, 1)
             self.query_one("#g-prefill", ProgressBar).update(total=t.prefill_total, progress=t.prefill_total)
+        if generated and t.prefill_done >= t.prefill_total:
+            for w in self.query(".turn-only"):
+                w.display = False   # prefill over: its bar makes room for the figures
         if decode_tps > 0 and new_tokens:
             t.record_speed(new_tokens, decode_tps)
             spark = self.query_one("#g-spark", Label)
@@ -170,25 +173,38 @@ class Gauge(Horizontal):
         t = self.turn
         return f"{t.decode_tps:6.1f} tok/s" if t.decode_tps > 0 else "  — tok/s"
 
-    def details_text(self) -> str:
+    def details_text(self, width: int | None = None) -> str:
+        """The figures on one line: with `width`, shorter forms and then fewer figures until it fits
+        (least important go first: reuse, prompt speed, prefill count)."""
         t = self.turn
-        parts = []
-        if t.prefill_total:
-            parts.append(f"{t.prefill_done}/{t.prefill_total}")
+        parts = []   # (priority: lower goes first, full form, short form)
+        if t.prefill_total and (self.active and t.prefill_done < t.prefill_total or not t.generated):
+            parts.append((1, f"{t.prefill_done}/{t.prefill_total}", f"{t.prefill_done}/{t.prefill_total}"))
         if t.prompt_tps:
-            parts.append(f"{t.prompt_tps:,.0f} tok/s prompt")
+            parts.append((2, f"{t.prompt_tps:,.0f} tok/s prompt", f"pp {t.prompt_tps:,.0f} t/s"))
         if t.ttft_s:
-            parts.append(f"TTFT {t.ttft_s * 1000:,.0f} ms")
+            parts.append((5, f"TTFT {t.ttft_s * 1000:,.0f} ms", f"TTFT {t.ttft_s * 1000:,.0f} ms"))
         if self.n_ctx:
-            parts.append(f"ctx {t.context_used:,}/{self.n_ctx:,}")
+            parts.append((4, f"ctx {t.context_used:,}/{self.n_ctx:,}", f"ctx {t.context_used:,}/{self.n_ctx:,}"))
         if t.prompt_tokens:
-            parts.append(f"reused {t.reused_tokens:,} of {t.prompt_tokens:,} prompt tokens")
-        return " · ".join(parts)
+            parts.append((3, f"reused {t.reused_tokens:,} of {t.prompt_tokens:,} prompt tokens",
+                          f"reused {t.reused_tokens:,}/{t.prompt_tokens:,}"))
+        text = " · ".join(p[1] for p in parts)
+        if width is None or len(text) <= width:
+            return text
+        parts = [(p[0], p[2]) for p in parts]
+        while parts and len(" · ".join(p[1] for p in parts)) > width:
+            parts.remove(min(parts, key=lambda p: p[0]))
+        return " · ".join(p[1] for p in parts)
 
     def refresh_text(self):
         # fixed sizes: a repaint, never a layout of the screen (the UI must not pace the engine)
         self.query_one("#g-tps", Label).update(self.tps_text(), layout=False)
-        self.query_one("#g-details", Label).update(self.details_text(), layout=False)
+        details = self.query_one("#g-details", Label)
+        details.update(self.details_text(details.size.width or None), layout=False)
+
+    def on_resize(self):
+        self.refresh_text()
 
 
 # -- the speed overlay ----------------------------------------------------------------------
