@@ -391,7 +391,8 @@ class DeltatalkApp(App):
         def chosen(path: Path | None):
             if path is None:
                 return
-            if self.chat is not None and current is not None and Path(path) != current and self._chat_tokens():
+            now = self.backend.info.path if self.backend.info else None   # a load may have finished meanwhile
+            if self.chat is not None and now is not None and Path(path) != now and self._chat_tokens():
                 self._confirm_switch(Path(path))
             else:
                 self.load_model(path)
@@ -415,8 +416,8 @@ class DeltatalkApp(App):
         info = self.backend.info
         measured = self.store.measured_prefill_speed(path.name) if self.store else None
         current = self.store.measured_prefill_speed(info.name) if self.store and info else None
-        if current is None and self.turns:
-            current = max((t.prompt_tps for t in self.turns if t.prefilled_tokens >= 64), default=None)
+        if current is None and self.store and info:   # only short prefills so far: slower, so an upper bound
+            current = self.store.measured_prefill_speed(info.name, min_tokens=8)
         try:
             new_bytes = path.stat().st_size
         except OSError:

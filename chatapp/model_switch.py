@@ -30,8 +30,8 @@ class SwitchCost:
             return "nothing to read again"
         what = f"{self.tokens:,} tokens"
         if self.seconds is None:
-            return f"{what} to read again before the first reply (time unknown: no speed measured yet)"
-        return f"{what} to read again before the first reply, about {format_seconds(self.seconds)} ({self.basis})"
+            return f"{what}, time unknown (no prefill speed measured on this machine yet)"
+        return f"{what}, about {format_seconds(self.seconds)} ({self.basis})"
 
 
 def format_seconds(s: float) -> str:
@@ -69,8 +69,9 @@ class ModelSwitchDialog(_Modal):
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Label(f"Switch to {model_label(self.new_model)}?", classes="title", markup=False)
-            yield Static(f"To continue this chat, the new model first reads it all: {self.cost.text()}. "
-                         "A new chat starts right away.", markup=False)
+            yield Static(f"To continue this chat, {model_label(self.new_model)} first reads all of it again, "
+                         f"before its first reply: {self.cost.text()}. A new chat starts right away.",
+                         markup=False)
             with Horizontal(classes="buttons"):
                 yield Button("Cancel", id="switch-cancel")
                 yield Button("Continue this chat", id="switch-continue")
