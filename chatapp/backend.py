@@ -366,11 +366,13 @@ class FakeBackend:
     def __init__(self, replies: list[str] | Callable[[list[dict]], str] | None = None, *,
                  n_ctx: int = 4096, token_delay: float = 0.0, supports_thinking: bool = False,
                  fail_on_reply: BaseException | None = None, fail_on_load: BaseException | None = None,
-                 load_delay: float = 0.0, stats: BackendStats | None = None, hold_after: int | None = None):
+                 load_delay: float = 0.0, stats: BackendStats | None = None, hold_after: int | None = None,
+                 base_model: bool = False):
         self.replies = replies if replies is not None else ["Hello! How can I help you today?"]
         self.n_ctx = n_ctx
         self.token_delay = token_delay
         self.supports_thinking = supports_thinking
+        self.base_model = base_model
         self.fail_on_reply = fail_on_reply
         self.fail_on_load = fail_on_load
         self.load_delay = load_delay
@@ -406,7 +408,7 @@ class FakeBackend:
         self.loads.append(path)
         self.info = ModelInfo(path=path, name=path.name, arch="llama", n_ctx=self.n_ctx,
                               file_size=path.stat().st_size if path.exists() else 1_000_000,
-                              supports_thinking=self.supports_thinking)
+                              supports_thinking=self.supports_thinking, base_model=self.base_model)
         self.tokens = []
         self._owner = None
         if bind is not None:

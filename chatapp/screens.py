@@ -62,7 +62,8 @@ class ModelPicker(_Modal):
             yield Label("Choose a model", classes="title")
             table = DataTable(cursor_type="row", zebra_stripes=True, id="picker-table")
             # Status right after the name: at 80 columns the right-hand columns scroll out of view
-            table.add_columns("Model", "Status", "Size", "Quant", "Context", "Arch", "From")
+            for label in ("Model", "Status", "Size", "Quant", "Context", "Arch", "From"):
+                table.add_column(label, key=label.lower())
             yield table
             yield Label("", id="picker-detail", classes="hint")
             yield Label("Looking for GGUF files…", id="picker-status", classes="hint")

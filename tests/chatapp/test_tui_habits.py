@@ -370,3 +370,176 @@ async def test_picking_another_model_in_a_chat_goes_through_the_cost_dialog(home
         app.screen.dismiss(b)
         await wait_until(pilot, lambda: isinstance(app.screen, ModelSwitchDialog), what="switch dialog")
         assert fake.loads == [a]
+
+
+# -- 3. base models ----------------------------------------------------------------------------------
+async def test_base_model_is_marked_in_the_picker_and_said_in_the_chat(home):
+    from chatapp.discovery import candidates
+    from chatapp.paths import models_dir
+    from tests.tiny_models import write_tiny_llama
+
+    md = models_dir()
+    md.mkdir(parents=True)
+    write_tiny_llama(md / "tiny-chat.gguf")
+    base = write_tiny_llama(md / "tiny-base.gguf", chat_template=False)
+
+    def find():
+        return candidates(md, [], home=home / "home", env={}, huggingface=False, lmstudio=False, ollama=False)
+
+    fake = FakeBackend(["and so on and so on"], base_model=True)
+    app = make_app(fake, find_models=find)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await wait_until(pilot, lambda: isinstance(app.screen, ModelPicker) and app.screen.done_scanning,
+                         what="picker")
+        table = app.screen.query_one(DataTable)
+        status = {str(k.value): table.get_cell(k, "status") for k in table.rows}
+        assert status[str(base)] == "✓ base model: completion only"
+        assert status[str(md / "tiny-chat.gguf")] == "✓ supported"
+        table.move_cursor(row=table.get_row_index(str(base)))
+        await pilot.pause()
+        assert "base model" in str(app.screen.query_one("#picker-detail", Label).render())
+        await pilot.press("enter")
+        await ready(pilot, app)
+        await wait_until(pilot, lambda: boxes(app, "system-note"), what="note in the chat")
+        assert "base model" in boxes(app, "system-note")[0].content
+        assert "completion only" in boxes(app, "system-note")[0].content
+
+
+# -- 7. readable at 80x24 ---------------------------------------------------------------------------
+async def test_picker_shows_readable_reasons_and_does_not_count_broken_files(home):
+    from chatapp.discovery import candidates
+    from chatapp.paths import models_dir
+    from tests.tiny_models import write_tiny_llama
+
+    md = models_dir()
+    md.mkdir(parents=True)
+    write_tiny_llama(md / "tiny-llama.gguf")
+    (md / "not-gguf.gguf").write_bytes(b"H\xcfe\x00" + b"\x00" * 64)
+    (md / "cut.gguf").write_bytes(b"GGUF\x03")
+
+    def find():
+        return candidates(md, [], home=home / "home", env={}, huggingface=False, lmstudio=False, ollama=False)
+
+    app = make_app(FakeBackend(), find_models=find)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await wait_until(pilot, lambda: isinstance(app.screen, ModelPicker) and app.screen.done_scanning,
+                         what="picker")
+        await pilot.pause()
+        screen = app.screen
+        summary = str(screen.query_one("#picker-status", Label).render())
+        assert summary.startswith("1 model found, 1 supported.") and "2 files could not be read" in summary
+        table = screen.query_one(DataTable)
+        statuses = [table.get_cell(k, "status") for k in table.rows]
+        assert all(len(s) <= 32 for s in statuses)
+        assert "✗ not a GGUF file" in statuses
+        status_col = table.columns["status"]
+        assert table.region.x + sum(c.get_render_width(table) for c in list(table.columns.values())[:2]) <= 80
+        assert status_col.label.plain == "Status"
+        row = table.get_row_index(str(md / "not-gguf.gguf"))
+        table.move_cursor(row=row)
+        await pilot.pause()
+        detail = str(screen.query_one("#picker-detail", Label).render())
+        assert detail.startswith("not-gguf.gguf: not a GGUF file") and "b'" not in detail and "\\x" not in detail
+
+
+async def test_footer_keeps_help_and_settings_and_the_gauge_fits_one_line_at_80x24(fake_model):
+    app = make_app(FakeBackend(["one two three four five six"]), model_path=fake_model)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "q " * 40)
+        await wait_reply(pilot, app)
+        await pilot.pause()
+        visible = {k.action for k in app.screen.query("FooterKey") if k.region.width and k.region.right <= 80}
+        assert {"help", "chat_settings", "pick_model", "new_chat", "chat_list"} <= visible, visible
+        gauge = app.query_one(Gauge)
+        details = gauge.query_one("#g-details", Label)
+        text = str(details.render())
+        assert "\n" not in text and len(text) <= details.size.width and "TTFT" in text and "ctx" in text
+        assert gauge.size.height == 1
+
+
+async def test_gauge_drops_the_least_important_figures_to_fit():
+    from chatapp.widgets import TurnRecord
+
+    g = Gauge()
+    g.n_ctx = 8192
+    g.turn = TurnRecord(prompt_tokens=143, reused_tokens=116, prefilled_tokens=27, prefill_done=27,
+                        prefill_total=27, prompt_tps=430.0, ttft_s=0.086, decode_tps=51.4, generated=200,
+                        context_used=328)
+    full = g.details_text()
+    assert full == "430 tok/s prompt · TTFT 86 ms · ctx 328/8,192 · reused 116 of 143 prompt tokens"
+    assert g.details_text(60) == "pp 430 t/s · TTFT 86 ms · ctx 328/8,192 · reused 116/143"
+    assert g.details_text(40) == "TTFT 86 ms · ctx 328/8,192"
+    assert g.details_text(12) == "TTFT 86 ms"
+
+
+# -- 8. first reply, new chat, regenerate ----------------------------------------------------------------
+async def test_new_chat_resets_the_speed_figures(fake_model):
+    app = make_app(FakeBackend(["a b c d"]), model_path=fake_model)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "hello")
+        await wait_reply(pilot, app)
+        gauge = app.query_one(Gauge)
+        assert gauge.turn.decode_tps > 0 and app.turns
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert gauge.turn.decode_tps == 0 and gauge.turn.ttft_s == 0 and not app.turns
+        assert "tok/s" in gauge.tps_text() and "TTFT" not in gauge.details_text()
+
+
+async def test_regenerate_in_an_empty_chat_says_why_nothing_happens(fake_model):
+    app = make_app(FakeBackend(["x"]), model_path=fake_model)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        assert any("no message yet" in n for n in notes(app, "warning"))
+        assert not app.generating and not app.backend.calls
+
+
+async def test_load_bar_says_warming_up_while_the_first_reply_warm_up_runs(fake_model):
+    from chatapp.app import LOAD_STAGES
+
+    assert "Warming up" in LOAD_STAGES["warm"]
+
+
+# -- also: chat list with dates, model and search; titles cut at a word ------------------------------------
+async def test_chat_list_shows_dates_models_and_searches(fake_model):
+    app = make_app(FakeBackend(["The capital is Paris.", "Use a hash map.", "ok"]), model_path=fake_model)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "What is the capital of France, and why did it become the capital city?")
+        await wait_reply(pilot, app)
+        assert app.chat.title == "What is the capital of France, and why did it…"   # cut at a word
+        await pilot.press("ctrl+n")
+        await send(pilot, app, "How do I count words in Python?")
+        await wait_reply(pilot, app)
+        await pilot.press("ctrl+l")
+        await wait_until(pilot, lambda: isinstance(app.screen, ChatList), what="chat list")
+        await pilot.pause()
+        ol = app.screen.query_one(OptionList)
+        texts = [str(ol.get_option_at_index(i).prompt) for i in range(ol.option_count)]
+        assert len(texts) == 2 and "count words" in texts[0]
+        assert all("today" in t and "fake-model" in t and "2 messages" in t for t in texts)
+        await pilot.press("slash", *"paris")          # searches message text too
+        await pilot.pause()
+        texts = [str(ol.get_option_at_index(i).prompt) for i in range(ol.option_count)]
+        assert len(texts) == 1 and "capital of France" in texts[0]
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: not isinstance(app.screen, ChatList), what="opened")
+        assert "capital" in app.chat.title
+
+
+async def test_chat_dates_and_shortened_titles():
+    import time
+
+    from chatapp.screens import chat_date, shorten
+
+    now = time.mktime((2026, 12, 5, 15, 0, 0, 0, 0, -1))
+    assert chat_date(now - 3600, now) == "today 14:00"
+    assert chat_date(time.mktime((2026, 3, 9, 10, 0, 0, 0, 0, -1)), now) == "9 Mar"
+    assert chat_date(time.mktime((2025, 3, 9, 10, 0, 0, 0, 0, -1)), now) == "9 Mar 2025"
+    assert shorten("short", 10) == "short"
+    assert shorten("alpha beta gamma delta", 14) == "alpha beta…"
+    assert shorten("SmolLM2-135M-Instruct.Q4_1.gguf", 20) == "SmolLM2-135M…"
