@@ -366,8 +366,9 @@ async def test_picking_another_model_in_a_chat_goes_through_the_cost_dialog(home
         await send(pilot, app, "hi")
         await wait_reply(pilot, app)
         app.action_pick_model()
-        await wait_until(pilot, lambda: isinstance(app.screen, ModelPicker), what="picker")
-        app.screen.dismiss(b)
+        await wait_until(pilot, lambda: isinstance(app.screen, ModelPicker) and app.screen.done_scanning,
+                         what="picker")
+        app.screen.dismiss(b)                             # (the stand-in file is no real GGUF: chosen directly)
         await wait_until(pilot, lambda: isinstance(app.screen, ModelSwitchDialog), what="switch dialog")
         assert fake.loads == [a]
 
