@@ -67,8 +67,9 @@ class ModelPicker(_Modal):
             yield table
             yield Label("", id="picker-detail", classes="hint")
             yield Label("Looking for GGUF files…", id="picker-status", classes="hint")
-            yield Input(placeholder="…or type the path of a .gguf file and press Enter", id="picker-path")
-            yield Label("Enter loads the highlighted model · Esc closes", classes="hint")
+            # (the keys are in the placeholder: at 80x24 a separate hint line would be cut off)
+            yield Input(placeholder="Enter loads the highlighted model · Esc closes · or type a .gguf path here",
+                        id="picker-path")
 
     def on_mount(self):
         self.query_one(DataTable).focus()
