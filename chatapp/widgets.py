@@ -147,11 +147,14 @@ class Gauge(Horizontal):
         if generated and t.prefill_done >= t.prefill_total:
             for w in self.query(".turn-only"):
                 w.display = False   # prefill over: its bar makes room for the figures
+            self.call_after_refresh(self.refresh_text)   # fit the figures to the new width
         if decode_tps > 0 and new_tokens:
             t.record_speed(new_tokens, decode_tps)
             spark = self.query_one("#g-spark", Label)
             spark.update(spark_text(t.speed_history()))
-            spark.display = True
+            if not spark.display:
+                spark.display = True
+                self.call_after_refresh(self.refresh_text)
         self.refresh_text()
 
     def show_context(self, stats: dict | None):
@@ -168,6 +171,7 @@ class Gauge(Horizontal):
         self.turn.finish = finish
         self.active = False
         self.refresh_text()
+        self.call_after_refresh(self.refresh_text)
 
     def tps_text(self) -> str:
         t = self.turn
