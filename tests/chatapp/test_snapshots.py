@@ -29,6 +29,10 @@ async def _still(pilot):
     app.clear_notifications()
     app.chat_input.cursor_blink = False
     await pilot.pause()
+    from chatapp.widgets import Gauge
+
+    app.query_one(Gauge).refresh_text()   # the figures fitted to the gauge's settled width
+    await pilot.pause()
 
 
 async def _chat_with_reply(pilot):
