@@ -454,6 +454,8 @@ async def test_footer_keeps_help_and_settings_and_the_gauge_fits_one_line_at_80x
         assert {"help", "chat_settings", "pick_model", "new_chat", "chat_list"} <= visible, visible
         gauge = app.query_one(Gauge)
         details = gauge.query_one("#g-details", Label)
+        await wait_until(pilot, lambda: len(str(details.render())) <= details.size.width,
+                         what="figures refitted after the gauge's layout settled")
         text = str(details.render())
         assert "\n" not in text and len(text) <= details.size.width and "TTFT" in text and "ctx" in text
         assert gauge.size.height == 1
