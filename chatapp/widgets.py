@@ -69,6 +69,20 @@ def spark_text(values, width: int = SPARK_WIDTH) -> str:
     return "".join(SPARK_LEVELS[max(1, min(steps, round(v / top * steps)))] for v in values).rjust(width)
 
 
+class _FittedLabel(Label):
+    """One line whose text is made for its width, and made again whenever the width changes."""
+
+    def __init__(self, make, **kw):
+        super().__init__("", **kw)
+        self.make = make   # make(width or None) -> text
+
+    def on_resize(self):
+        self.refit()
+
+    def refit(self):
+        self.update(self.make(self.size.width or None), layout=False)
+
+
 class Gauge(Horizontal):
     """Always visible while generating: tok/s + sparkline, prefill bar, TTFT, context, reuse."""
 
@@ -99,7 +113,7 @@ class Gauge(Horizontal):
         yield spark
         yield Label("prefill", id="g-prefill-label", classes="turn-only")
         yield ProgressBar(total=1, show_eta=False, show_percentage=False, id="g-prefill", classes="turn-only")
-        yield Label("", id="g-details")
+        yield _FittedLabel(self.details_text, id="g-details")
 
     def watch_active(self, active: bool):
         self.set_class(not active, "idle")
@@ -204,8 +218,7 @@ class Gauge(Horizontal):
     def refresh_text(self):
         # fixed sizes: a repaint, never a layout of the screen (the UI must not pace the engine)
         self.query_one("#g-tps", Label).update(self.tps_text(), layout=False)
-        details = self.query_one("#g-details", Label)
-        details.update(self.details_text(details.size.width or None), layout=False)
+        self.query_one("#g-details", _FittedLabel).refit()
 
     def on_resize(self):
         self.refresh_text()
