@@ -21,18 +21,21 @@ from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.css.query import NoMatches
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Horizontal
 from textual.message import Message
-from textual.widgets import Footer, Header, Label, ProgressBar, Static
+from textual.widgets import Footer, Header, Input, Label, ProgressBar, Static, TextArea
 
 from chatapp.backend import ChatBackend, ModelInfo
 from chatapp.config import ASSETS, Config
 from chatapp.discovery import SCAN_SECONDS, candidates, describe_all
 from chatapp.errors import describe_error, log, log_exception, setup_logging
 from chatapp.paths import data_dir, models_dir
-from chatapp.screens import ChatList, ChatSettings, Confirm, HelpScreen, ModelPicker, TextPrompt
+from chatapp.model_switch import ModelSwitchDialog, estimate_switch
+from chatapp.prompt_input import ChatInput, newline_hint, shift_enter_reported, teach_alt_enter
+from chatapp.screens import ChatList, ChatSettings, Confirm, HelpScreen, ModelPicker, TextPrompt, shorten
 from chatapp.store import Chat, ChatStore, HistoryBusyError, delete_state, state_path, wait_until_writable
-from chatapp.widgets import ChatInput, Gauge, MessageBox, SpeedOverlay, TurnRecord
+from chatapp.transcript import MessageBox, Transcript, model_label
+from chatapp.widgets import Gauge, SpeedOverlay, TurnRecord
 
 BATCH_SECONDS = 0.04          # text goes up to the UI at most this often
 # The engine's numba kernels hold the GIL, so every millisecond the UI thread spends
@@ -46,6 +49,9 @@ SAVE_PARTIAL_SECONDS = 1.0    # a streaming reply is written to SQLite this ofte
 HISTORY_WAIT_SECONDS = 600.0  # how long a worker waits for another program's lock on the history
 FINISH_STATUS = {"stop": "done", None: "done", "length": "length", "cancelled": "stopped"}
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.S)
+QUIT_PRESS_SECONDS = 2.0      # Ctrl+C twice within this (while idle) quits
+DRAFT_SAVE_SECONDS = 0.5      # the prompt box's text is saved this long after the last change
+TITLE_CHARS = 48
 
 
 # -- worker -> UI messages ------------------------------------------------------------------
@@ -125,7 +131,8 @@ class LoadFailed(Message):
 
 
 LOAD_STAGES = {"open": "Opening", "validate": "Validated", "compile": "Preparing kernels (compiled on the first run)",
-               "ready": "Ready", "fetch": "Fetching the default model", "connect": "Connecting to"}
+               "ready": "Ready", "fetch": "Fetching the default model", "connect": "Connecting to",
+               "warm": "Warming up (so the first reply is fast):"}
 
 
 class LoadBar(Horizontal):
@@ -156,25 +163,28 @@ class DeltatalkApp(App):
     TITLE = "deltatalk"
     CSS_PATH = str(ASSETS / "deltatalk.tcss")
 
+    # footer order = importance: at 80 columns the ones on the right are cut (Help and Settings must stay)
     BINDINGS = [
         Binding("escape", "stop", "Stop", id="stop", show=False),
+        Binding("ctrl+c", "interrupt", "Stop / quit", id="interrupt", show=False, priority=True),
+        Binding("f1", "help", "Help", id="help"),
         Binding("ctrl+o", "pick_model", "Model", id="pick_model"),
+        Binding("ctrl+n", "new_chat", "New", id="new_chat"),
         Binding("ctrl+l", "chat_list", "Chats", id="chat_list"),
-        Binding("ctrl+n", "new_chat", "New chat", id="new_chat"),
+        Binding("ctrl+s", "chat_settings", "Settings", id="chat_settings"),
         Binding("ctrl+r", "regenerate", "Regenerate", id="regenerate"),
         Binding("ctrl+g", "edit_last", "Edit last", id="edit_last"),
         Binding("f2", "toggle_speed", "Speed", id="toggle_speed"),
-        Binding("ctrl+s", "chat_settings", "Settings", id="chat_settings"),
         Binding("ctrl+t", "toggle_thinking", "Thinking", id="toggle_thinking", show=False),
         Binding("f3", "copy_reply", "Copy reply", id="copy_reply", show=False),
         Binding("f4", "copy_code", "Copy code", id="copy_code", show=False),
-        Binding("f1", "help", "Help", id="help"),
     ]
 
     def __init__(self, backend: ChatBackend | None = None, *, model_path: Path | None = None,
                  config: Config | None = None, find_models: Callable[[], list] | None = None,
                  offer_fetch: bool = True, endpoint=None):
         super().__init__()
+        teach_alt_enter()
         self.config = config or Config.load()
         self.backend = backend if backend is not None else self._new_local_backend()
         self.backend.on_notice = self._backend_notice
@@ -197,20 +207,22 @@ class DeltatalkApp(App):
         self.batch_seconds = BATCH_SECONDS   # read by the reply worker, set by the UI (see UI_SHARE_TARGET)
         self._ui_clock: tuple[float, float] | None = None
         self.log_path: Path | None = None
+        self._last_interrupt = 0.0       # when Ctrl+C was last pressed while idle
+        self._draft_timer = None
 
     # -- layout ---------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         yield Header()
         yield LoadBar(id="loadbar")
-        yield VerticalScroll(id="messages")
+        yield Transcript(id="messages")
         yield Gauge(id="gauge")
-        yield ChatInput(id="input", placeholder="Message (Enter sends, Shift+Enter / Ctrl+J new line)")
+        yield ChatInput(id="input", placeholder=newline_hint(shift_enter_reported()), history=self._earlier_prompts)
         yield Footer()
         yield SpeedOverlay(id="speed")
 
     @property
-    def messages_view(self) -> VerticalScroll:
-        return self.query_one("#messages", VerticalScroll)
+    def messages_view(self) -> Transcript:
+        return self.query_one("#messages", Transcript)
 
     @property
     def gauge(self) -> Gauge:
@@ -236,6 +248,8 @@ class DeltatalkApp(App):
         notice = self._open_store()
         self.chat_input.focus()
         await self._open_last_chat()
+        if self.chat is None:
+            self._restore_draft()
         if notice:   # after the chat is shown, so it stays in view
             await self._mount_notice(notice)
         self._startup_model()
@@ -438,6 +452,10 @@ class DeltatalkApp(App):
             self.store.set_meta("last_model", str(info.path))
         extra = f" (kernels {info.compile_seconds:.1f} s)" if info.compile_seconds > 2 else ""
         self.notify(f"Model ready: {info.name}{extra}", title="Model")
+        if info.base_model:
+            self.call_later(self.add_note, f"{model_label(info.name)} is a base model (no chat template): "
+                                           "completion only. It continues your text instead of answering, "
+                                           "and may ramble or repeat itself.")
 
     def on_load_failed(self, m: LoadFailed):
         self.loading = None
@@ -463,7 +481,11 @@ class DeltatalkApp(App):
             elif choice is not None:
                 if self.backend is not self._local_backend:   # back from a remote endpoint
                     self.backend = self._local_backend
-                self.load_model(choice)
+                now = self.backend.info.path if self.backend.info else None   # a load may have finished meanwhile
+                if self.chat is not None and now is not None and Path(choice) != now and self._chat_tokens():
+                    self._confirm_switch(Path(choice))
+                else:
+                    self.load_model(choice)
 
         self.push_screen(ModelPicker(self.find_models, current, self.config.endpoints, in_use), chosen)
 
@@ -489,6 +511,46 @@ class DeltatalkApp(App):
             except OSError as e:
                 self._error(e, "saving the endpoint")
 
+    # -- a model switch mid-chat: the cost first (see chatapp.model_switch) --------------------
+    def _chat_tokens(self) -> int:
+        """The open chat's tokens in the engine's context (what a new model has to read again)."""
+        if self.chat is None or not self.store:
+            return 0
+        used = int(self._session_stats().get("context_used", 0) or 0)
+        if used:
+            return used
+        for m in reversed(self.store.messages(self.chat.id)):   # not in the session: the last reply's figures
+            if m.role == "assistant" and m.stats.get("prompt_tokens"):
+                return int(m.stats["prompt_tokens"]) + int(m.stats.get("generated", 0) or 0)
+        return 0
+
+    def _confirm_switch(self, path: Path):
+        info = self.backend.info
+        measured = self.store.measured_prefill_speed(path.name) if self.store else None
+        current = self.store.measured_prefill_speed(info.name) if self.store and info else None
+        if current is None and self.store and info:   # only short prefills so far: slower, so an upper bound
+            current = self.store.measured_prefill_speed(info.name, min_tokens=8)
+        try:
+            new_bytes = path.stat().st_size
+        except OSError:
+            new_bytes = 0
+        cost = estimate_switch(self._chat_tokens(), measured, current, info.file_size if info else 0, new_bytes)
+
+        async def answered(choice: str | None):
+            if choice == "new":
+                await self.action_new_chat()
+                self.load_model(path)
+            elif choice == "continue":
+                await self.add_note(f"Switched to {model_label(path.name)}: the next reply first reads this chat "
+                                    f"again ({cost.text()}).")
+                self.load_model(path)
+
+        self.push_screen(ModelSwitchDialog(path.name, cost), answered)
+
+    async def add_note(self, text: str):
+        """A line in the transcript from the app (not stored, not sent to the model)."""
+        await self.messages_view.mount(MessageBox("system-note", text))
+
     # -- chats ------------------------------------------------------------------------------
     async def _open_last_chat(self):
         if not self.store:
@@ -505,6 +567,7 @@ class DeltatalkApp(App):
         chat = self.store.get_chat(chat_id) if self.store else None
         if chat is None:
             return
+        self.save_draft()
         self.chat = chat
         self.store.set_meta("last_chat", str(chat.id))
         view = self.messages_view
@@ -513,10 +576,13 @@ class DeltatalkApp(App):
         for msg in self.store.messages(chat.id):
             status = "interrupted" if msg.status == "streaming" else msg.status
             boxes.append(MessageBox(msg.role, msg.content, thinking=msg.thinking, status=status, msg_id=msg.id,
-                                    dropped=int((msg.stats or {}).get("dropped_messages", 0) or 0)))
+                                    dropped=int((msg.stats or {}).get("dropped_messages", 0) or 0),
+                                    model=(msg.stats or {}).get("model")))
         if boxes:
             await view.mount_all(boxes)
-        view.scroll_end(animate=False)
+        view.follow_end()   # at the latest message (and there once the Markdown has its height)
+        self._reset_speed()
+        self._restore_draft()
         self._update_title()
         self.bind_session(chat.id)
 
@@ -561,13 +627,81 @@ class DeltatalkApp(App):
         if self.generating:
             self.notify("Stop the reply first (Esc).", severity="warning")
             return
+        self.save_draft()
         self.chat = None
         if self.store:
             self.store.set_meta("last_chat", "")
         await self.messages_view.remove_children()
+        self._reset_speed()
+        self._restore_draft()
         self._update_title()
         self.bind_session(None)
         self.chat_input.focus()
+
+    def _reset_speed(self):
+        """A chat's figures are its own: the gauge and the speed overlay start empty for another chat."""
+        self.turns = []
+        self.gauge.reset()
+        self.gauge.show_context(self._session_stats())
+        self._refresh_speed()
+
+    # -- drafts: the prompt box's unsent text, kept per chat (also across quitting) ------------------
+    def _earlier_prompts(self) -> list[str]:
+        return self.store.earlier_prompts() if self.store else []
+
+    def _restore_draft(self):
+        inp = self.chat_input
+        inp.text = self.store.get_draft(self.chat.id if self.chat else None) if self.store else ""
+        inp.move_cursor(inp.document.end)
+        inp.forget_history()
+
+    def save_draft(self):
+        if self._draft_timer is not None:
+            self._draft_timer.stop()
+            self._draft_timer = None
+        if self.store:
+            try:
+                self.store.set_draft(self.chat.id if self.chat else None, self.chat_input.text)
+            except Exception as e:  # noqa: BLE001  (a draft is a convenience, never fatal)
+                log_exception(e, "saving the draft")
+
+    @on(ChatInput.Changed, "#input")
+    def _input_changed(self):
+        if self._draft_timer is not None:
+            self._draft_timer.stop()
+        self._draft_timer = self.set_timer(DRAFT_SAVE_SECONDS, self.save_draft)
+
+    async def action_quit(self):
+        self.save_draft()
+        self.exit()
+
+    # -- keys that users bring from other tools --------------------------------------------------
+    def action_scroll_transcript(self, where: str):
+        """PageUp / PageDown / Ctrl+Home / Ctrl+End in the prompt box scroll the transcript."""
+        self.messages_view.page(where)
+
+    def action_interrupt(self):
+        """Ctrl+C: copy a selection if there is one; else stop a running reply; else quit if pressed twice."""
+        focused = self.focused
+        if isinstance(focused, TextArea) and focused.selected_text:
+            focused.action_copy()
+            return
+        if isinstance(focused, Input) and focused.selected_text:
+            focused.action_copy()
+            return
+        if self.screen.get_selected_text():
+            self.screen.action_copy_text()
+            return
+        if self.generating:
+            self._cancel.set()
+            self._last_interrupt = 0.0
+            return
+        now = time.monotonic()
+        if now - self._last_interrupt <= QUIT_PRESS_SECONDS:
+            self.call_later(self.action_quit)
+            return
+        self._last_interrupt = now
+        self.notify("Press Ctrl+C again to quit (or Ctrl+Q).", title="Quit?", timeout=QUIT_PRESS_SECONDS)
 
     def delete_chat(self, chat_id: int):
         if not self.store:
@@ -579,6 +713,8 @@ class DeltatalkApp(App):
             self.chat = None
             self.store.set_meta("last_chat", "")
             self.call_later(self.messages_view.remove_children)
+            self._reset_speed()
+            self._restore_draft()
             self._update_title()
             self.bind_session(None)
         self.store.delete_chat(chat_id)
@@ -601,10 +737,11 @@ class DeltatalkApp(App):
 
     def _ensure_chat(self, first_text: str) -> Chat:
         if self.chat is None:
-            title = " ".join(first_text.split())[:48] or "New chat"
+            title = shorten(" ".join(first_text.split()), TITLE_CHARS) or "New chat"
             self.chat = self.store.new_chat(title=title, system_prompt=self.config.get("system_prompt") or "",
                                             model=self.backend.info.name if self.backend.info else None)
             self.store.set_meta("last_chat", str(self.chat.id))
+            self.store.set_draft(None, "")   # the new chat's box now saves under its own id
             self._update_title()
         return self.chat
 
@@ -673,13 +810,16 @@ class DeltatalkApp(App):
         self.notify(f"Thinking {'on' if new else 'off'} for this chat.")
 
     # -- sending and streaming ----------------------------------------------------------------
-    @on(ChatInput.Submitted)
+    @on(ChatInput.Submitted, "#input")
     async def _submitted(self, event: ChatInput.Submitted):
-        text = event.text.strip()
-        if not text:
+        if not event.text.strip():
             return
+        # as typed: only blank lines around it go (a first line's indent is kept)
+        text = event.text.rstrip().lstrip("\r\n")
         if await self.send(text):
             self.chat_input.clear()
+            self.chat_input.forget_history()
+            self.save_draft()
 
     async def send(self, text: str) -> bool:
         if self.generating:
@@ -742,11 +882,12 @@ class DeltatalkApp(App):
             self._history_notice("The chat history is locked by another program: no reply started "
                                  "(Ctrl+R regenerates once it is free).")
             return
-        box = MessageBox("assistant", streaming=True, msg_id=row.id)
+        box = MessageBox("assistant", streaming=True, msg_id=row.id,
+                         model=self.backend.info.name if self.backend.info else None)
         self._reply_box, self._reply_msg_id = box, row.id
         view = self.messages_view
         await view.mount(box)
-        view.anchor()
+        view.follow_end()   # scrolling up stops following until the user is back at the end
         self.gen_id += 1
         self._cancel = threading.Event()
         self.generating = True
@@ -880,7 +1021,7 @@ class DeltatalkApp(App):
             if self.store:
                 stats = {"decode_tps": turn.decode_tps, "prompt_tps": turn.prompt_tps, "ttft_s": turn.ttft_s,
                          "generated": turn.generated, "prompt_tokens": turn.prompt_tokens,
-                         "reused_tokens": turn.reused_tokens, "finish": finish}
+                         "reused_tokens": turn.reused_tokens, "finish": finish, "model": box.model}
                 if box.dropped:
                     stats["dropped_messages"] = box.dropped
                 fields = dict(content=box.content, thinking=box.thinking, status=status, stats=stats)
@@ -909,7 +1050,10 @@ class DeltatalkApp(App):
                 await box.remove()
 
     async def action_regenerate(self):
-        if self.generating or not self.chat or not self.store:
+        if self.generating:
+            return
+        if not self.chat or not self.store:
+            self.notify("Nothing to regenerate: this chat has no message yet.", severity="warning")
             return
         if self.backend.info is None:
             self.notify("No model loaded (Ctrl+O).", severity="warning")

@@ -61,6 +61,7 @@ class ModelEntry:
     supported: bool = False
     reason: str = ""     # why not supported (empty when supported)
     readable: bool = False  # a GGUF header that parses (supported or not); broken files are not counted
+    has_chat_template: bool = True   # False: a base model, it continues text (completion only)
 
     @property
     def status(self) -> str:
@@ -331,6 +332,7 @@ def describe(c: Candidate) -> ModelEntry:
         e.arch = arch if isinstance(arch, str) else "?"
         ctx = meta.get(f"{e.arch}.context_length")
         e.context = int(ctx) if isinstance(ctx, int) and ctx > 0 else None
+        e.has_chat_template = isinstance(meta.get("tokenizer.chat_template"), str)
         ft = file_type_name(meta.get("general.file_type")) if "general.file_type" in meta else None
         counts: Counter = Counter()
         for t in gf.tensors.values():

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, DataTable, Input, Label, Markdown, OptionList, Static, Switch, TextArea
+from textual.message import Message
+from textual.widgets import (Button, Checkbox, DataTable, Input, Label, Markdown, OptionList, Static,
+                             TextArea)
 from textual.widgets.option_list import Option
 
 from chatapp.discovery import SCAN_SECONDS, Candidate, ModelEntry, describe_all, human_bytes
+from chatapp.prompt_input import EnterSubmitsTextArea
+from chatapp.transcript import model_label
 
 
 class _Modal(ModalScreen):
@@ -45,7 +51,7 @@ class ModelPicker(_Modal):
     """
 
     DEFAULT_CSS = """
-    ModelPicker DataTable { height: auto; max-height: 24; }
+    ModelPicker DataTable { height: auto; max-height: 40vh; }
     ModelPicker #picker-remote { max-height: 10; }
     ModelPicker #picker-path { margin-top: 1; }
     """
@@ -66,7 +72,9 @@ class ModelPicker(_Modal):
         with Vertical():
             yield Label("Choose a model", classes="title")
             table = DataTable(cursor_type="row", zebra_stripes=True, id="picker-table")
-            table.add_columns("Model", "Arch", "Quant", "Size", "Context", "From", "Status")
+            # Status right after the name: at 80 columns the right-hand columns scroll out of view
+            for label in ("Model", "Status", "Size", "Quant", "Context", "Arch", "From"):
+                table.add_column(label, key=label.lower())
             yield table
             yield Label("", id="picker-detail", classes="hint")
             yield Label("Looking for GGUF files…", id="picker-status", classes="hint")
@@ -75,8 +83,9 @@ class ModelPicker(_Modal):
                 remote = DataTable(cursor_type="row", zebra_stripes=True, id="picker-remote")
                 remote.add_columns("Model", "Endpoint", "Context", "Status")
                 yield remote
-            yield Input(placeholder="…or type the path of a .gguf file and press Enter", id="picker-path")
-            yield Label("Enter loads the highlighted model · Esc closes", classes="hint")
+            # (the keys are in the placeholder: at 80x24 a separate hint line would be cut off)
+            yield Input(placeholder="Enter loads the highlighted model · Esc closes · or type a .gguf path here",
+                        id="picker-path")
 
     def on_mount(self):
         self.query_one("#picker-table", DataTable).focus()
@@ -152,44 +161,33 @@ class ModelPicker(_Modal):
         key = str(e.path)
         self.entries[key] = e
         table = self.query_one("#picker-table", DataTable)
-        name = e.name + ("  (loaded)" if self.current and Path(self.current) == e.path else "")
-        status = "✓ supported" if e.supported else f"✗ {e.reason}"
-        table.add_row(name, e.arch, e.quant, human_bytes(e.size), f"{e.context:,}" if e.context else "?",
-                      e.source, status, key=key)
+        loaded = "  (loaded)" if self.current and Path(self.current) == e.path else ""
+        name = shorten(e.name, max(16, self.app.size.width // 3) - len(loaded)) + loaded
+        table.add_row(name, entry_status(e), human_bytes(e.size), e.quant,
+                      f"{e.context:,}" if e.context else "?", e.arch, e.source, key=key)
 
     def _scan_done(self, n: int):
         self.done_scanning = True
-        ok = sum(1 for e in self.entries.values() if e.supported)
-        models = sum(1 for e in self.entries.values() if e.readable)
-        broken = len(self.entries) - models   # not GGUF, truncated, unreadable: not counted as models
-        msg = (f"{models} GGUF file(s) found, {ok} supported." if models else
-               "No GGUF files found. Put models in the models folder, add folders in the config, "
-               "or type a path below.")
-        if broken:
-            msg += f" {broken} other file(s) could not be read as GGUF (see their rows)."
-        self.query_one("#picker-status", Label).update(msg)
+        self.query_one("#picker-status", Label).update(scan_summary(list(self.entries.values())))
         if not self.entries:
             self.query_one("#picker-path", Input).focus()
 
-    @on(DataTable.RowHighlighted)
+    @on(DataTable.RowHighlighted, "#picker-table")
     def _highlighted(self, event: DataTable.RowHighlighted):
-        """The whole reason for an unsupported row (the Status column may be cut)."""
+        """The whole reason for an unsupported row (the Status column holds a short form)."""
         e = self.entries.get(str(event.row_key.value))
         detail = self.query_one("#picker-detail", Label)
-        if e is None or e.supported:
-            detail.update("")
-            detail.display = False
-        else:
-            detail.update(f"{e.name}: {e.reason}")
-            detail.display = True
+        text = entry_detail(e) if e is not None else ""
+        detail.update(text)
+        detail.display = bool(text)
 
-    @on(DataTable.RowSelected)
+    @on(DataTable.RowSelected, "#picker-table")
     def _chosen(self, event: DataTable.RowSelected):
         e = self.entries.get(str(event.row_key.value))
         if e is None:
             return
         if not e.supported:
-            self.notify(f"{e.name}: {e.reason}", severity="warning", title="Not supported")
+            self.notify(f"{e.name}: {readable_reason(e.reason)}", severity="warning", title="Not supported")
             return
         self.dismiss(e.path)
 
@@ -209,16 +207,86 @@ class ModelPicker(_Modal):
         self.dismiss(p)
 
 
+BASE_MODEL = "base model: completion only"
+_BYTES_REPR = re.compile(r"""\(?magic b(['"])(?:\\.|(?!\1).)*\1\)?|b(['"])(?:\\.|(?!\2).)*\2""")
+
+
+def readable_reason(reason: str) -> str:
+    """A discovery reason without raw Python values (a file's first bytes are not for people)."""
+    return " ".join(_BYTES_REPR.sub("", reason).split()).replace("( ", "(").replace(" )", ")") or reason
+
+
+def shorten(text: str, width: int) -> str:
+    """Cut at a word (or name) boundary before `width` columns, with an ellipsis."""
+    if len(text) <= width:
+        return text
+    cut = text[:width - 1]
+    for sep in (" ", "-", "_", "."):
+        i = cut.rfind(sep)
+        if i >= width // 2:
+            cut = cut[:i]
+            break
+    return cut.rstrip(" -_.") + "…"
+
+
+def entry_status(e: ModelEntry) -> str:
+    """The Status column: short; the whole reason is in the line under the table."""
+    if e.supported:
+        return f"✓ {BASE_MODEL}" if not e.has_chat_template else "✓ supported"
+    short = re.split(r"\s*[(:]", readable_reason(e.reason), maxsplit=1)[0]
+    return "✗ " + shorten(short, 30)
+
+
+def entry_detail(e: ModelEntry) -> str:
+    if not e.supported:
+        return f"{e.name}: {readable_reason(e.reason)}"
+    if not e.has_chat_template:
+        return (f"{e.name}: no chat template in the file, so it is a base model: it continues text "
+                "instead of answering, and may ramble or repeat itself.")
+    return ""
+
+
+def scan_summary(entries: list[ModelEntry]) -> str:
+    """Files that are not readable GGUF models are counted apart from the models."""
+    if not entries:
+        return ("No GGUF files found. Put models in the models folder, add folders in the config, "
+                "or type a path below.")
+    models = [e for e in entries if e.readable]   # a header that parses; broken files are counted apart
+    ok = sum(1 for e in models if e.supported)
+    msg = f"{len(models)} model{'s' if len(models) != 1 else ''} found, {ok} supported."
+    broken = len(entries) - len(models)
+    if broken:
+        msg += f" {broken} file{'s' if broken != 1 else ''} could not be read as GGUF (highlight for why)."
+    return msg
+
+
+def chat_date(ts: float, now: float | None = None) -> str:
+    """Today: the time; this year: day and month; else the full date."""
+    t, today = time.localtime(ts), time.localtime(now if now is not None else time.time())
+    if t[:3] == today[:3]:
+        return time.strftime("today %H:%M", t)
+    if t.tm_year == today.tm_year:
+        return f"{t.tm_mday} {time.strftime('%b', t)}"
+    return f"{t.tm_mday} {time.strftime('%b %Y', t)}"
+
+
 # -- chat list ----------------------------------------------------------------------------
 class ChatList(_Modal):
-    """Returns ("open", id) | ("new", None) | None; rename and delete happen in place."""
+    """Returns ("open", id) | ("new", None) | None; rename and delete happen in place.
+
+    Each chat shows its date, model and size; / searches titles, models and message text."""
 
     BINDINGS = [
         Binding("escape", "cancel", "Close"),
         Binding("n", "new", "New chat"),
         Binding("r", "rename", "Rename"),
         Binding("d,delete", "delete", "Delete"),
+        Binding("slash", "search", "Search"),
     ]
+    DEFAULT_CSS = """
+    ChatList #chat-options { height: auto; max-height: 60vh; }
+    ChatList #chat-search { margin-bottom: 1; }
+    """
 
     def __init__(self, store, current_id: int | None = None):
         super().__init__()
@@ -228,20 +296,48 @@ class ChatList(_Modal):
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Label("Chats", classes="title")
+            yield Input(placeholder="/ search titles, models and messages", id="chat-search", compact=True)
             yield OptionList(id="chat-options")
-            yield Label("Enter opens · n new · r rename · d delete · Esc closes", classes="hint")
+            yield Label("Enter opens · / search · n new · r rename · d delete · Esc closes", classes="hint")
 
     def on_mount(self):
         self.reload()
         self.query_one(OptionList).focus()
 
+    def action_search(self):
+        self.query_one("#chat-search", Input).focus()
+
+    @on(Input.Changed, "#chat-search")
+    def _search(self):
+        self.reload()
+
+    @on(Input.Submitted, "#chat-search")
+    def _search_submitted(self):
+        cid = self._selected_id()
+        if cid is not None:
+            self.dismiss(("open", cid))
+
+    def on_key(self, event):
+        # Down from the search box goes to the list
+        if event.key == "down" and isinstance(self.focused, Input):
+            event.stop()
+            self.query_one(OptionList).focus()
+
     def reload(self, highlight: int | None = None):
         ol = self.query_one(OptionList)
         ol.clear_options()
-        chats = self.store.list_chats()
+        query = self.query_one("#chat-search", Input).value
+        chats = self.store.search_chats(query)
+        width = max(20, self.app.size.width - 20)
         for c in chats:
             mark = "● " if c.id == self.current_id else "  "
-            ol.add_option(Option(f"{mark}{c.title}  [dim]({c.n_messages} messages)[/dim]", id=str(c.id)))
+            n = f"{c.n_messages} message{'s' if c.n_messages != 1 else ''}"
+            about = " · ".join(x for x in (chat_date(c.updated), model_label(c.model or ""), n) if x)
+            text = Text(mark + shorten(c.title, width))
+            text.append("\n    " + about, style="dim")
+            ol.add_option(Option(text, id=str(c.id)))
+        if not chats and query.strip():
+            ol.add_option(Option(Text(f"  no chat contains “{query.strip()}”", style="dim"), disabled=True))
         if chats:
             ids = [c.id for c in chats]
             want = highlight if highlight in ids else (self.current_id if self.current_id in ids else ids[0])
@@ -251,7 +347,8 @@ class ChatList(_Modal):
         ol = self.query_one(OptionList)
         if ol.highlighted is None or ol.option_count == 0:
             return None
-        return int(ol.get_option_at_index(ol.highlighted).id)
+        option = ol.get_option_at_index(ol.highlighted)
+        return int(option.id) if option.id is not None else None
 
     @on(OptionList.OptionSelected)
     def _open(self, event: OptionList.OptionSelected):
@@ -365,14 +462,20 @@ SAMPLING_FIELDS = [
 
 
 class ChatSettings(_Modal):
-    """Per-chat system prompt and sampling settings; returns a dict or None."""
+    """Per-chat system prompt and sampling settings; returns a dict or None.
+
+    The system prompt has the focus when it opens; Enter saves from any field (Ctrl+J or
+    Alt+Enter adds a line to the system prompt); Esc cancels; the form scrolls on a small screen.
+    """
 
     DEFAULT_CSS = """
-    ChatSettings #cs-system { height: 6; }
-    ChatSettings .row { height: auto; }
-    ChatSettings .row Label { width: 28; padding-top: 1; }
+    ChatSettings #cs-form { height: auto; max-height: 50vh; }
+    ChatSettings #cs-system { height: auto; min-height: 3; max-height: 6; margin-bottom: 1; }
+    ChatSettings .row { height: 1; }
+    ChatSettings .row Label { width: 28; }
     ChatSettings .row Input { width: 1fr; }
-    ChatSettings .row Switch { margin-top: 0; }
+    ChatSettings .buttons { height: 1; }
+    ChatSettings .buttons .hint { width: 1fr; margin-top: 0; }
     """
 
     def __init__(self, system_prompt: str, values: dict, thinking: bool | None, supports_thinking: bool):
@@ -383,31 +486,42 @@ class ChatSettings(_Modal):
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Label("Chat settings", classes="title")
-            with VerticalScroll():
+            with VerticalScroll(id="cs-form"):
                 yield Label("System prompt")
-                yield TextArea(self.system_prompt, id="cs-system")
+                yield EnterSubmitsTextArea(self.system_prompt, id="cs-system")
                 for key, _kind, label in SAMPLING_FIELDS:
                     v = self.values.get(key)
                     with Horizontal(classes="row"):
                         yield Label(label)
-                        yield Input("" if v is None else str(v), id=f"cs-{key}")
+                        yield Input("" if v is None else str(v), id=f"cs-{key}", compact=True)
                 with Horizontal(classes="row"):
                     yield Label("thinking" + ("" if self.supports_thinking else " (model has none)"))
-                    yield Switch(value=bool(self.thinking) if self.thinking is not None else True,
-                                 id="cs-thinking", disabled=not self.supports_thinking)
+                    yield Checkbox("on", value=bool(self.thinking) if self.thinking is not None else True,
+                                   id="cs-thinking", disabled=not self.supports_thinking, compact=True)
             with Horizontal(classes="buttons"):
-                yield Button("Cancel", id="cancel")
-                yield Button("Save", variant="primary", id="ok")
+                yield Label("Enter saves · Esc cancels", classes="hint")
+                yield Button("Cancel", id="cancel", compact=True)
+                yield Button("Save", variant="primary", id="ok", compact=True)
+
+    def on_mount(self):
+        area = self.query_one("#cs-system", EnterSubmitsTextArea)
+        area.focus()
+        area.move_cursor(area.document.end)
 
     @on(Button.Pressed, "#cancel")
     def _cancel(self):
         self.dismiss(None)
 
+    @on(Input.Submitted)
+    @on(EnterSubmitsTextArea.Submitted)
     @on(Button.Pressed, "#ok")
-    def _ok(self):
-        out: dict = {"system_prompt": self.query_one("#cs-system", TextArea).text, "sampling": {}}
+    def _ok(self, event: Message | None = None):
+        if event is not None:
+            event.stop()   # the system prompt's Submitted must not reach the app (it would be sent)
+        out: dict = {"system_prompt": self.query_one("#cs-system", EnterSubmitsTextArea).text, "sampling": {}}
         for key, kind, label in SAMPLING_FIELDS:
-            raw = self.query_one(f"#cs-{key}", Input).value.strip()
+            field = self.query_one(f"#cs-{key}", Input)
+            raw = field.value.strip()
             if raw == "":
                 if key == "seed":
                     out["sampling"][key] = None
@@ -416,9 +530,10 @@ class ChatSettings(_Modal):
                 out["sampling"][key] = kind(raw)
             except ValueError:
                 self.notify(f"{label}: {raw!r} is not a number", severity="error")
+                field.focus()
                 return
         if self.supports_thinking:
-            out["thinking"] = self.query_one("#cs-thinking", Switch).value
+            out["thinking"] = self.query_one("#cs-thinking", Checkbox).value
         self.dismiss(out)
 
 

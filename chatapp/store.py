@@ -435,6 +435,7 @@ class ChatStore:
         with self.tx():
             self.db.execute("DELETE FROM messages WHERE chat_id=?", (chat_id,))
             self.db.execute("DELETE FROM chats WHERE id=?", (chat_id,))
+            self.db.execute("DELETE FROM meta WHERE key=?", (self._draft_key(chat_id),))
 
     # -- messages -----------------------------------------------------------------------
     def _msg(self, row) -> Message:
@@ -476,6 +477,58 @@ class ChatStore:
         """Delete a message and everything after it in its chat (regenerate / edit)."""
         with self.tx():
             self.db.execute("DELETE FROM messages WHERE chat_id=? AND id>=?", (chat_id, msg_id))
+
+    # -- drafts, earlier prompts, search (no schema change: drafts live in `meta`, the rest is queried) --
+    @staticmethod
+    def _draft_key(chat_id: int | None) -> str:
+        return f"draft:{chat_id}" if chat_id is not None else "draft:new"
+
+    def get_draft(self, chat_id: int | None) -> str:
+        """The unsent text of a chat's prompt box (chat_id None: the box of a chat not started yet)."""
+        return self.get_meta(self._draft_key(chat_id), "") or ""
+
+    def set_draft(self, chat_id: int | None, text: str):
+        if text.strip():
+            self.set_meta(self._draft_key(chat_id), text)
+        else:
+            with self.tx():
+                self.db.execute("DELETE FROM meta WHERE key=?", (self._draft_key(chat_id),))
+
+    def earlier_prompts(self, limit: int = 200) -> list[str]:
+        """The user's messages over all chats, newest first, each text once (for Up in the prompt box)."""
+        rows = self.db.execute("SELECT content FROM messages WHERE role='user' GROUP BY content "
+                               "ORDER BY MAX(id) DESC LIMIT ?", (limit,)).fetchall()
+        return [r[0] for r in rows]
+
+    def search_chats(self, query: str) -> list[Chat]:
+        """Chats whose title, model or any message contains `query` (case-insensitive), newest first."""
+        q = query.strip()
+        if not q:
+            return self.list_chats()
+        like = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = self.db.execute(
+            "SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.chat_id=c.id) AS n FROM chats c "
+            "WHERE c.title LIKE ?1 ESCAPE '\\' OR IFNULL(c.model, '') LIKE ?1 ESCAPE '\\' OR EXISTS "
+            "(SELECT 1 FROM messages m WHERE m.chat_id=c.id AND m.content LIKE ?1 ESCAPE '\\') "
+            "ORDER BY c.updated DESC, c.id DESC", (like,)).fetchall()
+        return [self._chat(r) for r in rows]
+
+    def measured_prefill_speed(self, model: str, min_tokens: int = 64) -> float | None:
+        """The newest prefill speed (tok/s) measured with `model` on a prompt of at least `min_tokens`
+        prefilled tokens (short prefills run far below the machine's speed), or None."""
+        rows = self.db.execute("SELECT stats FROM messages WHERE role='assistant' AND stats LIKE '%\"model\"%' "
+                               "ORDER BY id DESC LIMIT 500").fetchall()
+        for (raw,) in rows:
+            try:
+                st = json.loads(raw or "{}")
+            except ValueError:
+                continue
+            if st.get("model") != model:
+                continue
+            prefilled = st.get("prompt_tokens", 0) - st.get("reused_tokens", 0)
+            if prefilled >= min_tokens and st.get("prompt_tps", 0) > 0:
+                return float(st["prompt_tps"])
+        return None
 
 
 class _Tx:

@@ -1,176 +1,20 @@
-"""The chat screen's widgets: messages, the prompt box, the live gauge, the speed overlay."""
+"""The chat screen's live gauge and speed overlay (messages: chatapp.transcript; prompt box: chatapp.prompt_input)."""
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
 
-from textual import events
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical
-from textual.message import Message
+from textual.containers import Horizontal
 from textual.reactive import reactive
-from textual.widgets import Collapsible, Label, Markdown, ProgressBar, Static, TextArea
+from textual.widgets import Label, ProgressBar, Static
 
 from chatapp.backend import BackendStats
 from chatapp.discovery import human_bytes
-from chatapp.thinking import ThinkSplitter
-
-STATUS_NOTES = {
-    "stopped": "⏹ stopped",
-    "length": "… cut at the token limit",
-    "error": "⚠ failed",
-    "interrupted": "⚠ interrupted (the app closed while this reply was streaming)",
-}
-
-
-# -- the prompt box ------------------------------------------------------------------------
-class ChatInput(TextArea):
-    """Enter sends; Shift+Enter and Ctrl+J insert a newline."""
-
-    DEFAULT_CSS = """
-    ChatInput { height: auto; min-height: 3; max-height: 10; }
-    """
-
-    class Submitted(Message):
-        def __init__(self, text: str):
-            super().__init__()
-            self.text = text
-
-    NEWLINE_KEYS = ("shift+enter", "ctrl+j")
-
-    async def _on_key(self, event: events.Key) -> None:
-        if self.read_only:
-            return
-        if event.key == "enter":
-            event.stop()
-            event.prevent_default()
-            self.post_message(self.Submitted(self.text))
-            return
-        if event.key in self.NEWLINE_KEYS:
-            event.stop()
-            event.prevent_default()
-            start, end = self.selection
-            self._replace_via_keyboard("\n", start, end)
-            return
-        await super()._on_key(event)
-
-
-# -- messages ------------------------------------------------------------------------------
-class MessageBox(Vertical):
-    """One message. Assistant messages stream: thinking into a collapsible, the answer as Markdown."""
-
-    DEFAULT_CSS = """
-    MessageBox { height: auto; margin: 0 1 1 1; padding: 0 1; }
-    MessageBox.user { border-left: thick $primary; background: $boost; }
-    MessageBox.assistant { border-left: thick $accent; }
-    MessageBox.system-note { border-left: thick $warning; color: $text-muted; }
-    MessageBox .role { color: $text-muted; text-style: bold; }
-    MessageBox .status { color: $warning; }
-    MessageBox .status.error { color: $error; }
-    MessageBox .notice { color: $warning; text-style: italic; }
-    MessageBox Collapsible { background: transparent; border-top: none; padding-bottom: 0; }
-    MessageBox Collapsible Markdown { color: $text-muted; }
-    MessageBox Markdown { margin: 0; padding: 0; background: transparent; }
-    """
-
-    def __init__(self, role: str, content: str = "", *, thinking: str = "", status: str = "done",
-                 msg_id: int | None = None, streaming: bool = False, starts_thinking: bool = False,
-                 dropped: int = 0):
-        super().__init__(classes=role)
-        self.dropped = dropped   # oldest messages the engine left out of this reply's context
-        self.role = role
-        self.msg_id = msg_id
-        self.content = content
-        self.thinking = thinking
-        self.status = status
-        self.streaming = streaming
-        self._splitter = ThinkSplitter(starts_thinking) if streaming else None
-        self._stream = None
-        self._think_stream = None
-
-    def compose(self) -> ComposeResult:
-        label = {"user": "You", "assistant": "Assistant", "system-note": "Note"}.get(self.role, self.role)
-        yield Label(label, classes="role")
-        self._notice = Label(self.dropped_text(), classes="notice")
-        self._notice.display = bool(self.dropped)
-        yield self._notice
-        self._think_md = Markdown(self.thinking or "", classes="thinking")
-        self._think_box = Collapsible(self._think_md, title="Thinking", collapsed=not self.streaming)
-        self._think_box.display = bool(self.thinking)
-        yield self._think_box
-        self._md = Markdown(self.content, classes="body")
-        yield self._md
-        self._status = Label(STATUS_NOTES.get(self.status, ""), classes="status")
-        self._status.display = self.status in STATUS_NOTES
-        if self.status == "error":
-            self._status.add_class("error")
-        yield self._status
-
-    # streaming ------------------------------------------------------------------------
-    async def append(self, text: str):
-        if self._splitter is None:
-            self._splitter = ThinkSplitter()
-        think, answer = self._splitter.feed(text)
-        await self._write(think, answer)
-
-    async def _write(self, think: str, answer: str):
-        if think:
-            self.thinking += think
-            if not self._think_box.display:
-                self._think_box.display = True
-            if self._think_stream is None:
-                self._think_stream = Markdown.get_stream(self._think_md)
-            await self._think_stream.write(think)
-        if answer:
-            if not self.content:
-                answer = answer.lstrip()
-                if not answer:
-                    return
-                if self._think_box.display and self.streaming:
-                    self._think_box.collapsed = True   # the answer began: fold the thinking
-            self.content += answer
-            if self._stream is None:
-                self._stream = Markdown.get_stream(self._md)
-            await self._stream.write(answer)
-
-    async def finish(self, status: str = "done"):
-        """Flush, stop the streams, and render the whole text once (fixes partial fences)."""
-        if self._splitter is not None:
-            await self._write(*self._splitter.flush())
-        for s in (self._stream, self._think_stream):
-            if s is not None:
-                try:
-                    await s.stop()
-                except Exception:  # noqa: BLE001
-                    pass
-        self._stream = self._think_stream = None
-        self.streaming = False
-        self.content = self.content.strip()
-        await self._md.update(self.content)
-        if self.thinking:
-            self.thinking = self.thinking.strip()
-            await self._think_md.update(self.thinking)
-            self._think_box.collapsed = True
-        self.set_status(status)
-
-    def dropped_text(self) -> str:
-        n = self.dropped
-        if not n:
-            return ""
-        what = "the oldest message" if n == 1 else f"the {n} oldest messages"
-        return f"context full: dropped {what}"
-
-    def set_dropped(self, n: int):
-        self.dropped = n
-        self._notice.update(self.dropped_text())
-        self._notice.display = bool(n)
-
-    def set_status(self, status: str):
-        self.status = status
-        self._status.update(STATUS_NOTES.get(status, ""))
-        self._status.display = status in STATUS_NOTES
-        self._status.set_class(status == "error", "error")
+# moved: the prompt box to chatapp.prompt_input, messages to chatapp.transcript (old import path kept)
+from chatapp.prompt_input import ChatInput  # noqa: F401
+from chatapp.transcript import STATUS_NOTES, MessageBox  # noqa: F401
 
 
 # -- the live gauge -----------------------------------------------------------------------
@@ -226,18 +70,32 @@ def spark_text(values, width: int = SPARK_WIDTH) -> str:
     return "".join(SPARK_LEVELS[max(1, min(steps, round(v / top * steps)))] for v in values).rjust(width)
 
 
+class _FittedLabel(Label):
+    """One line whose text is made for its width, and made again whenever the width changes."""
+
+    def __init__(self, make, **kw):
+        super().__init__("", **kw)
+        self.make = make   # make(width or None) -> text
+
+    def on_resize(self):
+        self.refit()
+
+    def refit(self):
+        self.update(self.make(self.size.width or None), layout=False)
+
+
 class Gauge(Horizontal):
     """Always visible while generating: tok/s + sparkline, prefill bar, TTFT, context, reuse."""
 
     DEFAULT_CSS = """
-    Gauge { height: 2; padding: 0 1; background: $panel; }
+    Gauge { height: 1; padding: 0 1; background: $panel; }
     Gauge > Label { width: auto; margin-right: 1; }
     Gauge #g-tps { text-style: bold; color: $success; width: 12; }
     Gauge #g-prefill-label { width: 7; }
     Gauge #g-spark { width: 16; height: 1; margin-right: 1; color: $success; }
     Gauge ProgressBar { width: 12; }
     Gauge ProgressBar Bar { width: 10; }
-    Gauge #g-details { width: 1fr; height: 2; margin-right: 0; }
+    Gauge #g-details { width: 1fr; height: 1; margin-right: 0; }
     Gauge.idle #g-tps { color: $text-muted; }
     Gauge .turn-only { display: none; }
     """
@@ -256,7 +114,7 @@ class Gauge(Horizontal):
         yield spark
         yield Label("prefill", id="g-prefill-label", classes="turn-only")
         yield ProgressBar(total=1, show_eta=False, show_percentage=False, id="g-prefill", classes="turn-only")
-        yield Label("", id="g-details")
+        yield _FittedLabel(self.details_text, id="g-details")
 
     def watch_active(self, active: bool):
         self.set_class(not active, "idle")
@@ -272,6 +130,15 @@ class Gauge(Horizontal):
             w.display = True
         bar = self.query_one("#g-prefill", ProgressBar)
         bar.update(total=1, progress=0)
+        self.refresh_text()
+
+    def reset(self):
+        """Empty figures (another chat): nothing of the previous chat's last reply stays on screen."""
+        self.turn = TurnRecord()
+        self.active = False
+        self.query_one("#g-spark", Label).display = False
+        for w in self.query(".turn-only"):
+            w.display = False
         self.refresh_text()
 
     def on_prefill(self, done: int, total: int, prompt_tps: float | None = None):
@@ -293,11 +160,17 @@ class Gauge(Horizontal):
         if t.prefill_total == 0 or t.prefill_done < t.prefill_total:
             t.prefill_done = t.prefill_total = max(prefilled_tokens, 1)
             self.query_one("#g-prefill", ProgressBar).update(total=t.prefill_total, progress=t.prefill_total)
+        if generated and t.prefill_done >= t.prefill_total:
+            for w in self.query(".turn-only"):
+                w.display = False   # prefill over: its bar makes room for the figures
+            self.call_after_refresh(self.refresh_text)   # fit the figures to the new width
         if decode_tps > 0 and new_tokens:
             t.record_speed(new_tokens, decode_tps)
             spark = self.query_one("#g-spark", Label)
             spark.update(spark_text(t.speed_history()))
-            spark.display = True
+            if not spark.display:
+                spark.display = True
+                self.call_after_refresh(self.refresh_text)
         self.refresh_text()
 
     def show_context(self, stats: dict | None):
@@ -314,30 +187,43 @@ class Gauge(Horizontal):
         self.turn.finish = finish
         self.active = False
         self.refresh_text()
+        self.call_after_refresh(self.refresh_text)
 
     def tps_text(self) -> str:
         t = self.turn
         return f"{t.decode_tps:6.1f} tok/s" if t.decode_tps > 0 else "  — tok/s"
 
-    def details_text(self) -> str:
+    def details_text(self, width: int | None = None) -> str:
+        """The figures on one line: with `width`, shorter forms and then fewer figures until it fits
+        (least important go first: reuse, prompt speed, prefill count)."""
         t = self.turn
-        parts = []
-        if t.prefill_total:
-            parts.append(f"{t.prefill_done}/{t.prefill_total}")
+        parts = []   # (priority: lower goes first, full form, short form)
+        if t.prefill_total and (self.active and t.prefill_done < t.prefill_total or not t.generated):
+            parts.append((1, f"{t.prefill_done}/{t.prefill_total}", f"{t.prefill_done}/{t.prefill_total}"))
         if t.prompt_tps:
-            parts.append(f"{t.prompt_tps:,.0f} tok/s prompt")
+            parts.append((2, f"{t.prompt_tps:,.0f} tok/s prompt", f"pp {t.prompt_tps:,.0f} t/s"))
         if t.ttft_s:
-            parts.append(f"TTFT {t.ttft_s * 1000:,.0f} ms")
+            parts.append((5, f"TTFT {t.ttft_s * 1000:,.0f} ms", f"TTFT {t.ttft_s * 1000:,.0f} ms"))
         if self.n_ctx:
-            parts.append(f"ctx {t.context_used:,}/{self.n_ctx:,}")
+            parts.append((4, f"ctx {t.context_used:,}/{self.n_ctx:,}", f"ctx {t.context_used:,}/{self.n_ctx:,}"))
         if t.prompt_tokens:
-            parts.append(f"reused {t.reused_tokens:,} of {t.prompt_tokens:,} prompt tokens")
-        return " · ".join(parts)
+            parts.append((3, f"reused {t.reused_tokens:,} of {t.prompt_tokens:,} prompt tokens",
+                          f"reused {t.reused_tokens:,}/{t.prompt_tokens:,}"))
+        text = " · ".join(p[1] for p in parts)
+        if width is None or len(text) <= width:
+            return text
+        parts = [(p[0], p[2]) for p in parts]
+        while parts and len(" · ".join(p[1] for p in parts)) > width:
+            parts.remove(min(parts, key=lambda p: p[0]))
+        return " · ".join(p[1] for p in parts)
 
     def refresh_text(self):
         # fixed sizes: a repaint, never a layout of the screen (the UI must not pace the engine)
         self.query_one("#g-tps", Label).update(self.tps_text(), layout=False)
-        self.query_one("#g-details", Label).update(self.details_text(), layout=False)
+        self.query_one("#g-details", _FittedLabel).refit()
+
+    def on_resize(self):
+        self.refresh_text()
 
 
 # -- the speed overlay ----------------------------------------------------------------------

@@ -46,9 +46,10 @@ def _quantize(data: np.ndarray, qtype: T) -> np.ndarray:
 
 def write_tiny_llama(path: str | Path, *, d_model=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128,
                      weight_type: T = T.Q8_0, embd_type: T = T.Q8_0, tied=True, seed=0,
-                     n_ctx_train=256, rope_freqs: bool = False, chat_template: str | None = None,
+                     n_ctx_train=256, rope_freqs: bool = False, chat_template: str | bool | None = None,
                      n_vocab_rows: int | None = None) -> Path:
-    """n_vocab_rows: embedding/output rows when they should differ from the token list (a hostile file)."""
+    """n_vocab_rows: embedding/output rows when they should differ from the token list (a hostile file).
+    chat_template: None/True ChatML, False none (a base model: completion only), or the template's text."""
     path = Path(path)
     rng = np.random.default_rng(seed)
     tokens, types, merges = byte_vocab()
@@ -73,7 +74,8 @@ def write_tiny_llama(path: str | Path, *, d_model=64, n_layer=2, n_head=4, n_hea
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
-    w.add_chat_template(CHATML if chat_template is None else chat_template)
+    if chat_template is not False:   # False: a base model (completion only)
+        w.add_chat_template(CHATML if chat_template in (None, True) else chat_template)
 
     def mat(name, n_in, n_out, qtype, scale=None):
         scale = scale or 1.0 / np.sqrt(n_in)

@@ -294,7 +294,7 @@ async def test_chat_settings_system_prompt_and_sampling_reach_the_backend(fake_m
         scr.query_one("#cs-system", TextArea).text = "You are terse."
         scr.query_one("#cs-temperature", Input).value = "0"
         scr.query_one("#cs-max_tokens", Input).value = "77"
-        scr._ok()
+        await pilot.press("enter")   # Enter in the system prompt saves (the focus is there on open)
         await pilot.pause()
         assert app.chat.system_prompt == "You are terse."
         await send(pilot, app, "hi")

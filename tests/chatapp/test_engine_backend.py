@@ -42,10 +42,17 @@ class StubSession:
         self.tokens = []
         self.last_turn = Stats()
         self.n_ctx = 512
+        self.replies = 0
+
+    def reset(self):
+        self.tokens = []
+        self.cache[0].nbytes = 0
+        self.last_turn = Stats()
 
     def reply(self, messages, settings, max_tokens=512, cancel=None, prefill_progress=None,
               enable_thinking=None):
         self.rendered = (messages, enable_thinking)
+        self.replies += 1
         prompt = list(range(10))
         self.last_turn = Stats(len(prompt), 0, len(prompt))
         if prefill_progress:
@@ -69,7 +76,7 @@ def stub_engine(monkeypatch):
             raise ModelFileError(path, "not a GGUF file")
         gguf = types.SimpleNamespace(close=lambda: None)
         model = types.SimpleNamespace(weight_bytes=123_000, n_ctx=512)
-        template = types.SimpleNamespace(supports_thinking=True)
+        template = types.SimpleNamespace(supports_thinking=True, is_fallback="base" in str(path))
         return types.SimpleNamespace(path=Path(path), arch="llama", file_size=200_000, model=model,
                                      gguf=gguf, template=template)
 
@@ -97,8 +104,12 @@ def test_engine_backend_loads_replies_and_reports(stub_engine, tmp_path):
     b = EngineBackend()
     stages = []
     info = b.load(tmp_path / "a.gguf", lambda s, f: stages.append(s))
-    assert stages == ["open", "validate", "compile", "ready"]
+    assert stages == ["open", "validate", "compile", "warm", "ready"]
     assert (info.arch, info.n_ctx, info.supports_thinking, info.compile_seconds) == ("llama", 512, True, 0.5)
+    # the first-reply warm-up ran a real (short) reply, then left the session empty
+    assert b._session.replies == 1 and b._session.tokens == [] and b.session_stats()["context_used"] == 0
+    assert not info.base_model and b.load(tmp_path / "base.gguf").base_model
+    info = b.load(tmp_path / "a.gguf")
     progress = []
     out = list(b.reply([{"role": "user", "content": "x"}], SamplingSettings(), max_tokens=8,
                        enable_thinking=False, cancel=threading.Event(),
@@ -143,6 +154,7 @@ def test_engine_backend_on_the_real_engine(tiny_llama_path):
     b = EngineBackend(n_ctx=256)
     info = b.load(tiny_llama_path)
     assert info.arch == "llama" and info.n_ctx == 256
+    assert info.warm_up_seconds > 0 and b.session_stats()["context_used"] == 0 and not info.base_model
     msgs = [{"role": "user", "content": "hello"}]
     greedy = SamplingSettings(temperature=0)
     first = list(b.reply(msgs, greedy, max_tokens=4, enable_thinking=None, cancel=threading.Event()))
@@ -153,3 +165,14 @@ def test_engine_backend_on_the_real_engine(tiny_llama_path):
     assert turn.reused_tokens > 0 and turn.prefilled_tokens < turn.prompt_tokens  # the history was reused
     st = b.stats()
     assert st.kv_bytes > 0 and st.context_used > 0 and st.model_bytes > 0
+
+
+def test_engine_backend_marks_a_file_without_chat_template_as_base_model(tmp_path):
+    from chatapp.backend import EngineBackend
+    from chatapp.discovery import Candidate, describe
+    from tests.tiny_models import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "tiny-base.gguf", chat_template=False)
+    assert not describe(Candidate(path, "models", path.name)).has_chat_template
+    info = EngineBackend(n_ctx=128).load(path)
+    assert info.base_model

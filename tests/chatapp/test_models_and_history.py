@@ -27,11 +27,12 @@ async def test_picker_lists_models_and_loads_the_choice(model_tree):
         assert table.row_count == 5
         rows = [table.get_row_at(i) for i in range(table.row_count)]
         first = rows[0]
-        assert first[0] == "tiny-llama.gguf" and list(first[1:5]) == ["llama", "Q8_0", "103.8 KB", "256"]
-        assert first[6] == "✓ supported"
+        # columns: Model, Status, Size, Quant, Context, Arch, From (Status stays visible at 80 columns)
+        assert first[0] == "tiny-llama.gguf" and list(first[2:6]) == ["103.8 KB", "Q8_0", "256", "llama"]
+        assert first[1] == "✓ supported"
         bad = next(r for r in rows if r[0] == "truncated.gguf")
-        assert bad[6].startswith("✗ ")
-        sources = {r[5] for r in rows}
+        assert bad[1].startswith("✗ ")
+        sources = {r[6] for r in rows}
         assert sources == {"models", "huggingface", "lmstudio", "ollama"}
         # selecting an unsupported row says why and stays open
         table.move_cursor(row=rows.index(bad))

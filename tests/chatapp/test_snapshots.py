@@ -29,6 +29,10 @@ async def _still(pilot):
     app.clear_notifications()
     app.chat_input.cursor_blink = False
     await pilot.pause()
+    from chatapp.widgets import Gauge
+
+    app.query_one(Gauge).refresh_text()   # the figures fitted to the gauge's settled width
+    await pilot.pause()
 
 
 async def _chat_with_reply(pilot):
@@ -93,3 +97,61 @@ def test_model_picker(snap_compare, home):
         await _still(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+
+
+# -- 80x24: everything must be usable on the smallest common terminal (issue 17) ----------------
+SMALL = (80, 24)
+REPLY_LINES = "Paris: Les Halles\nTennis: Roland Garros\nFood: **croissants**"
+
+
+def test_chat_screen_at_80x24(snap_compare, fake_model):
+    app = make_app(FakeBackend([REPLY_LINES]), model_path=fake_model)
+
+    async def run_before(pilot):
+        await wait_until(pilot, lambda: app.backend.info is not None and app.loading is None, what="model")
+        await send(pilot, app, "Three places:\n**one** per line, please")
+        await wait_until(pilot, lambda: not app.generating and app.turns, what="reply")
+        await _still(pilot)
+
+    assert snap_compare(app, terminal_size=SMALL, run_before=run_before)
+
+
+def test_model_picker_at_80x24(snap_compare, home):
+    from chatapp.discovery import candidates
+    from chatapp.paths import models_dir
+    from tests.tiny_models import write_tiny_llama
+
+    md = models_dir()
+    md.mkdir(parents=True)
+    write_tiny_llama(md / "tiny-llama-Q8_0.gguf", seed=0)
+    write_tiny_llama(md / "tiny-base-Q8_0.gguf", seed=0, chat_template=False)
+    _write_unsupported(md / "mamba-tiny.gguf")
+    (md / "broken.gguf").write_bytes(b"H\xcfe\x00" + b"\0" * 16)
+
+    def find():
+        return candidates(md, [], home=home / "home", env={}, huggingface=False, lmstudio=False, ollama=False)
+
+    app = make_app(FakeBackend(), find_models=find)
+
+    async def run_before(pilot):
+        await wait_until(pilot, lambda: isinstance(app.screen, ModelPicker) and app.screen.done_scanning,
+                         what="picker filled")
+        await _still(pilot)
+
+    assert snap_compare(app, terminal_size=SMALL, run_before=run_before)
+
+
+def test_chat_settings_at_80x24(snap_compare, fake_model):
+    app = make_app(FakeBackend(["ok"]), model_path=fake_model)
+
+    async def run_before(pilot):
+        from chatapp.screens import ChatSettings
+
+        await wait_until(pilot, lambda: app.backend.info is not None and app.loading is None, what="model")
+        await pilot.press("ctrl+s")
+        await wait_until(pilot, lambda: isinstance(app.screen, ChatSettings), what="settings")
+        await pilot.pause()
+        app.screen.query_one("#cs-system").cursor_blink = False
+        await _still(pilot)
+
+    assert snap_compare(app, terminal_size=SMALL, run_before=run_before)
