@@ -136,6 +136,7 @@ async def test_locked_history_keeps_the_typed_message_and_sends_it_when_free(fak
 
 async def test_picker_shows_readable_reasons_and_does_not_count_broken_files(model_tree):
     from chatapp.paths import models_dir
+    from chatapp.screens import readable_reason
 
     (models_dir() / "zip.gguf").write_bytes(b"PK\x03\x04" + b"\0" * 100)
     write_huge_array_gguf(models_dir() / "huge-array.gguf")
@@ -144,11 +145,12 @@ async def test_picker_shows_readable_reasons_and_does_not_count_broken_files(mod
         await wait_until(pilot, lambda: isinstance(app.screen, ModelPicker), timeout=30, what="picker")
         picker = app.screen
         await wait_until(pilot, lambda: picker.done_scanning, timeout=60, what="scan")
-        table = picker.query_one(DataTable)
-        status = {r[0]: r[6] for r in (table.get_row_at(i) for i in range(table.row_count))}
-        assert status["zip.gguf"] == "✗ not a GGUF file (starts with 50 4b 03 04)"
-        assert status["huge-array.gguf"].startswith("✗ metadata 'tokenizer.ggml.scores': array length")
-        assert status["truncated.gguf"].startswith("✗ truncated file: ")
+        table = picker.query_one("#picker-table", DataTable)
+        status = {r[0]: r[1] for r in (table.get_row_at(i) for i in range(table.row_count))}
+        assert status["zip.gguf"] == "✗ not a GGUF file"          # short form; the reason is below the table
+        reason = {e.name: readable_reason(e.reason) for e in picker.entries.values()}
+        assert reason["zip.gguf"] == "not a GGUF file (starts with 50 4b 03 04)"
+        assert reason["huge-array.gguf"].startswith("metadata 'tokenizer.ggml.scores': array length")
+        assert reason["truncated.gguf"].startswith("truncated file: ")
         summary = str(picker.query_one("#picker-status", Label).render())
-        assert summary == ("4 GGUF file(s) found, 4 supported. 3 other file(s) could not be read as GGUF "
-                           "(see their rows).")
+        assert summary == "4 models found, 4 supported. 3 files could not be read as GGUF (highlight for why)."
