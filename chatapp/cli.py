@@ -31,8 +31,10 @@ def _add_common_args(p: argparse.ArgumentParser):
 
 
 def _add_model_args(p: argparse.ArgumentParser):
-    p.add_argument("-m", "--model", type=A.existing_file("model file"),
-                   help="path to a .gguf file (default: the default model, fetched if missing)")
+    # checked in _dispatch: with --endpoint, -m names the server's model, not a file
+    p.add_argument("-m", "--model", type=A.text,
+                   help="path to a .gguf file (default: the default model, fetched if missing); "
+                        "with --endpoint, the server's model name")
     p.add_argument("--threads", type=A.int_in(1, A.MAX_THREADS), default=None,
                    help="compute threads, fixed (default: the physical cores, fewer while other programs "
                         "keep the CPU busy)")
@@ -171,6 +173,12 @@ def _report(e: BaseException) -> int:
 
 def _dispatch(args) -> int:
     cmd = args.command
+    if cmd in ("chat", "run", "bench") and args.model is not None and not getattr(args, "endpoint", None):
+        try:
+            args.model = A.existing_file("model file")(args.model)
+        except argparse.ArgumentTypeError as e:
+            print(f"deltatalk {cmd}: argument -m/--model: {e} (see deltatalk {cmd} --help)", file=sys.stderr)
+            return EXIT_USAGE
     if cmd == "fetch":
         from chatapp.default_model import ensure_default_model
 

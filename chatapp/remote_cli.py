@@ -54,7 +54,7 @@ def cmd_run_remote(args) -> int:
         if e.partial and not args.json:
             sys.stdout.write("\n")
         print(f"deltatalk: {e}", file=sys.stderr)
-        return 3
+        return 1   # a runtime error, as every other command
     result = {
         "model": model,
         "endpoint": endpoint.url,
@@ -72,6 +72,7 @@ def cmd_run_remote(args) -> int:
         "decode_tps": f.decode_tps,
         "peak_rss_bytes": runtime.peak_rss_bytes(),
         "threads": None,
+        "thread_policy": None,   # the threads are the server's
     }
     if result["prompt_tokens"] is None:   # roughly 4 characters a token
         result["prompt_tokens"] = max(1, sum(len(m["content"]) for m in body["messages"]) // 4)

@@ -251,7 +251,7 @@ def scan_summary(entries: list[ModelEntry]) -> str:
     if not entries:
         return ("No GGUF files found. Put models in the models folder, add folders in the config, "
                 "or type a path below.")
-    models = [e for e in entries if e.readable]   # a header that parses; broken files are counted apart
+    models = [e for e in entries if e.arch != "?"]   # a header with an architecture; broken files are counted apart
     ok = sum(1 for e in models if e.supported)
     msg = f"{len(models)} model{'s' if len(models) != 1 else ''} found, {ok} supported."
     broken = len(entries) - len(models)

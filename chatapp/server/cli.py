@@ -9,6 +9,8 @@ import socket
 import sys
 import time
 
+from chatapp import arg_types as A
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_CACHE_MB = 1024
@@ -19,16 +21,20 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                        description="OpenAI-compatible server: GET /v1/models, POST /v1/chat/completions "
                                    "(streamed and not). Follow-up requests reuse the kept conversations' caches.")
-    p.add_argument("-m", "--model", help="path to a .gguf file (default: the default model, fetched if missing)")
-    p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
-    p.add_argument("--ctx", type=int, default=None, help="context size in tokens (default: min(model, 8192))")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an unexpected error")
+    p.add_argument("-m", "--model", type=A.existing_file("model file"),
+                   help="path to a .gguf file (default: the default model, fetched if missing)")
+    p.add_argument("--threads", type=A.int_in(1, A.MAX_THREADS), default=None,
+                   help="compute threads, fixed (default: the physical cores, fewer while the CPU is busy)")
+    p.add_argument("--ctx", type=A.context_size, default=None,
+                   help="context size in tokens, 16 up to the model's training context (default: min(model, 8192))")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("--port", type=A.int_in(0, 65535), default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' (default: the DELTATALK_API_KEY variable, else none)")
-    p.add_argument("--cache-mb", type=int, default=DEFAULT_CACHE_MB,
+    p.add_argument("--cache-mb", type=A.int_in(1, 1 << 20), default=DEFAULT_CACHE_MB,
                    help=f"memory for kept conversations' caches (LRU; default {DEFAULT_CACHE_MB})")
-    p.add_argument("--queue", type=int, default=DEFAULT_QUEUE,
+    p.add_argument("--queue", type=A.int_in(0, 10_000), default=DEFAULT_QUEUE,
                    help=f"requests that may wait while one generates (default {DEFAULT_QUEUE}); more get 503")
     p.add_argument("--model-id", default=None, help="the model's name in the API (default: the file name without .gguf)")
     return p

@@ -202,11 +202,11 @@ def test_run_endpoint_gives_the_local_text(server, tiny_model):
 def test_run_endpoint_errors_are_one_line(server):
     r = subprocess.run(deltatalk_cmd("run", "--endpoint", server.url, "-p", "hi"), capture_output=True, text=True,
                        timeout=120)
-    assert r.returncode == 3 and "refused the request (401)" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "refused the request (401)" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(deltatalk_cmd("run", "--endpoint", server.url, "-m", "nope", "--api-key-env", "DT_TEST_KEY",
                                      "-p", "hi"), capture_output=True, text=True, timeout=120,
                        env={**server.env, "DT_TEST_KEY": KEY})
-    assert r.returncode == 3 and "no model 'nope'" in r.stderr
+    assert r.returncode == 1 and "no model 'nope'" in r.stderr
 
 
 # -- the default model (slow) --------------------------------------------------------------

@@ -50,8 +50,12 @@ def test_speculate_refusals_are_one_clear_line(tiny_llama_path, capsys, tmp_path
     assert "mtp is not implemented" in capsys.readouterr().err
 
 
-def test_bench_speculate_json(tiny_llama_path, capsys):
-    r = _json(capsys, "bench", "-m", str(tiny_llama_path), "--speculate", "lookup", "--tg", "8", "--repeats", "1",
+def test_bench_speculate_json(tmp_path, capsys):
+    from tests.tiny_models import write_tiny_llama
+
+    # the bench's code prompt is ~400 byte tokens: a tiny llama trained for 1024
+    path = write_tiny_llama(tmp_path / "tiny-1k.gguf", n_ctx_train=1024)
+    r = _json(capsys, "bench", "-m", str(path), "--speculate", "lookup", "--tg", "8", "--repeats", "1",
               "--json", "--ctx", "512")
     assert set(r["results"]) == {"code", "prose"}
     for v in r["results"].values():
