@@ -147,7 +147,7 @@ def _report(e: BaseException) -> int:
 
     if isinstance(e, BrokenPipeError):  # `deltatalk run ... | head`: the reader left
         try:
-            sys.stdout = open(os.devnull, "w")
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives until exit)
         except OSError:
             pass
         return EXIT_RUNTIME

@@ -65,7 +65,7 @@ class Config:
         self.overrides: dict = {}  # command-line values for this run: read first, never saved
 
     @classmethod
-    def load(cls, path: Path | None = None) -> "Config":
+    def load(cls, path: Path | None = None) -> Config:
         path = path or config_path()
         base = defaults()
         if not path.exists():

@@ -50,12 +50,12 @@ class EnterSubmitsTextArea(TextArea):
     Alt+Enter add a newline. Used by the prompt box and the chat settings' system prompt."""
 
     class Submitted(Message):
-        def __init__(self, area: "EnterSubmitsTextArea", text: str):
+        def __init__(self, area: EnterSubmitsTextArea, text: str):
             super().__init__()
             self.area, self.text = area, text
 
         @property
-        def control(self) -> "EnterSubmitsTextArea":
+        def control(self) -> EnterSubmitsTextArea:
             return self.area
 
     NEWLINE_KEYS = ("shift+enter", "ctrl+j", "alt+enter", "ctrl+enter")

@@ -177,8 +177,8 @@ class OpenAIEndpoint:
 
         def read():
             try:
-                with httpx.Client(timeout=self.timeout) as c:
-                    with c.stream("POST", self.url + "/chat/completions", json=body, headers=self._headers()) as resp:
+                with httpx.Client(timeout=self.timeout) as c, \
+                        c.stream("POST", self.url + "/chat/completions", json=body, headers=self._headers()) as resp:
                         holder["resp"] = resp
                         if resp.status_code != 200:
                             resp.read()

@@ -396,7 +396,7 @@ class ChatStore:
                     model=row["model"], system_prompt=row["system_prompt"],
                     settings=_json_object(row["settings"]),
                     thinking=None if thinking is None else bool(thinking),
-                    n_messages=row["n"] if "n" in row.keys() else 0)
+                    n_messages=row["n"] if "n" in row.keys() else 0)  # noqa: SIM118 (sqlite3.Row: `in` tests values)
 
     def new_chat(self, title: str = "New chat", system_prompt: str = "", settings: dict | None = None,
                  model: str | None = None) -> Chat:

@@ -146,9 +146,9 @@ def _check_product(left, right, what: str):
             total = size * max(n, 0)
             (_check_chars if isinstance(seq, (str, bytes)) else _check_items)(total, what)
             return
-    if isinstance(left, int) and isinstance(right, int):
-        if abs(left).bit_length() + abs(right).bit_length() > MAX_INT_BITS:
-            raise _OverLimit(f"{what} would build an integer over {MAX_INT_BITS:,} bits")
+    if isinstance(left, int) and isinstance(right, int) \
+            and abs(left).bit_length() + abs(right).bit_length() > MAX_INT_BITS:
+        raise _OverLimit(f"{what} would build an integer over {MAX_INT_BITS:,} bits")
 
 
 def _check_sum(left, right, what: str):
@@ -158,9 +158,9 @@ def _check_sum(left, right, what: str):
 
 
 def _check_power(base, exp):
-    if isinstance(base, int) and isinstance(exp, int) and exp > 0 and abs(base) > 1:
-        if abs(base).bit_length() * exp > MAX_INT_BITS:
-            raise _OverLimit(f"'**' would build an integer over {MAX_INT_BITS:,} bits")
+    if isinstance(base, int) and isinstance(exp, int) and exp > 0 and abs(base) > 1 \
+            and abs(base).bit_length() * exp > MAX_INT_BITS:
+        raise _OverLimit(f"'**' would build an integer over {MAX_INT_BITS:,} bits")
 
 
 _PRINTF_WIDTH = re.compile(r"%[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")

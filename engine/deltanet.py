@@ -60,7 +60,7 @@ def conv1d_silu(x, conv_state, w, out):
                 s = acc[c]
                 o[c] = s / (np.float32(1.0) + np.exp(-s))
         # slide the window: the new state is the last K-1 rows of [conv_state, x]
-        if T >= km1:
+        if km1 <= T:
             for j in range(km1):
                 conv_state[j, c0:c1] = x[T - km1 + j, c0:c1]
         else:

@@ -31,7 +31,7 @@ class SamplingSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def validate(self) -> "SamplingSettings":
+    def validate(self) -> SamplingSettings:
         """Raise InvalidSettingError (a ValueError) naming the first value out of its range."""
         def bad(msg):
             raise InvalidSettingError(msg)

@@ -80,13 +80,13 @@ class LookupDrafter:
     def _sync(self, context: Sequence[int]) -> np.ndarray:
         """The context as an array, appended to incrementally when it only grew."""
         L = len(context)
-        if L < self._n or (self._n and int(self._arr[self._n - 1]) != int(context[self._n - 1])):
+        if self._n > L or (self._n and int(self._arr[self._n - 1]) != int(context[self._n - 1])):
             self._n = 0  # another conversation or a rewind: start over
-        if L > self._arr.shape[0]:
+        if self._arr.shape[0] < L:
             grown = np.empty(max(2 * self._arr.shape[0], L, 256), dtype=np.int64)
             grown[: self._n] = self._arr[: self._n]
             self._arr = grown
-        if L > self._n:
+        if self._n < L:
             self._arr[self._n : L] = np.asarray(context[self._n :], dtype=np.int64)
             self._n = L
         return self._arr[:L]
@@ -94,7 +94,7 @@ class LookupDrafter:
     def propose(self, context: Sequence[int], k: int) -> list[int]:
         arr = self._sync(context)
         L = arr.shape[0]
-        if k <= 0 or L < self.min_ngram + 1:
+        if k <= 0 or self.min_ngram + 1 > L:
             return []
         # candidate ends j (< L-1, so something follows) where the last token occurred
         # ends j (< L-1, so something follows) of earlier matches of the last n tokens, n = 1, 2, ...

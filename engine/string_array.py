@@ -48,7 +48,7 @@ class StringArray(Sequence):
     def empty_indices(self) -> np.ndarray:
         return np.flatnonzero(self._lengths == 0)
 
-    def detached(self) -> "StringArray":
+    def detached(self) -> StringArray:
         """The same strings over a private copy of their bytes (valid after the file is closed)."""
         if not len(self):
             return StringArray(b"", self._starts, self._lengths)
@@ -62,7 +62,7 @@ class StringArray(Sequence):
                 self._lengths.astype(np.uint32, copy=False))
 
     @classmethod
-    def from_strings(cls, strings) -> "StringArray":
+    def from_strings(cls, strings) -> StringArray:
         """A compact copy of a list of strings."""
         encoded = [s.encode("utf-8") for s in strings]
         lengths = np.fromiter((len(e) for e in encoded), np.uint32, len(encoded))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import codecs
 import heapq
-from typing import Iterable
+from collections.abc import Iterable
 
 from tokenizers import Regex
 from tokenizers import pre_tokenizers as _pre
@@ -276,7 +276,7 @@ class Tokenizer:
     # -- construction helpers ------------------------------------------------------------
 
     @classmethod
-    def from_metadata(cls, meta: dict) -> "Tokenizer":
+    def from_metadata(cls, meta: dict) -> Tokenizer:
         return cls(meta)
 
     def _detect_special(self, ids: dict):
@@ -572,7 +572,7 @@ class Tokenizer:
             out = _clean_spaces(out)
         return out.decode("utf-8", errors="replace")
 
-    def stream_decoder(self, skip_special: bool = False) -> "StreamDecoder":
+    def stream_decoder(self, skip_special: bool = False) -> StreamDecoder:
         return StreamDecoder(self, skip_special)
 
     def __repr__(self):

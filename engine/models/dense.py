@@ -83,7 +83,7 @@ class Args:
     rope_base_swa: float = 0.0  # gemma3: RoPE base of the sliding-window layers
 
     @classmethod
-    def from_gguf(cls, gf: GGUFFile, arch: str) -> "Args":
+    def from_gguf(cls, gf: GGUFFile, arch: str) -> Args:
         def key(name, kind=int, default=None):
             full = f"{arch}.{name}"
             if default is None:
@@ -141,7 +141,7 @@ class Args:
 
 
 class DenseLayer:
-    def __init__(self, gf: GGUFFile, a: Args, i: int, m: "type[DenseModel]"):
+    def __init__(self, gf: GGUFFile, a: Args, i: int, m: type[DenseModel]):
         p = f"blk.{i}."
         D, hd = a.d_model, a.head_dim
         self.q_dim, self.kv_dim = a.n_head * hd, a.n_head_kv * hd

@@ -40,7 +40,7 @@ class Args:
     n_ctx_train: int
 
     @classmethod
-    def from_gguf(cls, gf: GGUFFile, arch: str = "llama") -> "Args":
+    def from_gguf(cls, gf: GGUFFile, arch: str = "llama") -> Args:
         def key(name, kind=int, default=None):
             full = f"{arch}.{name}"
             if default is None:

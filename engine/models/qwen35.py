@@ -73,7 +73,7 @@ class Args:
         return 2 * self.n_k_heads * self.head_k_dim + self.d_inner
 
     @classmethod
-    def from_gguf(cls, gf: GGUFFile, arch: str = "qwen35") -> "Args":
+    def from_gguf(cls, gf: GGUFFile, arch: str = "qwen35") -> Args:
         def key(name, kind=int, default=None):
             full = f"{arch}.{name}"
             if default is None:

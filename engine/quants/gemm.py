@@ -44,7 +44,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from engine.jit import JIT, JIT_PAR
+from engine.jit import JIT_PAR
 from engine.quants.legacy import IQ4NL_VALUES
 from engine.quants.simd import (BYTES, FLOAT, F32, I8, I16, I32, I64, INT32, V8I16, _bits32, _data, _f16, _fn,
                                 _load, _nibbles32, _pshufb, _q4k_unpack, _require, _splat)
@@ -129,7 +129,8 @@ class _Args:
     def __init__(self, context, b, sig, args):
         (w, self.woff, xil, self.xoff, self.xtile, xd, self.xdoff, self.T16, bs, self.extra,
          lut, self.nb, out, self.n, self.t0, self.T) = args
-        ptr = lambda i, v: _data(context, b, sig.args[i], v)
+        def ptr(i, v):
+            return _data(context, b, sig.args[i], v)
         self.wp = b.gep(ptr(0, w), [self.woff])
         self.x0, self.xd0, self.bs0, self.lutp, self.outp = ptr(2, xil), ptr(5, xd), ptr(8, bs), ptr(10, lut), ptr(12, out)
         self.extra_p = ptr(9, self.extra) if isinstance(sig.args[9], types.Array) else None
@@ -456,7 +457,8 @@ def interleave_q8_32_ref(xq, xd, xs):
     xp = np.zeros((T16, K), np.int8)
     xp[:T] = xq
     xil = xp.reshape(T16 // 16, 16, K // 4, 4).transpose(0, 2, 1, 3).copy()
-    pad = lambda a, dt: np.concatenate([a.T.astype(dt), np.zeros((nb, T16 - T), dt)], axis=1)
+    def pad(a, dt):
+        return np.concatenate([a.T.astype(dt), np.zeros((nb, T16 - T), dt)], axis=1)
     bs = xq.reshape(T, nb, 32).astype(np.int32).sum(-1)
     return xil, pad(xd, np.float32), pad(bs, np.int32), pad(xs, np.float32)
 
@@ -486,7 +488,8 @@ def _entry(kind, isa, row_kernel, row_multi):
 
     if kind in KQ_KINDS:
         k, groups, name = KQ_KINDS.index(kind), _GROUPS[kind], f"gemm_kq_{isa}"
-        prepare = lambda xq, xd, xs: interleaved(xq, xd, xs, groups)
+        def prepare(xq, xd, xs):
+            return interleaved(xq, xd, xs, groups)
     else:
         k, name = LEGACY_KINDS.index(kind), f"gemm_legacy_{isa}"
         prepare = interleaved_32
