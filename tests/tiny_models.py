@@ -36,11 +36,27 @@ def byte_vocab():
     return tokens, types, merges
 
 
+# Byte offsets of the fp16 scales in a block, for the types gguf.quants cannot quantize.
+_K_SCALES = {T.Q4_K: (144, [0, 2]), T.Q5_K: (176, [0, 2]), T.Q6_K: (210, [208])}
+
+
 def _quantize(data: np.ndarray, qtype: T) -> np.ndarray:
     if qtype == T.F32:
         return data.astype(np.float32)
     if qtype == T.F16:
         return data.astype(np.float16)
+    if qtype in _K_SCALES:
+        # gguf.quants has no k-quant quantizer: random valid blocks (small finite scales) seeded
+        # by the data, enough for tests that compare two code paths over the same weights
+        size, scales = _K_SCALES[qtype]
+        rng = np.random.default_rng(abs(int(data.view(np.uint32).sum())) % (1 << 32))
+        n_rows, n_cols = data.shape
+        raw = rng.integers(0, 256, size=(n_rows, n_cols // 256 * size), dtype=np.uint8)
+        blocks = raw.reshape(n_rows, -1, size)
+        for off in scales:
+            vals = (rng.normal(size=blocks.shape[:2]) * 0.02).astype(np.float16)
+            blocks[:, :, off : off + 2] = vals.view(np.uint8).reshape(blocks.shape[:2] + (2,))
+        return raw
     return gguf.quants.quantize(data.astype(np.float32), qtype)
 
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine import ops
+from engine import fused_decode, ops
 from engine.cache import KVCache
 from engine.errors import ModelFileError
+from engine.fused_decode import FusedDecode
 from engine.gguf_file import GGUFFile
 from engine.quants import LinearGroup, QuantLinear, get_format
 
@@ -140,6 +141,8 @@ class Model:
             freq_factors = _vector(gf, "rope_freqs.weight", a.n_rot // 2)
         self.rope = ops.RopeTable(self.n_ctx, a.n_rot, a.rope_base, freq_factors, a.rope_freq_scale)
         self.weight_bytes = sum(t.nbytes for t in gf.tensors.values())
+        # decode's whole token in one numba call where its kernels allow (same logits, bit for bit)
+        self.fused = FusedDecode(self) if fused_decode.unsupported_reason(self) is None else None
 
     @property
     def n_vocab(self) -> int:
@@ -170,6 +173,9 @@ class Model:
         p0 = cache[0].offset
         if p0 + T > self.n_ctx:
             raise ValueError(f"context full: {p0} + {T} tokens > {self.n_ctx}")
+
+        if T == 1 and logits == "last" and self.fused is not None:   # decode: one compiled call
+            return self.fused.step(int(tokens[0]), cache)
 
         H, Hkv, hd = a.n_head, a.n_head_kv, a.head_dim
         scale = np.float32(1.0 / np.sqrt(hd))

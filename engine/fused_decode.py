@@ -1,0 +1,264 @@
+"""One decode step of a `llama` model (SmolLM2, Llama) in a single compiled call.
+
+Why: a token of SmolLM2-135M is ~300 kernel calls of a few µs each. Called from Python, each
+one pays the interpreter, numba's argument unboxing and a few numpy allocations: ~2 ms a
+token on a 2-core AVX2 machine, a fifth of the step. Here the whole layer loop runs inside
+numba: the same kernels (simd_kernels' row kernels, ops' RMSNorm, RoPE and decode attention,
+activations' quantizers), called in the same order on preallocated buffers, so the logits are
+bit for bit those of `Model.forward` one token at a time (tests/engine/test_fused_decode.py).
+
+    x = embed(token)                                     (1, D)         Python (one row)
+    for each layer l:                                   inside numba:
+        n = RMSNorm(x) * attn_norm[l]
+        q, k, v = Wq n, Wk n, Wv n                       one quantization of n, row kernels
+        RoPE(q, k); k, v -> cache[l] at p0 (fp16)        rope_store_f16c
+        att = attend(q, cache[l][: p0 + 1])              attention_decode_f16c
+        x += Wo att
+        m = RMSNorm(x) * ffn_norm[l]
+        x += Wdown (silu(Wgate m) * Wup m)
+    logits = Wout RMSNorm(x) * output_norm               (1, V)
+
+Used only where its kernels are the ones decode would run: the AVX2 row kernels with F16C,
+weights in the formats below (others fall back to the layer-by-layer path). Set
+DELTATALK_NO_FUSED_DECODE=1 to turn it off (the bench compares both that way).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+import numpy as np
+from gguf import GGMLQuantizationType as G
+from numba.typed import List
+
+from engine import ops
+from engine.jit import JIT_EXACT
+from engine.quants import KERNEL_FAMILY, QuantLinear
+from engine.quants.activations import _q8_0_kernel, _q8_k_kernel
+from engine.quants.common import F16_TO_F32, HAVE_F16C
+
+# The formats whose decode kernels this step calls, with the activation each one takes.
+ACT_Q8_0, ACT_Q8_1, ACT_Q8_K = 0, 1, 2
+FORMAT_ACT = {int(G.Q4_0): ACT_Q8_0, int(G.Q5_0): ACT_Q8_0, int(G.Q8_0): ACT_Q8_0,
+              int(G.Q4_1): ACT_Q8_1, int(G.Q5_1): ACT_Q8_1,
+              int(G.Q4_K): ACT_Q8_K, int(G.Q5_K): ACT_Q8_K, int(G.Q6_K): ACT_Q8_K}
+
+if KERNEL_FAMILY in ("avx2", "avx-vnni"):
+    from engine.quants import simd_kernels as _sk
+
+    _MV = {k: _sk.KERNELS[k] for k in FORMAT_ACT}
+    _MV3 = {k: _sk.MULTI_KERNELS[k] for k in FORMAT_ACT}
+    _mv_q4_0, _mv_q4_1, _mv_q5_0, _mv_q5_1, _mv_q8_0, _mv_q4_k, _mv_q5_k, _mv_q6_k = (
+        _MV[int(t)] for t in (G.Q4_0, G.Q4_1, G.Q5_0, G.Q5_1, G.Q8_0, G.Q4_K, G.Q5_K, G.Q6_K))
+    _m3_q4_0, _m3_q4_1, _m3_q5_0, _m3_q5_1, _m3_q8_0, _m3_q4_k, _m3_q5_k, _m3_q6_k = (
+        _MV3[int(t)] for t in (G.Q4_0, G.Q4_1, G.Q5_0, G.Q5_1, G.Q8_0, G.Q4_K, G.Q5_K, G.Q6_K))
+    AVAILABLE = HAVE_F16C
+else:  # the portable family has no row kernels to call: the layer-by-layer path only
+    AVAILABLE = False
+
+_Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = int(G.Q4_0), int(G.Q4_1), int(G.Q5_0), int(G.Q5_1), int(G.Q8_0)
+_Q4_K, _Q5_K, _Q6_K = int(G.Q4_K), int(G.Q5_K), int(G.Q6_K)
+
+
+def enabled() -> bool:
+    return AVAILABLE and os.environ.get("DELTATALK_NO_FUSED_DECODE", "") != "1"
+
+
+if AVAILABLE:
+    @numba.njit(**JIT_EXACT)
+    def _quantize(act, X, xq, xd, xs, kd, kb, lut):
+        """X (1, K) into the activation buffers of `act` (the views are (1, K)-shaped)."""
+        K = X.shape[1]
+        q = xq[:K].reshape(1, K)
+        if act == ACT_Q8_K:
+            _q8_k_kernel(X, q, kd[: K // 256].reshape(1, K // 256), kb[: K // 16].reshape(1, K // 16))
+        else:
+            _q8_0_kernel(X, q, xd[: K // 32].reshape(1, K // 32), act == ACT_Q8_1,
+                         xs[: K // 32].reshape(1, K // 32), lut)
+
+    @numba.njit(**JIT_EXACT)
+    def _matvec(kind, w, K, xq, xd, xs, kd, kb, lut, out):
+        """out (1, N) = W x with the format's decode kernel, x quantized in the buffers."""
+        q = xq[:K].reshape(1, K)
+        d, s = xd[: K // 32].reshape(1, K // 32), xs[: K // 32].reshape(1, K // 32)
+        dk, bk = kd[: K // 256].reshape(1, K // 256), kb[: K // 16].reshape(1, K // 16)
+        if kind == _Q4_0:
+            _mv_q4_0(w, q, d, lut, out)
+        elif kind == _Q4_1:
+            _mv_q4_1(w, q, d, s, lut, out)
+        elif kind == _Q5_0:
+            _mv_q5_0(w, q, d, lut, out)
+        elif kind == _Q5_1:
+            _mv_q5_1(w, q, d, s, lut, out)
+        elif kind == _Q8_0:
+            _mv_q8_0(w.view(np.int8), q, d, lut, out)
+        elif kind == _Q4_K:
+            _mv_q4_k(w, q, dk, bk, lut, out)
+        elif kind == _Q5_K:
+            _mv_q5_k(w, q, dk, bk, lut, out)
+        elif kind == _Q6_K:
+            _mv_q6_k(w, q, dk, bk, lut, out)
+
+    @numba.njit(**JIT_EXACT)
+    def _matvec3(kind, w0, w1, w2, K, xq, xd, xs, kd, kb, lut, o0, o1, o2):
+        """Three weights of one format, one shared activation, one parallel region."""
+        q = xq[:K].reshape(1, K)
+        d, s = xd[: K // 32].reshape(1, K // 32), xs[: K // 32].reshape(1, K // 32)
+        dk, bk = kd[: K // 256].reshape(1, K // 256), kb[: K // 16].reshape(1, K // 16)
+        if kind == _Q4_0:
+            _m3_q4_0(w0, w1, w2, q, d, d, lut, o0, o1, o2)
+        elif kind == _Q4_1:
+            _m3_q4_1(w0, w1, w2, q, d, s, lut, o0, o1, o2)
+        elif kind == _Q5_0:
+            _m3_q5_0(w0, w1, w2, q, d, d, lut, o0, o1, o2)
+        elif kind == _Q5_1:
+            _m3_q5_1(w0, w1, w2, q, d, s, lut, o0, o1, o2)
+        elif kind == _Q8_0:
+            _m3_q8_0(w0.view(np.int8), w1.view(np.int8), w2.view(np.int8), q, d, d, lut, o0, o1, o2)
+        elif kind == _Q4_K:
+            _m3_q4_k(w0, w1, w2, q, dk, bk, lut, o0, o1, o2)
+        elif kind == _Q5_K:
+            _m3_q5_k(w0, w1, w2, q, dk, bk, lut, o0, o1, o2)
+        elif kind == _Q6_K:
+            _m3_q6_k(w0, w1, w2, q, dk, bk, lut, o0, o1, o2)
+
+    @numba.njit(**JIT_EXACT)
+    def _group(kinds, acts, w0, w1, w2, X, xq, xd, xs, kd, kb, lut, o0, o1, o2):
+        """Y_i = W_i X for 2-3 weights reading X (w2/o2 empty for a pair): X quantized once per
+        activation type; one fused launch when the formats match (equal to separate calls)."""
+        K = X.shape[1]
+        n = 3 if o2.shape[1] > 0 else 2
+        same = kinds[0] == kinds[1] and (n == 2 or kinds[1] == kinds[2])
+        _quantize(acts[0], X, xq, xd, xs, kd, kb, lut)
+        if same:
+            _matvec3(kinds[0], w0, w1, w2, K, xq, xd, xs, kd, kb, lut, o0, o1, o2)
+            return
+        cur = acts[0]
+        _matvec(kinds[0], w0, K, xq, xd, xs, kd, kb, lut, o0)
+        if acts[1] != cur:
+            _quantize(acts[1], X, xq, xd, xs, kd, kb, lut)
+            cur = acts[1]
+        _matvec(kinds[1], w1, K, xq, xd, xs, kd, kb, lut, o1)
+        if n == 3:
+            if acts[2] != cur:
+                _quantize(acts[2], X, xq, xd, xs, kd, kb, lut)
+            _matvec(kinds[2], w2, K, xq, xd, xs, kd, kb, lut, o2)
+
+    @numba.njit(**JIT_EXACT)
+    def _add(x, y):
+        for i in range(x.shape[1]):
+            x[0, i] += y[0, i]
+
+    @numba.njit(**JIT_EXACT)
+    def _decode_step(x, p0, kinds, acts, attn_norm, ffn_norm, wq, wk, wv, wo, wg, wu, wd, w_none,
+                     keys, values, cos, sin, n_rot, eps, scale, H, Hkv, hd,
+                     n, q, k, v, att, o, g, u, f, o_none,
+                     xq, xd, xs, kd, kb, lut, out_norm, head_kind, head_act, head, h, logits):
+        """kinds/acts (L, 7): q k v o gate up down. Every buffer (1, width) float32."""
+        L = attn_norm.shape[0]
+        for l in range(L):
+            ops.rmsnorm(x, attn_norm[l], eps, n)
+            _group(kinds[l, 0:3], acts[l, 0:3], wq[l], wk[l], wv[l], n, xq, xd, xs, kd, kb, lut, q, k, v)
+            ops.rope_store_f16c(q.reshape(1, H, hd), k.reshape(1, Hkv, hd), v.reshape(1, Hkv, hd), cos, sin,
+                                p0, n_rot, False, keys[l], values[l])
+            ops.attention_decode_f16c(q.reshape(1, H, hd), keys[l], values[l], p0, scale, att.reshape(1, H, hd))
+            _quantize(acts[l, 3], att, xq, xd, xs, kd, kb, lut)
+            _matvec(kinds[l, 3], wo[l], att.shape[1], xq, xd, xs, kd, kb, lut, o)
+            _add(x, o)
+            ops.rmsnorm(x, ffn_norm[l], eps, n)
+            _group(kinds[l, 4:6], acts[l, 4:6], wg[l], wu[l], w_none, n, xq, xd, xs, kd, kb, lut, g, u, o_none)
+            ops._swiglu_serial(g, u, g)
+            _quantize(acts[l, 6], g, xq, xd, xs, kd, kb, lut)
+            _matvec(kinds[l, 6], wd[l], g.shape[1], xq, xd, xs, kd, kb, lut, f)
+            _add(x, f)
+        ops.rmsnorm(x, out_norm, eps, h)
+        _quantize(head_act, h, xq, xd, xs, kd, kb, lut)
+        _matvec(head_kind, head, h.shape[1], xq, xd, xs, kd, kb, lut, logits)
+
+
+def unsupported_reason(model) -> str | None:
+    """Why this llama model's decode cannot run fused here (None: it can)."""
+    if not enabled():
+        return "turned off" if AVAILABLE else f"no fused decode for the {KERNEL_FAMILY} kernels"
+    for layer in model.layers:
+        for lin in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down):
+            if lin.fmt.ggml_type not in FORMAT_ACT:
+                return f"{lin.name} is {lin.fmt.name}"
+    if model.output.fmt.ggml_type not in FORMAT_ACT:
+        return f"the output head is {model.output.fmt.name}"
+    return None
+
+
+def _typed(arrays: list[np.ndarray]):
+    out = List()
+    for a in arrays:
+        out.append(np.asarray(a))
+    return out
+
+
+class FusedDecode:
+    """Decode one token of a `llama` Model in a single numba call (see the module docstring)."""
+
+    def __init__(self, model):
+        a = model.args
+        self.model = model
+        self.args = a
+        layers = model.layers
+        roles = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+        lins: list[list[QuantLinear]] = [[getattr(layer, r) for r in roles] for layer in layers]
+        self.kinds = np.array([[lin.fmt.ggml_type for lin in row] for row in lins], np.int64).reshape(-1, 7)
+        self.acts = np.vectorize(FORMAT_ACT.__getitem__, otypes=[np.int64])(self.kinds).reshape(-1, 7)
+        self.weights = [_typed([row[i].raw for row in lins]) for i in range(7)]
+        self.w_none = self.weights[0][0][:0]  # the empty third weight of a pair
+        self.attn_norm = np.ascontiguousarray(np.stack([l.attn_norm for l in layers]), np.float32)
+        self.ffn_norm = np.ascontiguousarray(np.stack([l.ffn_norm for l in layers]), np.float32)
+        self.out_norm = np.ascontiguousarray(model.output_norm, np.float32)
+        head = model.output
+        self.head, self.head_kind, self.head_act = head.raw, head.fmt.ggml_type, FORMAT_ACT[head.fmt.ggml_type]
+        D, hd, H, Hkv = a.d_model, a.head_dim, a.n_head, a.n_head_kv
+
+        def buf(width: int) -> np.ndarray:
+            return np.zeros((1, width), np.float32)
+
+        self.n, self.h = buf(D), buf(D)
+        self.q, self.k, self.v = buf(H * hd), buf(Hkv * hd), buf(Hkv * hd)
+        self.att, self.o, self.f = buf(H * hd), buf(D), buf(D)
+        self.g, self.u = buf(a.n_ff), buf(a.n_ff)
+        self.o_none = np.zeros((1, 0), np.float32)
+        kmax = max(D, a.n_ff, H * hd)
+        self.xq = np.zeros(kmax, np.int8)
+        self.xd, self.xs = np.zeros(kmax // 32, np.float32), np.zeros(kmax // 32, np.float32)
+        self.kd, self.kb = np.zeros(max(kmax // 256, 1), np.float32), np.zeros(kmax // 16, np.int32)
+        self.scale = np.float32(1.0 / np.sqrt(hd))
+        self._kv: tuple | None = None   # (ids of the cache's key arrays, typed keys, typed values)
+
+    def _kv_lists(self, cache: list):
+        ids = tuple(id(c.keys) for c in cache)
+        if self._kv is None or self._kv[0] != ids:
+            a = self.args
+            for c in cache:
+                if c.keys.shape != (c.n_ctx, a.n_head_kv, a.head_dim) or c.values.shape != c.keys.shape \
+                        or c.keys.dtype != np.float32 or not c.keys.flags.c_contiguous:
+                    raise ValueError(f"KV cache of shape {c.keys.shape} does not fit the model")
+            self._kv = (ids, _typed([c.keys for c in cache]), _typed([c.values for c in cache]))
+        return self._kv[1], self._kv[2]
+
+    def step(self, token: int, cache: list) -> np.ndarray:
+        """Feed one token at the cache's position (checked by the caller); return logits (1, V)."""
+        m, a = self.model, self.args
+        p0 = cache[0].offset
+        if p0 + 1 > min(c.n_ctx for c in cache):
+            raise ValueError(f"context full: {p0} + 1 tokens > {cache[0].n_ctx}")
+        keys, values = self._kv_lists(cache)
+        cos, sin = m.rope.upto(p0 + 1)
+        x = m.embed(np.array([token], np.int64))
+        logits = np.empty((1, a.n_vocab), np.float32)
+        _decode_step(x, p0, self.kinds, self.acts, self.attn_norm, self.ffn_norm, *self.weights, self.w_none,
+                     keys, values, cos, sin, a.n_rot, a.norm_eps, self.scale, a.n_head, a.n_head_kv, a.head_dim,
+                     self.n, self.q, self.k, self.v, self.att, self.o, self.g, self.u, self.f, self.o_none,
+                     self.xq, self.xd, self.xs, self.kd, self.kb, F16_TO_F32, self.out_norm,
+                     self.head_kind, self.head_act, self.head, self.h, logits)
+        for c in cache:
+            c.offset = p0 + 1
+        return logits
