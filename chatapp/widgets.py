@@ -5,13 +5,16 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from textual import work
 from textual.app import ComposeResult
 from textual.containers import Horizontal
+from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import Label, ProgressBar, Static
 
-from chatapp.backend import BackendStats
+from chatapp.backend import BackendStats, ChatBackend
 from chatapp.discovery import human_bytes
+from chatapp.errors import log_exception
 # moved: the prompt box to chatapp.prompt_input, messages to chatapp.transcript (old import path kept)
 from chatapp.prompt_input import ChatInput  # noqa: F401
 from chatapp.transcript import STATUS_NOTES, MessageBox  # noqa: F401
@@ -238,10 +241,36 @@ class SpeedOverlay(Static):
     }
     """
 
+    class StatsRead(Message):
+        def __init__(self, stats: BackendStats, turns: list[TurnRecord], model_name: str):
+            super().__init__()
+            self.stats, self.turns, self.model_name = stats, turns, model_name
+
+        def can_replace(self, message: Message) -> bool:
+            return isinstance(message, SpeedOverlay.StatsRead)
+
     def __init__(self, **kw):
         super().__init__("", **kw)
         self.stats = BackendStats()
         self.turns: list[TurnRecord] = []
+
+    def refresh_figures(self, backend: ChatBackend, turns: list[TurnRecord]):
+        """Read the backend's figures in a worker (the first call measures the memory bandwidth)."""
+        self._stats_worker(backend, turns)
+
+    @work(thread=True, exclusive=True, group="speed", exit_on_error=False)
+    def _stats_worker(self, backend: ChatBackend, turns: list[TurnRecord]):
+        try:
+            backend.measure_bandwidth()
+            stats = backend.stats()
+        except Exception as e:  # noqa: BLE001
+            log_exception(e, "backend stats")
+            return
+        self.post_message(self.StatsRead(stats, turns, backend.info.name if backend.info else ""))
+
+    def on_speed_overlay_stats_read(self, m: SpeedOverlay.StatsRead):
+        if self.display:
+            self.show(m.stats, m.turns, m.model_name)
 
     def show(self, stats: BackendStats, turns: list[TurnRecord], model_name: str = ""):
         self.stats, self.turns = stats, turns

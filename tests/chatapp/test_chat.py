@@ -74,8 +74,8 @@ async def test_escape_stops_and_keeps_partial_reply(fake_model):
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(pilot, app)
         await send(pilot, app, "talk a lot")
-        await wait_until(pilot, lambda: fake.held.is_set() and app._reply_box is not None
-                         and app._reply_box.content.startswith("word0 word1"), what="streamed tokens")
+        await wait_until(pilot, lambda: fake.held.is_set() and app.chat_view.reply_box is not None
+                         and app.chat_view.reply_box.content.startswith("word0 word1"), what="streamed tokens")
         await pilot.press("escape")
         await wait_reply(pilot, app)
         reply = boxes(app)[-1]

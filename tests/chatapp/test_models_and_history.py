@@ -232,7 +232,7 @@ async def test_everything_is_in_the_command_palette(fake_model):
 
 
 async def test_accepting_the_fetch_offer_fetches_then_loads_the_default_model(home, monkeypatch):
-    import chatapp.app as appmod
+    import chatapp.model_loader as loader
     from chatapp.default_model import default_model_path
 
     target = default_model_path()
@@ -247,7 +247,7 @@ async def test_accepting_the_fetch_offer_fetches_then_loads_the_default_model(ho
         def wait(self):
             return 0
 
-    monkeypatch.setattr(appmod.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(loader.subprocess, "Popen", FakePopen)
     fake = FakeBackend(["x"])
     app = make_app(fake, offer_fetch=True)
     async with app.run_test(size=(100, 30)) as pilot:

@@ -502,7 +502,7 @@ async def test_regenerate_in_an_empty_chat_says_why_nothing_happens(fake_model):
 
 
 async def test_load_bar_says_warming_up_while_the_first_reply_warm_up_runs(fake_model):
-    from chatapp.app import LOAD_STAGES
+    from chatapp.model_loader import LOAD_STAGES
 
     assert "Warming up" in LOAD_STAGES["warm"]
 
