@@ -69,6 +69,9 @@ class ModelsApp(App):
     def chat_view(self) -> ChatView:
         return self.query_one(ChatView)
 
+    def chat_view_mounted(self) -> bool:
+        return bool(self.query(ChatView))
+
     @property
     def load_bar(self) -> LoadBar:
         return self.query_one(LoadBar)
@@ -142,6 +145,8 @@ class ModelsApp(App):
         self.load_bar.load(self.backend, Path(path), self.chat_view.binding())
 
     def on_load_bar_loaded(self, m: LoadBar.Loaded):
+        if not self.chat_view_mounted():   # the app is closing
+            return
         view = self.chat_view
         view.model_loading = False
         info = m.info
@@ -160,6 +165,8 @@ class ModelsApp(App):
                                            "and may ramble or repeat itself.")
 
     def on_load_bar_failed(self, m: LoadBar.Failed):
+        if not self.chat_view_mounted():   # the app is closing
+            return
         self.chat_view.model_loading = False
         if self.backend.info is None and self.backend is not self._local_backend:
             self.backend = self._local_backend   # an endpoint that could not be reached: back to local
