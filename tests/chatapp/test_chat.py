@@ -305,6 +305,42 @@ async def test_chat_settings_system_prompt_and_sampling_reach_the_backend(fake_m
         assert call["max_tokens"] == 77
 
 
+async def test_sampling_flags_on_the_command_line_reach_the_backend(fake_model, monkeypatch):
+    """`deltatalk --temp 0.2 ...` goes cli.main -> run_tui -> the App; its reply is asked with the flags,
+    the fields not given keep the config's values, and a chat's own settings win over a flag."""
+    import chatapp.app as appmod
+    import chatapp.cli as cli
+    from engine.sampling import SamplingSettings
+
+    fake = FakeBackend(["ok"])
+    started = []
+    monkeypatch.setattr(appmod.DeltatalkApp, "_new_local_backend", lambda self: fake)
+    monkeypatch.setattr(appmod.DeltatalkApp, "run", lambda self: started.append(self))
+    assert cli.main(["--temp", "0.2", "--top-k", "7", "--seed", "5", "--max-tokens", "9",
+                     "-m", str(fake_model)]) == 0
+    app = started[0]
+    async with app.run_test(size=(100, 40)) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "hello")
+        await wait_reply(pilot, app)
+        call = fake.calls[-1]
+        assert (call["settings"].temperature, call["settings"].top_k, call["settings"].seed) == (0.2, 7, 5)
+        assert call["max_tokens"] == 9
+        assert call["settings"].top_p == SamplingSettings().top_p    # not given: the config's (the default)
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        from textual.widgets import Input
+
+        assert app.screen.query_one("#cs-temperature", Input).value == "0.2"   # the form shows the flag
+        app.screen.query_one("#cs-temperature", Input).value = "0.9"
+        await pilot.press("enter")
+        await pilot.pause()
+        await send(pilot, app, "again")
+        await wait_reply(pilot, app)
+        call = fake.calls[-1]
+        assert (call["settings"].temperature, call["settings"].top_k, call["max_tokens"]) == (0.9, 7, 9)
+
+
 async def test_sending_while_no_model_is_loaded_warns(home):
     app = make_app(FakeBackend(["x"]))
     async with app.run_test(size=(100, 30)) as pilot:
