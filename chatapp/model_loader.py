@@ -14,8 +14,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
+from typing import cast
 
 from textual import work
 from textual.app import ComposeResult
@@ -24,7 +25,7 @@ from textual.message import Message
 from textual.widgets import Label, ProgressBar
 
 from chatapp.backend import ChatBackend, ModelInfo
-from chatapp.discovery import SCAN_SECONDS, describe_all
+from chatapp.discovery import SCAN_SECONDS, ModelEntry, describe_all
 from chatapp.errors import log_exception
 
 LOAD_STAGES = {"open": "Opening", "validate": "Validated", "compile": "Preparing kernels (compiled on the first run)",
@@ -157,7 +158,9 @@ class LoadBar(Horizontal):
         """Whether any supported model is on this machine (no model was named or remembered)."""
         deadline = time.monotonic() + SCAN_SECONDS
         try:
-            entries = describe_all(find(), deadline=deadline, cancel=quitting)
+            # a generator (typed as an Iterator): closed below, which ends the header reader process
+            entries = cast("Generator[ModelEntry, None, None]",
+                           describe_all(find(), deadline=deadline, cancel=quitting))
             try:
                 ok = any(e.supported for e in entries)   # stops reading at the first supported file
             finally:

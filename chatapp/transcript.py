@@ -14,6 +14,7 @@ from markdown_it import MarkdownIt
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Collapsible, Label, Markdown, Static
+from textual.widgets.markdown import MarkdownStream
 
 from chatapp.thinking import ThinkSplitter
 
@@ -78,8 +79,8 @@ class MessageBox(Vertical):
         self.streaming = streaming
         self.model = model       # the model that wrote this reply (None: not recorded)
         self._splitter = ThinkSplitter(starts_thinking) if streaming else None
-        self._stream = None
-        self._think_stream = None
+        self._stream: MarkdownStream | None = None
+        self._think_stream: MarkdownStream | None = None
 
     def role_text(self) -> str:
         label = {"user": "You", "assistant": "Assistant", "system-note": "Note"}.get(self.role, self.role)

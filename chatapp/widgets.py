@@ -215,10 +215,10 @@ class Gauge(Horizontal):
         text = " · ".join(p[1] for p in parts)
         if width is None or len(text) <= width:
             return text
-        parts = [(p[0], p[2]) for p in parts]
-        while parts and len(" · ".join(p[1] for p in parts)) > width:
-            parts.remove(min(parts, key=lambda p: p[0]))
-        return " · ".join(p[1] for p in parts)
+        short = [(p[0], p[2]) for p in parts]
+        while short and len(" · ".join(p[1] for p in short)) > width:
+            short.remove(min(short, key=lambda p: p[0]))
+        return " · ".join(p[1] for p in short)
 
     def refresh_text(self):
         # fixed sizes: a repaint, never a layout of the screen (the UI must not pace the engine)

@@ -125,7 +125,8 @@ class ChatList(Modal):
 
     @on(OptionList.OptionSelected)
     def _open(self, event: OptionList.OptionSelected):
-        self.dismiss(("open", int(event.option.id)))
+        if event.option.id is not None:
+            self.dismiss(("open", int(event.option.id)))
 
     def action_new(self):
         self.dismiss(("new", None))

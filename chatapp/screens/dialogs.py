@@ -35,7 +35,7 @@ class TextPrompt(Modal):
 
     def _value(self) -> str:
         w = self.query_one("#prompt-text")
-        return w.text if isinstance(w, TextArea) else w.value
+        return w.text if isinstance(w, TextArea) else self.query_one("#prompt-text", Input).value
 
     @on(Input.Submitted)
     def _submit(self):

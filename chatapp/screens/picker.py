@@ -45,7 +45,7 @@ class ModelPicker(Modal):
     def compose(self) -> ComposeResult:
         with Vertical():
             yield Label("Choose a model", classes="title")
-            table = DataTable(cursor_type="row", zebra_stripes=True, id="picker-table")
+            table: DataTable = DataTable(cursor_type="row", zebra_stripes=True, id="picker-table")
             # Status right after the name: at 80 columns the right-hand columns scroll out of view
             for label in ("Model", "Status", "Size", "Quant", "Context", "Arch", "From"):
                 table.add_column(label, key=label.lower())
@@ -54,7 +54,7 @@ class ModelPicker(Modal):
             yield Label("Looking for GGUF files…", id="picker-status", classes="hint")
             if self.endpoints:
                 yield Label("Remote endpoints (OpenAI-compatible)", classes="title")
-                remote = DataTable(cursor_type="row", zebra_stripes=True, id="picker-remote")
+                remote: DataTable = DataTable(cursor_type="row", zebra_stripes=True, id="picker-remote")
                 remote.add_columns("Model", "Endpoint", "Context", "Status")
                 yield remote
             # (the keys are in the placeholder: at 80x24 a separate hint line would be cut off)
@@ -91,7 +91,7 @@ class ModelPicker(Modal):
             key = f"remote:{i}:{j}"
             self.remote_rows[key] = what
             if isinstance(what, RemoteChoice):
-                name = what.model + ("  (in use)" if self.current_endpoint == (what.url, what.model) else "")
+                name = (what.model or "") + ("  (in use)" if self.current_endpoint == (what.url, what.model) else "")
                 table.add_row(name, what.url, f"{ctx:,}" if ctx else "?", "✓ reachable", key=key)
             else:
                 table.add_row("—", url, "", f"✗ {what}", key=key)
