@@ -7,13 +7,9 @@ import pytest
 
 from chatapp.backend import FakeBackend
 from chatapp.widgets import Gauge, MessageBox, SpeedOverlay
-from tests.chatapp.conftest import make_app, notes, ready, send, wait_reply, wait_until
+from tests.chatapp.conftest import boxes, make_app, notes, ready, send, wait_reply, wait_until
 
 pytestmark = pytest.mark.asyncio
-
-def boxes(app):
-    return list(app.query(MessageBox))
-
 
 async def test_send_streams_markdown_reply_and_stores_it(fake_model):
     app = make_app(FakeBackend(["Hi **there**, friend.\n\n```python\nprint(1)\n```"]), model_path=fake_model)

@@ -11,7 +11,7 @@ from textual.widgets import DataTable
 from chatapp.backend import FakeBackend
 from chatapp.screens import ChatList, Confirm, ModelPicker
 from chatapp.widgets import MessageBox, SpeedOverlay
-from tests.chatapp.conftest import make_app, notes, ready, send, wait_reply, wait_until
+from tests.chatapp.conftest import boxes, make_app, notes, ready, send, wait_reply, wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -127,7 +127,7 @@ async def test_reply_killed_mid_stream_reopens_as_interrupted(fake_model, home):
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(pilot, app)
         await pilot.pause()
-        b = list(app.query(MessageBox))
+        b = boxes(app)
         assert b[1].content == "half a rep" and b[1].status == "interrupted"
         assert "interrupted" in str(b[1].query_one(".status").render())
 
@@ -141,7 +141,7 @@ async def test_new_chat_and_chat_list_open_rename_delete(fake_model):
         first = app.chat.id
         await pilot.press("ctrl+n")
         await pilot.pause()
-        assert app.chat is None and not list(app.query(MessageBox))
+        assert app.chat is None and not boxes(app)
         await send(pilot, app, "chat two")
         await wait_reply(pilot, app)
         second = app.chat.id
