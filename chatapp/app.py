@@ -32,7 +32,6 @@ from pathlib import Path
 from textual import work
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
-from textual.css.query import NoMatches
 from textual.message import Message
 from textual.screen import Screen
 from textual.timer import Timer
@@ -93,13 +92,17 @@ class DeltatalkApp(ChatsApp):
         self.log_path: Path | None = None
         self._last_interrupt = 0.0       # when Ctrl+C was last pressed while idle
         self._speed_timer: Timer | None = None
+        self._speed_overlay: SpeedOverlay | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield LoadBar(id="loadbar")
-        yield ChatView(self.config, self.backend, id="chat")
+        self._load_bar = LoadBar(id="loadbar")
+        self._chat_view = ChatView(self.config, self.backend, id="chat")
+        yield self._load_bar
+        yield self._chat_view
         yield Footer()
-        yield SpeedOverlay(id="speed")
+        self._speed_overlay = SpeedOverlay(id="speed")
+        yield self._speed_overlay
 
     # what the chat view shows and owns, read here (and by tests)
     @property
@@ -234,7 +237,9 @@ class DeltatalkApp(ChatsApp):
 
     # -- speed overlay / help ---------------------------------------------------------------------
     def action_toggle_speed(self):
-        overlay = self.query_one(SpeedOverlay)
+        overlay = self._speed_overlay
+        if overlay is None:
+            return
         overlay.display = not overlay.display
         if overlay.display:
             self._refresh_speed()
@@ -248,11 +253,8 @@ class DeltatalkApp(ChatsApp):
         self._refresh_speed()
 
     def _refresh_speed(self):
-        try:
-            overlay = self.query_one(SpeedOverlay)
-        except NoMatches:   # the app is closing
-            return
-        if overlay.display:
+        overlay = self._speed_overlay
+        if overlay is not None and overlay.is_attached and overlay.display and self.chat_view_mounted():
             view = self.chat_view
             turns = view.turns + ([view.gauge.turn] if view.generating else [])
             overlay.refresh_figures(self.backend, turns)

@@ -45,6 +45,9 @@ class ModelsApp(App):
         self.offer_fetch = offer_fetch
         self.store: ChatStore | None = None
         self._quitting = threading.Event()   # stops background scans when the app ends
+        # made in compose; kept here because App.query sees only the active screen (not under a dialog)
+        self._chat_view: ChatView | None = None
+        self._load_bar: LoadBar | None = None
 
     @property
     def backend(self) -> ChatBackend:
@@ -55,8 +58,8 @@ class ModelsApp(App):
         """Attributes down: the chat view answers with the same backend."""
         self._backend = backend
         backend.on_notice = self.backend_notice
-        for view in self.query(ChatView):
-            view.backend = backend
+        if self._chat_view is not None:
+            self._chat_view.backend = backend
 
     def backend_notice(self, text: str):
         """Called by the backend from any thread."""
@@ -67,14 +70,16 @@ class ModelsApp(App):
 
     @property
     def chat_view(self) -> ChatView:
-        return self.query_one(ChatView)
+        assert self._chat_view is not None, "before compose"
+        return self._chat_view
 
     def chat_view_mounted(self) -> bool:
-        return bool(self.query(ChatView))
+        return self._chat_view is not None and self._chat_view.is_attached
 
     @property
     def load_bar(self) -> LoadBar:
-        return self.query_one(LoadBar)
+        assert self._load_bar is not None, "before compose"
+        return self._load_bar
 
     @property
     def loading(self) -> Path | None:

@@ -73,6 +73,25 @@ async def test_model_switch_mid_chat_keeps_the_chat_and_the_old_model_until_read
                                                  {"role": "assistant", "content": "answer one"}]
 
 
+async def test_a_load_that_ends_under_a_dialog_still_updates_the_app(fake_model):
+    """A load that ends while a dialog is open is taken in (the app holds its own widgets: App.query
+    sees only the active screen), and the chat works once the dialog closes."""
+    from chatapp.screens import HelpScreen
+
+    fake = FakeBackend(["fine"], load_delay=0.5)
+    app = make_app(fake, model_path=fake_model)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("f1")
+        await wait_until(pilot, lambda: isinstance(app.screen, HelpScreen), what="help open")
+        await wait_until(pilot, lambda: fake.info is not None and app.loading is None, what="load handled")
+        assert isinstance(app.screen, HelpScreen)
+        assert app.sub_title.startswith("fake-model.gguf")
+        await pilot.press("escape")
+        await send(pilot, app, "hi")
+        await wait_reply(pilot, app)
+        assert boxes(app, "assistant")[-1].content == "fine"
+
+
 async def test_load_failure_is_a_notification_and_keeps_the_previous_model(fake_model, home):
     from engine.errors import ModelFileError
 
