@@ -32,7 +32,6 @@ from pathlib import Path
 from textual import work
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
-from textual.message import Message
 from textual.screen import Screen
 from textual.timer import Timer
 from textual.widgets import Footer, Header, Input, TextArea
@@ -52,14 +51,6 @@ from chatapp.widgets import Gauge, SpeedOverlay, TurnRecord
 
 HISTORY_WAIT_SECONDS = 600.0  # how long a worker waits for another program's lock on the history
 QUIT_PRESS_SECONDS = 2.0      # Ctrl+C twice within this (while idle) quits
-
-
-class BackendNotice(Message):
-    """A one-line notice from the backend (any thread): shown in the chat and as a toast."""
-
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
 
 
 class DeltatalkApp(ChatsApp):
@@ -196,14 +187,6 @@ class DeltatalkApp(ChatsApp):
         """Another program holds the history's write lock: wait here, then run `then` on the UI."""
         if wait_until_writable(path, HISTORY_WAIT_SECONDS, self._quitting) and not self._quitting.is_set():
             self.call_from_thread(then)
-
-    # -- notices ---------------------------------------------------------------------------
-    def backend_notice(self, text: str):
-        self.post_message(BackendNotice(text))   # post_message is thread-safe
-
-    async def on_backend_notice(self, m: BackendNotice):
-        await self.chat_view.add_notice(m.text)
-        self.notify(m.text, severity="warning", title="Notice", timeout=10)
 
     # -- the reply: the chat view's (the keys are here, so the footer keeps its order) -------------
     def action_stop(self):

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from textual.app import App
+from textual.message import Message
 
 from chatapp.backend import ChatBackend
-from chatapp.chat_view import ChatView
+from chatapp.chat_view import ChatView, notify_error
 from chatapp.config import Config
 from chatapp.discovery import SCAN_SECONDS, candidates
 from chatapp.errors import describe_error, log_exception
@@ -29,6 +30,14 @@ from chatapp.transcript import model_label
 
 if TYPE_CHECKING:   # chatapp.remote (and httpx) are imported when an endpoint is first used
     from chatapp.remote import RemoteChoice
+
+
+class BackendNotice(Message):
+    """A one-line notice from the backend (any thread): shown in the chat and as a toast."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
 
 
 class ModelsApp(App):
@@ -62,10 +71,15 @@ class ModelsApp(App):
             self._chat_view.backend = backend
 
     def backend_notice(self, text: str):
-        """Called by the backend from any thread."""
-        raise NotImplementedError
+        """The backend's `on_notice` (any thread): a line in the chat and a toast."""
+        self.post_message(BackendNotice(text))   # post_message is thread-safe
+
+    async def on_backend_notice(self, m: BackendNotice):
+        await self.chat_view.add_notice(m.text)
+        self.notify(m.text, severity="warning", title="Notice", timeout=10)
 
     async def action_new_chat(self):
+        """Start a new chat (defined by the App's chat side)."""
         raise NotImplementedError
 
     @property
@@ -86,8 +100,7 @@ class ModelsApp(App):
         return self.load_bar.loading
 
     def _error(self, exc: BaseException, doing: str = "", title: str = "Error"):
-        log_exception(exc, doing)
-        self.notify(describe_error(exc, doing), severity="error", title=title, timeout=8)
+        notify_error(self, exc, doing, title)
 
     # -- start-up -------------------------------------------------------------------------------
     def find_models(self) -> list:

@@ -19,10 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from textual import on, work
-from textual.app import ComposeResult
+from textual.app import App, ComposeResult
 from textual.containers import Vertical
 from textual.message import Message
 from textual.timer import Timer
+from textual.widget import Widget
 from textual.widgets import Static
 
 from chatapp.backend import ChatBackend
@@ -42,6 +43,12 @@ FINISH_STATUS = {"stop": "done", None: "done", "length": "length", "cancelled": 
 SAVE_PARTIAL_SECONDS = 1.0    # a streaming reply is written to SQLite this often
 DRAFT_SAVE_SECONDS = 0.5      # the prompt box's text is saved this long after the last change
 TITLE_CHARS = 48
+
+
+def notify_error(node: Widget | App, exc: BaseException, doing: str = "", title: str = "Error"):
+    """An error the user must see: one line in a toast (the traceback goes to the log)."""
+    log_exception(exc, doing)
+    node.notify(describe_error(exc, doing), severity="error", title=title, timeout=8)
 
 
 class SessionBound(Message):
@@ -108,10 +115,6 @@ class ChatView(Vertical):
     @property
     def chat_input(self) -> ChatInput:
         return self.query_one(ChatInput)
-
-    def _error(self, exc: BaseException, doing: str = "", title: str = "Error"):
-        log_exception(exc, doing)
-        self.notify(describe_error(exc, doing), severity="error", title=title, timeout=8)
 
     # -- which chat is shown ------------------------------------------------------------------
     async def open(self, chat: Chat | None, *, keep_draft: bool = True):
@@ -276,7 +279,7 @@ class ChatView(Vertical):
         try:
             settings, max_tokens = sampling_for(self.config, self.chat)
         except (ValueError, TypeError) as e:
-            self._error(e, "sampling settings")
+            notify_error(self, e, "sampling settings")
             return
         messages = conversation(self.chat, self.store.messages(self.chat.id))
         try:
@@ -335,7 +338,7 @@ class ChatView(Vertical):
     async def on_reply_failed(self, m: ReplyFailed):
         if m.gen_id == self.gen_id:
             await self._end_reply("error", "error")
-            self._error(m.error, "", title="Reply failed")
+            notify_error(self, m.error, "", title="Reply failed")
 
     async def _end_reply(self, status: str, finish: str | None):
         box, msg_id = self.reply_box, self._reply_msg_id
