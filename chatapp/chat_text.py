@@ -27,6 +27,11 @@ def conversation(chat: Chat, messages: list[Message]) -> list[dict]:
     return msgs
 
 
+def last_user_message(messages: list[Message]) -> Message | None:
+    """The message that regenerate answers again and edit puts back in the box."""
+    return next((m for m in reversed(messages) if m.role == "user"), None)
+
+
 def code_blocks(text: str) -> list[str]:
     """The fenced code blocks of a reply, without their fences."""
     return [b.rstrip("\n") for b in CODE_BLOCK.findall(text)]

@@ -27,7 +27,7 @@ from textual.widget import Widget
 from textual.widgets import Static
 
 from chatapp.backend import ChatBackend
-from chatapp.chat_text import code_blocks, conversation
+from chatapp.chat_text import code_blocks, conversation, last_user_message
 from chatapp.config import Config
 from chatapp.errors import describe_error, log, log_exception
 from chatapp.prompt_input import ChatInput, newline_hint, shift_enter_reported
@@ -349,11 +349,7 @@ class ChatView(Vertical):
         if box is not None and msg_id is not None:
             await box.finish(status)
             if self.store:
-                stats = {"decode_tps": turn.decode_tps, "prompt_tps": turn.prompt_tps, "ttft_s": turn.ttft_s,
-                         "generated": turn.generated, "prompt_tokens": turn.prompt_tokens,
-                         "reused_tokens": turn.reused_tokens, "finish": finish, "model": box.model}
-                if box.dropped:
-                    stats["dropped_messages"] = box.dropped
+                stats = turn.stored_stats(finish, box.model, box.dropped)
                 self._save_reply(msg_id, dict(content=box.content, thinking=box.thinking, status=status, stats=stats))
         self.turns.append(turn)   # last: a reply counts as finished once it is stored
         self.post_message(self.FiguresChanged())
@@ -387,7 +383,7 @@ class ChatView(Vertical):
             self.notify("No model loaded (Ctrl+O).", severity="warning")
             return
         msgs = self.store.messages(self.chat.id)
-        last_user = next((m for m in reversed(msgs) if m.role == "user"), None)
+        last_user = last_user_message(msgs)
         if last_user is None:
             self.notify("Nothing to regenerate.", severity="warning")
             return
@@ -400,8 +396,7 @@ class ChatView(Vertical):
     async def edit_last(self):
         if self.generating or not self.chat or not self.store:
             return
-        msgs = self.store.messages(self.chat.id)
-        last_user = next((m for m in reversed(msgs) if m.role == "user"), None)
+        last_user = last_user_message(self.store.messages(self.chat.id))
         if last_user is None:
             self.notify("No message to edit.", severity="warning")
             return

@@ -55,6 +55,15 @@ class TurnRecord:
             column[0] += decode_tps
             column[1] += 1
 
+    def stored_stats(self, finish: str | None, model: str | None, dropped: int = 0) -> dict:
+        """The figures kept with the reply in the history (Message.stats)."""
+        stats = {"decode_tps": self.decode_tps, "prompt_tps": self.prompt_tps, "ttft_s": self.ttft_s,
+                 "generated": self.generated, "prompt_tokens": self.prompt_tokens,
+                 "reused_tokens": self.reused_tokens, "finish": finish, "model": model}
+        if dropped:
+            stats["dropped_messages"] = dropped
+        return stats
+
     def speed_history(self) -> list[float]:
         return [total / count for total, count in self.speed_columns]
 
