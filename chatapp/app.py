@@ -1,7 +1,9 @@
-"""The deltatalk chat TUI: the App (start-up, the history, models, commands).
+"""The deltatalk chat TUI: the App (start-up, the history's lock, keys, palette, speed overlay).
 
 Who does what (messages go up, attributes go down; docs/ARCHITECTURE.md has the flow):
 
+- the App's base classes: `chatapp.app_models.ModelsApp` (the backend in use, loading, the
+  picker, endpoints), `chatapp.app_chats.ChatsApp` (open, new, delete, rename, export, settings).
 - `chatapp.chat_view.ChatView`: the open chat (transcript, gauge, prompt box) and a reply's
   whole life; `chatapp.reply_stream` is the reply's thread worker and its pacing.
 - `chatapp.model_loader.LoadBar`: the load line and the workers that load, fetch and scan.
