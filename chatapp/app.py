@@ -133,7 +133,7 @@ class DeltatalkApp(ChatsApp):
         if self.chat is None:
             self.chat_view.restore_draft()
         if notice:   # after the chat is shown, so it stays in view
-            await self.chat_view.add_notice(notice)
+            await self.chat_view.transcript.add_notice(notice)
         self.startup_model()
 
     def _theme_changed(self, theme):
@@ -175,12 +175,12 @@ class DeltatalkApp(ChatsApp):
             if self.chat is None:
                 await self._open_last_chat()
         if notice:
-            await self.chat_view.add_notice(notice)
+            await self.chat_view.transcript.add_notice(notice)
 
     def on_chat_view_history_locked(self, m: ChatView.HistoryLocked):
         log.warning("%s", m.text)
         self.notify(m.text, severity="warning", title="Chat history", timeout=20)
-        self.call_later(self.chat_view.add_notice, m.text)
+        self.call_later(self.chat_view.transcript.add_notice, m.text)
         if m.retry is not None:
             self._wait_for_history(self.store.path if self.store else data_dir() / "chats.sqlite3", m.retry)
 
@@ -204,7 +204,7 @@ class DeltatalkApp(ChatsApp):
         return self.chat_view.code_blocks()
 
     def action_copy_reply(self):
-        text = self.chat_view.last_reply()
+        text = self.chat_view.transcript.last_reply()
         if not text:
             self.notify("No reply to copy.", severity="warning")
             return

@@ -75,7 +75,7 @@ class ModelsApp(App):
         self.post_message(BackendNotice(text))   # post_message is thread-safe
 
     async def on_backend_notice(self, m: BackendNotice):
-        await self.chat_view.add_notice(m.text)
+        await self.chat_view.transcript.add_notice(m.text)
         self.notify(m.text, severity="warning", title="Notice", timeout=10)
 
     async def action_new_chat(self):
@@ -178,7 +178,7 @@ class ModelsApp(App):
         extra = f" (kernels {info.compile_seconds:.1f} s)" if info.compile_seconds > 2 else ""
         self.notify(f"Model ready: {info.name}{extra}", title="Model")
         if info.base_model:
-            self.call_later(view.add_note, f"{model_label(info.name)} is a base model (no chat template): "
+            self.call_later(view.transcript.add_note, f"{model_label(info.name)} is a base model (no chat template): "
                                            "completion only. It continues your text instead of answering, "
                                            "and may ramble or repeat itself.")
 
@@ -270,7 +270,7 @@ class ModelsApp(App):
                 await self.action_new_chat()
                 self.load_model(path)
             elif choice == "continue":
-                await self.chat_view.add_note(f"Switched to {model_label(path.name)}: the next reply first reads "
+                await self.chat_view.transcript.add_note(f"Switched to {model_label(path.name)}: the next reply first reads "
                                               f"this chat again ({cost.text()}).")
                 self.load_model(path)
 

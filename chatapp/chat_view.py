@@ -24,7 +24,6 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.timer import Timer
 from textual.widget import Widget
-from textual.widgets import Static
 
 from chatapp.backend import ChatBackend
 from chatapp.chat_text import code_blocks, conversation, last_user_message
@@ -186,13 +185,6 @@ class ChatView(Vertical):
         self.gauge.reset()
         self.gauge.show_context(self.session_stats())
         self.post_message(self.FiguresChanged())
-
-    async def add_note(self, text: str):
-        """A line in the transcript from the app (not stored, not sent to the model)."""
-        await self.transcript.mount(MessageBox("system-note", text))
-
-    async def add_notice(self, text: str):
-        await self.transcript.mount(Static(f"⚠ {text}", classes="chat-notice", markup=False))
 
     # -- drafts: the prompt box's unsent text, kept per chat (also across quitting) ------------------
     def _earlier_prompts(self) -> list[str]:
@@ -368,11 +360,6 @@ class ChatView(Vertical):
             self._cancel.set()
 
     # -- regenerate / edit ---------------------------------------------------------------------------
-    async def _remove_boxes_from(self, msg_id: int):
-        for box in list(self.transcript.query(MessageBox)):
-            if box.msg_id is not None and box.msg_id >= msg_id:
-                await box.remove()
-
     async def regenerate(self):
         if self.generating:
             return
@@ -390,7 +377,7 @@ class ChatView(Vertical):
         after = [m for m in msgs if m.id > last_user.id]
         if after:
             self.store.delete_messages_from(self.chat.id, after[0].id)
-            await self._remove_boxes_from(after[0].id)
+            await self.transcript.remove_from(after[0].id)
         await self.start_reply()
 
     async def edit_last(self):
@@ -401,16 +388,12 @@ class ChatView(Vertical):
             self.notify("No message to edit.", severity="warning")
             return
         self.store.delete_messages_from(self.chat.id, last_user.id)
-        await self._remove_boxes_from(last_user.id)
+        await self.transcript.remove_from(last_user.id)
         inp = self.chat_input
         inp.text = last_user.content
         inp.focus()
         inp.move_cursor(inp.document.end)
 
     # -- copy ----------------------------------------------------------------------------------------
-    def last_reply(self) -> str | None:
-        boxes = [b for b in self.transcript.query(MessageBox) if b.role == "assistant" and b.content]
-        return boxes[-1].content if boxes else None
-
     def code_blocks(self) -> list[str]:
-        return code_blocks(self.last_reply() or "")
+        return code_blocks(self.transcript.last_reply() or "")

@@ -190,6 +190,24 @@ class Transcript(VerticalScroll):
         """True while new text keeps the view at its end (False once the user scrolled up)."""
         return self.is_anchored and not self._anchor_released
 
+    async def add_note(self, text: str):
+        """A line from the app (not stored, not sent to the model)."""
+        await self.mount(MessageBox("system-note", text))
+
+    async def add_notice(self, text: str):
+        """A warning in the chat (the history's lock, the backend's notices)."""
+        await self.mount(Static(f"⚠ {text}", classes="chat-notice", markup=False))
+
+    async def remove_from(self, msg_id: int):
+        """Remove the boxes of stored message `msg_id` and every later one."""
+        for box in list(self.query(MessageBox)):
+            if box.msg_id is not None and box.msg_id >= msg_id:
+                await box.remove()
+
+    def last_reply(self) -> str | None:
+        boxes = [b for b in self.query(MessageBox) if b.role == "assistant" and b.content]
+        return boxes[-1].content if boxes else None
+
     def page(self, where: str):
         """'up' | 'down' | 'home' | 'end' (keys pressed in the prompt box)."""
         if where == "up":
