@@ -443,8 +443,21 @@ def cmd_chat(args) -> int:
         from chatapp.app import run_tui
 
         return run_tui(model=args.model, threads=args.threads,
-                       ctx=args.ctx, system=args.system)
+                       ctx=args.ctx, system=args.system, sampling=given_sampling(args))
     return cmd_chat_plain(args)
+
+
+SAMPLING_FLAGS = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                  "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n", "seed": "seed",
+                  "max_tokens": "max_tokens"}
+
+
+def given_sampling(args) -> dict:
+    """The sampling flags set on the command line, by SamplingSettings field name (and max_tokens).
+    A flag left at its default is not given: the TUI then uses the config's value."""
+    defaults = build_parser().parse_args(["chat"])
+    return {field: getattr(args, flag) for flag, field in SAMPLING_FLAGS.items()
+            if getattr(args, flag) != getattr(defaults, flag)}
 
 
 def cmd_chat_plain(args) -> int:

@@ -15,7 +15,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, Label, Static
 
-from chatapp.screens import _Modal
+from chatapp.screens.modal import Modal
 from chatapp.transcript import model_label
 
 
@@ -54,7 +54,7 @@ def estimate_switch(tokens: int, measured_tps: float | None, current_tps: float 
     return SwitchCost(tokens, None)
 
 
-class ModelSwitchDialog(_Modal):
+class ModelSwitchDialog(Modal):
     """Returns "continue" (switch and keep this chat), "new" (switch and start a new chat) or None."""
 
     AUTO_FOCUS = "#switch-new"

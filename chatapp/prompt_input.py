@@ -37,7 +37,7 @@ def teach_alt_enter():
     typed after it land in the box that is about to be cleared."""
     from textual._ansi_sequences import ANSI_SEQUENCES_KEYS
 
-    ANSI_SEQUENCES_KEYS.setdefault("\x1b\r", (_KeyName("alt+enter"),))  # type: ignore[index]
+    ANSI_SEQUENCES_KEYS.setdefault("\x1b\r", (_KeyName("alt+enter"),))
 
 
 def newline_hint(shift_enter: bool) -> str:

@@ -14,6 +14,7 @@ from markdown_it import MarkdownIt
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Collapsible, Label, Markdown, Static
+from textual.widgets.markdown import MarkdownStream
 
 from chatapp.thinking import ThinkSplitter
 
@@ -78,8 +79,8 @@ class MessageBox(Vertical):
         self.streaming = streaming
         self.model = model       # the model that wrote this reply (None: not recorded)
         self._splitter = ThinkSplitter(starts_thinking) if streaming else None
-        self._stream = None
-        self._think_stream = None
+        self._stream: MarkdownStream | None = None
+        self._think_stream: MarkdownStream | None = None
 
     def role_text(self) -> str:
         label = {"user": "You", "assistant": "Assistant", "system-note": "Note"}.get(self.role, self.role)
@@ -188,6 +189,24 @@ class Transcript(VerticalScroll):
     def following(self) -> bool:
         """True while new text keeps the view at its end (False once the user scrolled up)."""
         return self.is_anchored and not self._anchor_released
+
+    async def add_note(self, text: str):
+        """A line from the app (not stored, not sent to the model)."""
+        await self.mount(MessageBox("system-note", text))
+
+    async def add_notice(self, text: str):
+        """A warning in the chat (the history's lock, the backend's notices)."""
+        await self.mount(Static(f"⚠ {text}", classes="chat-notice", markup=False))
+
+    async def remove_from(self, msg_id: int):
+        """Remove the boxes of stored message `msg_id` and every later one."""
+        for box in list(self.query(MessageBox)):
+            if box.msg_id is not None and box.msg_id >= msg_id:
+                await box.remove()
+
+    def last_reply(self) -> str | None:
+        boxes = [b for b in self.query(MessageBox) if b.role == "assistant" and b.content]
+        return boxes[-1].content if boxes else None
 
     def page(self, where: str):
         """'up' | 'down' | 'home' | 'end' (keys pressed in the prompt box)."""

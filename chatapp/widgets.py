@@ -5,13 +5,16 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from textual import work
 from textual.app import ComposeResult
 from textual.containers import Horizontal
+from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import Label, ProgressBar, Static
 
-from chatapp.backend import BackendStats
+from chatapp.backend import BackendStats, ChatBackend
 from chatapp.discovery import human_bytes
+from chatapp.errors import log_exception
 # moved: the prompt box to chatapp.prompt_input, messages to chatapp.transcript (old import path kept)
 from chatapp.prompt_input import ChatInput  # noqa: F401
 from chatapp.transcript import STATUS_NOTES, MessageBox  # noqa: F401
@@ -51,6 +54,15 @@ class TurnRecord:
             column = self.speed_columns[-1]
             column[0] += decode_tps
             column[1] += 1
+
+    def stored_stats(self, finish: str | None, model: str | None, dropped: int = 0) -> dict:
+        """The figures kept with the reply in the history (Message.stats)."""
+        stats = {"decode_tps": self.decode_tps, "prompt_tps": self.prompt_tps, "ttft_s": self.ttft_s,
+                 "generated": self.generated, "prompt_tokens": self.prompt_tokens,
+                 "reused_tokens": self.reused_tokens, "finish": finish, "model": model}
+        if dropped:
+            stats["dropped_messages"] = dropped
+        return stats
 
     def speed_history(self) -> list[float]:
         return [total / count for total, count in self.speed_columns]
@@ -212,10 +224,10 @@ class Gauge(Horizontal):
         text = " · ".join(p[1] for p in parts)
         if width is None or len(text) <= width:
             return text
-        parts = [(p[0], p[2]) for p in parts]
-        while parts and len(" · ".join(p[1] for p in parts)) > width:
-            parts.remove(min(parts, key=lambda p: p[0]))
-        return " · ".join(p[1] for p in parts)
+        short = [(p[0], p[2]) for p in parts]
+        while short and len(" · ".join(p[1] for p in short)) > width:
+            short.remove(min(short, key=lambda p: p[0]))
+        return " · ".join(p[1] for p in short)
 
     def refresh_text(self):
         # fixed sizes: a repaint, never a layout of the screen (the UI must not pace the engine)
@@ -238,10 +250,36 @@ class SpeedOverlay(Static):
     }
     """
 
+    class StatsRead(Message):
+        def __init__(self, stats: BackendStats, turns: list[TurnRecord], model_name: str):
+            super().__init__()
+            self.stats, self.turns, self.model_name = stats, turns, model_name
+
+        def can_replace(self, message: Message) -> bool:
+            return isinstance(message, SpeedOverlay.StatsRead)
+
     def __init__(self, **kw):
         super().__init__("", **kw)
         self.stats = BackendStats()
         self.turns: list[TurnRecord] = []
+
+    def refresh_figures(self, backend: ChatBackend, turns: list[TurnRecord]):
+        """Read the backend's figures in a worker (the first call measures the memory bandwidth)."""
+        self._stats_worker(backend, turns)
+
+    @work(thread=True, exclusive=True, group="speed", exit_on_error=False)
+    def _stats_worker(self, backend: ChatBackend, turns: list[TurnRecord]):
+        try:
+            backend.measure_bandwidth()
+            stats = backend.stats()
+        except Exception as e:  # noqa: BLE001
+            log_exception(e, "backend stats")
+            return
+        self.post_message(self.StatsRead(stats, turns, backend.info.name if backend.info else ""))
+
+    def on_speed_overlay_stats_read(self, m: SpeedOverlay.StatsRead):
+        if self.display:
+            self.show(m.stats, m.turns, m.model_name)
 
     def show(self, stats: BackendStats, turns: list[TurnRecord], model_name: str = ""):
         self.stats, self.turns = stats, turns

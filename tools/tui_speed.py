@@ -58,13 +58,13 @@ def _env() -> dict:
 
 
 async def _tui(model: str, max_tokens: int, threads: int | None, ui_share: float | None = None) -> dict:
-    import chatapp.app as app_module
+    import chatapp.reply_stream as reply_stream
     from chatapp.app import DeltatalkApp
     from chatapp.backend import EngineBackend
     from chatapp.config import Config
 
     if ui_share:
-        app_module.UI_SHARE_TARGET = ui_share
+        reply_stream.UI_SHARE_TARGET = ui_share
     config = Config.load()
     config.overrides["max_tokens"] = max_tokens
     config.overrides["sampling"] = {"temperature": 0.0}
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ui-share", type=float, default=None,
-                    help="experiment: override chatapp.app.UI_SHARE_TARGET in the TUI runs")
+                    help="experiment: override chatapp.reply_stream.UI_SHARE_TARGET in the TUI runs")
     ap.add_argument("--child-tui", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.model is None:

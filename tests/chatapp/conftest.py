@@ -1,4 +1,5 @@
-"""Fixtures for the TUI tests: an isolated home, the FakeBackend, a wait helper."""
+"""Fixtures and helpers for the TUI tests: an isolated home, the app on a FakeBackend, waiting,
+sending, and what the screen shows (message boxes, notifications)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,13 @@ async def send(pilot, app, text: str):
 async def wait_reply(pilot, app, timeout=5.0):
     await wait_until(pilot, lambda: not app.generating, timeout, what="reply finished")
     await pilot.pause()
+
+
+def boxes(app, role: str | None = None) -> list:
+    """The transcript's message boxes (of one role), in order."""
+    from chatapp.transcript import MessageBox
+
+    return [b for b in app.query(MessageBox) if role is None or b.role == role]
 
 
 def notes(app, severity: str | None = None) -> list[str]:

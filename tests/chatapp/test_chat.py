@@ -7,13 +7,9 @@ import pytest
 
 from chatapp.backend import FakeBackend
 from chatapp.widgets import Gauge, MessageBox, SpeedOverlay
-from tests.chatapp.conftest import make_app, notes, ready, send, wait_reply, wait_until
+from tests.chatapp.conftest import boxes, make_app, notes, ready, send, wait_reply, wait_until
 
 pytestmark = pytest.mark.asyncio
-
-def boxes(app):
-    return list(app.query(MessageBox))
-
 
 async def test_send_streams_markdown_reply_and_stores_it(fake_model):
     app = make_app(FakeBackend(["Hi **there**, friend.\n\n```python\nprint(1)\n```"]), model_path=fake_model)
@@ -74,8 +70,8 @@ async def test_escape_stops_and_keeps_partial_reply(fake_model):
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(pilot, app)
         await send(pilot, app, "talk a lot")
-        await wait_until(pilot, lambda: fake.held.is_set() and app._reply_box is not None
-                         and app._reply_box.content.startswith("word0 word1"), what="streamed tokens")
+        await wait_until(pilot, lambda: fake.held.is_set() and app.chat_view.reply_box is not None
+                         and app.chat_view.reply_box.content.startswith("word0 word1"), what="streamed tokens")
         await pilot.press("escape")
         await wait_reply(pilot, app)
         reply = boxes(app)[-1]
@@ -303,6 +299,42 @@ async def test_chat_settings_system_prompt_and_sampling_reach_the_backend(fake_m
         assert call["messages"][0] == {"role": "system", "content": "You are terse."}
         assert call["settings"].temperature == 0.0
         assert call["max_tokens"] == 77
+
+
+async def test_sampling_flags_on_the_command_line_reach_the_backend(fake_model, monkeypatch):
+    """`deltatalk --temp 0.2 ...` goes cli.main -> run_tui -> the App; its reply is asked with the flags,
+    the fields not given keep the config's values, and a chat's own settings win over a flag."""
+    import chatapp.app as appmod
+    import chatapp.cli as cli
+    from engine.sampling import SamplingSettings
+
+    fake = FakeBackend(["ok"])
+    started = []
+    monkeypatch.setattr(appmod.DeltatalkApp, "_new_local_backend", lambda self: fake)
+    monkeypatch.setattr(appmod.DeltatalkApp, "run", lambda self: started.append(self))
+    assert cli.main(["--temp", "0.2", "--top-k", "7", "--seed", "5", "--max-tokens", "9",
+                     "-m", str(fake_model)]) == 0
+    app = started[0]
+    async with app.run_test(size=(100, 40)) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "hello")
+        await wait_reply(pilot, app)
+        call = fake.calls[-1]
+        assert (call["settings"].temperature, call["settings"].top_k, call["settings"].seed) == (0.2, 7, 5)
+        assert call["max_tokens"] == 9
+        assert call["settings"].top_p == SamplingSettings().top_p    # not given: the config's (the default)
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        from textual.widgets import Input
+
+        assert app.screen.query_one("#cs-temperature", Input).value == "0.2"   # the form shows the flag
+        app.screen.query_one("#cs-temperature", Input).value = "0.9"
+        await pilot.press("enter")
+        await pilot.pause()
+        await send(pilot, app, "again")
+        await wait_reply(pilot, app)
+        call = fake.calls[-1]
+        assert (call["settings"].temperature, call["settings"].top_k, call["max_tokens"]) == (0.9, 7, 9)
 
 
 async def test_sending_while_no_model_is_loaded_warns(home):

@@ -15,7 +15,7 @@ from textual.widgets import DataTable, Label, Static
 from chatapp.backend import FakeBackend
 from chatapp.screens import ModelPicker
 from chatapp.widgets import MessageBox
-from tests.chatapp.conftest import make_app, notes, ready, send, wait_reply, wait_until
+from tests.chatapp.conftest import boxes, make_app, notes, ready, send, wait_reply, wait_until
 from tests.chatapp.test_hostile_inputs import make_old_history, write_huge_array_gguf
 
 pytestmark = pytest.mark.asyncio
@@ -36,7 +36,7 @@ async def test_hostile_template_falls_back_with_a_notice_and_esc_stops(fake_mode
         await send(pilot, app, "hi")
         await pilot.press("escape")          # while the template is still rendering
         await wait_reply(pilot, app, timeout=30)
-        assert list(app.query(MessageBox))[-1].status == "stopped"
+        assert boxes(app)[-1].status == "stopped"
         await wait_until(pilot, lambda: chat_notices(app), what="the fallback notice")
         (notice,) = chat_notices(app)
         assert "rendering took longer than 2 s" in notice and "built-in ChatML format" in notice
@@ -44,7 +44,7 @@ async def test_hostile_template_falls_back_with_a_notice_and_esc_stops(fake_mode
         assert fake.rendered == [CHATML_HI]
         await send(pilot, app, "again")        # the fallback stays: no second wait, no second notice
         await wait_reply(pilot, app, timeout=30)
-        assert list(app.query(MessageBox))[-1].content == "one two three four five six"
+        assert boxes(app)[-1].content == "one two three four five six"
         assert len(chat_notices(app)) == 1 and fake.rendered[-1].endswith("again<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -53,7 +53,7 @@ def test_app_quits_while_a_hostile_template_renders(home, fake_model):
     script = textwrap.dedent(f"""
         import asyncio
         from chatapp.backend import FakeBackend
-        from tests.chatapp.conftest import make_app, ready, send
+        from tests.chatapp.conftest import boxes, make_app, ready, send
 
         async def main():
             app = make_app(FakeBackend(["x"], template={NESTED_LOOPS!r}), model_path={str(fake_model)!r})

@@ -11,7 +11,7 @@ from textual.widgets import DataTable
 from chatapp.backend import FakeBackend
 from chatapp.screens import ChatList, Confirm, ModelPicker
 from chatapp.widgets import MessageBox, SpeedOverlay
-from tests.chatapp.conftest import make_app, notes, ready, send, wait_reply, wait_until
+from tests.chatapp.conftest import boxes, make_app, notes, ready, send, wait_reply, wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -73,6 +73,25 @@ async def test_model_switch_mid_chat_keeps_the_chat_and_the_old_model_until_read
                                                  {"role": "assistant", "content": "answer one"}]
 
 
+async def test_a_load_that_ends_under_a_dialog_still_updates_the_app(fake_model):
+    """A load that ends while a dialog is open is taken in (the app holds its own widgets: App.query
+    sees only the active screen), and the chat works once the dialog closes."""
+    from chatapp.screens import HelpScreen
+
+    fake = FakeBackend(["fine"], load_delay=0.5)
+    app = make_app(fake, model_path=fake_model)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("f1")
+        await wait_until(pilot, lambda: isinstance(app.screen, HelpScreen), what="help open")
+        await wait_until(pilot, lambda: fake.info is not None and app.loading is None, what="load handled")
+        assert isinstance(app.screen, HelpScreen)
+        assert app.sub_title.startswith("fake-model.gguf")
+        await pilot.press("escape")
+        await send(pilot, app, "hi")
+        await wait_reply(pilot, app)
+        assert boxes(app, "assistant")[-1].content == "fine"
+
+
 async def test_load_failure_is_a_notification_and_keeps_the_previous_model(fake_model, home):
     from engine.errors import ModelFileError
 
@@ -127,7 +146,7 @@ async def test_reply_killed_mid_stream_reopens_as_interrupted(fake_model, home):
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(pilot, app)
         await pilot.pause()
-        b = list(app.query(MessageBox))
+        b = boxes(app)
         assert b[1].content == "half a rep" and b[1].status == "interrupted"
         assert "interrupted" in str(b[1].query_one(".status").render())
 
@@ -141,7 +160,7 @@ async def test_new_chat_and_chat_list_open_rename_delete(fake_model):
         first = app.chat.id
         await pilot.press("ctrl+n")
         await pilot.pause()
-        assert app.chat is None and not list(app.query(MessageBox))
+        assert app.chat is None and not boxes(app)
         await send(pilot, app, "chat two")
         await wait_reply(pilot, app)
         second = app.chat.id
@@ -232,7 +251,7 @@ async def test_everything_is_in_the_command_palette(fake_model):
 
 
 async def test_accepting_the_fetch_offer_fetches_then_loads_the_default_model(home, monkeypatch):
-    import chatapp.app as appmod
+    import chatapp.model_loader as loader
     from chatapp.default_model import default_model_path
 
     target = default_model_path()
@@ -247,7 +266,7 @@ async def test_accepting_the_fetch_offer_fetches_then_loads_the_default_model(ho
         def wait(self):
             return 0
 
-    monkeypatch.setattr(appmod.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(loader.subprocess, "Popen", FakePopen)
     fake = FakeBackend(["x"])
     app = make_app(fake, offer_fetch=True)
     async with app.run_test(size=(100, 30)) as pilot:

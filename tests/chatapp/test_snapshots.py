@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gguf
 import numpy as np
-import pytest
 
 from chatapp.backend import FakeBackend
 from chatapp.screens import ModelPicker

@@ -6,24 +6,18 @@ switch, base models, the 80x24 layout, figures of a new chat, chat list search."
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
-from textual.widgets import Button, DataTable, Input, Label, Markdown, OptionList, Static
+from textual.widgets import Button, DataTable, Label, Markdown, OptionList, Static
 
 from chatapp.backend import FakeBackend
 from chatapp.model_switch import ModelSwitchDialog, estimate_switch
 from chatapp.prompt_input import EnterSubmitsTextArea
 from chatapp.screens import ChatList, ChatSettings, ModelPicker
-from chatapp.transcript import MessageBox
 from chatapp.widgets import Gauge
-from tests.chatapp.conftest import make_app, notes, ready, send, wait_reply, wait_until
+from tests.chatapp.conftest import boxes, make_app, notes, ready, send, wait_reply, wait_until
 
 pytestmark = pytest.mark.asyncio
-
-
-def boxes(app, role=None):
-    return [b for b in app.query(MessageBox) if role is None or b.role == role]
 
 
 def shown_text(widget) -> str:
@@ -502,7 +496,7 @@ async def test_regenerate_in_an_empty_chat_says_why_nothing_happens(fake_model):
 
 
 async def test_load_bar_says_warming_up_while_the_first_reply_warm_up_runs(fake_model):
-    from chatapp.app import LOAD_STAGES
+    from chatapp.model_loader import LOAD_STAGES
 
     assert "Warming up" in LOAD_STAGES["warm"]
 

@@ -86,7 +86,7 @@ def test_deltatalk_chat_runs_the_tui_and_plain_the_line_chat(monkeypatch, tmp_pa
     model.write_bytes(b"GGUF")
     assert cli.main(["chat", "-m", str(model), "--threads", "2"]) == 0
     assert cli.main(["chat", "--plain"]) == 0
-    assert seen[0] == ("tui", {"model": None, "threads": None, "ctx": None, "system": None})
+    assert seen[0] == ("tui", {"model": None, "threads": None, "ctx": None, "system": None, "sampling": {}})
     assert seen[1][1]["model"] == Path(model) and seen[1][1]["threads"] == 2
     assert seen[2] == ("plain", None)
 

@@ -1,0 +1,170 @@
+"""A reply's way from the engine to the screen: the worker loop, its messages and the pacing.
+
+`stream_reply` runs in a thread worker of the chat view. It binds the session to the chat,
+iterates `ChatBackend.reply()` and posts what it got with `post_message` (thread-safe): it
+never waits for the UI. Text goes up in batches (`ReplyChunk`, never replaced, so no text is
+lost), prefill progress as a message that replaces its queued predecessor, then `ReplyDone`
+or `ReplyFailed`. Every message carries the reply's `gen_id`; the view drops the ones of a
+reply it no longer shows.
+
+How far apart the batches are is `BatchPacer.seconds`: the worker reads it, the UI thread sets
+it (see UI_SHARE_TARGET below).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from textual.message import Message
+
+from chatapp.backend import ChatBackend
+from chatapp.errors import log_exception
+from chatapp.store import state_path
+from engine.generate import GenerationResponse
+from engine.sampling import SamplingSettings
+
+BATCH_SECONDS = 0.04          # text goes up to the UI at most this often
+# The engine's numba kernels hold the GIL, so every millisecond the UI thread spends
+# rendering is a millisecond the engine waits. The UI measures its own share of the
+# time while a reply streams and the worker widens the batches until that share is
+# about UI_SHARE_TARGET (at most MAX_BATCH_SECONDS apart): on a fast terminal and a
+# slow model that stays ~40 ms; on a busy 2-core machine it becomes a few updates a second.
+UI_SHARE_TARGET = 0.03
+MAX_BATCH_SECONDS = 0.4
+
+
+class PrefillProgress(Message):
+    def __init__(self, gen_id: int, done: int, total: int, tps: float):
+        super().__init__()
+        self.gen_id, self.done, self.total, self.tps = gen_id, done, total, tps
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, PrefillProgress) and message.gen_id == self.gen_id
+
+
+class ReplyChunk(Message):
+    """A batch of reply text plus the newest figures for the gauge (never replaced: text must not be lost)."""
+
+    def __init__(self, gen_id: int, text: str, figures: dict):
+        super().__init__()
+        self.gen_id, self.text, self.figures = gen_id, text, figures
+
+
+class ReplyDone(Message):
+    def __init__(self, gen_id: int, finish: str | None):
+        super().__init__()
+        self.gen_id, self.finish = gen_id, finish
+
+
+class ReplyFailed(Message):
+    def __init__(self, gen_id: int, error: BaseException):
+        super().__init__()
+        self.gen_id, self.error = gen_id, error
+
+
+@dataclass
+class ReplyRequest:
+    """Everything one reply needs, fixed when it starts (the worker reads nothing else of the UI)."""
+
+    gen_id: int
+    chat_id: int
+    messages: list[dict]
+    settings: SamplingSettings
+    max_tokens: int
+    thinking: bool | None
+    cancel: threading.Event
+
+
+class BatchPacer:
+    """The interval between text batches, widened until the UI thread's share of the time is small."""
+
+    def __init__(self):
+        self.seconds = BATCH_SECONDS   # read by the reply worker, set on the UI thread
+        self._clock: tuple[float, float] | None = None
+
+    def restart(self):
+        self._clock = None
+
+    def ui_tick(self):
+        """On the UI thread, per chunk: its CPU share since the last chunk sets the next interval."""
+        wall, cpu = time.perf_counter(), time.thread_time()
+        if self._clock is not None:
+            dw, dc = wall - self._clock[0], cpu - self._clock[1]
+            if dw > 0.005:
+                want = self.seconds * (dc / dw) / UI_SHARE_TARGET
+                want = min(max(want, BATCH_SECONDS), MAX_BATCH_SECONDS)
+                self.seconds = (self.seconds * want) ** 0.5   # smoothed (geometric mean)
+        self._clock = (wall, cpu)
+
+
+def bind_session(backend: ChatBackend, chat_id: int | None) -> str | None:
+    """Give the backend's session to chat `chat_id` (None: a new chat): its saved state, or a reset.
+
+    The one way the session changes hands (chat switch and every reply); None if it failed:
+    never fatal, the next reply prefills."""
+    try:
+        return backend.bind(chat_id, state_of(chat_id))
+    except Exception as e:  # noqa: BLE001
+        log_exception(e, f"restoring the state of chat {chat_id}")
+        return None
+
+
+def state_of(chat_id: int | None) -> Path | None:
+    """Where a chat's engine state is saved (None for a chat not stored yet)."""
+    return state_path(chat_id) if chat_id is not None else None
+
+
+def stream_reply(backend: ChatBackend, req: ReplyRequest, post: Callable[[Message], object],
+                 pacer: BatchPacer) -> None:
+    """(In a thread worker.) The engine loop: the session first becomes this chat's (kept, restored
+    or reset); the reply streams up in batches; then the backend saves the state, still here."""
+    bind_session(backend, req.chat_id)
+    t0 = time.perf_counter()
+
+    def prefill_progress(done: int, total: int):
+        dt = time.perf_counter() - t0
+        post(PrefillProgress(req.gen_id, done, total, done / dt if dt > 0 else 0.0))
+
+    buf: list[str] = []
+    last_post = 0.0     # the first token goes up at once (time to first token is visible)
+    last: GenerationResponse | None = None
+    try:
+        for r in backend.reply(req.messages, req.settings, max_tokens=req.max_tokens, enable_thinking=req.thinking,
+                               cancel=req.cancel, prefill_progress=prefill_progress,
+                               save_to=state_of(req.chat_id)):
+            last = r
+            if r.text:
+                buf.append(r.text)
+            now = time.monotonic()
+            if r.finish_reason is not None or now - last_post >= pacer.seconds:
+                post(ReplyChunk(req.gen_id, "".join(buf), figures(backend, r)))
+                buf = []
+                last_post = now
+        if buf:
+            post(ReplyChunk(req.gen_id, "".join(buf), figures(backend, last)))
+        finish = last.finish_reason if last is not None else None
+        post(ReplyDone(req.gen_id, finish or ("cancelled" if req.cancel.is_set() else "stop")))
+    except BaseException as e:  # noqa: BLE001  (shown as a notification, never a traceback)
+        if buf:
+            post(ReplyChunk(req.gen_id, "".join(buf), figures(backend, last)))
+        post(ReplyFailed(req.gen_id, e))
+
+
+def figures(backend: ChatBackend, r: GenerationResponse | None) -> dict:
+    """The gauge's figures (keyword arguments of `Gauge.on_tokens`) after response `r`."""
+    turn = backend.last_turn()
+    ss = backend.session_stats()
+    if r is None:
+        return {"prompt_tokens": turn.prompt_tokens, "reused_tokens": turn.reused_tokens,
+                "prefilled_tokens": turn.prefilled_tokens, "decode_tps": 0.0, "ttft_s": 0.0,
+                "prompt_tps": 0.0, "generated": 0, "context_used": ss.get("context_used", turn.prompt_tokens),
+                "dropped_messages": turn.dropped_messages}
+    return {"prompt_tokens": turn.prompt_tokens, "reused_tokens": turn.reused_tokens,
+            "prefilled_tokens": turn.prefilled_tokens, "decode_tps": r.decode_tps, "ttft_s": r.ttft_s,
+            "prompt_tps": r.prompt_tps, "generated": r.generation_tokens,
+            "context_used": ss.get("context_used", turn.prompt_tokens + r.generation_tokens),
+            "dropped_messages": turn.dropped_messages, "speculation": r.speculation}
