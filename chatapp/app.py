@@ -336,7 +336,7 @@ class DeltatalkApp(App):
                           deadline=time.monotonic() + SCAN_SECONDS)
 
     def _new_local_backend(self):
-        from chatapp.backend import EngineBackend
+        from chatapp.engine_backend import EngineBackend
 
         return EngineBackend(threads=self.config.get("threads"), n_ctx=self.config.get("context"),
                              bandwidth_bytes_s=self.config.bandwidth_bytes_s,
@@ -747,12 +747,13 @@ class DeltatalkApp(App):
 
     # -- settings ---------------------------------------------------------------------------
     def effective_sampling(self) -> tuple:
+        from chatapp.generation_defaults import GENERATION_DEFAULTS
         from engine.sampling import SamplingSettings
 
         base = dict(self.config.get("sampling") or {})
         if self.chat:
             base.update(self.chat.settings or {})
-        max_tokens = int(base.pop("max_tokens", None) or self.config.get("max_tokens") or 1024)
+        max_tokens = int(base.pop("max_tokens", None) or self.config.get("max_tokens") or GENERATION_DEFAULTS.max_tokens)
         fields = set(SamplingSettings.__dataclass_fields__)
         s = SamplingSettings(**{k: v for k, v in base.items() if k in fields})
         return s.validate(), max_tokens

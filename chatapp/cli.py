@@ -13,10 +13,8 @@ from pathlib import Path
 
 from chatapp import arg_types as A
 from chatapp.errors import log_exception, one_line, setup_logging
+from chatapp.generation_defaults import GENERATION_DEFAULTS
 from engine.errors import DeltatalkError
-
-# The model used when -m is not given.
-DEFAULT_MAX_TOKENS = 512
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -43,16 +41,17 @@ def _add_model_args(p: argparse.ArgumentParser):
 
 
 def _add_sampling_args(p: argparse.ArgumentParser):
-    p.add_argument("--temp", type=A.float_in(0.0, math.inf), default=0.7, help="temperature >= 0; 0 = greedy")
-    p.add_argument("--top-k", type=A.int_in(0), default=40, help="keep the k likeliest tokens (>= 0; 0 = off)")
-    p.add_argument("--top-p", type=A.float_in(0.0, 1.0, low_open=True), default=0.95, help="nucleus, in (0, 1]")
-    p.add_argument("--min-p", type=A.float_in(0.0, 1.0, high_open=True), default=0.05, help="in [0, 1)")
-    p.add_argument("--repeat-penalty", type=A.float_in(0.0, math.inf, low_open=True), default=1.0,
+    d, max_tokens = GENERATION_DEFAULTS.sampling, GENERATION_DEFAULTS.max_tokens
+    p.add_argument("--temp", type=A.float_in(0.0, math.inf), default=d.temperature, help="temperature >= 0; 0 = greedy")
+    p.add_argument("--top-k", type=A.int_in(0), default=d.top_k, help="keep the k likeliest tokens (>= 0; 0 = off)")
+    p.add_argument("--top-p", type=A.float_in(0.0, 1.0, low_open=True), default=d.top_p, help="nucleus, in (0, 1]")
+    p.add_argument("--min-p", type=A.float_in(0.0, 1.0, high_open=True), default=d.min_p, help="in [0, 1)")
+    p.add_argument("--repeat-penalty", type=A.float_in(0.0, math.inf, low_open=True), default=d.repeat_penalty,
                    help="> 0; 1 = off")
-    p.add_argument("--repeat-last-n", type=A.int_in(0), default=64, help=">= 0 tokens")
-    p.add_argument("--seed", type=A.int_in(0, (1 << 63) - 1), default=None, help="0 .. 2^63-1")
-    p.add_argument("--max-tokens", type=A.int_in(1, A.MAX_TOKENS_LIMIT), default=DEFAULT_MAX_TOKENS,
-                   help="at most this many tokens in a reply (>= 1)")
+    p.add_argument("--repeat-last-n", type=A.int_in(0), default=d.repeat_last_n, help=">= 0 tokens")
+    p.add_argument("--seed", type=A.int_in(0, (1 << 63) - 1), default=d.seed, help="0 .. 2^63-1")
+    p.add_argument("--max-tokens", type=A.int_in(1, A.MAX_TOKENS_LIMIT), default=max_tokens,
+                   help=f"at most this many tokens in a reply (>= 1; default {max_tokens})")
 
 
 def build_parser() -> argparse.ArgumentParser:

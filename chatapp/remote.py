@@ -35,7 +35,7 @@ from engine.errors import DeltatalkError
 from engine.generate import GenerationResponse
 from engine.sampling import SamplingSettings
 
-from chatapp.backend import BackendStats, ModelInfo, TurnInfo
+from chatapp.backend import BackendStats, BindTo, ChatKey, LoadProgress, ModelInfo, PrefillProgress, TurnStats
 
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 600.0      # a long prompt on a slow server may prefill for minutes
@@ -329,7 +329,7 @@ class RemoteBackend:
         self.choice = RemoteChoice(normalize_url(url), model, api_key_env)
         self.endpoint: OpenAIEndpoint | None = None
         self.info: ModelInfo | None = None
-        self._turn = TurnInfo()
+        self._turn = TurnStats(mode="remote")
         self._last = ReplyFigures()
         self._work = threading.Lock()
         self.on_notice: Callable[[str], None] | None = None   # set by the app (ChatBackend)
@@ -338,7 +338,8 @@ class RemoteBackend:
     def url(self) -> str:
         return self.choice.url
 
-    def load(self, path=None, progress=None, bind=None) -> ModelInfo:
+    def load(self, path: Path | None = None, progress: LoadProgress | None = None,
+             bind: BindTo | None = None) -> ModelInfo:
         """Connect: list the server's models and pick ours (the first when none was named)."""
         say = progress or (lambda stage, frac: None)
         say("connect", None)
@@ -360,32 +361,35 @@ class RemoteBackend:
         say("ready", 1.0)
         return self.info
 
-    def bind(self, key, state_path) -> str:
+    def bind(self, key: ChatKey, state_path: Path | None) -> str:
         return "kept"   # the server keeps (or not) its own caches; nothing is saved here
 
-    def reply(self, messages, settings, *, max_tokens, enable_thinking, cancel, prefill_progress=None,
-              save_to=None) -> Iterator[GenerationResponse]:
+    def reply(self, messages: list[dict], settings: SamplingSettings, *, max_tokens: int,
+              enable_thinking: bool | None, cancel: threading.Event,
+              prefill_progress: PrefillProgress | None = None,
+              save_to: Path | None = None) -> Iterator[GenerationResponse]:
         if self.endpoint is None or self.info is None:
             raise RuntimeError("no endpoint is connected")
         with self._work:
             body = self.endpoint.request_body(self.choice.model, messages, settings, max_tokens, enable_thinking)
             self._last = f = ReplyFigures()
-            self._turn = TurnInfo(mode="remote")
+            self._turn = TurnStats(mode="remote")
             for r in stream_reply(self.endpoint, body, cancel, f):
                 if r.finish_reason is not None:
                     p = f.prompt_tokens or 0
                     cached = f.cached_tokens or 0
-                    self._turn = TurnInfo(p, cached, p - cached, mode="remote")
+                    self._turn = TurnStats(prompt_tokens=p, reused_tokens=cached, prefilled_tokens=p - cached,
+                                           mode="remote")
                 yield r
 
-    def last_turn(self) -> TurnInfo:
+    def last_turn(self) -> TurnStats:
         return self._turn
 
-    def session_stats(self) -> dict:
+    def session_stats(self) -> dict[str, int]:
         used = (self._last.prompt_tokens or 0) + self._last.completion_tokens
         return {"context_used": used, "n_ctx": self.info.n_ctx if self.info else 0}
 
-    def measure_bandwidth(self):
+    def measure_bandwidth(self) -> float | None:
         return None
 
     def stats(self) -> BackendStats:

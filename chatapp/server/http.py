@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from chatapp.generation_defaults import GENERATION_DEFAULTS
 from engine.errors import ContextOverflowError, DeltatalkError
 from engine.kernel_thread import kernel_thread
 from engine.sampling import SamplingSettings
@@ -147,7 +148,7 @@ def _sse(obj) -> bytes:
 def make_app(engine: ServeEngine, *, api_key: str | None = None, max_queue: int = 8,
              defaults: SamplingSettings | None = None) -> Starlette:
     gate = Gate(max_queue)
-    defaults = defaults or SamplingSettings()
+    defaults = defaults or GENERATION_DEFAULTS.sampling_settings()
     names = {engine.model_id, engine.loaded.path.name, str(engine.loaded.path)}
     created = int(engine.loaded.path.stat().st_mtime)
 

@@ -99,7 +99,7 @@ def stub_engine(monkeypatch):
 
 
 def test_engine_backend_loads_replies_and_reports(stub_engine, tmp_path):
-    from chatapp.backend import EngineBackend
+    from chatapp.engine_backend import EngineBackend
 
     b = EngineBackend()
     stages = []
@@ -126,7 +126,7 @@ def test_engine_backend_loads_replies_and_reports(stub_engine, tmp_path):
 
 
 def test_engine_backend_keeps_the_old_model_until_the_new_one_is_ready(stub_engine, tmp_path):
-    from chatapp.backend import EngineBackend
+    from chatapp.engine_backend import EngineBackend
     from engine.errors import ModelFileError
 
     b = EngineBackend()
@@ -149,7 +149,7 @@ def test_engine_backend_keeps_the_old_model_until_the_new_one_is_ready(stub_engi
 
 
 def test_engine_backend_on_the_real_engine(tiny_llama_path):
-    from chatapp.backend import EngineBackend
+    from chatapp.engine_backend import EngineBackend
 
     b = EngineBackend(n_ctx=256)
     info = b.load(tiny_llama_path)
@@ -168,7 +168,7 @@ def test_engine_backend_on_the_real_engine(tiny_llama_path):
 
 
 def test_engine_backend_marks_a_file_without_chat_template_as_base_model(tmp_path):
-    from chatapp.backend import EngineBackend
+    from chatapp.engine_backend import EngineBackend
     from chatapp.discovery import Candidate, describe
     from tests.tiny_models import write_tiny_llama
 

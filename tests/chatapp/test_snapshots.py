@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 import pytest
 
-from chatapp.backend import FakeBackend
+from tests.fakes import FakeBackend
 from chatapp.screens import ModelPicker
 from tests.chatapp.conftest import make_app, send, wait_until
 
