@@ -76,11 +76,12 @@ def test_deltatalk_chat_runs_the_tui_and_plain_the_line_chat(monkeypatch, tmp_pa
     from pathlib import Path
 
     import chatapp.app as appmod
+    import chatapp.chat_cli as chat_cli
     import chatapp.cli as cli
 
     seen = []
     monkeypatch.setattr(appmod, "run_tui", lambda **kw: seen.append(("tui", kw)) or 0)
-    monkeypatch.setattr(cli, "cmd_chat_plain", lambda args: seen.append(("plain", args.model)) or 0)
+    monkeypatch.setattr(chat_cli, "cmd_chat_plain", lambda args: seen.append(("plain", args.model)) or 0)
     assert cli.main([]) == 0
     model = tmp_path / "m.gguf"  # -m must name an existing regular file
     model.write_bytes(b"GGUF")
