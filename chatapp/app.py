@@ -27,7 +27,8 @@ from textual.widgets import Footer, Header, Input, Label, ProgressBar, Static, T
 
 from chatapp.backend import ChatBackend, ModelInfo
 from chatapp.config import ASSETS, Config
-from chatapp.discovery import SCAN_SECONDS, candidates, describe_all
+from chatapp.discovery import candidates
+from chatapp.model_headers import SCAN_SECONDS, describe_all
 from chatapp.errors import describe_error, log, log_exception, setup_logging
 from chatapp.paths import data_dir, models_dir
 from chatapp.model_switch import ModelSwitchDialog, estimate_switch

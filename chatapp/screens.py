@@ -19,7 +19,8 @@ from textual.widgets import (Button, Checkbox, DataTable, Input, Label, Markdown
                              TextArea)
 from textual.widgets.option_list import Option
 
-from chatapp.discovery import SCAN_SECONDS, Candidate, ModelEntry, describe_all, human_bytes
+from chatapp.discovery import Candidate, ModelEntry, human_bytes
+from chatapp.model_headers import SCAN_SECONDS, describe_all
 from chatapp.prompt_input import EnterSubmitsTextArea
 from chatapp.transcript import model_label
 

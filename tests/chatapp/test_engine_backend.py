@@ -169,7 +169,8 @@ def test_engine_backend_on_the_real_engine(tiny_llama_path):
 
 def test_engine_backend_marks_a_file_without_chat_template_as_base_model(tmp_path):
     from chatapp.engine_backend import EngineBackend
-    from chatapp.discovery import Candidate, describe
+    from chatapp.discovery import Candidate
+    from chatapp.model_headers import describe
     from tests.tiny_models import write_tiny_llama
 
     path = write_tiny_llama(tmp_path / "tiny-base.gguf", chat_template=False)
