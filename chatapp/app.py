@@ -34,6 +34,7 @@ from chatapp.paths import data_dir, models_dir
 from chatapp.model_switch import ModelSwitchDialog, estimate_switch
 from chatapp.prompt_input import ChatInput, newline_hint, shift_enter_reported, teach_alt_enter
 from chatapp.screens import ChatList, ChatSettings, Confirm, HelpScreen, ModelPicker, TextPrompt, shorten
+from chatapp.history_writes import HistoryWriter
 from chatapp.store import Chat, ChatStore, HistoryBusyError, delete_state, state_path, wait_until_writable
 from chatapp.transcript import MessageBox, Transcript, model_label
 from chatapp.widgets import Gauge, SpeedOverlay, TurnRecord
@@ -195,6 +196,7 @@ class DeltatalkApp(App):
         self._find_models = find_models
         self.offer_fetch = offer_fetch
         self.store: ChatStore | None = None
+        self.history_writer: HistoryWriter | None = None   # writes kept while another program locks the history
         self.chat: Chat | None = None
         self.turns: list[TurnRecord] = []
         self.generating = False
@@ -261,6 +263,8 @@ class DeltatalkApp(App):
         notice = None
         try:
             self.store = ChatStore(data_dir() / "chats.sqlite3")
+            self.history_writer = HistoryWriter(self.store, notify=self._history_notice,
+                                                call_on_ui=self.call_from_thread, quitting=self._quitting)
             notice = self.store.notice
         except HistoryBusyError:
             notice = "The chat history is locked by another program: waiting for it (Enter keeps your text)."
@@ -296,6 +300,11 @@ class DeltatalkApp(App):
         """Another program holds the history's write lock: wait here, then run `then` on the UI."""
         if wait_until_writable(path, HISTORY_WAIT_SECONDS, self._quitting) and not self._quitting.is_set():
             self.call_from_thread(then)
+
+    def save_to_history(self, what: str, apply: Callable[[], object], then: Callable[[], None] | None = None):
+        """A rename, a deletion, new settings: saved now, or kept until another program frees the lock."""
+        if self.history_writer is not None:
+            self.history_writer.write(what, apply, then)
 
     def _history_busy(self, then: Callable, what: str):
         self._history_notice(f"The chat history is locked by another program; {what}")
@@ -718,8 +727,9 @@ class DeltatalkApp(App):
             self._restore_draft()
             self._update_title()
             self.bind_session(None)
-        self.store.delete_chat(chat_id)
-        delete_state(chat_id)
+        store = self.store
+        self.save_to_history("the deletion of the chat", lambda: store.delete_chat(chat_id),
+                             lambda: delete_state(chat_id))
 
     def action_chat_list(self):
         if not self.store:
@@ -781,7 +791,6 @@ class DeltatalkApp(App):
         def saved(result: dict | None):
             if not result:
                 return
-            chat = self._ensure_chat("New chat")
             fields = {"system_prompt": result["system_prompt"], "settings": result["sampling"]}
             if "thinking" in result:
                 fields["thinking"] = result["thinking"]
@@ -794,9 +803,20 @@ class DeltatalkApp(App):
             except ValueError as e:
                 self.notify(f"Not saved: {e}", severity="error", title="Chat settings")
                 return
-            self.store.update_chat(chat.id, **fields)
-            self.chat = self.store.get_chat(chat.id)
-            self.notify("Chat settings saved.", title="Chat settings")
+
+            target = [self.chat.id] if self.chat else []   # the chat they were made for (or a new one)
+
+            def apply():   # may run later, when another program frees the history's lock
+                if not target:
+                    target.append(self._ensure_chat("New chat").id)
+                self.store.update_chat(target[0], **fields)
+
+            def applied():
+                if self.store and self.chat and self.chat.id == target[0]:
+                    self.chat = self.store.get_chat(target[0])
+                self.notify("Chat settings saved.", title="Chat settings")
+
+            self.save_to_history("the chat settings", apply, applied)
 
         self.push_screen(ChatSettings(system, values, thinking, supports), saved)
 
@@ -1156,9 +1176,10 @@ class DeltatalkApp(App):
             return
 
         def done(title: str | None):
-            if title and title.strip():
-                self.store.update_chat(self.chat.id, title=title.strip())
-                self.chat_renamed(self.chat.id)
+            if title and title.strip() and self.chat and self.store:
+                cid, store = self.chat.id, self.store
+                self.save_to_history("the new title", lambda: store.update_chat(cid, title=title.strip()),
+                                     lambda: self.chat_renamed(cid))
 
         self.push_screen(TextPrompt("Rename chat", self.chat.title), done)
 

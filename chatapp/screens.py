@@ -366,9 +366,13 @@ class ChatList(_Modal):
 
         def done(title: str | None):
             if title and title.strip():
-                self.store.update_chat(cid, title=title.strip())
-                getattr(self.app, "chat_renamed", lambda _cid: None)(cid)
-                self.reload(cid)
+                def renamed():
+                    getattr(self.app, "chat_renamed", lambda _cid: None)(cid)
+                    if self.app.screen is self:   # a rename kept for a locked history may land later
+                        self.reload(cid)
+
+                self.app.save_to_history("the new title", lambda: self.store.update_chat(cid, title=title.strip()),
+                                         renamed)
 
         self.app.push_screen(TextPrompt("Rename chat", chat.title if chat else ""), done)
 
