@@ -34,11 +34,14 @@ import threading
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from engine.generate import GenerationResponse
 from engine.sampling import SamplingSettings
 from engine.session import TurnStats
+
+if TYPE_CHECKING:
+    from engine.loader import LoadedModel
 
 # progress(stage, fraction): stage is a short label ("open", "validate", "compile", ...);
 # fraction in [0, 1], or None when the stage has no measurable progress.
@@ -50,7 +53,7 @@ BindTo = tuple[ChatKey, "Path | None"]   # (chat key, its saved state file or No
 DEFAULT_BANDWIDTH_BYTES_S = 15e9   # used until the engine measures the machine's bandwidth
 
 __all__ = ["BackendStats", "BindTo", "ChatBackend", "ChatKey", "LoadProgress", "ModelInfo",
-           "PrefillProgress", "TurnStats"]
+           "ModelFigures", "PrefillProgress", "TurnStats", "model_figures"]
 
 
 @dataclass
@@ -92,6 +95,18 @@ class BackendStats:
     cpu_features: list[str] = field(default_factory=list)
     kernel_family: str = ""
     remote: str = ""              # the endpoint URL when the model runs elsewhere (no local memory figures)
+
+
+class ModelFigures(Protocol):
+    """What chatapp reads from a loaded engine model; every architecture has these."""
+
+    n_ctx: int
+    weight_bytes: int
+
+
+def model_figures(loaded: LoadedModel) -> ModelFigures:
+    """`loaded.model` with the figures typed (the engine types LoadedModel.model as `object`)."""
+    return cast(ModelFigures, loaded.model)
 
 
 class ChatBackend(Protocol):

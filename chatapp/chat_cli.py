@@ -37,16 +37,17 @@ class _StopOnInterrupt:
 
     def __init__(self, cancel: threading.Event):
         self.cancel = cancel
-        self.previous: object = None
+        self.active = threading.current_thread() is threading.main_thread()   # signals reach only it
+        self.previous = signal.getsignal(signal.SIGINT)
 
     def __enter__(self) -> _StopOnInterrupt:
-        if threading.current_thread() is threading.main_thread():
+        if self.active:
             self.previous = signal.signal(signal.SIGINT, lambda signum, frame: self.cancel.set())
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)  # type: ignore[arg-type]  (what signal() returned)
+        if self.active:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def cmd_chat_plain(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from chatapp.paths import config_dir
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
-_FALLBACK_DEFAULTS = {
+_FALLBACK_DEFAULTS: dict[str, object] = {
     "theme": "textual-dark",
     "model_folders": [],
     "discover": {"huggingface": True, "lmstudio": True, "ollama": True},

@@ -19,6 +19,7 @@ import json
 import os
 import stat
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,7 +192,7 @@ def find_ollama(root: Path, deadline: float | None = None):
                 yield Candidate(blob, "ollama", label)
 
 
-def candidates(models_dir: Path, folders: list[Path] = (), *, home: Path | None = None,
+def candidates(models_dir: Path, folders: Sequence[Path] = (), *, home: Path | None = None,
                env=os.environ, huggingface=True, lmstudio=True, ollama=True,
                deadline: float | None = None) -> list[Candidate]:
     """Every GGUF file found, deduplicated by resolved path (first source wins).

@@ -17,7 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from chatapp.backend import BackendStats, BindTo, ChatKey, LoadProgress, ModelInfo, PrefillProgress
+from chatapp.backend import (BackendStats, BindTo, ChatKey, LoadProgress, ModelInfo, PrefillProgress,
+                             model_figures)
 from engine.generate import GenerationResponse
 from engine.kernel_thread import kernel_thread
 from engine.loader import LoadedModel
@@ -235,8 +236,7 @@ class EngineBackend:
             st.bandwidth_measured = True
         loaded, session = self._loaded, self._session
         if loaded is not None:
-            # every architecture sets weight_bytes; LoadedModel.model is typed `object` in the engine
-            st.model_bytes = int(loaded.model.weight_bytes)  # type: ignore[attr-defined]
+            st.model_bytes = model_figures(loaded).weight_bytes
         if session is not None:
             ss = session.stats()
             st.context_used, st.n_ctx = ss["context_used"], ss["n_ctx"]

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -302,7 +302,7 @@ def _row_without_header(c: Candidate, reason: str) -> ModelEntry:
     return ModelEntry(c.path, c.source, c.name, size=size, reason=reason)
 
 
-def scan(models_dir: Path, folders: list[Path] = (), *, seconds: float = SCAN_SECONDS,
+def scan(models_dir: Path, folders: Sequence[Path] = (), *, seconds: float = SCAN_SECONDS,
          cancel: threading.Event | None = None, **sources) -> Iterator[ModelEntry]:
     """candidates() + describe_all() within one time box."""
     deadline = time.monotonic() + seconds

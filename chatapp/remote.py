@@ -107,7 +107,7 @@ class OpenAIEndpoint:
 
     def _failure(self, e: Exception) -> RemoteError:
         """A transport error as a RemoteError (unreachable / TLS / timeout)."""
-        cause = e
+        cause: BaseException | None = e
         while cause is not None:
             if isinstance(cause, ssl.SSLError):
                 return RemoteError(f"TLS error talking to {self.url}: {cause.reason or cause}", "tls")
@@ -368,7 +368,7 @@ class RemoteBackend:
               enable_thinking: bool | None, cancel: threading.Event,
               prefill_progress: PrefillProgress | None = None,
               save_to: Path | None = None) -> Iterator[GenerationResponse]:
-        if self.endpoint is None or self.info is None:
+        if self.endpoint is None or self.info is None or self.choice.model is None:
             raise RuntimeError("no endpoint is connected")
         with self._work:
             body = self.endpoint.request_body(self.choice.model, messages, settings, max_tokens, enable_thinking)

@@ -94,7 +94,9 @@ class ChatStore(HistoryDB):
             cur = self.db.execute(
                 "INSERT INTO chats(title, created, updated, model, system_prompt, settings) VALUES(?,?,?,?,?,?)",
                 (title, now, now, model, system_prompt, json.dumps(settings or {})))
-        return self.get_chat(cur.lastrowid)
+        chat = self.get_chat(int(cur.lastrowid or 0))
+        assert chat is not None   # inserted in the transaction above
+        return chat
 
     def get_chat(self, chat_id: int) -> Chat | None:
         row = self.db.execute("SELECT c.*, (SELECT COUNT(*) FROM messages m WHERE m.chat_id=c.id) AS n "
@@ -143,7 +145,7 @@ class ChatStore(HistoryDB):
                 "INSERT INTO messages(chat_id, role, content, thinking, status, stats, created) "
                 "VALUES(?,?,?,?,?,?,?)", (chat_id, role, content, thinking, status, json.dumps(stats or {}), now))
             self.db.execute("UPDATE chats SET updated=? WHERE id=?", (now, chat_id))
-        return Message(cur.lastrowid, chat_id, role, content, thinking, status, stats or {})
+        return Message(int(cur.lastrowid or 0), chat_id, role, content, thinking, status, stats or {})
 
     def update_message(self, msg_id: int, *, content: str | None = None, thinking: str | None = None,
                        status: str | None = None, stats: dict | None = None):

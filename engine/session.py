@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.cache import cache_bytes
 import numpy as np
@@ -58,6 +59,9 @@ from engine.errors import ContextOverflowError, PromptError, StateMismatchError
 from engine.generate import PREFILL_CHUNK, GenerationResponse, stream_generate
 from engine.loader import LoadedModel
 from engine.sampling import SamplingSettings, from_settings
+
+if TYPE_CHECKING:
+    from engine.speculative import Speculator
 
 SENTINEL = "\u27e6deltatalk:previous-reply\u27e7"
 
@@ -150,8 +154,8 @@ class ChatSession:
         self.max_checkpoint_bytes = max_checkpoint_bytes
         self.last_turn = TurnStats()
         self.trimmable = all(c.kind == "kv" for c in self.cache)
-        # engine.speculative.Speculator or None: replies decoded speculatively (same tokens)
-        self.speculator = None
+        # replies decoded speculatively (same tokens) when set
+        self.speculator: Speculator | None = None
 
     # -- facts -------------------------------------------------------------------------
     @property
