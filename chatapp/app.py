@@ -1273,9 +1273,14 @@ class DeltatalkApp(App):
 
 
 def run_tui(model: Path | None = None, threads: int | None = None, ctx: int | None = None,
-            system: str | None = None, endpoint=None) -> int:
+            system: str | None = None, endpoint=None, sampling: dict | None = None,
+            max_tokens: int | None = None) -> int:
     """Run the app. Command-line values override the config for this run only (not saved)."""
     config = Config.load()
+    if sampling:   # the sampling flags given (--temp, ...), over the config's values
+        config.overrides["sampling"] = {**(config.data.get("sampling") or {}), **sampling}
+    if max_tokens:
+        config.overrides["max_tokens"] = max_tokens
     if threads:
         config.overrides["threads"] = threads
     if ctx:

@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 
-from chatapp.cli_common import open_model, sampling_from_args
+from chatapp.cli_common import given_sampling, max_tokens_from_args, open_model, sampling_from_args
 from engine.errors import DeltatalkError
 
 
@@ -26,8 +26,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if not args.plain:
         from chatapp.app import run_tui
 
-        return run_tui(model=args.model, threads=args.threads,
-                       ctx=args.ctx, system=args.system)
+        return run_tui(model=args.model, threads=args.threads, ctx=args.ctx, system=args.system,
+                       sampling=given_sampling(args), max_tokens=args.max_tokens)
     return cmd_chat_plain(args)
 
 
@@ -79,7 +79,7 @@ def cmd_chat_plain(args: argparse.Namespace) -> int:
         reply, last = [], None
         try:
             with _StopOnInterrupt(cancel):
-                for r in session.reply(messages, settings, max_tokens=args.max_tokens, cancel=cancel):
+                for r in session.reply(messages, settings, max_tokens=max_tokens_from_args(args), cancel=cancel):
                     reply.append(r.text)
                     sys.stdout.write(r.text)
                     sys.stdout.flush()

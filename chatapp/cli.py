@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="chat in the terminal (the default command)")
     add_common_args(chat)
     add_model_args(chat)
-    add_sampling_args(chat)
+    add_sampling_args(chat, config_decides=True)   # the app: flags not given leave the config's values
     chat.add_argument("--system", type=A.text, default=None, help="system prompt")
     chat.add_argument("--plain", action="store_true", help="a line-based chat instead of the full-screen app")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from chatapp import arg_types as A
 from chatapp.generation_defaults import GENERATION_DEFAULTS
 from engine.errors import DeltatalkError
+from engine.sampling import SamplingSettings
 
 
 def add_common_args(p: argparse.ArgumentParser):
@@ -31,17 +32,26 @@ def add_model_args(p: argparse.ArgumentParser):
                    help="context size in tokens, 16 up to the model's training context (default: min(model, 8192))")
 
 
-def add_sampling_args(p: argparse.ArgumentParser):
-    d, max_tokens = GENERATION_DEFAULTS.sampling, GENERATION_DEFAULTS.max_tokens
-    p.add_argument("--temp", type=A.float_in(0.0, math.inf), default=d.temperature, help="temperature >= 0; 0 = greedy")
-    p.add_argument("--top-k", type=A.int_in(0), default=d.top_k, help="keep the k likeliest tokens (>= 0; 0 = off)")
-    p.add_argument("--top-p", type=A.float_in(0.0, 1.0, low_open=True), default=d.top_p, help="nucleus, in (0, 1]")
-    p.add_argument("--min-p", type=A.float_in(0.0, 1.0, high_open=True), default=d.min_p, help="in [0, 1)")
-    p.add_argument("--repeat-penalty", type=A.float_in(0.0, math.inf, low_open=True), default=d.repeat_penalty,
+# flag (argparse dest) -> engine.sampling.SamplingSettings field
+SAMPLING_FLAGS = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                  "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n", "seed": "seed"}
+
+
+def add_sampling_args(p: argparse.ArgumentParser, *, config_decides: bool = False):
+    """The sampling flags, defaulting to chatapp.generation_defaults; with `config_decides` (the app)
+    a flag not given stays None, so the config file's value is used (see given_sampling)."""
+    values = GENERATION_DEFAULTS.sampling.to_dict()
+    d = {flag: None if config_decides else values[field] for flag, field in SAMPLING_FLAGS.items()}
+    max_tokens = GENERATION_DEFAULTS.max_tokens
+    p.add_argument("--temp", type=A.float_in(0.0, math.inf), default=d["temp"], help="temperature >= 0; 0 = greedy")
+    p.add_argument("--top-k", type=A.int_in(0), default=d["top_k"], help="keep the k likeliest tokens (>= 0; 0 = off)")
+    p.add_argument("--top-p", type=A.float_in(0.0, 1.0, low_open=True), default=d["top_p"], help="nucleus, in (0, 1]")
+    p.add_argument("--min-p", type=A.float_in(0.0, 1.0, high_open=True), default=d["min_p"], help="in [0, 1)")
+    p.add_argument("--repeat-penalty", type=A.float_in(0.0, math.inf, low_open=True), default=d["repeat_penalty"],
                    help="> 0; 1 = off")
-    p.add_argument("--repeat-last-n", type=A.int_in(0), default=d.repeat_last_n, help=">= 0 tokens")
-    p.add_argument("--seed", type=A.int_in(0, (1 << 63) - 1), default=d.seed, help="0 .. 2^63-1")
-    p.add_argument("--max-tokens", type=A.int_in(1, A.MAX_TOKENS_LIMIT), default=max_tokens,
+    p.add_argument("--repeat-last-n", type=A.int_in(0), default=d["repeat_last_n"], help=">= 0 tokens")
+    p.add_argument("--seed", type=A.int_in(0, (1 << 63) - 1), default=d["seed"], help="0 .. 2^63-1")
+    p.add_argument("--max-tokens", type=A.int_in(1, A.MAX_TOKENS_LIMIT), default=None if config_decides else max_tokens,
                    help=f"at most this many tokens in a reply (>= 1; default {max_tokens})")
 
 
@@ -92,13 +102,19 @@ def open_model(args, quiet: bool = False):
     return loaded, time.perf_counter() - t
 
 
-def sampling_from_args(args: argparse.Namespace):
-    """The validated SamplingSettings of the sampling flags."""
-    from engine.sampling import SamplingSettings
+def given_sampling(args: argparse.Namespace) -> dict[str, object]:
+    """The sampling flags given on the command line, as SamplingSettings fields."""
+    given = vars(args)
+    return {field: given[flag] for flag, field in SAMPLING_FLAGS.items() if given.get(flag) is not None}
 
-    return SamplingSettings(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                            repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
-                            seed=args.seed).validate()
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingSettings:
+    """The validated SamplingSettings of the sampling flags (the defaults for those not given)."""
+    return SamplingSettings(**{**GENERATION_DEFAULTS.sampling.to_dict(), **given_sampling(args)}).validate()
+
+
+def max_tokens_from_args(args: argparse.Namespace) -> int:
+    return args.max_tokens or GENERATION_DEFAULTS.max_tokens
 
 
 def chat_messages(system: str | None, user: str) -> list[dict]:

@@ -92,6 +92,7 @@ def cmd_run_remote(args) -> int:
 def cmd_chat_remote(args) -> int:
     """`deltatalk --endpoint URL [-m NAME] [--api-key-env VAR]`: the TUI on a remote model."""
     from chatapp.app import run_tui
+    from chatapp.cli_common import given_sampling
     from chatapp.remote import RemoteChoice, RemoteError, api_key_from_env, normalize_url
 
     if args.plain:
@@ -103,5 +104,5 @@ def cmd_chat_remote(args) -> int:
     except RemoteError as e:
         print(f"deltatalk: {e}", file=sys.stderr)
         return 2
-    return run_tui(threads=args.threads, ctx=args.ctx, system=args.system,
-                   endpoint=RemoteChoice(url, args.model, args.api_key_env))
+    return run_tui(threads=args.threads, ctx=args.ctx, system=args.system, sampling=given_sampling(args),
+                   max_tokens=args.max_tokens, endpoint=RemoteChoice(url, args.model, args.api_key_env))
