@@ -17,13 +17,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from chatapp.backend import (BackendStats, BindTo, ChatKey, LoadProgress, ModelInfo, PrefillProgress,
+from typing import TYPE_CHECKING
+
+from chatapp.backend import (BackendStats, BindTo, ChatKey, LoadProgress, ModelInfo, PrefillProgress, TurnStats,
                              model_figures)
 from engine.generate import GenerationResponse
 from engine.kernel_thread import kernel_thread
-from engine.loader import LoadedModel
 from engine.sampling import SamplingSettings
-from engine.session import ChatSession, TurnStats
+
+if TYPE_CHECKING:   # imported when a model is loaded: the app starts without the engine's model code
+    from engine.loader import LoadedModel
+    from engine.session import ChatSession
 
 # Reply tokens cross from the kernel thread to the app in batches at most this far apart: a
 # wake-up of the receiving thread per token steals a core from the compute threads (2 cores).
@@ -62,6 +66,7 @@ class EngineBackend:
              bind: BindTo | None = None) -> ModelInfo:
         """Load and warm up a model; `bind=(key, state_path)` restores that chat into the new session."""
         from engine.loader import load_model
+        from engine.session import ChatSession
         from engine.speculative import make_speculator
 
         say = progress or (lambda stage, frac: None)
