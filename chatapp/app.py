@@ -501,7 +501,8 @@ class DeltatalkApp(App):
 
     def use_endpoint(self, choice):
         """Chat with a model on an OpenAI-compatible server (the local model stays loaded)."""
-        from chatapp.remote import RemoteBackend, RemoteError
+        from chatapp.remote import RemoteError
+        from chatapp.remote_backend import RemoteBackend
 
         try:
             self.backend = RemoteBackend(choice.url, choice.model, choice.api_key_env)
@@ -512,7 +513,7 @@ class DeltatalkApp(App):
         self.load_model(Path(choice.model or self.backend.url))
 
     def _remember_endpoint(self):
-        from chatapp.remote import RemoteBackend
+        from chatapp.remote_backend import RemoteBackend
 
         if isinstance(self.backend, RemoteBackend):
             c = self.backend.choice

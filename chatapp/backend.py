@@ -7,7 +7,7 @@ Its implementations:
 - `chatapp.engine_backend.EngineBackend` wraps `engine.loader.load_model`,
   `engine.session.ChatSession` and `engine.warmup.warm_up`; its figures come from
   `ChatSession.stats()` / `last_turn`.
-- `chatapp.remote.RemoteBackend` talks to an OpenAI-compatible server (deltatalk serve,
+- `chatapp.remote_backend.RemoteBackend` talks to an OpenAI-compatible server (deltatalk serve,
   vLLM, llama.cpp's server, Ollama); its figures are measured at the client.
 - `tests.fakes.FakeBackend` is scripted and deterministic with frozen timings; the TUI
   tests use it, so they never load a real model or compile numba.
@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 from engine.generate import GenerationResponse
 from engine.sampling import SamplingSettings
-from engine.session import TurnStats
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:   # engine.session loads the model code (~0.4 s): the app imports it when a model is used
     from engine.loader import LoadedModel
+    from engine.session import TurnStats
 
 # progress(stage, fraction): stage is a short label ("open", "validate", "compile", ...);
 # fraction in [0, 1], or None when the stage has no measurable progress.
@@ -53,7 +53,7 @@ BindTo = tuple[ChatKey, "Path | None"]   # (chat key, its saved state file or No
 DEFAULT_BANDWIDTH_BYTES_S = 15e9   # used until the engine measures the machine's bandwidth
 
 __all__ = ["BackendStats", "BindTo", "ChatBackend", "ChatKey", "LoadProgress", "ModelInfo",
-           "ModelFigures", "PrefillProgress", "TurnStats", "model_figures"]
+           "ModelFigures", "PrefillProgress", "model_figures"]
 
 
 @dataclass

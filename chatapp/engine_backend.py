@@ -19,7 +19,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from chatapp.backend import (BackendStats, BindTo, ChatKey, LoadProgress, ModelInfo, PrefillProgress, TurnStats,
+from chatapp.backend import (BackendStats, BindTo, ChatKey, LoadProgress, ModelInfo, PrefillProgress,
                              model_figures)
 from engine.generate import GenerationResponse
 from engine.kernel_thread import kernel_thread
@@ -27,7 +27,7 @@ from engine.sampling import SamplingSettings
 
 if TYPE_CHECKING:   # imported when a model is loaded: the app starts without the engine's model code
     from engine.loader import LoadedModel
-    from engine.session import ChatSession
+    from engine.session import ChatSession, TurnStats
 
 # Reply tokens cross from the kernel thread to the app in batches at most this far apart: a
 # wake-up of the receiving thread per token steals a core from the compute threads (2 cores).
@@ -202,7 +202,11 @@ class EngineBackend:
 
     def last_turn(self) -> TurnStats:
         s = self._session
-        return TurnStats() if s is None else replace(s.last_turn)   # a copy: the next reply changes it
+        if s is None:
+            from engine.session import TurnStats
+
+            return TurnStats()
+        return replace(s.last_turn)   # a copy: the next reply changes it
 
     def session_stats(self) -> dict[str, int]:
         """ChatSession.stats(): context used / size, cache bytes (cheap; called per text batch)."""

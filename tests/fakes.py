@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from chatapp.backend import BackendStats, BindTo, ChatKey, LoadProgress, ModelInfo, TurnStats
+from chatapp.backend import BackendStats, BindTo, ChatKey, LoadProgress, ModelInfo
 from engine.generate import GenerationResponse
-from engine.session import fit_messages, reply_reserve
+from engine.session import TurnStats, fit_messages, reply_reserve
 
 log = logging.getLogger("deltatalk")
 

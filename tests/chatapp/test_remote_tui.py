@@ -39,7 +39,7 @@ def _config(max_tokens: int, endpoints: list[dict], repeat_penalty: float = 1.0)
 
 async def test_picker_lists_endpoints_and_switches_to_one(home, server):
     from tests.fakes import FakeBackend
-    from chatapp.remote import RemoteBackend
+    from chatapp.remote_backend import RemoteBackend
     from chatapp.screens import ModelPicker
 
     local = FakeBackend(["local reply"])
