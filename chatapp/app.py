@@ -600,7 +600,7 @@ class DeltatalkApp(App):
     # -- the engine session follows the open chat -------------------------------------------
     def bind_session(self, chat_id: int | None):
         """Give the engine session to this chat: its saved state, or a reset (in a worker)."""
-        if self.backend.info is None or not hasattr(self.backend, "bind"):
+        if self.backend.info is None:
             return
         self._bind_worker(chat_id)
 
@@ -614,9 +614,8 @@ class DeltatalkApp(App):
         self.post_message(SessionBound(chat_id, outcome, self._session_stats()))
 
     def _session_stats(self) -> dict:
-        fn = getattr(self.backend, "session_stats", None)
         try:
-            return fn() if fn else {}
+            return self.backend.session_stats()
         except Exception:  # noqa: BLE001
             return {}
 
@@ -931,7 +930,7 @@ class DeltatalkApp(App):
         backend = self.backend
         post = self.post_message
         save_to = None
-        if chat_id is not None and hasattr(backend, "bind"):
+        if chat_id is not None:
             save_to = state_path(chat_id)
             try:
                 backend.bind(chat_id, save_to)
@@ -972,19 +971,18 @@ class DeltatalkApp(App):
     @staticmethod
     def _figures(backend, r) -> dict:
         turn = backend.last_turn()
-        fn = getattr(backend, "session_stats", None)
-        ss = fn() if fn else {}
+        ss = backend.session_stats()
         if r is None:
             used = ss.get("context_used", turn.prompt_tokens)
             return {"prompt_tokens": turn.prompt_tokens, "reused_tokens": turn.reused_tokens,
                     "prefilled_tokens": turn.prefilled_tokens, "decode_tps": 0.0, "ttft_s": 0.0,
                     "prompt_tps": 0.0, "generated": 0, "context_used": used,
-                    "dropped_messages": getattr(turn, "dropped_messages", 0)}
+                    "dropped_messages": turn.dropped_messages}
         return {"prompt_tokens": turn.prompt_tokens, "reused_tokens": turn.reused_tokens,
                 "prefilled_tokens": turn.prefilled_tokens, "decode_tps": r.decode_tps, "ttft_s": r.ttft_s,
                 "prompt_tps": r.prompt_tps, "generated": r.generation_tokens,
                 "context_used": ss.get("context_used", turn.prompt_tokens + r.generation_tokens),
-                "dropped_messages": getattr(turn, "dropped_messages", 0),
+                "dropped_messages": turn.dropped_messages,
                 "speculation": r.speculation}
 
     def on_prefill_progress(self, m: PrefillProgress):
@@ -1220,9 +1218,7 @@ class DeltatalkApp(App):
     def _speed_worker(self):
         """Stats in a thread: the first call measures memory bandwidth (a fraction of a second)."""
         try:
-            measure = getattr(self.backend, "measure_bandwidth", None)
-            if measure is not None:
-                measure()
+            self.backend.measure_bandwidth()
             stats = self.backend.stats()
         except Exception as e:  # noqa: BLE001
             log_exception(e, "backend stats")
