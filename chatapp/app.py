@@ -47,6 +47,7 @@ from chatapp.model_loader import LoadBar
 from chatapp.paths import data_dir
 from chatapp.prompt_input import ChatInput, teach_alt_enter
 from chatapp.screens import HelpScreen
+from chatapp.history_writes import HistoryWriter
 from chatapp.store import ChatStore, HistoryBusyError, wait_until_writable
 from chatapp.transcript import Transcript
 from chatapp.widgets import Gauge, SpeedOverlay, TurnRecord
@@ -155,6 +156,8 @@ class DeltatalkApp(ChatsApp):
         try:
             self.store = ChatStore(data_dir() / "chats.sqlite3")
             self.chat_view.store = self.store
+            self.history_writer = HistoryWriter(self.store, notify=self._history_notice,
+                                                call_on_ui=self.call_from_thread, quitting=self._quitting)
             notice = self.store.notice
         except HistoryBusyError:
             notice = "The chat history is locked by another program: waiting for it (Enter keeps your text)."
@@ -176,6 +179,10 @@ class DeltatalkApp(ChatsApp):
                 await self._open_last_chat()
         if notice:
             await self.chat_view.transcript.add_notice(notice)
+
+    def _history_notice(self, text: str):
+        log.warning("%s", text)
+        self.notify(text, severity="warning", title="Chat history", timeout=20)
 
     def on_chat_view_history_locked(self, m: ChatView.HistoryLocked):
         log.warning("%s", m.text)
@@ -311,12 +318,15 @@ class DeltatalkApp(ChatsApp):
 
 
 def run_tui(model: Path | None = None, threads: int | None = None, ctx: int | None = None,
-            system: str | None = None, endpoint=None, sampling: dict | None = None) -> int:
+            system: str | None = None, endpoint=None, sampling: dict | None = None,
+            max_tokens: int | None = None) -> int:
     """Run the app. Command-line values override the config for this run only (not saved).
 
     `sampling`: the sampling flags given on the command line (SamplingSettings field names, and
     max_tokens); each one overrides the config's, and a chat's own settings override it
-    (see chatapp.screens.chat_settings)."""
+    (see chatapp.screens.chat_settings). `max_tokens`: --max-tokens when given."""
+    if max_tokens is not None:
+        sampling = {**(sampling or {}), "max_tokens": max_tokens}
     config = tui_config(threads=threads, ctx=ctx, system=system, sampling=sampling)
     app = DeltatalkApp(model_path=model, config=config, endpoint=endpoint)
     app.run()

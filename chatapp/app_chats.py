@@ -8,6 +8,7 @@ here are the commands about which chat that is and what is stored for it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from chatapp.app_models import ModelsApp
@@ -56,14 +57,20 @@ class ChatsApp(ModelsApp):
         self._update_title()
         self.chat_view.chat_input.focus()
 
+    def save_to_history(self, what: str, apply: Callable[[], object], then: Callable[[], None] | None = None):
+        """A rename, a deletion, new settings: saved now, or kept until another program frees the lock."""
+        if self.history_writer is not None:
+            self.history_writer.write(what, apply, then)
+
     def delete_chat(self, chat_id: int):
         if not self.store:
             return
         if self.chat and self.chat.id == chat_id and self.generating:
             self.notify("Stop the reply first (Esc).", severity="warning")
             return
-        self.store.delete_chat(chat_id)
-        self._chat_deleted(chat_id)
+        store = self.store
+        self.save_to_history("the deletion of the chat", lambda: store.delete_chat(chat_id),
+                             lambda: self._chat_deleted(chat_id))
 
     def on_chat_list_deleted(self, m: ChatList.Deleted):
         self._chat_deleted(m.chat_id)
@@ -106,7 +113,8 @@ class ChatsApp(ModelsApp):
                 await self.action_new_chat()
 
         current = self.chat.id if self.chat else None
-        self.push_screen(ChatList(self.store, current, busy_id=current if self.generating else None), chosen)
+        self.push_screen(ChatList(self.store, current, busy_id=current if self.generating else None,
+                                  writer=self.history_writer), chosen)
 
     def action_rename_chat(self):
         chat, store = self.chat, self.store
@@ -116,8 +124,8 @@ class ChatsApp(ModelsApp):
 
         def done(title: str | None):
             if title and title.strip():
-                store.update_chat(chat.id, title=title.strip())
-                self._chat_renamed(chat.id)
+                self.save_to_history("the new title", lambda: store.update_chat(chat.id, title=title.strip()),
+                                     lambda: self._chat_renamed(chat.id))
 
         self.push_screen(TextPrompt("Rename chat", chat.title), done)
 
@@ -171,13 +179,23 @@ class ChatsApp(ModelsApp):
             except ValueError as e:
                 self.notify(f"Not saved: {e}", severity="error", title="Chat settings")
                 return
-            chat = self.chat_view.ensure_chat("New chat")
             fields = {"system_prompt": result["system_prompt"], "settings": result["sampling"]}
             if "thinking" in result:
                 fields["thinking"] = result["thinking"]
-            self.store.update_chat(chat.id, **fields)
-            self.chat_view.chat = self.store.get_chat(chat.id)
-            self.notify("Chat settings saved.", title="Chat settings")
+            target = [self.chat.id] if self.chat else []   # the chat they were made for (or a new one)
+
+            def apply():   # may run later, when another program frees the history's lock
+                if not target:
+                    target.append(self.chat_view.ensure_chat("New chat").id)
+                if self.store:
+                    self.store.update_chat(target[0], **fields)
+
+            def applied():
+                if self.store and self.chat and self.chat.id == target[0]:
+                    self.chat_view.chat = self.store.get_chat(target[0])
+                self.notify("Chat settings saved.", title="Chat settings")
+
+            self.save_to_history("the chat settings", apply, applied)
 
         self.push_screen(ChatSettings(system, values, thinking, supports), saved)
 

@@ -17,9 +17,11 @@ from textual.app import App
 from textual.message import Message
 
 from chatapp.backend import ChatBackend
+from chatapp.history_writes import HistoryWriter
 from chatapp.chat_view import ChatView, notify_error
 from chatapp.config import Config
-from chatapp.discovery import SCAN_SECONDS, candidates
+from chatapp.discovery import candidates
+from chatapp.model_headers import SCAN_SECONDS
 from chatapp.errors import describe_error, log_exception
 from chatapp.model_loader import LoadBar
 from chatapp.model_switch import ModelSwitchDialog, estimate_switch
@@ -53,6 +55,7 @@ class ModelsApp(App):
         self._find_models = find_models
         self.offer_fetch = offer_fetch
         self.store: ChatStore | None = None
+        self.history_writer: HistoryWriter | None = None   # writes kept while another program locks the history
         self._quitting = threading.Event()   # stops background scans when the app ends
         # made in compose; kept here because App.query sees only the active screen (not under a dialog)
         self._chat_view: ChatView | None = None
@@ -112,7 +115,7 @@ class ModelsApp(App):
                           deadline=time.monotonic() + SCAN_SECONDS)
 
     def _new_local_backend(self) -> ChatBackend:
-        from chatapp.backend import EngineBackend
+        from chatapp.engine_backend import EngineBackend
 
         return EngineBackend(threads=self.config.get("threads"), n_ctx=self.config.get("context"),
                              bandwidth_bytes_s=self.config.bandwidth_bytes_s,
@@ -219,7 +222,8 @@ class ModelsApp(App):
 
     def use_endpoint(self, choice: RemoteChoice):
         """Chat with a model on an OpenAI-compatible server (the local model stays loaded)."""
-        from chatapp.remote import RemoteBackend, RemoteError
+        from chatapp.remote import RemoteError
+        from chatapp.remote_backend import RemoteBackend
 
         try:
             remote = RemoteBackend(choice.url, choice.model, choice.api_key_env)
@@ -230,7 +234,7 @@ class ModelsApp(App):
         self.load_model(Path(choice.model or remote.url))
 
     def _remember_endpoint(self):
-        from chatapp.remote import RemoteBackend
+        from chatapp.remote_backend import RemoteBackend
 
         if isinstance(self.backend, RemoteBackend):
             c = self.backend.choice

@@ -11,12 +11,13 @@ import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 MAX_TOKENS_LIMIT = 1 << 20  # no context holds more; a typo like 10**12 is refused, not clamped
 MAX_THREADS = 1024
 
 
-def _fail(msg: str):
+def _fail(msg: str) -> NoReturn:
     raise argparse.ArgumentTypeError(msg)
 
 

@@ -1,7 +1,7 @@
 """The user's config file: config.json in the platformdirs config dir.
 
 Holds the theme (persisted when the user changes it), the keymap (binding id -> keys),
-extra model folders, default sampling settings, the memory bandwidth figure used
+extra model folders, sampling settings (defaults: chatapp.generation_defaults), the memory bandwidth figure used
 by the speed overlay, and remote endpoints (OpenAI-compatible servers: URL, the name of
 the environment variable holding the API key, never the key itself, and the last model). Unknown keys are kept; a broken file falls back to the defaults
 (and the app says so) rather than refusing to start.
@@ -15,21 +15,19 @@ import os
 import tempfile
 from pathlib import Path
 
+from chatapp.generation_defaults import GENERATION_DEFAULTS
 from chatapp.paths import config_dir
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
-_FALLBACK_DEFAULTS = {
+_FALLBACK_DEFAULTS: dict[str, object] = {
     "theme": "textual-dark",
     "model_folders": [],
     "discover": {"huggingface": True, "lmstudio": True, "ollama": True},
-    "max_tokens": 1024,
     "threads": None,
     "context": None,
     "speculate": "off",          # speculative decoding in the app: off | lookup (same tokens, faster)
     "memory_bandwidth_gbs": None,
-    "sampling": {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05,
-                 "repeat_penalty": 1.0, "repeat_last_n": 64, "seed": None},
     "system_prompt": "",
     "keymap": {},
     "endpoints": [],
@@ -37,10 +35,14 @@ _FALLBACK_DEFAULTS = {
 
 
 def defaults() -> dict:
+    """assets/default_config.json (or its copy here), with the reply defaults of chatapp.generation_defaults."""
     try:
-        return json.loads((ASSETS / "default_config.json").read_text(encoding="utf-8"))
+        base = json.loads((ASSETS / "default_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return copy.deepcopy(_FALLBACK_DEFAULTS)
+        base = copy.deepcopy(_FALLBACK_DEFAULTS)
+    base["max_tokens"] = GENERATION_DEFAULTS.max_tokens
+    base["sampling"] = GENERATION_DEFAULTS.sampling.to_dict()
+    return base
 
 
 def config_path() -> Path:

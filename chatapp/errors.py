@@ -7,6 +7,7 @@ import logging.handlers
 from pathlib import Path
 
 from chatapp.paths import log_dir
+from engine.errors import ContextOverflowError, ModelFileError, TemplateError, UnsupportedQuantError
 
 log = logging.getLogger("deltatalk")
 _configured: Path | None = None
@@ -41,26 +42,20 @@ def one_line(text: str, limit: int = 160) -> str:
 
 def describe_error(exc: BaseException, doing: str = "") -> str:
     """The one-line cause shown in a notification."""
-    try:
-        from engine.errors import ContextOverflowError, ModelFileError, TemplateError, UnsupportedQuantError
-    except ImportError:  # pragma: no cover
-        ContextOverflowError = ModelFileError = TemplateError = UnsupportedQuantError = ()  # type: ignore
     prefix = f"{doing}: " if doing else ""
     if isinstance(exc, MemoryError):
         return one_line(f"{prefix}out of memory — try a smaller model or a shorter context")
-    if ModelFileError and isinstance(exc, ModelFileError):
-        problem = getattr(exc, "problem", str(exc))
-        supported = getattr(exc, "supported", None)
-        name = Path(getattr(exc, "path", "") or "").name
-        msg = f"{name}: {problem}" if name else problem
-        if supported:
-            msg += f" (supported: {supported})"
+    if isinstance(exc, ModelFileError):
+        name = Path(exc.path).name if exc.path else ""
+        msg = f"{name}: {exc.problem}" if name else exc.problem
+        if exc.supported:
+            msg += f" (supported: {exc.supported})"
         return one_line(prefix + msg)
-    if TemplateError and isinstance(exc, TemplateError):
+    if isinstance(exc, TemplateError):
         return one_line(f"{prefix}chat template error: {exc}")
-    if ContextOverflowError and isinstance(exc, ContextOverflowError):
+    if isinstance(exc, ContextOverflowError):
         return one_line(f"{prefix}the chat is longer than the context: {exc} — start a new chat")
-    if UnsupportedQuantError and isinstance(exc, UnsupportedQuantError):
+    if isinstance(exc, UnsupportedQuantError):
         return one_line(f"{prefix}{exc}")
     text = str(exc) or type(exc).__name__
     return one_line(f"{prefix}{type(exc).__name__}: {text}")

@@ -25,7 +25,8 @@ from textual.message import Message
 from textual.widgets import Label, ProgressBar
 
 from chatapp.backend import ChatBackend, ModelInfo
-from chatapp.discovery import SCAN_SECONDS, ModelEntry, describe_all
+from chatapp.discovery import ModelEntry
+from chatapp.model_headers import SCAN_SECONDS, describe_all
 from chatapp.errors import log_exception
 
 LOAD_STAGES = {"open": "Opening", "validate": "Validated", "compile": "Preparing kernels (compiled on the first run)",

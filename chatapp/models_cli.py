@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 
-from chatapp.discovery import human_bytes, scan
+from chatapp.discovery import human_bytes
+from chatapp.model_headers import scan
 
 
 def cmd_models(args) -> int:

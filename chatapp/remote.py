@@ -11,9 +11,9 @@ since it. Token counts come from the server's `usage` when it reports it (we ask
 with stream_options.include_usage), else each text chunk counts as one token and the
 figures are marked estimated.
 
-`RemoteBackend` is the TUI's ChatBackend for an endpoint: the server holds the model and
-its caches, so binding a chat keeps nothing here, and memory/bandwidth figures say
-"remote".
+`chatapp.remote_backend.RemoteBackend` is the TUI's ChatBackend for an endpoint: the server
+holds the model and its caches, so binding a chat keeps nothing here, and memory/bandwidth
+figures say "remote".
 """
 
 from __future__ import annotations
@@ -24,9 +24,8 @@ import queue
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -34,8 +33,6 @@ import httpx
 from engine.errors import DeltatalkError
 from engine.generate import GenerationResponse
 from engine.sampling import SamplingSettings
-
-from chatapp.backend import BackendStats, ModelInfo, TurnInfo
 
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 600.0      # a long prompt on a slow server may prefill for minutes
@@ -107,7 +104,7 @@ class OpenAIEndpoint:
 
     def _failure(self, e: Exception) -> RemoteError:
         """A transport error as a RemoteError (unreachable / TLS / timeout)."""
-        cause = e
+        cause: BaseException | None = e
         while cause is not None:
             if isinstance(cause, ssl.SSLError):
                 return RemoteError(f"TLS error talking to {self.url}: {cause.reason or cause}", "tls")
@@ -320,76 +317,3 @@ class RemoteChoice:
     url: str
     model: str | None = None
     api_key_env: str | None = None
-
-
-class RemoteBackend:
-    """ChatBackend over an OpenAI-compatible endpoint."""
-
-    def __init__(self, url: str, model: str | None = None, api_key_env: str | None = None):
-        self.choice = RemoteChoice(normalize_url(url), model, api_key_env)
-        self.endpoint: OpenAIEndpoint | None = None
-        self.info: ModelInfo | None = None
-        self._turn = TurnInfo()
-        self._last = ReplyFigures()
-        self._work = threading.Lock()
-        self.on_notice: Callable[[str], None] | None = None   # set by the app (ChatBackend)
-
-    @property
-    def url(self) -> str:
-        return self.choice.url
-
-    def load(self, path=None, progress=None, bind=None) -> ModelInfo:
-        """Connect: list the server's models and pick ours (the first when none was named)."""
-        say = progress or (lambda stage, frac: None)
-        say("connect", None)
-        t0 = time.perf_counter()
-        endpoint = OpenAIEndpoint(self.url, api_key_from_env(self.choice.api_key_env))
-        models = endpoint.models()
-        if not models:
-            raise RemoteError(f"{self.url} lists no models")
-        ids = [m["id"] for m in models]
-        model = self.choice.model or ids[0]
-        if model not in ids:
-            raise RemoteError(f"{self.url} has no model '{model}' (it has: {', '.join(ids[:8])})", "model", 404)
-        ctx = next((m["context_length"] for m in models if m["id"] == model), None) or 0
-        self.choice.model = model
-        self.endpoint = endpoint
-        host = urlsplit(self.url).netloc
-        self.info = ModelInfo(path=Path(model), name=f"{model} @ {host}", arch="remote", n_ctx=ctx, file_size=0,
-                              load_seconds=time.perf_counter() - t0, endpoint=self.url)
-        say("ready", 1.0)
-        return self.info
-
-    def bind(self, key, state_path) -> str:
-        return "kept"   # the server keeps (or not) its own caches; nothing is saved here
-
-    def reply(self, messages, settings, *, max_tokens, enable_thinking, cancel, prefill_progress=None,
-              save_to=None) -> Iterator[GenerationResponse]:
-        if self.endpoint is None or self.info is None:
-            raise RuntimeError("no endpoint is connected")
-        with self._work:
-            body = self.endpoint.request_body(self.choice.model, messages, settings, max_tokens, enable_thinking)
-            self._last = f = ReplyFigures()
-            self._turn = TurnInfo(mode="remote")
-            for r in stream_reply(self.endpoint, body, cancel, f):
-                if r.finish_reason is not None:
-                    p = f.prompt_tokens or 0
-                    cached = f.cached_tokens or 0
-                    self._turn = TurnInfo(p, cached, p - cached, mode="remote")
-                yield r
-
-    def last_turn(self) -> TurnInfo:
-        return self._turn
-
-    def session_stats(self) -> dict:
-        used = (self._last.prompt_tokens or 0) + self._last.completion_tokens
-        return {"context_used": used, "n_ctx": self.info.n_ctx if self.info else 0}
-
-    def measure_bandwidth(self):
-        return None
-
-    def stats(self) -> BackendStats:
-        st = BackendStats(remote=self.url, threading_layer="remote", threads=0)
-        ss = self.session_stats()
-        st.context_used, st.n_ctx = ss["context_used"], ss["n_ctx"]
-        return st

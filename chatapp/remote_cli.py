@@ -23,14 +23,14 @@ def cmd_run_remote(args) -> int:
     """`deltatalk run --endpoint URL`: one reply from a remote server, with the local run's --json fields."""
     from engine import runtime
 
-    from chatapp.cli import _messages, _sampling
+    from chatapp.cli_common import chat_messages, sampling_from_args
     from chatapp.remote import OpenAIEndpoint, ReplyFigures, RemoteError, api_key_from_env, stream_reply
 
     used = [f"--{n.replace('_', '-')}" for n in REMOTE_ONLY_LOCAL if getattr(args, n, None)]
     if used:
         print(f"deltatalk: {', '.join(used)} need a local model; not available with --endpoint", file=sys.stderr)
         return 2
-    settings = _sampling(args)
+    settings = sampling_from_args(args)
     try:
         endpoint = OpenAIEndpoint(args.endpoint, api_key_from_env(args.api_key_env))
         model = args.model
@@ -39,7 +39,7 @@ def cmd_run_remote(args) -> int:
             if not models:
                 raise RemoteError(f"{endpoint.url} lists no models")
             model = models[0]["id"]
-        body = endpoint.request_body(model, _messages(args.system, args.prompt), settings, args.max_tokens)
+        body = endpoint.request_body(model, chat_messages(args.system, args.prompt), settings, args.max_tokens)
         f = ReplyFigures()
         cancel = threading.Event()
         try:
@@ -92,6 +92,7 @@ def cmd_run_remote(args) -> int:
 def cmd_chat_remote(args) -> int:
     """`deltatalk --endpoint URL [-m NAME] [--api-key-env VAR]`: the TUI on a remote model."""
     from chatapp.app import run_tui
+    from chatapp.cli_common import given_sampling
     from chatapp.remote import RemoteChoice, RemoteError, api_key_from_env, normalize_url
 
     if args.plain:
@@ -103,5 +104,5 @@ def cmd_chat_remote(args) -> int:
     except RemoteError as e:
         print(f"deltatalk: {e}", file=sys.stderr)
         return 2
-    return run_tui(threads=args.threads, ctx=args.ctx, system=args.system,
-                   endpoint=RemoteChoice(url, args.model, args.api_key_env))
+    return run_tui(threads=args.threads, ctx=args.ctx, system=args.system, sampling=given_sampling(args),
+                   max_tokens=args.max_tokens, endpoint=RemoteChoice(url, args.model, args.api_key_env))

@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.cache import cache_bytes
 import numpy as np
@@ -59,7 +60,34 @@ from engine.generate import PREFILL_CHUNK, GenerationResponse, stream_generate
 from engine.loader import LoadedModel
 from engine.sampling import SamplingSettings, from_settings
 
+if TYPE_CHECKING:
+    from engine.speculative import Speculator
+
 SENTINEL = "\u27e6deltatalk:previous-reply\u27e7"
+
+
+def reply_reserve(max_tokens: int, n_ctx: int) -> int:
+    """Room kept free for the reply when the prompt is fitted into the context."""
+    return max(1, min(max_tokens, n_ctx // 4))
+
+
+def fit_messages(messages: list[dict], prompt_tokens: Callable[[list[dict]], int], n_ctx: int,
+                 reserve: int) -> tuple[list[dict], int]:
+    """The context-fitting policy, for a conversation that does not fit whole: drop the oldest turns
+    (never a leading system prompt or the last message; the rest starts at a user message) until
+    `prompt_tokens(kept) + reserve <= n_ctx`. Returns (kept messages, how many were dropped);
+    raises ContextOverflowError when even the last message does not fit."""
+    head = [m for m in messages[:1] if m.get("role") == "system"]
+    body = messages[len(head):]
+    for drop in range(1, len(body)):
+        rest = body[drop:]
+        if rest[0].get("role") != "user":
+            continue  # start at a user message
+        if prompt_tokens(head + rest) + reserve <= n_ctx:
+            return head + rest, drop
+    raise ContextOverflowError(
+        f"the last message does not fit: {prompt_tokens(head + body[-1:])} prompt "
+        f"tokens + {reserve} for the reply > context {n_ctx}; shorten it or raise --ctx")
 
 
 @dataclass
@@ -126,8 +154,8 @@ class ChatSession:
         self.max_checkpoint_bytes = max_checkpoint_bytes
         self.last_turn = TurnStats()
         self.trimmable = all(c.kind == "kv" for c in self.cache)
-        # engine.speculative.Speculator or None: replies decoded speculatively (same tokens)
-        self.speculator = None
+        # replies decoded speculatively (same tokens) when set
+        self.speculator: Speculator | None = None
 
     # -- facts -------------------------------------------------------------------------
     @property
@@ -234,18 +262,7 @@ class ChatSession:
         return self.render(messages, enable_thinking), "full"
 
     def _fit(self, messages: list[dict], enable_thinking, reserve: int) -> tuple[list[dict], int]:
-        """Drop the oldest turns (never the system prompt or the last message) until it fits."""
-        head = [m for m in messages[:1] if m.get("role") == "system"]
-        body = messages[len(head):]
-        for drop in range(1, len(body)):
-            rest = body[drop:]
-            if rest[0].get("role") != "user":
-                continue  # start at a user message
-            if len(self.render(head + rest, enable_thinking)) + reserve <= self.n_ctx:
-                return head + rest, drop
-        raise ContextOverflowError(
-            f"the last message does not fit: {len(self.render(head + body[-1:], enable_thinking))} prompt "
-            f"tokens + {reserve} for the reply > context {self.n_ctx}; shorten it or raise --ctx")
+        return fit_messages(messages, lambda ms: len(self.render(ms, enable_thinking)), self.n_ctx, reserve)
 
     def _continuation(self, messages, enable_thinking) -> list[int] | None:
         rec, last = self.messages, self.turns[-1]
@@ -263,7 +280,7 @@ class ChatSession:
         """Answer the last message of `messages`, reusing everything already fed."""
         prompt, mode = self.plan(messages, enable_thinking)
         dropped = 0
-        reserve = max(1, min(max_tokens, self.n_ctx // 4))
+        reserve = reply_reserve(max_tokens, self.n_ctx)
         if len(prompt) + reserve > self.n_ctx:
             messages, dropped = self._fit(messages, enable_thinking, reserve)
             prompt, mode = self.render(messages, enable_thinking), "full"

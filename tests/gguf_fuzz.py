@@ -249,7 +249,8 @@ def mutations(seeds: list[Path], n: int, seed: int = 0):
 # -- one case (in the worker) ---------------------------------------------------------------
 def check_case(path: Path) -> str:
     """Load, describe and generate 2 tokens (one greedy, one sampled); return the outcome."""
-    from chatapp.discovery import Candidate, describe
+    from chatapp.discovery import Candidate
+    from chatapp.model_headers import describe
     from engine.errors import DeltatalkError
     from engine.generate import stream_generate
     from engine.loader import load_model

@@ -60,7 +60,7 @@ def _env() -> dict:
 async def _tui(model: str, max_tokens: int, threads: int | None, ui_share: float | None = None) -> dict:
     import chatapp.reply_stream as reply_stream
     from chatapp.app import DeltatalkApp
-    from chatapp.backend import EngineBackend
+    from chatapp.engine_backend import EngineBackend
     from chatapp.config import Config
 
     if ui_share:

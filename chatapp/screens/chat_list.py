@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from rich.text import Text
 from textual import on
@@ -15,6 +16,7 @@ from textual.widgets.option_list import Option
 
 from chatapp.screens.dialogs import Confirm, TextPrompt
 from chatapp.screens.modal import Modal, shorten
+from chatapp.history_writes import HistoryWriter
 from chatapp.store import ChatStore
 from chatapp.transcript import model_label
 
@@ -60,9 +62,11 @@ class ChatList(Modal):
     ChatList #chat-search { margin-bottom: 1; }
     """
 
-    def __init__(self, store: ChatStore, current_id: int | None = None, busy_id: int | None = None):
+    def __init__(self, store: ChatStore, current_id: int | None = None, busy_id: int | None = None,
+                 writer: HistoryWriter | None = None):
         super().__init__()
         self.store = store
+        self.writer = writer   # keeps a change while another program locks the history
         self.current_id = current_id
         self.busy_id = busy_id
 
@@ -131,6 +135,13 @@ class ChatList(Modal):
     def action_new(self):
         self.dismiss(("new", None))
 
+    def _save(self, what: str, apply: Callable[[], object], then: Callable[[], None]):
+        if self.writer is not None:
+            self.writer.write(what, apply, then)
+        else:
+            apply()
+            then()
+
     def action_rename(self):
         cid = self._selected_id()
         if cid is None:
@@ -139,9 +150,12 @@ class ChatList(Modal):
 
         def done(title: str | None):
             if title and title.strip():
-                self.store.update_chat(cid, title=title.strip())
-                self.post_message(self.Renamed(cid))
-                self.reload(cid)
+                def renamed():
+                    self.app.post_message(self.Renamed(cid))   # the list may be closed by then
+                    if self.app.screen is self:   # a rename kept for a locked history may land later
+                        self.reload(cid)
+
+                self._save("the new title", lambda: self.store.update_chat(cid, title=title.strip()), renamed)
 
         self.app.push_screen(TextPrompt("Rename chat", chat.title if chat else ""), done)
 
@@ -156,8 +170,11 @@ class ChatList(Modal):
 
         def done(yes: bool | None):
             if yes:
-                self.store.delete_chat(cid)
-                self.post_message(self.Deleted(cid))
-                self.reload()
+                def deleted():
+                    self.app.post_message(self.Deleted(cid))
+                    if self.app.screen is self:
+                        self.reload()
+
+                self._save("the deletion of the chat", lambda: self.store.delete_chat(cid), deleted)
 
         self.app.push_screen(Confirm(f"Delete the chat “{chat.title if chat else cid}”?", "Delete"), done)

@@ -16,12 +16,12 @@ from textual.message import Message
 from textual.widgets import Button, Checkbox, Input, Label
 
 from chatapp.config import Config
+from chatapp.generation_defaults import GENERATION_DEFAULTS
 from chatapp.prompt_input import EnterSubmitsTextArea
 from chatapp.screens.modal import Modal
 from chatapp.store import Chat
 from engine.sampling import SamplingSettings
 
-FALLBACK_MAX_TOKENS = 1024   # when neither the config nor the chat names a reply length
 
 
 def _settings(fields: dict) -> SamplingSettings:
@@ -33,7 +33,7 @@ def _settings(fields: dict) -> SamplingSettings:
 def sampling_for(config: Config, chat: Chat | None) -> tuple[SamplingSettings, int]:
     """The sampling settings and max_tokens of the next reply in `chat`; ValueError/TypeError if invalid."""
     fields = {**(config.get("sampling") or {}), **((chat.settings or {}) if chat else {})}
-    max_tokens = int(fields.pop("max_tokens", None) or config.get("max_tokens") or FALLBACK_MAX_TOKENS)
+    max_tokens = int(fields.pop("max_tokens", None) or config.get("max_tokens") or GENERATION_DEFAULTS.max_tokens)
     return _settings(fields), max_tokens
 
 

@@ -13,7 +13,8 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Input, Label
 
-from chatapp.discovery import SCAN_SECONDS, Candidate, ModelEntry, describe_all, human_bytes
+from chatapp.discovery import Candidate, ModelEntry, human_bytes
+from chatapp.model_headers import SCAN_SECONDS, describe_all
 from chatapp.screens.modal import Modal, shorten
 
 

@@ -84,7 +84,8 @@ def cmd_serve(args) -> int:
     from engine.loader import load_model
     from engine.warmup import warm_up
 
-    from chatapp.cli import resolve_model
+    from chatapp.cli_common import resolve_model
+    from chatapp.backend import model_figures
     from chatapp.server.http import make_app
     from chatapp.server.worker import ServeEngine
 
@@ -116,7 +117,7 @@ def cmd_serve(args) -> int:
         return 2
     port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"deltatalk serve: {model_id} ({loaded.arch}, ctx {loaded.model.n_ctx}, {threads} threads) on "
+    print(f"deltatalk serve: {model_id} ({loaded.arch}, ctx {model_figures(loaded).n_ctx}, {threads} threads) on "
           f"http://{host}:{port}/v1{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)

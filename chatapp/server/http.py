@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from chatapp.generation_defaults import GENERATION_DEFAULTS
 from engine.errors import ContextOverflowError, DeltatalkError
 from engine.kernel_thread import kernel_thread
 from engine.sampling import SamplingSettings
@@ -147,7 +148,7 @@ def _sse(obj) -> bytes:
 def make_app(engine: ServeEngine, *, api_key: str | None = None, max_queue: int = 8,
              defaults: SamplingSettings | None = None) -> Starlette:
     gate = Gate(max_queue)
-    defaults = defaults or SamplingSettings()
+    defaults = defaults or GENERATION_DEFAULTS.sampling_settings()
     names = {engine.model_id, engine.loaded.path.name, str(engine.loaded.path)}
     created = int(engine.loaded.path.stat().st_mtime)
 
@@ -255,10 +256,11 @@ def make_app(engine: ServeEngine, *, api_key: str | None = None, max_queue: int 
             yield _sse(_engine_error(e).body())
         yield b"data: [DONE]\n\n"
 
-    async def not_found(request: Request, exc: HTTPException):
+    async def not_found(request: Request, exc: Exception) -> JSONResponse:
+        # registered for HTTPException only; Starlette's handler type takes any Exception
+        detail, status = (exc.detail, exc.status_code) if isinstance(exc, HTTPException) else (str(exc), 500)
         kind = "invalid_request_error"
-        return JSONResponse(error_body(f"{request.method} {request.url.path}: {exc.detail}", kind),
-                            status_code=exc.status_code)
+        return JSONResponse(error_body(f"{request.method} {request.url.path}: {detail}", kind), status_code=status)
 
     routes = [Route("/v1/models", models, methods=["GET"]),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),

@@ -48,7 +48,7 @@ class Kept:
 @dataclass
 class Match:
     kept: Kept | None         # None: a new session
-    prompt: list[int]         # the prompt tokens as the matched session will feed them (estimate)
+    prompt: list[int] | None  # the prompt tokens as the matched session will feed them (estimate); None: not rendered
     reusable: int             # tokens expected from the live cache
 
 
@@ -100,7 +100,7 @@ class SessionPool:
                 cand = Match(kept, rendered, self._usable(s, rendered))
             if best is None or cand.reusable > best.reusable:
                 best = cand
-        if best is None or best.reusable == 0:
+        if best is None or best.reusable == 0 or best.kept is None:
             return Match(None, rendered, 0)
         s = best.kept.session
         lost = len(s.tokens) - best.reusable

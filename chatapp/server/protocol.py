@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.sampling import SamplingSettings
 
@@ -97,9 +97,7 @@ def parse_chat_request(body, defaults: SamplingSettings) -> ChatRequest:
     n = body.get("n", 1)
     if n != 1:
         raise RequestError(400, "only n = 1 is supported", "n")
-    s = SamplingSettings(temperature=defaults.temperature, top_k=defaults.top_k, top_p=defaults.top_p,
-                         min_p=defaults.min_p, repeat_penalty=defaults.repeat_penalty,
-                         repeat_last_n=defaults.repeat_last_n, seed=defaults.seed)
+    s = replace(defaults)   # a copy: the server's defaults stay as they are
     for name, lo, hi, integer in (("temperature", 0, 2, False), ("top_p", 0, 1, False), ("top_k", 0, 1 << 20, True),
                                   ("min_p", 0, 1, False), ("repeat_penalty", 0, 10, False),
                                   ("repeat_last_n", 0, 1 << 20, True), ("seed", -(1 << 63), (1 << 64) - 1, True)):

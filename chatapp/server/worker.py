@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from engine.errors import ContextOverflowError
 from engine.loader import LoadedModel
 
+from chatapp.backend import model_figures
 from chatapp.server.pool import SessionPool
 from chatapp.server.protocol import ChatRequest
 
@@ -98,7 +99,7 @@ class ServeEngine:
 
     @property
     def n_ctx(self) -> int:
-        return self.loaded.model.n_ctx
+        return model_figures(self.loaded).n_ctx
 
     def generate(self, req: ChatRequest, cancel: CancelFlag) -> Iterator[Started | Piece | Finished]:
         if cancel.is_set():
@@ -154,7 +155,7 @@ class ServeEngine:
         if last is None:   # cancelled during the prefill
             yield Finished("cancelled", t.prompt_tokens, t.reused_tokens, 0, {})
             return
-        finish = "stop" if stops.matched else last.finish_reason
+        finish = "stop" if stops.matched else (last.finish_reason or "stop")
         timings = {"prompt_n": t.prefilled_tokens, "prompt_per_second": last.prompt_tps,
                    "ttft_ms": last.ttft_s * 1000, "predicted_n": last.generation_tokens,
                    "predicted_per_second": last.decode_tps}

@@ -42,7 +42,7 @@ async def wait_until(pilot, predicate, timeout: float = 5.0, what: str = "condit
 
 def make_app(backend=None, **kw):
     from chatapp.app import DeltatalkApp
-    from chatapp.backend import FakeBackend
+    from tests.fakes import FakeBackend
 
     kw.setdefault("offer_fetch", False)
     kw.setdefault("find_models", lambda: [])

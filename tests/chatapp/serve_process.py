@@ -29,7 +29,7 @@ class ServeProcess:
         self.url = ""
         self.lines: list[str] = []
 
-    def __enter__(self) -> "ServeProcess":
+    def __enter__(self) -> ServeProcess:
         args = ["serve", "-m", str(self.model), "--host", "127.0.0.1", "--port", "0", *self.extra]
         if self.api_key:
             args += ["--api-key", self.api_key]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatapp.backend import FakeBackend
+from tests.fakes import FakeBackend
 from chatapp.widgets import Gauge, MessageBox, SpeedOverlay
 from tests.chatapp.conftest import boxes, make_app, notes, ready, send, wait_reply, wait_until
 

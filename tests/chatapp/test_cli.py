@@ -95,3 +95,21 @@ def test_bench_peer_without_llama_cpp_says_how_to_get_it(tiny_llama_path, capsys
     assert main(["bench", "-m", str(tiny_llama_path), "--peer", "--ctx", "64", "--repeats", "1"]) == 2
     err = capsys.readouterr().err
     assert "llama-cpp-python" in err and "--peer-python" in err
+
+
+def test_plain_chat_replies_through_the_session_and_reuses_the_cache(tiny_llama_path, capsys, monkeypatch):
+    import io
+    import re
+
+    model = str(tiny_llama_path)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nagain\n"))
+    assert main(["chat", "--plain", "-m", model, "--temp", "0", "--max-tokens", "4", "--ctx", "256"]) == 0
+    out = capsys.readouterr()
+    turns = [(int(a), int(b)) for a, b in re.findall(r"reused (\d+) of (\d+) prompt tokens", out.err)]
+    assert len(turns) == 2 and turns[0][0] == 0
+    # the second turn appends to the first: its whole prompt and reply are reused from the cache
+    assert turns[0][1] <= turns[1][0] < turns[1][1]
+    (first,) = run_json(capsys, "run", "-m", model, "-p", "hello", "--temp", "0", "--max-tokens", "4", "--json",
+                        "--ctx", "256")
+    replies = out.out.split("\n› ")[1:]          # input() writes its prompt to stdout, before each reply
+    assert replies[0].startswith(first["text"])   # the same greedy reply as `run` on the same prompt

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def test_discovery_finds_every_source_read_only(model_tree, home):
-    from chatapp.discovery import candidates, describe
+    from chatapp.discovery import candidates
+    from chatapp.model_headers import describe
     from chatapp.paths import models_dir
 
     found = candidates(models_dir(), [], home=home / "home", env={})
@@ -37,7 +38,8 @@ def test_unsupported_architecture_says_why(home):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    from chatapp.discovery import Candidate, describe
+    from chatapp.discovery import Candidate
+    from chatapp.model_headers import describe
 
     e = describe(Candidate(p, "models", p.name))
     assert not e.supported

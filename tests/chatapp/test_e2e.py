@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio]
 
 
 async def test_real_model_streams_a_reply_and_the_gauge_shows_speed(home, default_model_path, monkeypatch):
-    from chatapp.backend import EngineBackend
+    from chatapp.engine_backend import EngineBackend
     from chatapp.config import Config
     from chatapp.widgets import Gauge, MessageBox
 

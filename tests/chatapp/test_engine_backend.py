@@ -7,58 +7,46 @@ from __future__ import annotations
 import sys
 import threading
 import types
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from engine.generate import GenerationResponse
 from engine.sampling import SamplingSettings
-
-
-class StubCache:
-    kind = "kv"
-
-    def __init__(self):
-        self.nbytes = 0
-
-
-class StubState:
-    kind = "recurrent"
-    nbytes = 4096
-
-
-@dataclass
-class Stats:
-    prompt_tokens: int = 0
-    reused_tokens: int = 0
-    prefilled_tokens: int = 0
+from engine.session import TurnStats
 
 
 class StubSession:
+    """engine.session.ChatSession's surface as EngineBackend uses it."""
+
     def __init__(self, loaded):
         self.loaded = loaded
-        self.cache = [StubCache(), StubState()]
+        self.kv_bytes = 0
         self.tokens = []
-        self.last_turn = Stats()
+        self.last_turn = TurnStats()
         self.n_ctx = 512
         self.replies = 0
 
     def reset(self):
         self.tokens = []
-        self.cache[0].nbytes = 0
-        self.last_turn = Stats()
+        self.kv_bytes = 0
+        self.last_turn = TurnStats()
+
+    def stats(self) -> dict:
+        return {"context_used": len(self.tokens), "n_ctx": self.n_ctx, "kv_bytes": self.kv_bytes,
+                "state_bytes": 4096, "checkpoint_bytes": 0, "checkpoints": 0}
 
     def reply(self, messages, settings, max_tokens=512, cancel=None, prefill_progress=None,
               enable_thinking=None):
         self.rendered = (messages, enable_thinking)
         self.replies += 1
         prompt = list(range(10))
-        self.last_turn = Stats(len(prompt), 0, len(prompt))
+        self.last_turn = TurnStats(prompt_tokens=len(prompt), reused_tokens=0, prefilled_tokens=len(prompt),
+                                   mode="full")
         if prefill_progress:
             prefill_progress(len(prompt), len(prompt))
         self.tokens = list(prompt)
-        self.cache[0].nbytes = 1000
+        self.kv_bytes = 1000
         for i, w in enumerate(["Hi", " from", " " + self.loaded.path.name]):
             yield GenerationResponse(w, i, len(prompt), 100.0, 0.1, i + 1, 20.0, "stop" if i == 2 else None)
 
@@ -89,7 +77,8 @@ def stub_engine(monkeypatch):
                                     current_rss_bytes=lambda: 5_000_000, peak_rss_bytes=lambda: 6_000_000,
                                     cpu_features=lambda: ["avx", "fma"], kernel_family=lambda: "avx2")
     monkeypatch.setitem(sys.modules, "engine.loader", types.SimpleNamespace(load_model=load_model))
-    monkeypatch.setitem(sys.modules, "engine.session", types.SimpleNamespace(ChatSession=StubSession))
+    monkeypatch.setitem(sys.modules, "engine.session", types.SimpleNamespace(ChatSession=StubSession,
+                                                                              TurnStats=TurnStats))
     monkeypatch.setitem(sys.modules, "engine.warmup", types.SimpleNamespace(warm_up=warm_up))
     monkeypatch.setitem(sys.modules, "engine.runtime", runtime)
     import engine
@@ -99,7 +88,7 @@ def stub_engine(monkeypatch):
 
 
 def test_engine_backend_loads_replies_and_reports(stub_engine, tmp_path):
-    from chatapp.backend import EngineBackend
+    from chatapp.engine_backend import EngineBackend
 
     b = EngineBackend()
     stages = []
@@ -126,7 +115,7 @@ def test_engine_backend_loads_replies_and_reports(stub_engine, tmp_path):
 
 
 def test_engine_backend_keeps_the_old_model_until_the_new_one_is_ready(stub_engine, tmp_path):
-    from chatapp.backend import EngineBackend
+    from chatapp.engine_backend import EngineBackend
     from engine.errors import ModelFileError
 
     b = EngineBackend()
@@ -149,7 +138,7 @@ def test_engine_backend_keeps_the_old_model_until_the_new_one_is_ready(stub_engi
 
 
 def test_engine_backend_on_the_real_engine(tiny_llama_path):
-    from chatapp.backend import EngineBackend
+    from chatapp.engine_backend import EngineBackend
 
     b = EngineBackend(n_ctx=256)
     info = b.load(tiny_llama_path)
@@ -168,8 +157,9 @@ def test_engine_backend_on_the_real_engine(tiny_llama_path):
 
 
 def test_engine_backend_marks_a_file_without_chat_template_as_base_model(tmp_path):
-    from chatapp.backend import EngineBackend
-    from chatapp.discovery import Candidate, describe
+    from chatapp.engine_backend import EngineBackend
+    from chatapp.discovery import Candidate
+    from chatapp.model_headers import describe
     from tests.tiny_models import write_tiny_llama
 
     path = write_tiny_llama(tmp_path / "tiny-base.gguf", chat_template=False)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from chatapp.discovery import Candidate, candidates, describe, describe_all
+from chatapp.discovery import Candidate, candidates
+from chatapp.model_headers import describe, describe_all
 from chatapp.store import ChatStore, HistoryBusyError, SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,7 +97,8 @@ def vm(key):
     for line in open('/proc/self/status'):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
-from chatapp.discovery import Candidate, candidates, describe
+from chatapp.discovery import Candidate, candidates
+from chatapp.model_headers import describe
 before = vm('VmRSS')
 what, arg = sys.argv[1], Path(sys.argv[2])
 if what == "describe":

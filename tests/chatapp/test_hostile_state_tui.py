@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from textual.widgets import DataTable, Label, Static
 
-from chatapp.backend import FakeBackend
+from tests.fakes import FakeBackend
 from chatapp.screens import ModelPicker
 from chatapp.widgets import MessageBox
 from tests.chatapp.conftest import boxes, make_app, notes, ready, send, wait_reply, wait_until
@@ -52,7 +52,7 @@ async def test_hostile_template_falls_back_with_a_notice_and_esc_stops(fake_mode
 def test_app_quits_while_a_hostile_template_renders(home, fake_model):
     script = textwrap.dedent(f"""
         import asyncio
-        from chatapp.backend import FakeBackend
+        from tests.fakes import FakeBackend
         from tests.chatapp.conftest import boxes, make_app, ready, send
 
         async def main():

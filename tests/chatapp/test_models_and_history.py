@@ -8,7 +8,7 @@ import json
 import pytest
 from textual.widgets import DataTable
 
-from chatapp.backend import FakeBackend
+from tests.fakes import FakeBackend
 from chatapp.screens import ChatList, Confirm, ModelPicker
 from chatapp.widgets import MessageBox, SpeedOverlay
 from tests.chatapp.conftest import boxes, make_app, notes, ready, send, wait_reply, wait_until
@@ -281,7 +281,7 @@ async def test_first_start_opens_the_default_model_when_it_is_there(tmp_path, mo
     """./chat fetches the default model, then the app should chat on it without a picker."""
     from chatapp import default_model
     from chatapp.app import DeltatalkApp
-    from chatapp.backend import FakeBackend
+    from tests.fakes import FakeBackend
 
     model = tmp_path / "models" / default_model.FILENAME
     model.parent.mkdir(parents=True)

@@ -38,8 +38,8 @@ def _config(max_tokens: int, endpoints: list[dict], repeat_penalty: float = 1.0)
 
 
 async def test_picker_lists_endpoints_and_switches_to_one(home, server):
-    from chatapp.backend import FakeBackend
-    from chatapp.remote import RemoteBackend
+    from tests.fakes import FakeBackend
+    from chatapp.remote_backend import RemoteBackend
     from chatapp.screens import ModelPicker
 
     local = FakeBackend(["local reply"])
@@ -71,7 +71,7 @@ async def test_picker_lists_endpoints_and_switches_to_one(home, server):
 
 
 async def test_remote_reply_streams_with_a_gauge_and_esc_stops_it(home, server):
-    from chatapp.backend import FakeBackend
+    from tests.fakes import FakeBackend
     from chatapp.remote import RemoteChoice
     from chatapp.widgets import SpeedOverlay
 
@@ -110,7 +110,7 @@ async def test_remote_reply_streams_with_a_gauge_and_esc_stops_it(home, server):
 
 
 async def test_unreachable_endpoint_is_a_notice_not_a_crash(home):
-    from chatapp.backend import FakeBackend
+    from tests.fakes import FakeBackend
     from chatapp.remote import RemoteChoice
 
     app = make_app(FakeBackend(), config=_config(8, []), endpoint=RemoteChoice(UNREACHABLE))

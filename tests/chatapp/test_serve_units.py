@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 
 import pytest
 
 from engine.sampling import SamplingSettings
 
 from chatapp.server.cli import exposure_warning, is_loopback
-from chatapp.server.pool import SessionPool, same_conversation
+from chatapp.server.pool import same_conversation
 from chatapp.server.protocol import RequestError, parse_chat_request
 from chatapp.server.worker import CancelFlag, Finished, Piece, ServeEngine, Started, StopMatcher
 from chatapp.server.protocol import ChatRequest

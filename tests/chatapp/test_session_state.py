@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from chatapp.backend import FakeBackend
+from tests.fakes import FakeBackend
 from chatapp.store import state_path
 from chatapp.widgets import Gauge, MessageBox
 from tests.chatapp.conftest import make_app, notes, ready, send, wait_reply, wait_until
@@ -109,7 +109,7 @@ async def test_a_state_from_another_model_falls_back_to_a_full_prefill(fake_mode
 @pytest.mark.asyncio
 async def test_reopening_a_chat_reuses_the_saved_engine_state(home, tmp_path):
     """The real engine (tiny llama): close the app, start it again, the first reply reuses the state."""
-    from chatapp.backend import EngineBackend
+    from chatapp.engine_backend import EngineBackend
     from chatapp.config import Config
     from tests.tiny_models import write_tiny_llama
 
@@ -146,7 +146,7 @@ async def test_reopening_a_chat_reuses_the_saved_engine_state(home, tmp_path):
 
 
 def test_engine_backend_state_of_another_model_is_a_silent_mismatch(tmp_path):
-    from chatapp.backend import EngineBackend
+    from chatapp.engine_backend import EngineBackend
     from engine.sampling import SamplingSettings
     from tests.tiny_models import write_tiny_llama
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gguf
 import numpy as np
 
-from chatapp.backend import FakeBackend
+from tests.fakes import FakeBackend
 from chatapp.screens import ModelPicker
 from tests.chatapp.conftest import make_app, send, wait_until
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from textual.widgets import Button, DataTable, Label, Markdown, OptionList, Static
 
-from chatapp.backend import FakeBackend
+from tests.fakes import FakeBackend
 from chatapp.model_switch import ModelSwitchDialog, estimate_switch
 from chatapp.prompt_input import EnterSubmitsTextArea
 from chatapp.screens import ChatList, ChatSettings, ModelPicker

@@ -76,17 +76,19 @@ def test_deltatalk_chat_runs_the_tui_and_plain_the_line_chat(monkeypatch, tmp_pa
     from pathlib import Path
 
     import chatapp.app as appmod
+    import chatapp.chat_cli as chat_cli
     import chatapp.cli as cli
 
     seen = []
     monkeypatch.setattr(appmod, "run_tui", lambda **kw: seen.append(("tui", kw)) or 0)
-    monkeypatch.setattr(cli, "cmd_chat_plain", lambda args: seen.append(("plain", args.model)) or 0)
+    monkeypatch.setattr(chat_cli, "cmd_chat_plain", lambda args: seen.append(("plain", args.model)) or 0)
     assert cli.main([]) == 0
     model = tmp_path / "m.gguf"  # -m must name an existing regular file
     model.write_bytes(b"GGUF")
     assert cli.main(["chat", "-m", str(model), "--threads", "2"]) == 0
     assert cli.main(["chat", "--plain"]) == 0
-    assert seen[0] == ("tui", {"model": None, "threads": None, "ctx": None, "system": None, "sampling": {}})
+    assert seen[0] == ("tui", {"model": None, "threads": None, "ctx": None, "system": None, "sampling": {},
+                               "max_tokens": None})
     assert seen[1][1]["model"] == Path(model) and seen[1][1]["threads"] == 2
     assert seen[2] == ("plain", None)
 
@@ -126,3 +128,36 @@ def test_speed_columns_count_tokens_not_ui_batches():
     assert t.speed_history() == [10.0, 30.0, 7.0]
     # the window keeps the newest SPARK_WIDTH columns
     assert len(feed([K * SPARK_WIDTH * 3])) == SPARK_WIDTH
+
+
+def test_sampling_flags_reach_the_tui_over_the_config_file(monkeypatch, home):
+    """`deltatalk --temp 0.2 --max-tokens 9`: the app uses those, the config file's other values stay."""
+    import json
+
+    import chatapp.app as appmod
+    from chatapp.config import config_path
+
+    config_path().parent.mkdir(parents=True, exist_ok=True)
+    config_path().write_text(json.dumps({"sampling": {"top_k": 7, "temperature": 1.5}, "max_tokens": 300}))
+    configs = []
+
+    class NoScreen:
+        return_code = 0
+
+        def __init__(self, **kw):
+            configs.append(kw["config"])
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(appmod, "DeltatalkApp", NoScreen)
+    from chatapp.cli import main
+
+    assert main(["--temp", "0.2", "--max-tokens", "9"]) == 0
+    assert main([]) == 0
+    flags, plain = configs
+    assert flags.get("sampling")["temperature"] == 0.2 and flags.get("sampling")["top_k"] == 7
+    assert flags.get("max_tokens") == 9
+    assert plain.get("sampling")["temperature"] == 1.5 and plain.get("max_tokens") == 300
+    assert "temperature" in json.loads(config_path().read_text())["sampling"]   # nothing saved by the flags
+    assert json.loads(config_path().read_text())["sampling"]["temperature"] == 1.5
