@@ -11,7 +11,7 @@ MEMORY_FIXED_BYTES = 25_000_000
 
 
 def cmd_bench(args) -> int:
-    from chatapp.cli import open_model
+    from chatapp.model_args import open_model
     from engine import loader, runtime  # noqa: F401  (imported before the baseline is read)
     from engine.bench import busy_processes, run_bench
     from engine.peer import LlamaCppPeer, PeerError
@@ -122,7 +122,7 @@ def _print_busy(idle: dict, busy: dict, n: int):
 
 def _bench_speculate(args, loaded, say) -> int:
     """--speculate MODE: decode tok/s plain and speculative on the same prompts, and the ratio."""
-    from chatapp.cli import make_speculator_from_args
+    from chatapp.model_args import make_speculator_from_args
     from engine.bench import run_speculate_bench
 
     make_speculator_from_args(args, loaded)   # refuse a bad pair before any timing

@@ -303,7 +303,7 @@ def describe(c: Candidate) -> ModelEntry:
     """Read the file's header (in this process). Never raises for a bad file: the row says why."""
     from engine.errors import ModelFileError
     from engine.gguf_file import GGUFFile
-    from engine.models import SUPPORTED_ARCHITECTURES
+    from engine.architectures import SUPPORTED_ARCHITECTURES
 
     e = ModelEntry(c.path, c.source, c.name)
     try:
@@ -381,7 +381,6 @@ def worker_main():
     FILE_EXTRA_BYTES, so a header that makes the parser allocate fails with MemoryError here.
     """
     import engine.gguf_file  # noqa: F401  (import before measuring the base address space)
-    import engine.models  # noqa: F401
 
     out = sys.stdout.buffer
     out.write(b'"ready"\n')

@@ -20,32 +20,7 @@ import numpy as np
 
 from engine import runtime, threads
 from engine.cache import cache_bytes
-from engine.jit import JIT_PAR
 from engine.generate import PREFILL_CHUNK
-
-
-@numba.njit(**JIT_PAR)
-def _sum_rows(a):
-    """Read every byte of a (rows, n) float32 array once, split across threads."""
-    partial = np.zeros(a.shape[0], dtype=np.float32)
-    for r in numba.prange(a.shape[0]):
-        s = np.float32(0.0)
-        for i in range(a.shape[1]):
-            s += a[r, i]
-        partial[r] = s
-    return partial.sum()
-
-
-def measure_bandwidth(n_bytes: int = 512 << 20, repeats: int = 5) -> float:
-    """Read bandwidth in bytes/s (median), with the threads currently set: the decode bound."""
-    a = np.ones((n_bytes // 4 // 65536, 65536), dtype=np.float32)
-    _sum_rows(a)  # compile / fault the pages in
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        _sum_rows(a)
-        times.append(time.perf_counter() - t)
-    return a.nbytes / statistics.median(times)
 
 
 def time_prefill(model, n_tokens: int, rng, cache_sizes: list | None = None) -> float:
@@ -100,7 +75,7 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
                 peer_samples[key].append(peer.prefill_tps(n) if kind == "pp" else peer.decode_tps(n))
         if probe_each_round:
             peak_rss = max(peak_rss, runtime.peak_rss_bytes())
-            bw_samples.append(measure_bandwidth(n_bytes=256 << 20, repeats=3))
+            bw_samples.append(runtime.measure_bandwidth(n_bytes=256 << 20, repeats=3))
             runtime.reset_peak_rss()
         if progress:
             line = ", ".join(f"{k} {v[-1]:.1f}" + (f" (llama.cpp {peer_samples[k][-1]:.1f})" if peer else "")
@@ -122,7 +97,7 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
         out_peer["prefill_ratio"] = ratio.get(big_pp)
     peak_rss = max(peak_rss, runtime.peak_rss_bytes())   # (without a reset: before the probe's buffer)
     if bandwidth and not bw_samples:
-        bw_samples.append(measure_bandwidth())
+        bw_samples.append(runtime.measure_bandwidth())
     bw = statistics.median(bw_samples) if bw_samples else None
     return {
         **out_peer,

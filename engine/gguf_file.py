@@ -25,7 +25,7 @@ import numpy as np
 
 from engine.errors import ModelFileError
 from engine.string_array import StringArray
-from engine.quants import FORMATS, SUPPORTED_TYPE_NAMES
+from engine.quants.formats import BLOCK_FORMATS, SUPPORTED_TYPE_NAMES, type_name
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -64,7 +64,7 @@ class TensorInfo:
 
     @property
     def type_name(self) -> str:
-        return FORMATS[self.ggml_type].name
+        return BLOCK_FORMATS[self.ggml_type].name
 
     @property
     def n_cols(self) -> int:
@@ -256,7 +256,7 @@ class GGUFFile:
         for name, shape, gtype, offset in infos:
             if name in tensors:
                 cur.fail(f"tensor {name!r} appears twice")
-            fmt = FORMATS.get(gtype)
+            fmt = BLOCK_FORMATS.get(gtype)
             if fmt is None:
                 raise ModelFileError(spath, f"tensor {name!r} has unsupported type {_ggml_type_name(gtype)}",
                                      "tensor types " + ", ".join(SUPPORTED_TYPE_NAMES))
@@ -311,8 +311,10 @@ class GGUFFile:
 
     def tensor_float(self, name: str) -> np.ndarray:
         """A small tensor (norm weights, biases, conv taps) as float32, shape reversed to numpy order."""
+        from engine.quants.linear import get_format   # the numerics: only a model load needs them
+
         t = self.tensors[name]
-        arr = FORMATS[t.ggml_type].dequantize(self.tensor_bytes(name))
+        arr = get_format(t.ggml_type).dequantize(self.tensor_bytes(name))
         return np.ascontiguousarray(arr.reshape(tuple(reversed(t.shape))), dtype=np.float32)
 
     def close(self):
@@ -342,9 +344,5 @@ def _check_no_overlap(cur: _Cursor, tensors) -> None:
 
 
 def _ggml_type_name(gtype: int) -> str:
-    try:
-        import gguf
-
-        return f"{gguf.GGMLQuantizationType(gtype).name} ({gtype})"
-    except (ValueError, ImportError):
-        return f"unknown type id {gtype}"
+    name = type_name(gtype)
+    return f"{name} ({gtype})" if not name.startswith("type id") else f"unknown type id {gtype}"

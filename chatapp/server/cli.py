@@ -84,7 +84,7 @@ def cmd_serve(args) -> int:
     from engine.loader import load_model
     from engine.warmup import warm_up
 
-    from chatapp.cli import resolve_model
+    from chatapp.model_args import resolve_model
     from chatapp.server.http import make_app
     from chatapp.server.worker import ServeEngine
 
