@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numba
 import numpy as np
@@ -81,20 +82,20 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
             line = ", ".join(f"{k} {v[-1]:.1f}" + (f" (llama.cpp {peer_samples[k][-1]:.1f})" if peer else "")
                              for k, v in samples.items())
             progress(f"run {r + 1}/{repeats}: {line}")
-    out_peer = {}
+    out_peer: dict[str, Any] = {}
     if peer is not None:
         out_peer = {"peer": {"engine": f"llama.cpp (llama-cpp-python {peer.version})",
                              "results": {k: {"median_tps": statistics.median(v), "runs": v}
                                          for k, v in peer_samples.items()},
-                             "peak_rss_bytes": getattr(peer, "peak_rss_bytes", None),
-                             "baseline_rss_bytes": getattr(peer, "baseline_rss_bytes", None)}}
+                             "peak_rss_bytes": peer.peak_rss_bytes,
+                             "baseline_rss_bytes": peer.baseline_rss_bytes}}
         # the median of the per-pair ratios: each pair ran back to back, so a slow spell of the
         # (shared, noisy) machine hits both sides of a pair instead of skewing one median
         ratio = {k: statistics.median(a / b for a, b in zip(samples[k], peer_samples[k])) for k in samples}
         out_peer["ratios"] = ratio
         out_peer["decode_ratio"] = ratio.get(f"tg{tg}")
         big_pp = f"pp{max(pp)}" if pp else None
-        out_peer["prefill_ratio"] = ratio.get(big_pp)
+        out_peer["prefill_ratio"] = ratio.get(big_pp) if big_pp else None
     peak_rss = max(peak_rss, runtime.peak_rss_bytes())   # (without a reset: before the probe's buffer)
     if bandwidth and not bw_samples:
         bw_samples.append(runtime.measure_bandwidth())

@@ -20,6 +20,7 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -41,7 +42,7 @@ MAX_DIMS = 4
 
 # GGUF metadata value types.
 _U8, _I8, _U16, _I16, _U32, _I32, _F32, _BOOL, _STR, _ARR, _U64, _I64, _F64 = range(13)
-_SCALAR_DTYPES = {
+_SCALAR_DTYPES: dict[int, np.dtype] = {
     _U8: np.dtype("<u1"), _I8: np.dtype("<i1"), _U16: np.dtype("<u2"), _I16: np.dtype("<i2"),
     _U32: np.dtype("<u4"), _I32: np.dtype("<i4"), _F32: np.dtype("<f4"), _BOOL: np.dtype("<u1"),
     _U64: np.dtype("<u8"), _I64: np.dtype("<i8"), _F64: np.dtype("<f8"),
@@ -91,7 +92,7 @@ class _Cursor:
         self.pos = 0
         self.path = path
 
-    def fail(self, problem: str):
+    def fail(self, problem: str) -> NoReturn:
         raise ModelFileError(self.path, problem)
 
     def need(self, n: int, what: str):

@@ -17,3 +17,11 @@ JIT_PAR: dict[str, Any] = dict(JIT, parallel=True)
 # Rounding emulation (fp16, half-to-even) must not be reassociated or fused by fastmath.
 JIT_EXACT: dict[str, Any] = dict(cache=True, fastmath=False, error_model="numpy", nogil=True)
 JIT_EXACT_PAR: dict[str, Any] = dict(JIT_EXACT, parallel=True)
+
+
+def jit_disabled() -> bool:
+    """NUMBA_DISABLE_JIT is set: kernels run as plain Python (and intrinsics do not exist)."""
+    import numba
+
+    config: Any = numba.config   # its settings are attributes set at import, unknown to mypy
+    return bool(config.DISABLE_JIT)

@@ -11,7 +11,7 @@ import numpy as np
 from llvmlite import ir
 from numba.extending import intrinsic
 
-from engine.jit import JIT, JIT_EXACT, JIT_PAR  # noqa: F401  (re-exported for the format modules)
+from engine.jit import JIT, JIT_EXACT, jit_disabled
 
 F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
@@ -53,7 +53,7 @@ def _host_has_f16c() -> bool:
     if os.environ.get("NUMBA_CPU_NAME", "host") not in ("", "host"):
         return "+f16c" in os.environ.get("NUMBA_CPU_FEATURES", "")
     try:
-        return bool(llvm.get_host_cpu_features().get("f16c", False)) and not numba.config.DISABLE_JIT
+        return bool(llvm.get_host_cpu_features().get("f16c", False)) and not jit_disabled()
     except Exception:  # pragma: no cover - feature query unsupported
         return False
 

@@ -203,7 +203,7 @@ class LinearGroup:
             by_type: dict[int, list[int]] = {}
             for i in idx:
                 by_type.setdefault(self.linears[i].fmt.ggml_type, []).append(i)
-            launches = []
+            launches: list[tuple[Kernel | None, list[int]]] = []
             for ggml_type, same in by_type.items():
                 fused = MULTI_KERNELS.get(ggml_type)
                 for j in range(0, len(same), 3):

@@ -56,9 +56,9 @@ def _target_has(*features: str) -> bool:
 
 
 def _jit_enabled() -> bool:
-    import numba
+    from engine.jit import jit_disabled
 
-    return not numba.config.DISABLE_JIT  # intrinsics only exist in compiled code
+    return not jit_disabled()  # intrinsics only exist in compiled code
 
 
 HAVE_AVX2 = _target_has("avx2") and _jit_enabled()
