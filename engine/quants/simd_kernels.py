@@ -994,4 +994,4 @@ GEMM_DRIVERS: dict[str, tuple[Any, Any]] = {
 }
 
 # sha256 of simd.py and gemm.py when this file was generated (see gen_simd_kernels.py)
-SIMD_SOURCE_SHA256 = "d1444a234632a9b5bcae02a39c64f85f42bcd0e58ebaba7b716e8bf7c19fd773"
+SIMD_SOURCE_SHA256 = "3f376a876c8f4a99eaa9a6a0c4ca66b431774abad6c5c889f3afa3fab21c5c48"
