@@ -360,9 +360,6 @@ class Tokenizer:
         """llama_vocab_is_control (after llama.cpp's text-based overrides)."""
         return bool(self._attr[token_id] & A_CONTROL)
 
-    def is_eog(self, token_id: int) -> bool:
-        return token_id in self.eog_ids
-
     # -- encoding ------------------------------------------------------------------------
 
     def _byte_length(self, token_id: int) -> int:

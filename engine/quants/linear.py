@@ -34,9 +34,6 @@ class QuantFormat(BlockFormat):
     def quantize_act(self, X: np.ndarray) -> tuple:
         return activations.QUANTIZERS[self.act](X)
 
-    def quantize_act_ref(self, X: np.ndarray) -> tuple:
-        return activations.QUANTIZERS_REF[self.act](X)
-
     def matmul_ref(self, raw: np.ndarray, act: tuple) -> np.ndarray:
         """numpy twin: dequantized weights @ dequantized activations, in float64."""
         x = activations.DEQUANT_REF[self.act](act)

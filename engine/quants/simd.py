@@ -128,17 +128,6 @@ def _hsum8(builder, v):
                         builder.extract_element(s2, ir.Constant(I32, 1)))
 
 
-def _hsum8i(builder, v):
-    lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 4), [0, 1, 2, 3]))
-    hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 4), [4, 5, 6, 7]))
-    s = builder.add(lo, hi)
-    a = builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(I32, 2), [0, 1]))
-    b = builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(I32, 2), [2, 3]))
-    s2 = builder.add(a, b)
-    return builder.add(builder.extract_element(s2, ir.Constant(I32, 0)),
-                       builder.extract_element(s2, ir.Constant(I32, 1)))
-
-
 def _f16(builder, blk, lut):
     bits = _load(builder, blk, I16)
     return builder.load(builder.gep(lut, [builder.zext(bits, I64)]))

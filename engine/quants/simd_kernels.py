@@ -994,4 +994,4 @@ GEMM_DRIVERS: dict[str, tuple[Any, Any]] = {
 }
 
 # sha256 of simd.py and gemm.py when this file was generated (see gen_simd_kernels.py)
-SIMD_SOURCE_SHA256 = "3f376a876c8f4a99eaa9a6a0c4ca66b431774abad6c5c889f3afa3fab21c5c48"
+SIMD_SOURCE_SHA256 = "70a327edcd2d80f4cea9f7bd8d0e845bb6bbd2cd8d32edd6e6c9962adf523e68"
