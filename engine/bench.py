@@ -108,11 +108,11 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
         "threading_layer": runtime.threading_layer(),
         "cpu_features": runtime.cpu_features(),
         "kernel_family": runtime.kernel_family(),
-        "weight_bytes": getattr(model, "weight_bytes", None),
+        "weight_bytes": model.weight_bytes,
         "bandwidth_bytes_per_s": bw,
         "bandwidth_runs": bw_samples,
         # decode reads every weight once per token: tok/s <= bandwidth / weight bytes
-        "decode_bound_tps": bw / model.weight_bytes if bw and getattr(model, "weight_bytes", None) else None,
+        "decode_bound_tps": bw / model.weight_bytes if bw and model.weight_bytes else None,
         "peak_rss_bytes": peak_rss,
         # the largest KV cache + recurrent state the runs held (the memory bound allows for it)
         "kv_state_bytes": max(cache_sizes, default=0),
