@@ -39,7 +39,7 @@ MAX_MANIFEST_BYTES = 1 << 20      # an Ollama manifest is a few hundred bytes
 SCAN_SECONDS = 30.0               # the whole scan: walking the folders + reading the headers
 FILE_SECONDS = 6.0                # one file's header (a 248K-token vocabulary takes ~1.5 s)
 FILE_EXTRA_BYTES = 300 << 20      # memory the header reader may use beyond mapping the file
-WORKER_START_SECONDS = 60.0       # the worker imports the engine (numba) before its first file
+WORKER_START_SECONDS = 60.0       # the worker imports the GGUF reader (no numba) before its first file
 
 
 @dataclass
