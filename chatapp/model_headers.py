@@ -29,7 +29,7 @@ from chatapp.discovery import GGUF_MAGIC, Candidate, ModelEntry, candidates, pas
 SCAN_SECONDS = 30.0               # the whole scan: walking the folders + reading the headers
 FILE_SECONDS = 6.0                # one file's header (a 248K-token vocabulary takes ~1.5 s)
 FILE_EXTRA_BYTES = 300 << 20      # memory the header reader may use beyond mapping the file
-WORKER_START_SECONDS = 60.0       # the worker imports the engine (numba) before its first file
+WORKER_START_SECONDS = 60.0       # the worker imports the GGUF reader (no numba) before its first file
 
 
 # -- reading one file ----------------------------------------------------------------------
@@ -92,7 +92,7 @@ def describe(c: Candidate) -> ModelEntry:
     """Read the file's header (in this process). Never raises for a bad file: the row says why."""
     from engine.errors import ModelFileError
     from engine.gguf_file import GGUFFile
-    from engine.models import SUPPORTED_ARCHITECTURES
+    from engine.architectures import SUPPORTED_ARCHITECTURES
 
     e = ModelEntry(c.path, c.source, c.name)
     try:
@@ -170,7 +170,6 @@ def worker_main():
     FILE_EXTRA_BYTES, so a header that makes the parser allocate fails with MemoryError here.
     """
     import engine.gguf_file  # noqa: F401  (import before measuring the base address space)
-    import engine.models  # noqa: F401
 
     out = sys.stdout.buffer
     out.write(b'"ready"\n')

@@ -13,10 +13,12 @@ def _no_numpy_hugepages() -> None:
     buffers come and go, and then each fault can wait for the kernel to compact memory into a
     2 MB page, and RSS counts whole 2 MB pages: on a fragmented machine we saw prefill 30%
     slower and 120 MB more RSS in some runs. Weights are file pages and never affected."""
+    import importlib
+
     try:
-        from numpy._core import multiarray
+        multiarray = importlib.import_module("numpy._core.multiarray")
     except ImportError:  # numpy < 2
-        from numpy.core import multiarray
+        multiarray = importlib.import_module("numpy.core.multiarray")
     setter = getattr(multiarray, "_set_madvise_hugepage", None)
     if setter is not None:
         setter(False)

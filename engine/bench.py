@@ -14,38 +14,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numba
 import numpy as np
 
 from engine import runtime, threads
 from engine.cache import cache_bytes
-from engine.jit import JIT_PAR
 from engine.generate import PREFILL_CHUNK
-
-
-@numba.njit(**JIT_PAR)
-def _sum_rows(a):
-    """Read every byte of a (rows, n) float32 array once, split across threads."""
-    partial = np.zeros(a.shape[0], dtype=np.float32)
-    for r in numba.prange(a.shape[0]):
-        s = np.float32(0.0)
-        for i in range(a.shape[1]):
-            s += a[r, i]
-        partial[r] = s
-    return partial.sum()
-
-
-def measure_bandwidth(n_bytes: int = 512 << 20, repeats: int = 5) -> float:
-    """Read bandwidth in bytes/s (median), with the threads currently set: the decode bound."""
-    a = np.ones((n_bytes // 4 // 65536, 65536), dtype=np.float32)
-    _sum_rows(a)  # compile / fault the pages in
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        _sum_rows(a)
-        times.append(time.perf_counter() - t)
-    return a.nbytes / statistics.median(times)
 
 
 def time_prefill(model, n_tokens: int, rng, cache_sizes: list | None = None) -> float:
@@ -100,29 +76,29 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
                 peer_samples[key].append(peer.prefill_tps(n) if kind == "pp" else peer.decode_tps(n))
         if probe_each_round:
             peak_rss = max(peak_rss, runtime.peak_rss_bytes())
-            bw_samples.append(measure_bandwidth(n_bytes=256 << 20, repeats=3))
+            bw_samples.append(runtime.measure_bandwidth(n_bytes=256 << 20, repeats=3))
             runtime.reset_peak_rss()
         if progress:
             line = ", ".join(f"{k} {v[-1]:.1f}" + (f" (llama.cpp {peer_samples[k][-1]:.1f})" if peer else "")
                              for k, v in samples.items())
             progress(f"run {r + 1}/{repeats}: {line}")
-    out_peer = {}
+    out_peer: dict[str, Any] = {}
     if peer is not None:
         out_peer = {"peer": {"engine": f"llama.cpp (llama-cpp-python {peer.version})",
                              "results": {k: {"median_tps": statistics.median(v), "runs": v}
                                          for k, v in peer_samples.items()},
-                             "peak_rss_bytes": getattr(peer, "peak_rss_bytes", None),
-                             "baseline_rss_bytes": getattr(peer, "baseline_rss_bytes", None)}}
+                             "peak_rss_bytes": peer.peak_rss_bytes,
+                             "baseline_rss_bytes": peer.baseline_rss_bytes}}
         # the median of the per-pair ratios: each pair ran back to back, so a slow spell of the
         # (shared, noisy) machine hits both sides of a pair instead of skewing one median
         ratio = {k: statistics.median(a / b for a, b in zip(samples[k], peer_samples[k])) for k in samples}
         out_peer["ratios"] = ratio
         out_peer["decode_ratio"] = ratio.get(f"tg{tg}")
         big_pp = f"pp{max(pp)}" if pp else None
-        out_peer["prefill_ratio"] = ratio.get(big_pp)
+        out_peer["prefill_ratio"] = ratio.get(big_pp) if big_pp else None
     peak_rss = max(peak_rss, runtime.peak_rss_bytes())   # (without a reset: before the probe's buffer)
     if bandwidth and not bw_samples:
-        bw_samples.append(measure_bandwidth())
+        bw_samples.append(runtime.measure_bandwidth())
     bw = statistics.median(bw_samples) if bw_samples else None
     return {
         **out_peer,
@@ -132,11 +108,11 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
         "threading_layer": runtime.threading_layer(),
         "cpu_features": runtime.cpu_features(),
         "kernel_family": runtime.kernel_family(),
-        "weight_bytes": getattr(model, "weight_bytes", None),
+        "weight_bytes": model.weight_bytes,
         "bandwidth_bytes_per_s": bw,
         "bandwidth_runs": bw_samples,
         # decode reads every weight once per token: tok/s <= bandwidth / weight bytes
-        "decode_bound_tps": bw / model.weight_bytes if bw and getattr(model, "weight_bytes", None) else None,
+        "decode_bound_tps": bw / model.weight_bytes if bw and model.weight_bytes else None,
         "peak_rss_bytes": peak_rss,
         # the largest KV cache + recurrent state the runs held (the memory bound allows for it)
         "kv_state_bytes": max(cache_sizes, default=0),

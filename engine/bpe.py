@@ -25,6 +25,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from engine.jit import JIT_EXACT
 from engine.string_array import StringArray
 
 EMPTY = -1
@@ -33,7 +34,7 @@ _FNV_PRIME = np.uint64(0x100000001B3)
 # merged keys: left * _KEY_BASE + right (vocabularies are far below 2^31 tokens)
 _KEY_BASE = np.int64(1 << 31)
 
-_JIT = dict(cache=True, nogil=True, error_model="numpy")   # integer work: no fastmath needed
+_JIT = JIT_EXACT   # integer work: no fastmath needed
 
 
 def byte_level_chars() -> list[str]:

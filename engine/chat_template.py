@@ -377,7 +377,7 @@ def _lipsum(n=5, html=True, min=20, max=100):  # noqa: A002 (jinja's argument na
 
 def _make_env() -> ImmutableSandboxedEnvironment:
     env = _LimitedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.concat = _capped_concat
+    env.concat = _capped_concat  # type: ignore[method-assign]  # jinja calls env.concat for block output
     env.filters.update(tojson=_tojson, center=_center, indent=_indent, format=_format, replace=_replace,
                        join=_join, batch=_batch, slice=_slice)
     env.filters["wordwrap"] = jinja2.pass_environment(_wordwrap)
@@ -412,7 +412,7 @@ class ChatTemplate:
             raise ValueError(f"unknown fallback template {fallback!r} (supported: {', '.join(_FALLBACKS)})")
         self.fallback = fallback
         self.is_fallback = not source
-        self.source: str = _FALLBACKS[fallback] if self.is_fallback else source
+        self.source: str = source if source else _FALLBACKS[fallback]
         self.bos_token = bos_token or ""
         self.eos_token = eos_token or ""
         self.fallback_reason: str | None = None

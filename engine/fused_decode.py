@@ -34,7 +34,7 @@ from numba.typed import List
 
 from engine import ops
 from engine.jit import JIT_EXACT
-from engine.quants import KERNEL_FAMILY, QuantLinear
+from engine.quants.linear import KERNEL_FAMILY, QuantLinear
 from engine.quants.activations import _q8_0_kernel, _q8_k_kernel
 from engine.quants.common import F16_TO_F32, HAVE_F16C
 

@@ -20,12 +20,13 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
 from engine.errors import ModelFileError
 from engine.string_array import StringArray
-from engine.quants import FORMATS, SUPPORTED_TYPE_NAMES
+from engine.quants.formats import BLOCK_FORMATS, SUPPORTED_TYPE_NAMES, type_name
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -41,7 +42,7 @@ MAX_DIMS = 4
 
 # GGUF metadata value types.
 _U8, _I8, _U16, _I16, _U32, _I32, _F32, _BOOL, _STR, _ARR, _U64, _I64, _F64 = range(13)
-_SCALAR_DTYPES = {
+_SCALAR_DTYPES: dict[int, np.dtype] = {
     _U8: np.dtype("<u1"), _I8: np.dtype("<i1"), _U16: np.dtype("<u2"), _I16: np.dtype("<i2"),
     _U32: np.dtype("<u4"), _I32: np.dtype("<i4"), _F32: np.dtype("<f4"), _BOOL: np.dtype("<u1"),
     _U64: np.dtype("<u8"), _I64: np.dtype("<i8"), _F64: np.dtype("<f8"),
@@ -64,7 +65,7 @@ class TensorInfo:
 
     @property
     def type_name(self) -> str:
-        return FORMATS[self.ggml_type].name
+        return BLOCK_FORMATS[self.ggml_type].name
 
     @property
     def n_cols(self) -> int:
@@ -91,7 +92,7 @@ class _Cursor:
         self.pos = 0
         self.path = path
 
-    def fail(self, problem: str):
+    def fail(self, problem: str) -> NoReturn:
         raise ModelFileError(self.path, problem)
 
     def need(self, n: int, what: str):
@@ -256,7 +257,7 @@ class GGUFFile:
         for name, shape, gtype, offset in infos:
             if name in tensors:
                 cur.fail(f"tensor {name!r} appears twice")
-            fmt = FORMATS.get(gtype)
+            fmt = BLOCK_FORMATS.get(gtype)
             if fmt is None:
                 raise ModelFileError(spath, f"tensor {name!r} has unsupported type {_ggml_type_name(gtype)}",
                                      "tensor types " + ", ".join(SUPPORTED_TYPE_NAMES))
@@ -311,8 +312,10 @@ class GGUFFile:
 
     def tensor_float(self, name: str) -> np.ndarray:
         """A small tensor (norm weights, biases, conv taps) as float32, shape reversed to numpy order."""
+        from engine.quants.linear import get_format   # the numerics: only a model load needs them
+
         t = self.tensors[name]
-        arr = FORMATS[t.ggml_type].dequantize(self.tensor_bytes(name))
+        arr = get_format(t.ggml_type).dequantize(self.tensor_bytes(name))
         return np.ascontiguousarray(arr.reshape(tuple(reversed(t.shape))), dtype=np.float32)
 
     def close(self):
@@ -342,9 +345,5 @@ def _check_no_overlap(cur: _Cursor, tensors) -> None:
 
 
 def _ggml_type_name(gtype: int) -> str:
-    try:
-        import gguf
-
-        return f"{gguf.GGMLQuantizationType(gtype).name} ({gtype})"
-    except (ValueError, ImportError):
-        return f"unknown type id {gtype}"
+    name = type_name(gtype)
+    return f"{name} ({gtype})" if not name.startswith("type id") else f"unknown type id {gtype}"

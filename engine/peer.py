@@ -61,9 +61,12 @@ class LlamaCppPeer:
         self.proc = subprocess.Popen([self.python, "-c", PEER_SCRIPT, str(model_path), str(threads), str(n_ctx)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
-        line = self.proc.stdout.readline()
+        stdin, stdout, stderr = self.proc.stdin, self.proc.stdout, self.proc.stderr
+        assert stdin is not None and stdout is not None and stderr is not None   # PIPE: always set
+        self._stdin, self._stdout, self._stderr = stdin, stdout, stderr
+        line = self._stdout.readline()
         if not line:
-            err = self.proc.stderr.read()[-2000:]
+            err = self._stderr.read()[-2000:]
             hint = ("llama-cpp-python is not importable there: pip install -e '.[peer]' (builds llama.cpp, "
                     "~10 min) or pass --peer-python PATH") if "No module named 'llama_cpp'" in err else err
             raise PeerError(f"llama.cpp peer did not start ({self.python}): {hint}")
@@ -73,11 +76,11 @@ class LlamaCppPeer:
         self.baseline_rss_bytes: int | None = None
 
     def _ask(self, cmd: dict) -> float:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
+        self._stdin.write(json.dumps(cmd) + "\n")
+        self._stdin.flush()
+        line = self._stdout.readline()
         if not line:
-            raise PeerError("llama.cpp peer stopped: " + self.proc.stderr.read()[-2000:])
+            raise PeerError("llama.cpp peer stopped: " + self._stderr.read()[-2000:])
         reply = json.loads(line)
         self.peak_rss_bytes = reply.get("peak_rss", self.peak_rss_bytes)
         self.baseline_rss_bytes = reply.get("base_rss", self.baseline_rss_bytes)
@@ -91,7 +94,7 @@ class LlamaCppPeer:
 
     def close(self):
         if self.proc.poll() is None:
-            self.proc.stdin.close()
+            self._stdin.close()
             self.proc.wait(timeout=30)
 
     def __enter__(self):

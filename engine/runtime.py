@@ -5,9 +5,14 @@ from __future__ import annotations
 import functools
 import os
 import resource
+import statistics
 import sys
+import time
 
 import numba
+import numpy as np
+
+from engine.jit import JIT_PAR
 
 
 def set_threads(n: int | None) -> int:
@@ -30,9 +35,6 @@ def threading_layer() -> str:
     try:
         return numba.threading_layer()
     except ValueError:  # no parallel region has run yet: run a tiny one
-        from engine.ops import attention  # noqa: F401  (any parallel kernel)
-        import numpy as np
-
         _touch_parallel(np.zeros(4, dtype=np.float32))
         return numba.threading_layer()
 
@@ -45,13 +47,13 @@ def _touch_parallel(a):
 
 def kernel_family() -> str:
     """Which quant kernels run here: "avx-vnni", "avx2" or "portable" (engine.quants picks)."""
-    from engine import quants
+    from engine.quants import linear
 
-    return quants.KERNEL_FAMILY
+    return linear.KERNEL_FAMILY
 
 
 def cpu_features() -> list[str]:
-    flags = []
+    flags: list[str] = []
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -65,11 +67,33 @@ def cpu_features() -> list[str]:
     return flags
 
 
+@numba.njit(**JIT_PAR)
+def _sum_rows(a):
+    """Read every byte of a (rows, n) float32 array once, split across threads."""
+    partial = np.zeros(a.shape[0], dtype=np.float32)
+    for r in numba.prange(a.shape[0]):
+        s = np.float32(0.0)
+        for i in range(a.shape[1]):
+            s += a[r, i]
+        partial[r] = s
+    return partial.sum()
+
+
+def measure_bandwidth(n_bytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s (median), with the threads currently set: the decode bound."""
+    a = np.ones((n_bytes // 4 // 65536, 65536), dtype=np.float32)
+    _sum_rows(a)  # compile / fault the pages in
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        _sum_rows(a)
+        times.append(time.perf_counter() - t)
+    return a.nbytes / statistics.median(times)
+
+
 @functools.lru_cache(maxsize=1)
 def memory_bandwidth_bytes_s() -> float:
     """Read bandwidth with the current threads (measured once per process, ~0.2 s)."""
-    from engine.bench import measure_bandwidth
-
     return measure_bandwidth(n_bytes=256 << 20, repeats=3)
 
 

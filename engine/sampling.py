@@ -151,7 +151,9 @@ def make_repetition_penalty(penalty: float, last_n: int = 64) -> LogitsProcessor
     """llama.cpp's rule: a seen token's logit is divided by the penalty if positive, else multiplied."""
 
     def process(history: Sequence[int], logits: np.ndarray) -> np.ndarray:
-        recent = np.unique(np.asarray(history[-last_n:], dtype=np.int64)) if last_n > 0 else []
+        if last_n <= 0:
+            return logits
+        recent = np.unique(np.asarray(history[-last_n:], dtype=np.int64))
         if len(recent) == 0:
             return logits
         logits = logits.copy()

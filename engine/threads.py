@@ -31,8 +31,12 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from typing import Any
 
 import numba
+
+# numba sets its settings at import from the environment: unknown to a type checker
+_NUMBA_CONFIG: Any = numba.config
 
 SHRINK_RATIO = 2.0      # a step this many times the recent fast step: the team waited for a member
 CPU_SHARE_MIN = 0.7     # ... or the process got less CPU than this share of n cores (spinning counts)
@@ -65,7 +69,7 @@ def default_threads() -> int:
                 cores.add(f.read().strip())
         except OSError:
             cores.add(str(c))
-    return max(1, min(len(cores), numba.config.NUMBA_NUM_THREADS))
+    return max(1, min(len(cores), _NUMBA_CONFIG.NUMBA_NUM_THREADS))
 
 
 class RunQueue:
@@ -201,6 +205,7 @@ class ThreadGovernor:
 
     def _judge_probe(self, seconds: float):
         probe = self._probe
+        assert probe is not None   # called only while a probe runs
         probe.append(seconds)
         judged = probe[1:]
         failed = bool(judged) and max(judged) > 1.5 * self._probe_base
@@ -232,7 +237,7 @@ def configure(requested: int | None) -> ThreadGovernor:
     adapted to the machine's load. Applies the count on the calling thread."""
     global _governor
     if requested:
-        n = max(1, min(int(requested), numba.config.NUMBA_NUM_THREADS))
+        n = max(1, min(int(requested), _NUMBA_CONFIG.NUMBA_NUM_THREADS))
         _governor = ThreadGovernor(n, adaptive=False)
     else:
         _governor = ThreadGovernor(default_threads(), adaptive=True)

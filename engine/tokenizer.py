@@ -153,12 +153,12 @@ class Tokenizer:
                 if not t:
                     tokens[i] = f"[EMPTY_{i}]"
         self._bpe: BytePairEncoder | None = None
-        self._ids: dict[str, int] | None = None
+        self._ids: dict[str, int] = {}   # SPM only (byte-level BPE looks up through self._bpe)
         if self.is_spm:   # the SPM merge loop looks texts up from Python: a dict
             self._texts = tokens
             self._ids = {t: i for i, t in enumerate(tokens)}
             if len(self._ids) != n:
-                seen = {}
+                seen: dict[str, int] = {}
                 for i, t in enumerate(tokens):
                     if t in seen:
                         raise ValueError(f"duplicate token in vocabulary: {t!r} has ids {seen[t]} and {i}")
@@ -203,6 +203,7 @@ class Tokenizer:
             raise ValueError("tokenizer.ggml.pre is not a string")
         self.pre = pre
         self.ignore_merges = False
+        unk: int | None
         if self.is_spm:
             bos, eos, unk = 1, 2, 0
             self.add_space_prefix = True
@@ -213,14 +214,15 @@ class Tokenizer:
                 raise ValueError(f"unsupported pre-tokenizer {pre!r} for a gpt2 vocabulary "
                                  f"(supported: {', '.join(SUPPORTED_PRE)})")
             regexes, self.ignore_merges, add_bos, self.clean_spaces = _PRE[pre]
+            assert isinstance(tokens, StringArray) and isinstance(merges, StringArray)   # made so above
             self._bpe = BytePairEncoder(tokens, merges, self.ignore_merges)
             self._split = _pre.Sequence([_pre.Split(Regex(r), behavior="isolated") for r in regexes])
             bos, eos, unk = 11, 11, None
             self.add_space_prefix = False
             self.add_bos, self.add_eos = bool(add_bos), False
-        v = meta.get(_KEY + "add_space_prefix")
-        if isinstance(v, (bool, int)):
-            self.add_space_prefix = bool(v)
+        space_prefix = meta.get(_KEY + "add_space_prefix")
+        if isinstance(space_prefix, (bool, int)):
+            self.add_space_prefix = bool(space_prefix)
 
         def in_range(x):
             return x if x is not None and 0 <= x < n else None
@@ -239,10 +241,10 @@ class Tokenizer:
                 continue
             if 0 <= val < n:
                 ids[name] = val
-        for key, attr in (("add_bos_token", "add_bos"), ("add_eos_token", "add_eos")):
+        for key, flag in (("add_bos_token", "add_bos"), ("add_eos_token", "add_eos")):
             val = meta.get(_KEY + key)
             if isinstance(val, (bool, int)):
-                setattr(self, attr, bool(val))
+                setattr(self, flag, bool(val))
         if self.add_bos and ids.get("bos") is None:
             raise ValueError("tokenizer.ggml.add_bos_token is true, but tokenizer.ggml.bos_token_id is not set")
         if self.add_eos and ids.get("eos") is None:
@@ -259,7 +261,7 @@ class Tokenizer:
         # special tokens, split out of the text longest first
         attr = self._attr
         specials = np.flatnonzero(attr & _SPECIAL_CACHE)
-        sizes = np.array([self._byte_length(i) for i in specials], np.int64)
+        sizes = np.array([self._byte_length(int(i)) for i in specials], np.int64)
         self._special_order = specials[np.lexsort((specials, -sizes))]
         self._special_sizes = np.unique(sizes)
 
@@ -267,9 +269,9 @@ class Tokenizer:
         if isinstance(name, str) and ("phi-3" in name.lower() or "phi3" in name.lower()):
             attr[specials] |= A_RSTRIP
             for t, on in (("</s>", True), ("<unk>", False), ("<s>", False), ("<|endoftext|>", False)):
-                i = self.token_to_id(t)
-                if i is not None:
-                    attr[i] = (int(attr[i]) | A_RSTRIP) if on else (int(attr[i]) & ~A_RSTRIP)
+                tid = self.token_to_id(t)
+                if tid is not None:
+                    attr[tid] = (int(attr[tid]) | A_RSTRIP) if on else (int(attr[tid]) & ~A_RSTRIP)
 
         self._piece_cache: dict[int, bytes] = {}
 
@@ -312,27 +314,27 @@ class Tokenizer:
 
         eog = {ids[k] for k in ("fim_pad", "fim_rep", "fim_sep") if ids.get(k) is not None}
         for t in _EOG_TEXTS:
-            i = self.token_to_id(t)
-            if i is not None:
-                eog.add(i)
-                force_control(i)
+            tid = self.token_to_id(t)
+            if tid is not None:
+                eog.add(tid)
+                force_control(tid)
         for t in ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"):
-            i = self.token_to_id(t)
-            if i is not None:
-                attr[i] = A_USER_DEFINED
+            tid = self.token_to_id(t)
+            if tid is not None:
+                attr[tid] = A_USER_DEFINED
         for k in ("eos", "eot", "eom"):
             if ids.get(k) is not None:
                 eog.add(ids[k])
-        texts = {self._texts[i]: i for i in eog}
-        if "<|end|>" in texts and (("<|return|>" in texts and "<|call|>" in texts)
-                                   or ("<|calls|>" in texts and "<|flush|>" in texts)):
-            i = texts["<|end|>"]
-            eog.discard(i)
-            attr[i] = A_USER_DEFINED
-        if "<|tool_response>" in texts and "</s>" in texts:
-            i = texts["</s>"]
-            eog.discard(i)
-            attr[i] = A_NORMAL
+        by_text = {self._texts[i]: i for i in eog}
+        if "<|end|>" in by_text and (("<|return|>" in by_text and "<|call|>" in by_text)
+                                     or ("<|calls|>" in by_text and "<|flush|>" in by_text)):
+            tid = by_text["<|end|>"]
+            eog.discard(tid)
+            attr[tid] = A_USER_DEFINED
+        if "<|tool_response>" in by_text and "</s>" in by_text:
+            tid = by_text["</s>"]
+            eog.discard(tid)
+            attr[tid] = A_NORMAL
         self.eog_ids: frozenset[int] = frozenset(eog)
 
     # -- properties ----------------------------------------------------------------------
@@ -357,9 +359,6 @@ class Tokenizer:
     def is_control(self, token_id: int) -> bool:
         """llama_vocab_is_control (after llama.cpp's text-based overrides)."""
         return bool(self._attr[token_id] & A_CONTROL)
-
-    def is_eog(self, token_id: int) -> bool:
-        return token_id in self.eog_ids
 
     # -- encoding ------------------------------------------------------------------------
 
@@ -424,7 +423,7 @@ class Tokenizer:
             raise TypeError("text must be a str")
         frags = self._partition(text, parse_special) if text else []
         out: list[int] = []
-        if add_special and self.add_bos:
+        if add_special and self.add_bos and self.bos_id is not None:   # add_bos implies an id (checked)
             out.append(self.bos_id)
         if self.is_spm:
             prev_special = True
@@ -438,13 +437,15 @@ class Tokenizer:
                     self._spm_tokenize(f.replace(" ", "\u2581"), out)
                     prev_special = False
         else:
+            bpe = self._bpe
+            assert bpe is not None   # every non-SPM vocabulary is byte-level BPE
             for f in frags:
                 if isinstance(f, int):
                     out.append(f)
                 else:
-                    out.extend(self._bpe.encode_pieces([p.encode("utf-8") for p, _ in
+                    out.extend(bpe.encode_pieces([p.encode("utf-8") for p, _ in
                                                         self._split.pre_tokenize_str(f)]))
-        if add_special and self.add_eos:
+        if add_special and self.add_eos and self.eos_id is not None:
             out.append(self.eos_id)
         return out
 

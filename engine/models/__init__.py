@@ -56,7 +56,7 @@ NOT_SUPPORTED = "qwen3moe, qwen3next, gemma2, gemma3n, phi2, mistral3 (and any a
 
 def support_table_markdown() -> str:
     """The README's supported-architecture table, generated from the registry."""
-    from engine.quants import SUPPORTED_TYPE_NAMES
+    from engine.quants.formats import SUPPORTED_TYPE_NAMES
 
     types = ", ".join(SUPPORTED_TYPE_NAMES)
     rows = ["| Architecture | Example models | Tensor types | Tested against llama.cpp |",

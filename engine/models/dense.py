@@ -34,7 +34,7 @@ from engine import ops
 from engine.cache import KVCache
 from engine.errors import ModelFileError
 from engine.gguf_file import GGUFFile
-from engine.quants import LinearGroup, QuantLinear, get_format
+from engine.quants.linear import LinearGroup, QuantLinear, get_format
 from engine.quants.common import F16_TO_F32
 
 

@@ -22,7 +22,7 @@ from engine.cache import KVCache
 from engine.errors import ModelFileError
 from engine.fused_decode import FusedDecode
 from engine.gguf_file import GGUFFile
-from engine.quants import LinearGroup, QuantLinear, get_format
+from engine.quants.linear import LinearGroup, QuantLinear, get_format
 
 
 @dataclass(frozen=True)

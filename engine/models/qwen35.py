@@ -40,7 +40,7 @@ from engine.cache import KVCache, RecurrentCache
 from engine.deltanet import deltanet_mix
 from engine.errors import ModelFileError
 from engine.gguf_file import GGUFFile
-from engine.quants import LinearGroup, QuantLinear, get_format
+from engine.quants.linear import LinearGroup, QuantLinear, get_format
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from engine.jit import JIT_EXACT_PAR
-from engine.quants.common import JIT_EXACT, F16_TO_F32, f32_to_f16_bits, f32_to_f16_ref
+from engine.jit import JIT_EXACT, JIT_EXACT_PAR
+from engine.quants.common import F16_TO_F32, f32_to_f16_bits, f32_to_f16_ref
 
 
 @numba.njit(**JIT_EXACT)

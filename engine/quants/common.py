@@ -1,4 +1,4 @@
-"""Shared pieces of the block formats: fp16 conversion, the format record, kernel flags.
+"""Shared pieces of the block formats: fp16 conversion, kernel flags.
 
 numba has no float16 type, so kernels read fp16 scales as uint16 bit patterns and look
 them up in `F16_TO_F32` (65536 float32 values, 256 KiB, stays in L2).
@@ -6,15 +6,12 @@ them up in `F16_TO_F32` (65536 float32 values, 256 KiB, stays in L2).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import numba
 import numpy as np
 from llvmlite import ir
 from numba.extending import intrinsic
 
-from engine.jit import JIT, JIT_EXACT, JIT_PAR  # noqa: F401  (re-exported for the format modules)
+from engine.jit import JIT, JIT_EXACT, jit_disabled
 
 F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
@@ -56,7 +53,7 @@ def _host_has_f16c() -> bool:
     if os.environ.get("NUMBA_CPU_NAME", "host") not in ("", "host"):
         return "+f16c" in os.environ.get("NUMBA_CPU_FEATURES", "")
     try:
-        return bool(llvm.get_host_cpu_features().get("f16c", False)) and not numba.config.DISABLE_JIT
+        return bool(llvm.get_host_cpu_features().get("f16c", False)) and not jit_disabled()
     except Exception:  # pragma: no cover - feature query unsupported
         return False
 
@@ -80,48 +77,3 @@ def f16_round(typingctx, x):
 
 def f32_to_f16_ref(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)
-
-
-@dataclass(frozen=True)
-class QuantFormat:
-    """One ggml tensor type: its block layout, reference math and kernels.
-
-    act: how llama.cpp quantizes the activation for this weight type (its vec_dot_type).
-    """
-
-    name: str
-    ggml_type: int
-    block_size: int
-    type_size: int
-    act: str  # "q8_0" | "q8_1" | "q8_k" | "f32" | "f16" | "bf16"
-    dequantize: Callable[[np.ndarray], np.ndarray]  # numpy: raw (R, row_bytes) -> (R, cols) float32
-    kernel: Callable  # numba: (raw, *act_arrays, lut, out)
-
-    def row_bytes(self, n_cols: int) -> int:
-        if n_cols % self.block_size:
-            raise ValueError(f"{self.name} rows must be a multiple of {self.block_size} values, got {n_cols}")
-        return n_cols // self.block_size * self.type_size
-
-    def quantize_act(self, X: np.ndarray) -> tuple:
-        from engine.quants import activations
-
-        return activations.QUANTIZERS[self.act](X)
-
-    def quantize_act_ref(self, X: np.ndarray) -> tuple:
-        from engine.quants import activations
-
-        return activations.QUANTIZERS_REF[self.act](X)
-
-    def matmul(self, raw: np.ndarray, act: tuple, out: np.ndarray) -> None:
-        """out (T, N) = W (N, K) applied to the quantized activations (T, K). Unchecked: use QuantLinear."""
-        from engine.quants import QuantLinear
-
-        QuantLinear(raw, self.ggml_type, act[0].shape[1], raw.shape[0], self.name).matmul_quantized(act, out)
-
-    def matmul_ref(self, raw: np.ndarray, act: tuple) -> np.ndarray:
-        """numpy twin: dequantized weights @ dequantized activations, in float64."""
-        from engine.quants import activations
-
-        x = activations.DEQUANT_REF[self.act](act)
-        w = self.dequantize(raw).astype(np.float64)
-        return (x.astype(np.float64) @ w.T).astype(np.float32)

@@ -10,7 +10,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from engine.quants.common import JIT_PAR
+from engine.jit import JIT_PAR
 
 BF16_TO_F32 = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32)
 

@@ -37,6 +37,8 @@ cannot take an intrinsic as an argument). Numpy twins: the formats' `matmul_ref`
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -344,15 +346,17 @@ def _gemm_row_legacy(kind, ntiles, isa):
     return gemm
 
 
-# The intrinsics, named gemm{tiles}_{kind}_{isa}: TILES[isa] tiles and a single tile; the
-# drivers in simd_kernels.py call them (numba cannot take an intrinsic as an argument).
+# The intrinsics by name, gemm{tiles}_{kind}_{isa}: TILES[isa] tiles and a single tile; the
+# drivers in simd_kernels.py bind them to those names (numba cannot take an intrinsic as an
+# argument, and a compiled driver must name each one it calls).
 KQ_KINDS = ("q4_k", "q6_k")
 LEGACY_KINDS = ("q8_0", "q4_0", "q5_0", "iq4_nl", "q4_1", "q5_1")
+INTRINSICS: dict[str, Any] = {}
 for _isa in ISAS:
     for _kind in KQ_KINDS + LEGACY_KINDS:
         _make = _gemm_row if _kind in KQ_KINDS else _gemm_row_legacy
-        globals()[f"gemm{TILES[_isa]}_{_kind}_{_isa}"] = _make(_kind, TILES[_isa], _isa)
-        globals()[f"gemm1_{_kind}_{_isa}"] = _make(_kind, 1, _isa)
+        INTRINSICS[f"gemm{TILES[_isa]}_{_kind}_{_isa}"] = _make(_kind, TILES[_isa], _isa)
+        INTRINSICS[f"gemm1_{_kind}_{_isa}"] = _make(_kind, 1, _isa)
 
 
 # --------------------------------------------------------------------------- activations
@@ -472,59 +476,3 @@ def interleaved_32(xq, xd, xs):
     xsil = np.empty((K // 32, ntiles * 16), np.float32)
     interleave_q8_32(xq, xd, xs, xil, xdil, bsil, xsil)
     return xil, xdil, bsil, xsil
-
-
-# --------------------------------------------------------------------------- entry points
-# One token (decode) runs the row kernels; from two on, the GEMM. Each token's result is the
-# same whatever T and its lane, so prefilling in chunks (of ≥ 2) equals one batch bit for bit.
-GEMM_MIN_TOKENS = 2
-_GROUPS = {"q4_k": 8, "q6_k": 16}
-
-
-def _entry(kind, isa, row_kernel, row_multi):
-    """(matmul, matmul3) with the row kernels' calls: the GEMM from GEMM_MIN_TOKENS tokens,
-    the row kernels below; matmul3 reorders the shared activation once for its weights."""
-    from engine.quants import simd_kernels
-
-    if kind in KQ_KINDS:
-        k, groups, name = KQ_KINDS.index(kind), _GROUPS[kind], f"gemm_kq_{isa}"
-        def prepare(xq, xd, xs):
-            return interleaved(xq, xd, xs, groups)
-    else:
-        k, name = LEGACY_KINDS.index(kind), f"gemm_legacy_{isa}"
-        prepare = interleaved_32
-
-    def run(w, il, lut, out):   # looked up when called: gen_simd_kernels imports this module
-        getattr(simd_kernels, name)(k, w, *il, lut, out)
-    with_sums = kind in KQ_KINDS or kind in ("q4_1", "q5_1")   # the activation's third array
-
-    def matmul(w, xq, xd, *rest):
-        *xs, lut, out = rest
-        if xq.shape[0] < GEMM_MIN_TOKENS:
-            row_kernel(w, xq, xd, *rest)
-        else:
-            run(w, prepare(xq, xd, xs[0] if with_sums else xd), lut, out)
-
-    def matmul3(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
-        if xq.shape[0] < GEMM_MIN_TOKENS:
-            row_multi(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2)
-            return
-        il = prepare(xq, xd, xs)
-        for w, out in ((w0, out0), (w1, out1), (w2, out2)):
-            if out.shape[1]:
-                run(w, il, lut, out)
-
-    matmul.__name__, matmul3.__name__ = f"matmul_{kind}_gemm_{isa}", f"matmul3_{kind}_gemm_{isa}"
-    return matmul, matmul3
-
-
-def kernels(isa: str, row_kernels: dict, row_multi: dict) -> tuple[dict, dict]:
-    """(KERNELS, MULTI_KERNELS) of a family: every format with a GEMM here routed through
-    this ISA's (from GEMM_MIN_TOKENS tokens), the others' row kernels as given."""
-    from gguf import GGMLQuantizationType as G
-
-    ks, ms = dict(row_kernels), dict(row_multi)
-    for kind in KQ_KINDS + LEGACY_KINDS:
-        t = int(G[kind.upper()])
-        ks[t], ms[t] = _entry(kind, isa, row_kernels[t], row_multi[t])
-    return ks, ms

@@ -1,4 +1,4 @@
-"""Regenerates simd_kernels.py from the templates below: `DELTATALK_NO_SIMD=1 python -m engine.quants.gen_simd_kernels`.
+"""Regenerates simd_kernels.py from the templates below: `python -m engine.quants.gen_simd_kernels`.
 
 The kernels are generated rather than written once per format because numba cannot take
 the intrinsic as a parameter of a cached function. Run this after editing the templates or
@@ -7,14 +7,14 @@ keyed on that file's own contents and would otherwise keep machine code built fr
 intrinsics (tests/engine/test_quants_simd.py checks the recorded hash).
 """
 
+from __future__ import annotations
+
 import hashlib
-import os
 from pathlib import Path
 
-# engine.quants imports the generated file, which may name intrinsics that no longer exist:
-# generate with the portable kernels in use, so the package never imports it here
-os.environ["DELTATALK_NO_SIMD"] = "1"
-from engine.quants.gemm import ISAS, KQ_KINDS, LEGACY_KINDS, TILES  # noqa: E402
+# gemm.py never imports the generated file (gemm_dispatch.py does), so a stale one that names
+# intrinsics which no longer exist cannot stop this from running
+from engine.quants.gemm import ISAS, KQ_KINDS, LEGACY_KINDS, TILES
 
 HERE = Path(__file__).resolve().parent
 HEAD = '''"""AVX2 kernels (vpmaddubsw through numba intrinsics) for every block format.
@@ -35,11 +35,15 @@ Callers must validate shapes first: nothing here bounds-checks.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba
 import numpy as np
+from gguf import GGMLQuantizationType as G
 from numba import prange
 
 from engine.jit import JIT, JIT_PAR
+from engine.quants.gemm import INTRINSICS
 from engine.quants.simd import (
     TILE, dot4_iq4_nl_row, dot4_q4_0_row, dot4_q4_1_row, dot4_q5_0_row, dot4_q5_1_row, dot4_q8_0_row,
     dot_iq4_nl_row, dot_q4_0_row, dot_q4_1_row, dot_q5_0_row, dot_q5_1_row, dot_q8_0_row,
@@ -242,26 +246,25 @@ def touch_parallel(a):
     for i in prange(a.shape[0]):
         a[i] += np.float32(1.0)
 
-import gguf as _gguf  # noqa: E402
 
-_G = _gguf.GGMLQuantizationType
-KERNELS = {
-    _G.Q4_0: matmul_q4_0, _G.Q4_1: matmul_q4_1, _G.Q5_0: matmul_q5_0, _G.Q5_1: matmul_q5_1,
-    _G.Q8_0: matmul_q8_0, _G.IQ4_NL: matmul_iq4_nl,
-    _G.Q2_K: matmul_q2_k, _G.Q3_K: matmul_q3_k, _G.Q4_K: matmul_q4_k, _G.Q5_K: matmul_q5_k,
-    _G.Q6_K: matmul_q6_k, _G.IQ4_XS: matmul_iq4_xs, _G.F16: matmul_f16, _G.BF16: matmul_bf16,
+# The row kernels by ggml type id (any T: the decode kernels; gemm_dispatch routes T >= 2 of
+# the GEMM formats to GEMM_DRIVERS).
+KERNELS: dict[int, Any] = {
+    int(G.Q4_0): matmul_q4_0, int(G.Q4_1): matmul_q4_1, int(G.Q5_0): matmul_q5_0,
+    int(G.Q5_1): matmul_q5_1, int(G.Q8_0): matmul_q8_0, int(G.IQ4_NL): matmul_iq4_nl,
+    int(G.Q2_K): matmul_q2_k, int(G.Q3_K): matmul_q3_k, int(G.Q4_K): matmul_q4_k,
+    int(G.Q5_K): matmul_q5_k, int(G.Q6_K): matmul_q6_k, int(G.IQ4_XS): matmul_iq4_xs,
+    int(G.F16): matmul_f16, int(G.BF16): matmul_bf16,
 }
-KERNELS = {int(k): v for k, v in KERNELS.items()}
 
 # matmul3_*(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2): xs is the activation's third
 # array (sums for Q8_1, bsums for Q8_K) or its scales again for Q8_0.
-MULTI_KERNELS = {
-    _G.Q4_0: matmul3_q4_0, _G.Q4_1: matmul3_q4_1, _G.Q5_0: matmul3_q5_0, _G.Q5_1: matmul3_q5_1,
-    _G.Q8_0: matmul3_q8_0, _G.IQ4_NL: matmul3_iq4_nl,
-    _G.Q2_K: matmul3_q2_k, _G.Q3_K: matmul3_q3_k, _G.Q4_K: matmul3_q4_k, _G.Q5_K: matmul3_q5_k,
-    _G.Q6_K: matmul3_q6_k, _G.IQ4_XS: matmul3_iq4_xs,
+MULTI_KERNELS: dict[int, Any] = {
+    int(G.Q4_0): matmul3_q4_0, int(G.Q4_1): matmul3_q4_1, int(G.Q5_0): matmul3_q5_0,
+    int(G.Q5_1): matmul3_q5_1, int(G.Q8_0): matmul3_q8_0, int(G.IQ4_NL): matmul3_iq4_nl,
+    int(G.Q2_K): matmul3_q2_k, int(G.Q3_K): matmul3_q3_k, int(G.Q4_K): matmul3_q4_k,
+    int(G.Q5_K): matmul3_q5_k, int(G.Q6_K): matmul3_q6_k, int(G.IQ4_XS): matmul3_iq4_xs,
 }
-MULTI_KERNELS = {int(k): v for k, v in MULTI_KERNELS.items()}
 '''
 
 def _row1(call: str) -> dict:
@@ -270,9 +273,10 @@ def _row1(call: str) -> dict:
             "row1c": call.format(w="w2", n="(n - N0 - N1)")}
 
 
-src = HEAD + "from engine.quants.gemm import (  # noqa: E402\n" + "".join(
-    f"    gemm{t}_{k}_{isa},\n" for isa in ISAS for k in KQ_KINDS + LEGACY_KINDS for t in sorted({TILES[isa], 1}))
-src += ")\n"
+# the GEMM intrinsics under their own names: a compiled driver names each one it calls
+src = HEAD + "".join(
+    f'gemm{t}_{k}_{isa} = INTRINSICS["gemm{t}_{k}_{isa}"]\n'
+    for isa in ISAS for k in KQ_KINDS + LEGACY_KINDS for t in sorted({TILES[isa], 1}))
 for k in ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"]:
     q81 = k in ("q4_1", "q5_1")
     src += LEGACY.format(k=k, xsp="xs, " if q81 else "", xsa="xs" if q81 else "xd")
@@ -294,6 +298,11 @@ for isa in ISAS:   # the prefill GEMM drivers, one set per instruction set
                      f"        else:\n            gemm1_{k}_{isa}(*a)\n")
     src += GEMM.format(isa=isa, tiles=tiles, legacy_dispatch=dispatch)
 src += TAIL
+src += """
+# The prefill GEMM drivers per instruction set: (K-quants, 32-value formats); gemm_dispatch.py
+# calls them from GEMM_MIN_TOKENS tokens.
+GEMM_DRIVERS: dict[str, tuple[Any, Any]] = {
+""" + "".join(f'    "{isa}": (gemm_kq_{isa}, gemm_legacy_{isa}),\n' for isa in ISAS) + "}\n"
 src += f'''
 # sha256 of simd.py and gemm.py when this file was generated (see gen_simd_kernels.py)
 SIMD_SOURCE_SHA256 = "{hashlib.sha256((HERE / "simd.py").read_bytes() + (HERE / "gemm.py").read_bytes()).hexdigest()}"

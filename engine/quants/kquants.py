@@ -19,7 +19,8 @@ import numba
 import numpy as np
 from numba import prange
 
-from engine.quants.common import JIT, JIT_PAR, f16
+from engine.jit import JIT, JIT_PAR
+from engine.quants.common import f16
 from engine.quants.legacy import IQ4NL_VALUES, blocks, fp16_field
 
 

@@ -19,7 +19,8 @@ import numba
 import numpy as np
 from numba import prange
 
-from engine.quants.common import JIT, JIT_PAR, f16
+from engine.jit import JIT, JIT_PAR
+from engine.quants.common import f16
 
 IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
 

@@ -19,7 +19,7 @@ import time
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from engine.quants import QuantLinear, get_format
+from engine.quants.linear import QuantLinear, get_format
 
 # Byte offsets of the fp16 scale fields in each block (the rest may be random).
 _FP16_FIELDS = {

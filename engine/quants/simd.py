@@ -56,9 +56,9 @@ def _target_has(*features: str) -> bool:
 
 
 def _jit_enabled() -> bool:
-    import numba
+    from engine.jit import jit_disabled
 
-    return not numba.config.DISABLE_JIT  # intrinsics only exist in compiled code
+    return not jit_disabled()  # intrinsics only exist in compiled code
 
 
 HAVE_AVX2 = _target_has("avx2") and _jit_enabled()
@@ -126,17 +126,6 @@ def _hsum8(builder, v):
     s2 = builder.fadd(a, b)
     return builder.fadd(builder.extract_element(s2, ir.Constant(I32, 0)),
                         builder.extract_element(s2, ir.Constant(I32, 1)))
-
-
-def _hsum8i(builder, v):
-    lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 4), [0, 1, 2, 3]))
-    hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 4), [4, 5, 6, 7]))
-    s = builder.add(lo, hi)
-    a = builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(I32, 2), [0, 1]))
-    b = builder.shuffle_vector(s, s, ir.Constant(ir.VectorType(I32, 2), [2, 3]))
-    s2 = builder.add(a, b)
-    return builder.add(builder.extract_element(s2, ir.Constant(I32, 0)),
-                       builder.extract_element(s2, ir.Constant(I32, 1)))
 
 
 def _f16(builder, blk, lut):

@@ -16,11 +16,15 @@ Callers must validate shapes first: nothing here bounds-checks.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba
 import numpy as np
+from gguf import GGMLQuantizationType as G
 from numba import prange
 
 from engine.jit import JIT, JIT_PAR
+from engine.quants.gemm import INTRINSICS
 from engine.quants.simd import (
     TILE, dot4_iq4_nl_row, dot4_q4_0_row, dot4_q4_1_row, dot4_q5_0_row, dot4_q5_1_row, dot4_q8_0_row,
     dot_iq4_nl_row, dot_q4_0_row, dot_q4_1_row, dot_q5_0_row, dot_q5_1_row, dot_q8_0_row,
@@ -31,40 +35,38 @@ from engine.quants.simd import (
 assert TILE == 4
 PAR = JIT_PAR
 SER = JIT
-from engine.quants.gemm import (  # noqa: E402
-    gemm1_q4_k_avxvnni,
-    gemm2_q4_k_avxvnni,
-    gemm1_q6_k_avxvnni,
-    gemm2_q6_k_avxvnni,
-    gemm1_q8_0_avxvnni,
-    gemm2_q8_0_avxvnni,
-    gemm1_q4_0_avxvnni,
-    gemm2_q4_0_avxvnni,
-    gemm1_q5_0_avxvnni,
-    gemm2_q5_0_avxvnni,
-    gemm1_iq4_nl_avxvnni,
-    gemm2_iq4_nl_avxvnni,
-    gemm1_q4_1_avxvnni,
-    gemm2_q4_1_avxvnni,
-    gemm1_q5_1_avxvnni,
-    gemm2_q5_1_avxvnni,
-    gemm1_q4_k_avx2,
-    gemm2_q4_k_avx2,
-    gemm1_q6_k_avx2,
-    gemm2_q6_k_avx2,
-    gemm1_q8_0_avx2,
-    gemm2_q8_0_avx2,
-    gemm1_q4_0_avx2,
-    gemm2_q4_0_avx2,
-    gemm1_q5_0_avx2,
-    gemm2_q5_0_avx2,
-    gemm1_iq4_nl_avx2,
-    gemm2_iq4_nl_avx2,
-    gemm1_q4_1_avx2,
-    gemm2_q4_1_avx2,
-    gemm1_q5_1_avx2,
-    gemm2_q5_1_avx2,
-)
+gemm1_q4_k_avxvnni = INTRINSICS["gemm1_q4_k_avxvnni"]
+gemm2_q4_k_avxvnni = INTRINSICS["gemm2_q4_k_avxvnni"]
+gemm1_q6_k_avxvnni = INTRINSICS["gemm1_q6_k_avxvnni"]
+gemm2_q6_k_avxvnni = INTRINSICS["gemm2_q6_k_avxvnni"]
+gemm1_q8_0_avxvnni = INTRINSICS["gemm1_q8_0_avxvnni"]
+gemm2_q8_0_avxvnni = INTRINSICS["gemm2_q8_0_avxvnni"]
+gemm1_q4_0_avxvnni = INTRINSICS["gemm1_q4_0_avxvnni"]
+gemm2_q4_0_avxvnni = INTRINSICS["gemm2_q4_0_avxvnni"]
+gemm1_q5_0_avxvnni = INTRINSICS["gemm1_q5_0_avxvnni"]
+gemm2_q5_0_avxvnni = INTRINSICS["gemm2_q5_0_avxvnni"]
+gemm1_iq4_nl_avxvnni = INTRINSICS["gemm1_iq4_nl_avxvnni"]
+gemm2_iq4_nl_avxvnni = INTRINSICS["gemm2_iq4_nl_avxvnni"]
+gemm1_q4_1_avxvnni = INTRINSICS["gemm1_q4_1_avxvnni"]
+gemm2_q4_1_avxvnni = INTRINSICS["gemm2_q4_1_avxvnni"]
+gemm1_q5_1_avxvnni = INTRINSICS["gemm1_q5_1_avxvnni"]
+gemm2_q5_1_avxvnni = INTRINSICS["gemm2_q5_1_avxvnni"]
+gemm1_q4_k_avx2 = INTRINSICS["gemm1_q4_k_avx2"]
+gemm2_q4_k_avx2 = INTRINSICS["gemm2_q4_k_avx2"]
+gemm1_q6_k_avx2 = INTRINSICS["gemm1_q6_k_avx2"]
+gemm2_q6_k_avx2 = INTRINSICS["gemm2_q6_k_avx2"]
+gemm1_q8_0_avx2 = INTRINSICS["gemm1_q8_0_avx2"]
+gemm2_q8_0_avx2 = INTRINSICS["gemm2_q8_0_avx2"]
+gemm1_q4_0_avx2 = INTRINSICS["gemm1_q4_0_avx2"]
+gemm2_q4_0_avx2 = INTRINSICS["gemm2_q4_0_avx2"]
+gemm1_q5_0_avx2 = INTRINSICS["gemm1_q5_0_avx2"]
+gemm2_q5_0_avx2 = INTRINSICS["gemm2_q5_0_avx2"]
+gemm1_iq4_nl_avx2 = INTRINSICS["gemm1_iq4_nl_avx2"]
+gemm2_iq4_nl_avx2 = INTRINSICS["gemm2_iq4_nl_avx2"]
+gemm1_q4_1_avx2 = INTRINSICS["gemm1_q4_1_avx2"]
+gemm2_q4_1_avx2 = INTRINSICS["gemm2_q4_1_avx2"]
+gemm1_q5_1_avx2 = INTRINSICS["gemm1_q5_1_avx2"]
+gemm2_q5_1_avx2 = INTRINSICS["gemm2_q5_1_avx2"]
 
 
 @numba.njit(**SER)
@@ -964,26 +966,32 @@ def touch_parallel(a):
     for i in prange(a.shape[0]):
         a[i] += np.float32(1.0)
 
-import gguf as _gguf  # noqa: E402
 
-_G = _gguf.GGMLQuantizationType
-KERNELS = {
-    _G.Q4_0: matmul_q4_0, _G.Q4_1: matmul_q4_1, _G.Q5_0: matmul_q5_0, _G.Q5_1: matmul_q5_1,
-    _G.Q8_0: matmul_q8_0, _G.IQ4_NL: matmul_iq4_nl,
-    _G.Q2_K: matmul_q2_k, _G.Q3_K: matmul_q3_k, _G.Q4_K: matmul_q4_k, _G.Q5_K: matmul_q5_k,
-    _G.Q6_K: matmul_q6_k, _G.IQ4_XS: matmul_iq4_xs, _G.F16: matmul_f16, _G.BF16: matmul_bf16,
+# The row kernels by ggml type id (any T: the decode kernels; gemm_dispatch routes T >= 2 of
+# the GEMM formats to GEMM_DRIVERS).
+KERNELS: dict[int, Any] = {
+    int(G.Q4_0): matmul_q4_0, int(G.Q4_1): matmul_q4_1, int(G.Q5_0): matmul_q5_0,
+    int(G.Q5_1): matmul_q5_1, int(G.Q8_0): matmul_q8_0, int(G.IQ4_NL): matmul_iq4_nl,
+    int(G.Q2_K): matmul_q2_k, int(G.Q3_K): matmul_q3_k, int(G.Q4_K): matmul_q4_k,
+    int(G.Q5_K): matmul_q5_k, int(G.Q6_K): matmul_q6_k, int(G.IQ4_XS): matmul_iq4_xs,
+    int(G.F16): matmul_f16, int(G.BF16): matmul_bf16,
 }
-KERNELS = {int(k): v for k, v in KERNELS.items()}
 
 # matmul3_*(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2): xs is the activation's third
 # array (sums for Q8_1, bsums for Q8_K) or its scales again for Q8_0.
-MULTI_KERNELS = {
-    _G.Q4_0: matmul3_q4_0, _G.Q4_1: matmul3_q4_1, _G.Q5_0: matmul3_q5_0, _G.Q5_1: matmul3_q5_1,
-    _G.Q8_0: matmul3_q8_0, _G.IQ4_NL: matmul3_iq4_nl,
-    _G.Q2_K: matmul3_q2_k, _G.Q3_K: matmul3_q3_k, _G.Q4_K: matmul3_q4_k, _G.Q5_K: matmul3_q5_k,
-    _G.Q6_K: matmul3_q6_k, _G.IQ4_XS: matmul3_iq4_xs,
+MULTI_KERNELS: dict[int, Any] = {
+    int(G.Q4_0): matmul3_q4_0, int(G.Q4_1): matmul3_q4_1, int(G.Q5_0): matmul3_q5_0,
+    int(G.Q5_1): matmul3_q5_1, int(G.Q8_0): matmul3_q8_0, int(G.IQ4_NL): matmul3_iq4_nl,
+    int(G.Q2_K): matmul3_q2_k, int(G.Q3_K): matmul3_q3_k, int(G.Q4_K): matmul3_q4_k,
+    int(G.Q5_K): matmul3_q5_k, int(G.Q6_K): matmul3_q6_k, int(G.IQ4_XS): matmul3_iq4_xs,
 }
-MULTI_KERNELS = {int(k): v for k, v in MULTI_KERNELS.items()}
+
+# The prefill GEMM drivers per instruction set: (K-quants, 32-value formats); gemm_dispatch.py
+# calls them from GEMM_MIN_TOKENS tokens.
+GEMM_DRIVERS: dict[str, tuple[Any, Any]] = {
+    "avxvnni": (gemm_kq_avxvnni, gemm_legacy_avxvnni),
+    "avx2": (gemm_kq_avx2, gemm_legacy_avx2),
+}
 
 # sha256 of simd.py and gemm.py when this file was generated (see gen_simd_kernels.py)
-SIMD_SOURCE_SHA256 = "ff8e2c9701909ca23e937ac8a4be597c92f967523037f8f7177b1019d4d84249"
+SIMD_SOURCE_SHA256 = "70a327edcd2d80f4cea9f7bd8d0e845bb6bbd2cd8d32edd6e6c9962adf523e68"

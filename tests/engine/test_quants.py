@@ -8,7 +8,7 @@ import pytest
 from gguf import GGMLQuantizationType as G
 
 from engine.errors import UnsupportedQuantError
-from engine.quants import FORMATS, QuantLinear, get_format
+from engine.quants.linear import FORMATS, QuantLinear, get_format
 from engine.quants import activations as act
 
 # Byte offsets of the fp16 scale fields inside one block, per type.
@@ -163,9 +163,9 @@ def test_decode_call_equals_one_row_of_prefill(rng):
     raw = random_blocks(G.Q4_1, 8, 256, rng)
     lin = QuantLinear(raw, G.Q4_1, 256, 8)
     X = rng.normal(size=(4, 256)).astype(np.float32)
-    from engine import quants
+    from engine.quants import linear
 
-    if quants.KERNEL_FAMILY != "portable":   # prefill is gemm.py's tokens-in-lanes sum order
+    if linear.KERNEL_FAMILY != "portable":   # prefill is gemm.py's tokens-in-lanes sum order
         np.testing.assert_allclose(lin(X[2]), lin.matmul(X)[2], rtol=1e-5, atol=1e-6)
     else:
         np.testing.assert_array_equal(lin(X[2]), lin.matmul(X)[2])

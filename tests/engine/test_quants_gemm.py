@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as G
 
-from engine import quants
-from engine.quants import QuantLinear, get_format, kernel_weights, simd
+from engine.quants import linear as quants
+from engine.quants import simd
+from engine.quants.linear import QuantLinear, get_format, kernel_weights
 from engine.quants.common import F16_TO_F32
 from tests.engine.test_quants_simd import blocks_for, bound, exact_twin
 
@@ -24,9 +25,9 @@ def width(qtype, blocks=3):
 
 
 def gemm_kernels(isa):
-    from engine.quants import gemm
+    from engine.quants import gemm_dispatch
 
-    return gemm.kernels(isa, quants.AVX2_KERNELS, quants.AVX2_MULTI_KERNELS)
+    return gemm_dispatch.kernels(isa, quants.AVX2_KERNELS, quants.AVX2_MULTI_KERNELS)
 
 
 def run(kernel, qtype, raw, act):
@@ -43,7 +44,7 @@ def rng():
 def test_the_family_in_use_is_the_best_this_cpu_has():
     import os
 
-    from engine.quants import gemm
+    from engine.quants import gemm_dispatch
 
     if os.environ.get("DELTATALK_NO_VNNI") == "1":
         pytest.skip("stepped down by DELTATALK_NO_VNNI")
@@ -53,7 +54,7 @@ def test_the_family_in_use_is_the_best_this_cpu_has():
         assert quants.FORMATS[int(t)].kernel.__name__.endswith(f"_gemm_{isa}")
         assert quants.MULTI_KERNELS[int(t)].__name__.endswith(f"_gemm_{isa}")
     assert quants.FORMATS[int(G.Q2_K)].kernel is quants.AVX2_KERNELS[int(G.Q2_K)]
-    assert gemm.GEMM_MIN_TOKENS == 2
+    assert gemm_dispatch.GEMM_MIN_TOKENS == 2
 
 
 @pytest.mark.parametrize("groups", [8, 16])
@@ -121,7 +122,7 @@ def test_decode_is_the_row_kernel_and_prefill_rows_do_not_depend_on_T(isa, qtype
     """One token: the row kernel bit for bit (the GEMM agrees with it to rounding). From
     GEMM_MIN_TOKENS on, a token's row is the same whatever T and its lane: chunked prefill
     equals one batch bit for bit."""
-    from engine.quants.gemm import GEMM_MIN_TOKENS
+    from engine.quants.gemm_dispatch import GEMM_MIN_TOKENS
 
     K = width(qtype, 2)
     raw = blocks_for(qtype, 9, K, rng)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as G
 
-from engine.quants import AVX2_KERNELS, FORMATS, PORTABLE_KERNELS, SIMD_KERNELS, QuantLinear, get_format, kernel_weights
+from engine.quants.linear import AVX2_KERNELS, FORMATS, PORTABLE_KERNELS, SIMD_KERNELS, QuantLinear, get_format, kernel_weights
 from engine.quants.common import F16_TO_F32
 
 pytestmark = pytest.mark.skipif(not SIMD_KERNELS, reason="no AVX2 (or DELTATALK_NO_SIMD=1): portable kernels only")
@@ -140,7 +140,7 @@ def test_simd_kernels_were_generated_from_this_simd_py():
     here = Path(simd_kernels.__file__).parent
     src = (here / "simd.py").read_bytes() + (here / "gemm.py").read_bytes()
     assert simd_kernels.SIMD_SOURCE_SHA256 == hashlib.sha256(src).hexdigest(), \
-        "simd.py or gemm.py changed: run `DELTATALK_NO_SIMD=1 python -m engine.quants.gen_simd_kernels`"
+        "simd.py or gemm.py changed: run `python -m engine.quants.gen_simd_kernels`"
 
 
 @pytest.mark.parametrize("qtype", TYPES + [G.F16, G.BF16], ids=lambda t: t.name)
@@ -170,7 +170,7 @@ def test_decode_is_bit_identical_to_a_prefill_row(qtype, rng):
 def test_fused_group_equals_separate_kernels_and_the_twin(qtype, T):
     """LinearGroup (one quantized input, one parallel region over q/k/v- or gate/up-like weights)
     gives the separate kernels' results bit for bit, and they match the exact numpy twin."""
-    from engine.quants import LinearGroup
+    from engine.quants.linear import LinearGroup
 
     rng = np.random.default_rng(int(qtype) * 7 + T)
     K = 512
@@ -189,7 +189,7 @@ def test_fused_group_equals_separate_kernels_and_the_twin(qtype, T):
 
 
 def test_group_of_mixed_formats_shares_the_input_when_the_activation_type_matches():
-    from engine.quants import LinearGroup
+    from engine.quants.linear import LinearGroup
 
     rng = np.random.default_rng(5)
     K = 512
