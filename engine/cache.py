@@ -199,7 +199,10 @@ class RecurrentCache:
         self.trail.append(self.snapshot())
 
 
-def cache_bytes(caches: list) -> dict[str, int]:
+Cache = KVCache | RecurrentCache   # one layer's cache, whatever its kind
+
+
+def cache_bytes(caches: list[Cache]) -> dict[str, int]:
     """Bytes in use per cache kind, e.g. {"kv": ..., "recurrent": ...} (what the stats report)."""
     out: dict[str, int] = {}
     for c in caches:

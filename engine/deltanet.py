@@ -22,11 +22,16 @@ Numerics: float32 everywhere, the norm sums in float64 (as ggml).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba
 import numpy as np
 from numba import prange
 
-from engine.jit import JIT as _JIT, JIT_PAR as _JIT_PAR
+from engine import jit
+
+_JIT: dict[str, Any] = jit.JIT        # typed for numba.njit's keyword arguments
+_JIT_PAR: dict[str, Any] = jit.JIT_PAR
 
 
 # --------------------------------------------------------------------------- conv

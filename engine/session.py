@@ -342,7 +342,7 @@ class ChatSession:
     def save_state(self, path: str | Path) -> int:
         """Write the log, conversation, cache and checkpoints to `path` (.npz); return bytes."""
         path = Path(path)
-        arrays: dict[str, np.ndarray] = {"tokens": np.asarray(self.tokens, dtype=np.int32)}
+        arrays: dict[str, Any] = {"tokens": np.asarray(self.tokens, dtype=np.int32)}
         for i, c in enumerate(self.cache):
             for name, a in c.snapshot().arrays.items():
                 arrays[f"l{i}.{name}"] = a

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, NoReturn
 import numpy as np
 
 from engine import ops
+from engine.cache import Cache
 from engine.errors import ModelFileError
 from engine.gguf_file import GGUFFile, TensorInfo
 from engine.quants import QuantLinear, get_format
@@ -207,6 +208,15 @@ class BaseModel:
     @property
     def n_vocab(self) -> int:
         return int(self.args.n_vocab)
+
+    def make_cache(self) -> list[Cache]:
+        """A fresh cache, one entry per layer, for `n_ctx` positions."""
+        raise NotImplementedError
+
+    def forward(self, tokens: Any, cache: list, logits: str = "last",
+                token_exact: bool = False) -> np.ndarray | None:
+        """Feed tokens (T,) at the cache's current position; return logits (n, V) or None."""
+        raise NotImplementedError
 
     def begin(self, tokens: Any, cache: list, logits: str) -> RunState:
         """Check one forward's input against the model and the cache; its RunState."""

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from engine import ops
-from engine.cache import KVCache
+from engine.cache import Cache, KVCache
 from engine.gguf_file import GGUFFile
 from engine.models.base import Args, BaseModel, RunState, linear, optional_vector, vector
 from engine.quants import LinearGroup, QuantLinear
@@ -115,7 +115,7 @@ class DenseModel(BaseModel):
         self.layers = [DenseLayer(gf, self.args, i, type(self)) for i in range(self.args.n_layer)]
         self.rope = self.rope_tables(gf)  # per layer: a RopeTable (shared where equal)
         hd = self.args.head_dim
-        self.scale = np.float32(1.0 / np.sqrt(np.float32(hd)) if self.scale_in_f32 else 1.0 / np.sqrt(hd))
+        self.scale: np.float32 = np.float32(1.0 / np.sqrt(np.float32(hd)) if self.scale_in_f32 else 1.0 / np.sqrt(hd))
 
     # ---- per-architecture hooks
     def read_args(self, gf: GGUFFile) -> Args:
@@ -141,7 +141,7 @@ class DenseModel(BaseModel):
     def window(self, i: int) -> int:
         return 0
 
-    def make_cache(self) -> list[KVCache]:
+    def make_cache(self) -> list[Cache]:
         a = self.args
         return [KVCache(self.n_ctx, a.n_head_kv, a.head_dim) for _ in range(a.n_layer)]
 
@@ -176,9 +176,9 @@ class DenseModel(BaseModel):
         else:
             assert layer.qkv_group is not None
             q, k, v = layer.qkv_group.matmul(n, token_exact=token_exact)
-            for t, b in ((q, layer.bq), (k, layer.bk), (v, layer.bv)):
+            for out, b in ((q, layer.bq), (k, layer.bk), (v, layer.bv)):
                 if b is not None:
-                    t += b
+                    out += b
         q = np.ascontiguousarray(q).reshape(T, H, hd)
         k = np.ascontiguousarray(k).reshape(T, Hkv, hd)
         v = np.ascontiguousarray(v).reshape(T, Hkv, hd)
@@ -199,7 +199,7 @@ class DenseModel(BaseModel):
             ops.rope_inplace(q, cos, sin, p0, a.n_rot, self.rope_neox)
             ops.rope_inplace(k, cos, sin, p0, a.n_rot, self.rope_neox)
             kv.write(ops.to_f16_precision(k), ops.to_f16_precision(v))
-            s = self.scale
+            s: np.float32 = self.scale
             if self.q_prescale:
                 q *= s
                 s = np.float32(1.0)

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from engine import ops
-from engine.cache import KVCache, RecurrentCache
+from engine.cache import Cache, KVCache, RecurrentCache
 from engine.deltanet import deltanet_mix
 from engine.errors import ModelFileError
 from engine.gguf_file import GGUFFile
@@ -194,7 +194,7 @@ class Model(BaseModel):
         skip = tuple(f"blk.{i}." for i in range(a.n_layer, a.n_layer_all))
         self.weight_bytes = sum(t.nbytes for n, t in gf.tensors.items() if not n.startswith(skip))
 
-    def make_cache(self) -> list[KVCache | RecurrentCache]:
+    def make_cache(self) -> list[Cache]:
         a = self.args
         return [RecurrentCache(a.conv_kernel, a.conv_dim, a.n_v_heads, a.head_v_dim, a.head_k_dim)
                 if r else KVCache(self.n_ctx, a.n_head_kv, a.head_dim) for r in a.recurrent]
