@@ -45,6 +45,7 @@ class Model(DenseModel):
     activation = "gelu"
     q_prescale = True
     scale_in_f32 = True
+    rope_attn_factor = False   # its own tables below: global and sliding-window bases
 
     def read_args(self, gf: GGUFFile) -> Args:
         a = Args.from_gguf(gf, self.arch)
