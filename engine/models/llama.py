@@ -20,6 +20,8 @@ from engine.models.dense import DenseModel
 
 __all__ = ["Args", "Model"]
 
+EXAMPLES = "SmolLM2-135M/360M/1.7B-Instruct, Llama 3.x"
+
 
 class Model(DenseModel):
     arch = "llama"

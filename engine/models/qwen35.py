@@ -44,6 +44,8 @@ from engine.gguf_file import GGUFFile
 from engine.models.base import BaseModel, HParams, RunState, linear, tensor, vector
 from engine.quants import LinearGroup, QuantLinear
 
+EXAMPLES = "Qwen3.5 (DeltaNet hybrid) 0.8B-9B"
+
 
 @dataclass(frozen=True)
 class Args:
