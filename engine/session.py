@@ -54,7 +54,6 @@ from typing import Any
 import numpy as np
 
 from engine.cache import CacheState, cache_bytes
-
 from engine.errors import ContextOverflowError, PromptError, StateMismatchError
 from engine.generate import PREFILL_CHUNK, GenerationResponse, stream_generate
 from engine.loader import LoadedModel
