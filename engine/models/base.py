@@ -17,7 +17,7 @@ the table of which llama.cpp configuration each choice matches.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, Generic, NoReturn, TypeVar
 
 import numpy as np
 
@@ -162,21 +162,23 @@ class Args:
 class RunState:
     """Work buffers of one forward call of T tokens, reused by the next call of the same T
     (every decode step has T == 1): no per-layer allocation for them. A model runs one
-    forward at a time, so one set per T is enough."""
+    forward at a time (on the kernel thread), so one set per T is enough. Each architecture
+    subclasses it with its buffers as fields (llama2.c's RunState, per T)."""
 
-    def __init__(self, tokens: np.ndarray, p0: int):
-        self.tokens, self.p0, self.T = tokens, p0, int(tokens.shape[0])
-        self._buffers: dict[str, np.ndarray] = {}
+    def __init__(self, T: int):
+        self.T = T
+        self.tokens = np.empty(0, dtype=np.int64)   # this call's tokens (T,)
+        self.p0 = 0                                 # this call's first position
 
-    def buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """A float32 buffer (contents undefined) kept for the next forward of this T."""
-        b = self._buffers.get(name)
-        if b is None or b.shape != shape:
-            b = self._buffers[name] = np.empty(shape, dtype=np.float32)
-        return b
+    @staticmethod
+    def zeros(*shape: int) -> np.ndarray:
+        return np.zeros(shape, dtype=np.float32)
 
 
-class BaseModel:
+R = TypeVar("R", bound=RunState)
+
+
+class BaseModel(Generic[R]):
     """Embedding, output head and the checks of every forward; subclasses add the layers."""
 
     arch: ClassVar[str] = "?"
@@ -203,7 +205,7 @@ class BaseModel:
             self.output = QuantLinear(self.token_embd, emb.ggml_type, D, V, name="token_embd.weight")
         self.output_bias = optional_vector(gf, "output.bias", V) if self.head_bias else None
         self.weight_bytes = sum(t.nbytes for t in gf.tensors.values())
-        self._runs: dict[int, RunState] = {}
+        self._runs: dict[int, R] = {}
 
     @property
     def n_vocab(self) -> int:
@@ -218,7 +220,11 @@ class BaseModel:
         """Feed tokens (T,) at the cache's current position; return logits (n, V) or None."""
         raise NotImplementedError
 
-    def begin(self, tokens: Any, cache: list, logits: str) -> RunState:
+    def new_run_state(self, T: int) -> R:
+        """The architecture's work buffers for calls of T tokens."""
+        raise NotImplementedError
+
+    def begin(self, tokens: Any, cache: list, logits: str) -> R:
         """Check one forward's input against the model and the cache; its RunState."""
         a = self.args
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
@@ -238,7 +244,7 @@ class BaseModel:
             raise ValueError(f"context full: {p0} + {T} tokens > {self.n_ctx}")
         run = self._runs.pop(T, None)
         if run is None:
-            run = RunState(tokens, p0)
+            run = self.new_run_state(T)
         run.tokens, run.p0 = tokens, p0
         self._runs[T] = run   # most recently used last
         while len(self._runs) > self.MAX_RUN_STATES:

@@ -86,7 +86,16 @@ class DenseLayer:
         self.post_ffw_norm = vector(gf, p + "post_ffw_norm.weight", D) if m.post_norms else None
 
 
-class DenseModel(BaseModel):
+class DenseRun(RunState):
+    def __init__(self, T: int, a: Args):
+        super().__init__(T)
+        self.n = self.zeros(T, a.d_model)                       # normed input of a block
+        self.att = self.zeros(T, a.n_head, a.head_dim)          # attention output per head
+        self.o = self.zeros(T, a.d_model)                       # W_o att
+        self.f = self.zeros(T, a.d_model)                       # W_down(...)
+
+
+class DenseModel(BaseModel[DenseRun]):
     # structure: which tensors the layers have
     fused_qkv_ok: ClassVar[bool] = False   # accept blk.N.attn_qkv.weight (rows Q | K | V)
     fused_gate_up: ClassVar[bool] = False  # ffn_up holds [gate | up] and there is no ffn_gate (phi3)
@@ -141,6 +150,9 @@ class DenseModel(BaseModel):
     def window(self, i: int) -> int:
         return 0
 
+    def new_run_state(self, T: int) -> DenseRun:
+        return DenseRun(T, self.args)
+
     def make_cache(self) -> list[Cache]:
         a = self.args
         return [KVCache(self.n_ctx, a.n_head_kv, a.head_dim) for _ in range(a.n_layer)]
@@ -161,11 +173,11 @@ class DenseModel(BaseModel):
             x += self.ffn_block(layer, x, run, token_exact)
         return self.head(x, logits, token_exact)
 
-    def attention_block(self, i: int, layer: DenseLayer, kv: KVCache, x: np.ndarray, run: RunState,
+    def attention_block(self, i: int, layer: DenseLayer, kv: KVCache, x: np.ndarray, run: DenseRun,
                         token_exact: bool) -> np.ndarray:
         a, T, p0 = self.args, run.T, run.p0
         H, Hkv, hd, eps = a.n_head, a.n_head_kv, a.head_dim, a.norm_eps
-        n = run.buffer("n", x.shape)
+        n = run.n
         ops.rmsnorm(x, layer.attn_norm, eps, n)
         if layer.w_qkv is not None:
             qkv = layer.w_qkv.matmul(n, token_exact=token_exact)
@@ -186,7 +198,7 @@ class DenseModel(BaseModel):
             ops.rmsnorm(q.reshape(T * H, hd), layer.q_norm, eps, q.reshape(T * H, hd))
             ops.rmsnorm(k.reshape(T * Hkv, hd), layer.k_norm, eps, k.reshape(T * Hkv, hd))
         cos, sin = self.rope[i].upto(p0 + T)
-        att = run.buffer("att", (T, H, hd))
+        att = run.att
         if self.attention_kernel == "attend":
             # RoPE, then q/k/v rounded to fp16 (llama.cpp's F16 cache); k, v appended to the cache
             ops.rope_and_store(q, k, v, cos, sin, a.n_rot, self.rope_neox, kv)
@@ -204,13 +216,13 @@ class DenseModel(BaseModel):
                 q *= s
                 s = np.float32(1.0)
             ops.attention_nofa(ops.to_f16_precision(q), kv.keys, kv.values, p0, s, self.window(i), att, F16_TO_F32)
-        o = layer.wo.matmul(att.reshape(T, H * hd), run.buffer("o", x.shape), token_exact)
+        o = layer.wo.matmul(att.reshape(T, H * hd), run.o, token_exact)
         if layer.post_attn_norm is not None:
             ops.rmsnorm(o, layer.post_attn_norm, eps, o)
         return o
 
-    def ffn_block(self, layer: DenseLayer, x: np.ndarray, run: RunState, token_exact: bool) -> np.ndarray:
-        n = run.buffer("n", x.shape)
+    def ffn_block(self, layer: DenseLayer, x: np.ndarray, run: DenseRun, token_exact: bool) -> np.ndarray:
+        n = run.n
         ops.rmsnorm(x, layer.ffn_norm, self.args.norm_eps, n)
         if layer.w_gate_up is not None:
             gu = layer.w_gate_up.matmul(n, token_exact=token_exact)
@@ -223,7 +235,7 @@ class DenseModel(BaseModel):
             ops.geglu(g, u, g)
         else:
             ops.swiglu(g, u, g)
-        f = layer.w_down.matmul(g, run.buffer("f", x.shape), token_exact)
+        f = layer.w_down.matmul(g, run.f, token_exact)
         if layer.post_ffw_norm is not None:
             ops.rmsnorm(f, layer.post_ffw_norm, self.args.norm_eps, f)
         return f

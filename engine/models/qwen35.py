@@ -174,7 +174,19 @@ class AttentionLayer(FFNLayer):
         self.load_ffn(gf, a, p)
 
 
-class Model(BaseModel):
+class Qwen35Run(RunState):
+    def __init__(self, T: int, a: Args):
+        super().__init__(T)
+        self.n = self.zeros(T, a.d_model)                       # normed input of a block
+        self.o = self.zeros(T, a.d_model)                       # a mixer's output projection
+        self.f = self.zeros(T, a.d_model)                       # W_down(...)
+        self.y = self.zeros(T, a.d_inner)                       # DeltaNet output (token by token)
+        self.q = self.zeros(T, a.n_head, a.head_dim)            # attention: q, gate, output
+        self.gate = self.zeros(T, a.n_head, a.head_dim)
+        self.att = self.zeros(T, a.n_head, a.head_dim)
+
+
+class Model(BaseModel[Qwen35Run]):
     arch = "qwen35"
     tiled_v_heads: ClassVar[bool] = True  # qwen35: v-head h reads key head h % Hk
     # numerics (docs/ARCHITECTURE.md): float32 attention over fp16-rounded q, K, V (llama.cpp's
@@ -196,6 +208,9 @@ class Model(BaseModel):
         skip = tuple(f"blk.{i}." for i in range(a.n_layer, a.n_layer_all))
         self.weight_bytes = sum(t.nbytes for n, t in gf.tensors.items() if not n.startswith(skip))
 
+    def new_run_state(self, T: int) -> Qwen35Run:
+        return Qwen35Run(T, self.args)
+
     def make_cache(self) -> list[Cache]:
         a = self.args
         return [RecurrentCache(a.conv_kernel, a.conv_dim, a.n_v_heads, a.head_v_dim, a.head_k_dim)
@@ -211,7 +226,7 @@ class Model(BaseModel):
         """
         run = self.begin(tokens, cache, logits)
         x = self.embed(run.tokens)                                       # (T, D)
-        n = run.buffer("n", x.shape)
+        n = run.n
         for layer, c in zip(self.layers, cache):
             ops.rmsnorm(x, layer.attn_norm, self.args.norm_eps, n)
             if isinstance(layer, DeltaNetLayer):
@@ -221,10 +236,10 @@ class Model(BaseModel):
             ops.rmsnorm(x, layer.post_norm, self.args.norm_eps, n)
             g, u = layer.w_gate_up.matmul(n, token_exact=token_exact)
             ops.swiglu(g, u, g)
-            x += layer.w_down.matmul(g, run.buffer("f", x.shape), token_exact)
+            x += layer.w_down.matmul(g, run.f, token_exact)
         return self.head(x, logits, token_exact)
 
-    def deltanet_block(self, layer: DeltaNetLayer, c: RecurrentCache, n: np.ndarray, run: RunState,
+    def deltanet_block(self, layer: DeltaNetLayer, c: RecurrentCache, n: np.ndarray, run: Qwen35Run,
                        token_exact: bool) -> np.ndarray:
         a, T = self.args, run.T
         eps, Hk, tiled = a.norm_eps, a.n_k_heads, self.tiled_v_heads
@@ -235,15 +250,15 @@ class Model(BaseModel):
                              layer.ssm_norm, eps, Hk, tiled)                  # (T, Hv*dv)
             c.advance(T)
         else:  # a snapshot after each token (speculative verification rolls back to one)
-            y = run.buffer("y", (T, a.d_inner))
+            y = run.y
             for t in range(T):
                 y[t] = deltanet_mix(qkv[t : t + 1], z[t : t + 1], al[t : t + 1], b[t : t + 1], c.conv, c.state,
                                     layer.conv_w, layer.dt_bias, layer.ssm_a, layer.ssm_norm, eps, Hk, tiled)[0]
                 c.advance(1)
                 c.record()
-        return layer.w_out.matmul(y, run.buffer("o", n.shape), token_exact)
+        return layer.w_out.matmul(y, run.o, token_exact)
 
-    def attention_block(self, layer: AttentionLayer, c: KVCache, n: np.ndarray, run: RunState,
+    def attention_block(self, layer: AttentionLayer, c: KVCache, n: np.ndarray, run: Qwen35Run,
                         token_exact: bool) -> np.ndarray:
         a, T = self.args, run.T
         Hq, Hkv, hd, eps = a.n_head, a.n_head_kv, a.head_dim, a.norm_eps
@@ -255,8 +270,7 @@ class Model(BaseModel):
             assert layer.wqkv is not None
             qg, k, v = layer.wqkv.matmul(n, token_exact=token_exact)
         qg = qg.reshape(T, Hq, 2, hd)
-        q = run.buffer("q", (T, Hq, hd))
-        gate = run.buffer("gate", (T, Hq, hd))
+        q, gate = run.q, run.gate
         q[...] = qg[:, :, 0, :]                                              # q and gate interleaved per head
         gate[...] = qg[:, :, 1, :]
         k = np.ascontiguousarray(k).reshape(T, Hkv, hd)
@@ -266,7 +280,7 @@ class Model(BaseModel):
         # RoPE; q, k, v rounded to fp16 (llama.cpp's F16 cache); k, v appended to the cache
         cos, sin = self.rope.upto(c.offset + T)
         ops.rope_and_store(q, k, v, cos, sin, a.n_rot, self.rope_neox, c)
-        att = run.buffer("att", (T, Hq, hd))
+        att = run.att
         ops.attention(q, c.keys, c.values, run.p0, self.scale, att)
         att *= ops.sigmoid(gate)
-        return layer.wo.matmul(att.reshape(T, Hq * hd), run.buffer("o", n.shape), token_exact)
+        return layer.wo.matmul(att.reshape(T, Hq * hd), run.o, token_exact)
