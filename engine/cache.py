@@ -1,4 +1,6 @@
-"""Per-layer caches with one small shared interface: `kind`, `offset`, `nbytes`, `trim`, `snapshot`/`restore`.
+"""Per-layer caches with one small shared interface: `kind`, `trimmable`, `offset`, `nbytes`,
+`trim`, and `snapshot()` / `restore(state)` / `from_state(state)` over a `CacheState` (the
+layer's arrays at a position, by name: what checkpoints copy and saved chats write).
 
 `KVCache` (attention layers) is preallocated for the whole context and trimmable: the
 positions past `offset` are simply overwritten later. Its buffers are fresh anonymous
@@ -12,8 +14,23 @@ restored but not trimmed. `cache_bytes(caches)` sums the bytes in use by kind.
 from __future__ import annotations
 
 import mmap
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
+
+
+@dataclass
+class CacheState:
+    """One layer's contents after `offset` tokens: named arrays (a KV layer's "k", "v" as fp16,
+    exact since the cache holds fp16-rounded values; a recurrent layer's "conv", "state")."""
+
+    offset: int
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
 
 
 def lazy_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
@@ -34,7 +51,9 @@ class KVCache:
     them), in float32 so the attention kernel reads them without conversion.
     """
 
-    kind = "kv"
+    kind: ClassVar[str] = "kv"
+    trimmable: ClassVar[bool] = True       # any suffix can be dropped: positions are overwritten later
+    STATE_NAMES: ClassVar[tuple[str, ...]] = ("k", "v")
 
     def __init__(self, n_ctx: int, n_kv_heads: int, head_dim: int):
         self.n_ctx = n_ctx
@@ -65,14 +84,32 @@ class KVCache:
         self.offset -= n
         return n
 
-    def snapshot(self):
-        return (self.offset, self.keys[: self.offset].copy(), self.values[: self.offset].copy())
+    def snapshot(self) -> CacheState:
+        """A copy of the positions in use (fp16: exactly the values the cache holds)."""
+        return CacheState(self.offset, {"k": self.keys[: self.offset].astype(np.float16),
+                                        "v": self.values[: self.offset].astype(np.float16)})
 
-    def restore(self, snap):
-        offset, k, v = snap
-        self.keys[:offset] = k
-        self.values[:offset] = v
-        self.offset = offset
+    def check(self, st: CacheState) -> None:
+        """ValueError unless `st` fits this cache (shapes checked before anything is written)."""
+        k, v = st.arrays.get("k"), st.arrays.get("v")
+        if k is None or v is None or sorted(st.arrays) != ["k", "v"]:
+            raise ValueError(f"a KV state holds 'k' and 'v', not {sorted(st.arrays)}")
+        if not 0 <= st.offset <= self.n_ctx or k.shape != (st.offset,) + self.keys.shape[1:] or v.shape != k.shape:
+            raise ValueError(f"KV state of shape {k.shape} at {st.offset} does not fit {self.keys.shape}")
+
+    def restore(self, st: CacheState) -> None:
+        self.check(st)
+        self.keys[: st.offset] = st.arrays["k"]
+        self.values[: st.offset] = st.arrays["v"]
+        self.offset = st.offset
+
+    @classmethod
+    def from_state(cls, st: CacheState, n_ctx: int) -> KVCache:
+        """A new cache of `n_ctx` positions holding `st`."""
+        _, n_kv_heads, head_dim = st.arrays["k"].shape
+        c = cls(n_ctx, n_kv_heads, head_dim)
+        c.restore(st)
+        return c
 
 
 class CacheTrimError(ValueError):
@@ -91,7 +128,9 @@ class RecurrentCache:
     snapshot taken at (or before) the position it needs.
     """
 
-    kind = "recurrent"
+    kind: ClassVar[str] = "recurrent"
+    trimmable: ClassVar[bool] = False      # restored from a snapshot instead
+    STATE_NAMES: ClassVar[tuple[str, ...]] = ("conv", "state")
 
     def __init__(self, conv_kernel: int, conv_dim: int, n_v_heads: int, head_v_dim: int, head_k_dim: int):
         self.conv = np.zeros((conv_kernel - 1, conv_dim), dtype=np.float32)
@@ -99,7 +138,7 @@ class RecurrentCache:
         self.offset = 0
         # While a list: the model feeds tokens one at a time and records a snapshot after each
         # (speculative decoding rolls back to the state after the last accepted token).
-        self.trail: list | None = None
+        self.trail: list[CacheState] | None = None
 
     def advance(self, n: int) -> int:
         """Record that n more tokens went into the state; return the position of the first one."""
@@ -112,7 +151,7 @@ class RecurrentCache:
         """Bytes of state: constant, whatever the number of tokens fed."""
         return self.conv.nbytes + self.state.nbytes
 
-    def reset(self):
+    def reset(self) -> None:
         self.conv.fill(0.0)
         self.state.fill(0.0)
         self.offset = 0
@@ -127,21 +166,43 @@ class RecurrentCache:
         raise CacheTrimError(f"a recurrent state cannot drop its last {n} of {self.offset} tokens; "
                              "restore a snapshot instead")
 
-    def snapshot(self):
-        return (self.offset, self.conv.copy(), self.state.copy())
+    def snapshot(self) -> CacheState:
+        return CacheState(self.offset, {"conv": self.conv.copy(), "state": self.state.copy()})
 
-    def restore(self, snap):
-        offset, conv, state = snap
-        self.conv[...] = conv
-        self.state[...] = state
-        self.offset = offset
+    def check(self, st: CacheState) -> None:
+        """ValueError unless `st` fits this cache (shapes checked before anything is written)."""
+        conv, state = st.arrays.get("conv"), st.arrays.get("state")
+        if conv is None or state is None or sorted(st.arrays) != ["conv", "state"]:
+            raise ValueError(f"a recurrent state holds 'conv' and 'state', not {sorted(st.arrays)}")
+        if st.offset < 0 or conv.shape != self.conv.shape or state.shape != self.state.shape:
+            raise ValueError(f"recurrent state of shapes {conv.shape}, {state.shape} does not fit "
+                             f"{self.conv.shape}, {self.state.shape}")
 
-    def record(self):
+    def restore(self, st: CacheState) -> None:
+        self.check(st)
+        self.conv[...] = st.arrays["conv"]
+        self.state[...] = st.arrays["state"]
+        self.offset = st.offset
+
+    @classmethod
+    def from_state(cls, st: CacheState) -> RecurrentCache:
+        """A new cache holding `st` (its sizes are the arrays')."""
+        k1, conv_dim = st.arrays["conv"].shape
+        n_v_heads, head_v_dim, head_k_dim = st.arrays["state"].shape
+        c = cls(k1 + 1, conv_dim, n_v_heads, head_v_dim, head_k_dim)
+        c.restore(st)
+        return c
+
+    def record(self) -> None:
         """Called by the model after each token while a trail is kept."""
+        assert self.trail is not None
         self.trail.append(self.snapshot())
 
 
-def cache_bytes(caches) -> dict[str, int]:
+Cache = KVCache | RecurrentCache   # one layer's cache, whatever its kind
+
+
+def cache_bytes(caches: list[Cache]) -> dict[str, int]:
     """Bytes in use per cache kind, e.g. {"kv": ..., "recurrent": ...} (what the stats report)."""
     out: dict[str, int] = {}
     for c in caches:
@@ -149,37 +210,32 @@ def cache_bytes(caches) -> dict[str, int]:
     return out
 
 
-def start_trail(caches):
+def start_trail(caches: list) -> None:
     """Keep a snapshot of every recurrent layer after each token fed from now on (KV layers
     need none: they are trimmed), starting with the state as it is."""
     for c in caches:
-        if c.kind == "recurrent":
+        if not c.trimmable:
             c.trail = [c.snapshot()]
 
 
-def rewind(caches, pos: int):
+def rewind(caches: list, pos: int) -> None:
     """Back to the state after the first `pos` tokens: KV layers trimmed, recurrent layers
     restored from their trail (CacheTrimError if no snapshot holds that position). The trail
     ends: positions past `pos` no longer exist."""
     for c in caches:
-        if c.kind == "kv":
+        if c.trimmable:
             if pos > c.offset:
                 raise CacheTrimError(f"cannot rewind forward: {pos} > {c.offset}")
             c.trim(c.offset - pos)
         elif pos != c.offset:
-            snap = next((s for s in (c.trail or ()) if s[0] == pos), None)
+            snap = next((s for s in (c.trail or ()) if s.offset == pos), None)
             if snap is None:
                 raise CacheTrimError(f"no recurrent snapshot at position {pos} (state at {c.offset})")
             c.restore(snap)
     stop_trail(caches)
 
 
-def stop_trail(caches):
+def stop_trail(caches: list) -> None:
     for c in caches:
-        if c.kind == "recurrent":
+        if not c.trimmable:
             c.trail = None
-
-
-def can_trim(caches, n: int) -> bool:
-    """Whether every layer can drop its last n tokens (KV layers can; recurrent ones only to empty)."""
-    return all(c.kind != "recurrent" or min(n, c.offset) in (0, c.offset) for c in caches)

@@ -1,6 +1,6 @@
 """Gated DeltaNet (Qwen3.5 / Qwen3-Next linear attention) kernels, as llama.cpp's CPU backend runs them.
 
-One DeltaNet layer, for T new tokens (shapes per token; reference §3.4):
+One DeltaNet layer, for T new tokens (shapes per token; docs/models.md, qwen35):
 
     qkv  = W_qkv h                          (conv_dim,)  = [q (Hk*dk) | k (Hk*dk) | v (Hv*dv)]
     u    = silu(causal_conv(qkv))           conv window: the last K-1 raw qkv rows (conv_state)
@@ -22,11 +22,16 @@ Numerics: float32 everywhere, the norm sums in float64 (as ggml).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba
 import numpy as np
 from numba import prange
 
-from engine.jit import JIT as _JIT, JIT_PAR as _JIT_PAR
+from engine import jit
+
+_JIT: dict[str, Any] = jit.JIT        # typed for numba.njit's keyword arguments
+_JIT_PAR: dict[str, Any] = jit.JIT_PAR
 
 
 # --------------------------------------------------------------------------- conv

@@ -178,10 +178,21 @@ if AVAILABLE:
 
 
 def unsupported_reason(model) -> str | None:
-    """Why this llama model's decode cannot run fused here (None: it can)."""
+    """Why this dense model's decode cannot run fused here (None: it can): the step implements
+    llama's numerics only (engine/models/llama.py), and the formats of FORMAT_ACT."""
     if not enabled():
         return "turned off" if AVAILABLE else f"no fused decode for the {KERNEL_FAMILY} kernels"
+    m = type(model)
+    if (m.attention_kernel != "attend" or m.rope_neox or m.q_prescale or m.qk_norm or m.post_norms
+            or m.activation != "silu" or m.embd_scale or model.output_bias is not None):
+        return f"{model.arch}'s numerics are not llama's"
+    if any(r is not model.rope[0] for r in model.rope):
+        return "RoPE differs between layers"
     for layer in model.layers:
+        if layer.w_qkv is not None or layer.w_gate_up is not None:
+            return "fused q/k/v or gate/up weights"
+        if any(b is not None for b in (layer.bq, layer.bk, layer.bv, layer.bqkv)):
+            return "attention biases"
         for lin in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down):
             if lin.fmt.ggml_type not in FORMAT_ACT:
                 return f"{lin.name} is {lin.fmt.name}"
@@ -230,7 +241,7 @@ class FusedDecode:
         self.xq = np.zeros(kmax, np.int8)
         self.xd, self.xs = np.zeros(kmax // 32, np.float32), np.zeros(kmax // 32, np.float32)
         self.kd, self.kb = np.zeros(max(kmax // 256, 1), np.float32), np.zeros(kmax // 16, np.int32)
-        self.scale = np.float32(1.0 / np.sqrt(hd))
+        self.scale = model.scale
         self._kv: tuple | None = None   # (ids of the cache's key arrays, typed keys, typed values)
 
     def _kv_lists(self, cache: list):
@@ -251,7 +262,7 @@ class FusedDecode:
         if p0 + 1 > min(c.n_ctx for c in cache):
             raise ValueError(f"context full: {p0} + 1 tokens > {cache[0].n_ctx}")
         keys, values = self._kv_lists(cache)
-        cos, sin = m.rope.upto(p0 + 1)
+        cos, sin = m.rope[0].upto(p0 + 1)
         x = m.embed(np.array([token], np.int64))
         logits = np.empty((1, a.n_vocab), np.float32)
         _decode_step(x, p0, self.kinds, self.acts, self.attn_norm, self.ffn_norm, *self.weights, self.w_none,

@@ -2,7 +2,10 @@
 
 `stream_generate` prefills a prompt in chunks, then decodes one token at a time and
 yields one `GenerationResponse` per token, carrying its text and live speed figures.
-It checks a cancel flag between prefill chunks and between tokens.
+It checks a cancel flag between prefill chunks and between tokens. `before_last`, when
+given, is called once all but the last prompt token are in the cache, and the last token is
+then fed on its own: ChatSession checkpoints a recurrent model's state there (regenerate
+goes back to it).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -38,32 +42,39 @@ class GenerationResponse:
     speculation: dict | None = None   # with a speculator: drafted, accepted, acceptance, steps, tokens_per_step
 
 
-def prefill(model, cache, tokens: Sequence[int], chunk: int = PREFILL_CHUNK,
+def prefill(model: Any, cache: list, tokens: Sequence[int], chunk: int = PREFILL_CHUNK,
             progress: Callable[[int, int], None] | None = None,
-            cancel: threading.Event | None = None) -> np.ndarray | None:
-    """Feed tokens in chunks; return the logits of the last position (None if cancelled)."""
-    tokens = np.asarray(tokens, dtype=np.int64)
-    n = len(tokens)
+            cancel: threading.Event | None = None,
+            before_last: Callable[[], None] | None = None) -> np.ndarray | None:
+    """Feed tokens in chunks; return the logits of the last position (None if cancelled).
+
+    before_last: called after all but the last token are fed; the last is then fed alone."""
+    toks = np.asarray(tokens, dtype=np.int64)
+    n = len(toks)
+    head = n - 1 if before_last is not None else n
+    parts = [(s, min(s + chunk, head)) for s in range(0, head, chunk)] + ([(head, n)] if head < n else [])
     logits = None
-    for start in range(0, n, chunk):
+    for start, end in parts:
         if cancel is not None and cancel.is_set():
             return None
-        part = tokens[start : start + chunk]
-        last = start + chunk >= n
-        logits = model.forward(part, cache, logits="last" if last else "none")
+        if end == n and before_last is not None:
+            before_last()
+        logits = model.forward(toks[start:end], cache, logits="last" if end == n else "none")
         if progress is not None:
-            progress(min(start + chunk, n), n)
+            progress(end, n)
+    assert logits is not None
     return logits[-1]
 
 
-def stream_generate(model, tokenizer, prompt_tokens: Sequence[int], cache, sampler: Sampler,
+def stream_generate(model: Any, tokenizer: Any, prompt_tokens: Sequence[int], cache: list, sampler: Sampler,
                     logits_processors: Sequence[LogitsProcessor] = (), max_tokens: int = 256,
                     cancel: threading.Event | None = None,
                     prefill_progress: Callable[[int, int], None] | None = None,
                     keep_logits: bool = False, history: Sequence[int] = (),
                     stop_ids: frozenset | None = None,
                     prefill_chunk: int = PREFILL_CHUNK,
-                    speculator=None) -> Iterator[GenerationResponse]:
+                    speculator: Any = None,
+                    before_last: Callable[[], None] | None = None) -> Iterator[GenerationResponse]:
     """Prefill `prompt_tokens` on top of `cache`, then sample up to `max_tokens` tokens.
 
     The last sampled token is not fed to the cache (its logits are never needed), so
@@ -72,6 +83,7 @@ def stream_generate(model, tokenizer, prompt_tokens: Sequence[int], cache, sampl
     `speculator` (engine.speculative.Speculator): draft and verify several tokens per forward
     pass; the tokens (and the cache after the loop) are exactly those of plain decoding.
     A cancel is seen after the tokens of the current pass.
+    `before_last`: called once all but the last prompt token are in the cache (see prefill).
     """
     if len(prompt_tokens) == 0:
         raise PromptError("the prompt is empty: nothing to answer")
@@ -79,7 +91,8 @@ def stream_generate(model, tokenizer, prompt_tokens: Sequence[int], cache, sampl
     governor = threads.governor()   # the thread count: fewer threads while the CPU is busy
     governor.before_work()
     t0 = time.perf_counter()
-    logits = prefill(model, cache, prompt_tokens, chunk=prefill_chunk, progress=prefill_progress, cancel=cancel)
+    logits = prefill(model, cache, prompt_tokens, chunk=prefill_chunk, progress=prefill_progress, cancel=cancel,
+                     before_last=before_last)
     t_prompt = time.perf_counter() - t0
     n_prompt = len(prompt_tokens)
     prompt_tps = n_prompt / t_prompt if t_prompt > 0 else float("inf")

@@ -11,6 +11,7 @@ from engine.chat_template import ChatTemplate, fallback_for
 from engine.errors import InvalidSettingError, ModelFileError
 from engine.gguf_file import GGUFFile
 from engine.models import model_module
+from engine.models.base import BaseModel
 from engine.tokenizer import Tokenizer
 
 
@@ -38,7 +39,7 @@ def check_context_size(n_ctx: int, n_ctx_train: int | None = None) -> int:
 class LoadedModel:
     path: Path
     gguf: GGUFFile
-    model: object
+    model: BaseModel
     tokenizer: Tokenizer
     template: ChatTemplate
 

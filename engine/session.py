@@ -46,15 +46,14 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from engine.cache import cache_bytes
 import numpy as np
 
+from engine.cache import CacheState, cache_bytes
 from engine.errors import ContextOverflowError, PromptError, StateMismatchError
 from engine.generate import PREFILL_CHUNK, GenerationResponse, stream_generate
 from engine.loader import LoadedModel
@@ -103,7 +102,7 @@ class TurnStats:
 @dataclass
 class Checkpoint:
     pos: int                    # tokens in the cache when it was taken
-    snaps: list                 # per layer: a snapshot for recurrent layers, None for KV
+    snaps: list[CacheState | None]   # per layer: a snapshot of layers that cannot be trimmed, else None
     nbytes: int
     label: str
 
@@ -153,7 +152,7 @@ class ChatSession:
         self.max_checkpoints = max_checkpoints
         self.max_checkpoint_bytes = max_checkpoint_bytes
         self.last_turn = TurnStats()
-        self.trimmable = all(c.kind == "kv" for c in self.cache)
+        self.trimmable = all(c.trimmable for c in self.cache)
         # replies decoded speculatively (same tokens) when set
         self.speculator: Speculator | None = None
 
@@ -200,8 +199,8 @@ class ChatSession:
             return  # trimming is free and exact: nothing to copy
         pos = len(self.tokens)
         self.checkpoints = [c for c in self.checkpoints if c.pos != pos]
-        snaps = [c.snapshot() if c.kind != "kv" else None for c in self.cache]
-        nbytes = sum(c.nbytes for c in self.cache if c.kind != "kv")
+        snaps = [None if c.trimmable else c.snapshot() for c in self.cache]
+        nbytes = sum(s.nbytes for s in snaps if s is not None)
         self.checkpoints.append(Checkpoint(pos, snaps, nbytes, label))
         self.checkpoints.sort(key=lambda c: c.pos)
         while self.checkpoints and (len(self.checkpoints) > self.max_checkpoints
@@ -216,7 +215,7 @@ class ChatSession:
             cp = max((c for c in self.checkpoints if c.pos <= pos), key=lambda c: c.pos, default=None)
             pos = cp.pos if cp is not None else 0
             for layer, snap in zip(self.cache, cp.snaps if cp else [None] * len(self.cache)):
-                if layer.kind == "kv":
+                if layer.trimmable:
                     continue
                 if snap is None:
                     layer.trim(layer.offset)  # back to empty
@@ -224,7 +223,7 @@ class ChatSession:
                     layer.restore(snap)
             self.checkpoints = [c for c in self.checkpoints if c.pos <= pos]
         for layer in self.cache:
-            if layer.kind == "kv":
+            if layer.trimmable:
                 layer.trim(layer.offset - pos)
         del self.tokens[pos:]
         self.turns = [t for t in self.turns if len(t.prompt) <= pos]
@@ -323,33 +322,22 @@ class ChatSession:
         sampler, procs = from_settings(settings)
         turn = Turn(start=min(turn_start, reuse), prompt=list(prompt))
         self.turns.append(turn)
-        # Feed all but the last prompt token, checkpoint (regenerate restores here), then the rest.
-        if len(suffix) > 1 and not self.trimmable:
-            head = suffix[:-1]
-            t0 = time.perf_counter()
-            done = self._feed(head, prefill_chunk, prefill_progress, cancel, len(suffix))
-            if done < len(head):
-                return
-            self._checkpoint("prompt")
-            suffix = suffix[-1:]
-            offset_s = time.perf_counter() - t0
-        else:
-            offset_s = 0.0
-        if len(suffix) == 1 and not self.trimmable and not any(c.pos == len(prompt) - 1 for c in self.checkpoints):
-            self._checkpoint("prompt")
-        n_head = len(prompt) - reuse - len(suffix)
+        history = list(self.tokens)
+
+        def before_last() -> None:
+            # all but the last prompt token are in: checkpoint (regenerate restores here); the
+            # last token is then fed alone
+            self.tokens.extend(suffix[:-1])
+            if len(suffix) > 1 or not any(c.pos == len(self.tokens) for c in self.checkpoints):
+                self._checkpoint("prompt")
+
         for r in stream_generate(self.model, self.tokenizer, suffix, self.cache, sampler, procs, max_tokens,
-                                 cancel=cancel, keep_logits=keep_logits, history=self.tokens,
+                                 cancel=cancel, keep_logits=keep_logits, history=history,
                                  prefill_chunk=prefill_chunk, speculator=self.speculator,
-                                 prefill_progress=(lambda d, t: prefill_progress(n_head + d, n_head + t))
-                                 if prefill_progress else None):
+                                 prefill_progress=prefill_progress,
+                                 before_last=None if self.trimmable else before_last):
             if not turn.reply_tokens:
-                self.tokens.extend(suffix)
-                # the whole prompt's figures, not the last token's (every response carries them)
-                ttft = r.ttft_s + offset_s
-                prompt_figures = (ttft, (n_head + len(suffix)) / max(ttft, 1e-9), n_head + len(suffix))
-            if offset_s:
-                r.ttft_s, r.prompt_tps, r.prompt_tokens = prompt_figures
+                self.tokens[reuse:] = suffix   # (before_last may have put in all but the last)
             turn.reply_tokens.append(r.token)
             turn.finish = r.finish_reason
             yield r
@@ -361,22 +349,6 @@ class ChatSession:
             return
         self._checkpoint("reply")
 
-    def _feed(self, tokens: list[int], chunk: int, progress, cancel, total: int) -> int:
-        """Prefill without logits, chunk by chunk; return how many were fed."""
-        done = 0
-        for i in range(0, len(tokens), chunk):
-            if cancel is not None and cancel.is_set():
-                break
-            part = tokens[i : i + chunk]
-            self.model.forward(part, self.cache, logits="none")
-            self.tokens.extend(part)
-            done += len(part)
-            if progress:
-                progress(done, total)
-        if done < len(tokens):
-            self.turns.pop()
-        return done
-
     def _sync_after_cancel(self, suffix: list[int]):
         fed = self.cache[0].offset - len(self.tokens)
         self.tokens.extend(suffix[:fed])
@@ -385,17 +357,15 @@ class ChatSession:
     def save_state(self, path: str | Path) -> int:
         """Write the log, conversation, cache and checkpoints to `path` (.npz); return bytes."""
         path = Path(path)
-        arrays: dict[str, np.ndarray] = {"tokens": np.asarray(self.tokens, dtype=np.int32)}
+        arrays: dict[str, Any] = {"tokens": np.asarray(self.tokens, dtype=np.int32)}
         for i, c in enumerate(self.cache):
-            if c.kind == "kv":  # values are fp16-representable: stored as fp16, exactly
-                arrays[f"l{i}.k"] = c.keys[: c.offset].astype(np.float16)
-                arrays[f"l{i}.v"] = c.values[: c.offset].astype(np.float16)
-            else:
-                arrays[f"l{i}.conv"], arrays[f"l{i}.state"] = c.conv, c.state
+            for name, a in c.snapshot().arrays.items():
+                arrays[f"l{i}.{name}"] = a
         for j, cp in enumerate(self.checkpoints):
             for i, snap in enumerate(cp.snaps):
                 if snap is not None:
-                    arrays[f"cp{j}.l{i}.conv"], arrays[f"cp{j}.l{i}.state"] = snap[1], snap[2]
+                    for name, a in snap.arrays.items():
+                        arrays[f"cp{j}.l{i}.{name}"] = a
         meta = {
             "version": 1,
             "fingerprint": self.loaded.fingerprint(),
@@ -428,24 +398,20 @@ class ChatSession:
             raise StateMismatchError(f"{path}: does not fit this model's cache (context {self.n_ctx})")
         self.reset()
         tokens = arrays["tokens"].astype(np.int64).tolist()
+        def layer_state(c: Any, prefix: str, offset: int) -> CacheState:
+            st = CacheState(int(offset), {name: arrays[prefix + name] for name in c.STATE_NAMES})
+            c.check(st)   # ValueError before anything is written
+            return st
+
         try:
             for i, (c, off) in enumerate(zip(self.cache, meta["offsets"])):
-                if c.kind == "kv":
-                    k, v = arrays[f"l{i}.k"], arrays[f"l{i}.v"]
-                    if k.shape != (off,) + c.keys.shape[1:] or v.shape != k.shape:
-                        raise ValueError(f"layer {i} has shape {k.shape}")
-                    c.keys[:off], c.values[:off], c.offset = k, v, off
-                else:
-                    conv, state = arrays[f"l{i}.conv"], arrays[f"l{i}.state"]
-                    if conv.shape != c.conv.shape or state.shape != c.state.shape:
-                        raise ValueError(f"layer {i} state has shape {state.shape}")
-                    c.restore((off, conv, state))
+                c.restore(layer_state(c, f"l{i}.", off))
             if any(off != len(tokens) for off in meta["offsets"]):
                 raise ValueError("layers disagree with the token log")
             self.checkpoints = []
             for j, cp in enumerate(meta["checkpoints"]):
-                snaps = [None if kind == "kv" else (cp["pos"], arrays[f"cp{j}.l{i}.conv"], arrays[f"cp{j}.l{i}.state"])
-                         for i, kind in enumerate(meta["kinds"])]
+                snaps = [None if c.trimmable else layer_state(c, f"cp{j}.l{i}.", cp["pos"])
+                         for i, c in enumerate(self.cache)]
                 self.checkpoints.append(Checkpoint(cp["pos"], snaps, cp["nbytes"], cp["label"]))
         except (KeyError, ValueError) as e:
             self.reset()

@@ -1,12 +1,16 @@
 """Architecture registry: general.architecture -> the module that runs it.
 
-Each module has `Args.from_gguf(gguf_file)`, `Model(gguf_file, n_ctx)` with
-`forward(tokens, cache, logits=...)` and `make_cache()`.
+Each module has `Args.from_gguf(gguf_file)`, `Model(gguf_file, n_ctx)` (an
+engine.models.base.BaseModel) with `forward(tokens, cache, logits=...)` and `make_cache()`,
+and `EXAMPLES` (model names for the README's table). docs/models.md describes each one.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+
 from engine.errors import ModelFileError
+from engine.gguf_file import GGUFFile
 from engine.models import gemma3, llama, phi3, qwen2, qwen3, qwen35
 
 ARCHITECTURES = {
@@ -21,7 +25,7 @@ ARCHITECTURES = {
 SUPPORTED_ARCHITECTURES = tuple(sorted(ARCHITECTURES))
 
 
-def model_module(gguf_file):
+def model_module(gguf_file: GGUFFile) -> ModuleType:
     arch = gguf_file.architecture
     mod = ARCHITECTURES.get(arch)
     if mod is None:
@@ -47,10 +51,6 @@ TESTED = {
     "qwen35": ("tiny fixtures (F32, Q8_0, Q4_K_M mix) vs llama.cpp logits in 3 feeding modes, max abs Δ ≤ 0.02 / 0.1; "
                "4B-shaped load/speed test (tests/engine/test_qwen35.py)"),
 }
-EXAMPLES = {
-    "llama": "SmolLM2-135M/360M/1.7B-Instruct, Llama 3.x",
-    "qwen35": "Qwen3.5 (DeltaNet hybrid) 0.8B-9B",
-}
 NOT_SUPPORTED = "qwen3moe, qwen3next, gemma2, gemma3n, phi2, mistral3 (and any architecture not listed)"
 
 
@@ -63,8 +63,7 @@ def support_table_markdown() -> str:
             "|---|---|---|---|"]
     for arch in SUPPORTED_ARCHITECTURES:
         mod = ARCHITECTURES[arch]
-        ex = getattr(mod, "EXAMPLES", None) or EXAMPLES.get(arch, "")
-        rows.append(f"| `{arch}` | {ex} | any of: {types} | {TESTED.get(arch, 'untested')} |")
+        rows.append(f"| `{arch}` | {mod.EXAMPLES} | any of: {types} | {TESTED.get(arch, 'untested')} |")
     rows.append("")
     rows.append(f"Not supported: {NOT_SUPPORTED}.")
     return "\n".join(rows)

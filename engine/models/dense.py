@@ -1,143 +1,48 @@
-"""Dense decoder-only transformers that differ from `llama` only in small ways, as llama.cpp runs them.
+"""The dense transformer forward pass shared by `llama`, `phi3`, `qwen2`, `qwen3` and `gemma3`.
 
-One forward pass covers `phi3`, `qwen2`, `qwen3` and `gemma3`; each architecture module
-subclasses `DenseModel` and sets a few switches (see `DenseModel`'s class attributes):
+Each architecture module subclasses `DenseModel` and declares how it differs: which tensors
+it has (structure switches) and how llama.cpp computes it (numerics switches); both are
+class fields listed in `DenseModel`, and docs/models.md describes each architecture.
 
-    x = embed(tokens) [* sqrt(D) for gemma3]                        (T, D)
+    x = embed(tokens) [* sqrt(D): embd_scale]                       (T, D)
     for each layer:
         n = RMSNorm(x) * attn_norm
         q, k, v = W_qkv n split [Q | K | V]   or   W_q n, W_k n, W_v n  (+ biases when present)
-        q, k = RMSNorm(q) * q_norm, RMSNorm(k) * k_norm             per head (qwen3, gemma3)
-        q, k = RoPE_neox(q, k)                                       pairs (i, i + n_rot/2)
+        q, k = RMSNorm(q) * q_norm, RMSNorm(k) * k_norm             per head (qk_norm)
+        q, k = RoPE(q, k)              rope_neox: pairs (i, i + n_rot/2); else adjacent (2i, 2i+1)
         att = softmax(q k^T * scale + causal [+ sliding window]) v   K, V and q at fp16 precision
-        a = W_o att [; RMSNorm(a) * post_attention_norm for gemma3]
+        a = W_o att [; RMSNorm(a) * post_attention_norm: post_norms]
         x += a
         m = RMSNorm(x) * ffn_norm
-        f = W_down(act(W_gate m) * W_up m)     act = silu, or gelu-tanh (gemma3);
-                                               phi3: [gate | up] = W_up m (fused)
-        [f = RMSNorm(f) * post_ffw_norm for gemma3]
+        f = W_down(act(W_gate m) * W_up m)     act = silu, or gelu-tanh (activation = "gelu");
+                                               fused_gate_up: [gate | up] = W_up m
+        [f = RMSNorm(f) * post_ffw_norm: post_norms]
         x += f
-    logits = W_out RMSNorm(x) * output_norm                          only the positions asked for
+    logits = W_out RMSNorm(x) * output_norm [+ output.bias]          only the positions asked for
 
-Attention follows llama.cpp without flash attention (llama-cpp-python's default, which is what
-the fixtures were made with): q, K and V rounded to fp16, softmax in float32 with the
-probabilities rounded to fp16 before P V (ops.attention_nofa).
+The attention kernel (`attention_kernel`) is the numerics choice that matters most:
+"attend" is llama.cpp's flash-attention path (fp16 accumulator for one query, float32 tiles
+for a batch; what the SmolLM2 fixtures were made with), "attention_nofa" its path without
+flash attention (llama-cpp-python's default, what the tiny fixtures were made with): q, K, V
+rounded to fp16, softmax in float32 with the probabilities rounded to fp16 before P V.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 
 from engine import ops
-from engine.cache import KVCache
-from engine.errors import ModelFileError
+from engine.cache import Cache, KVCache
 from engine.gguf_file import GGUFFile
-from engine.quants.linear import LinearGroup, QuantLinear, get_format
+from engine import fused_decode
+from engine.fused_decode import FusedDecode
+from engine.models.base import Args, BaseModel, RunState, linear, optional_vector, vector
+from engine.quants.linear import LinearGroup, QuantLinear
 from engine.quants.common import F16_TO_F32
 
-
-def tensor(gf: GGUFFile, name: str, shape: tuple):
-    t = gf.tensors.get(name)
-    if t is None:
-        raise ModelFileError(gf.path, f"tensor {name!r} is missing")
-    if tuple(t.shape) != tuple(shape):
-        raise ModelFileError(gf.path, f"tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
-    return t
-
-
-def linear(gf: GGUFFile, name: str, n_in: int, n_out: int) -> QuantLinear:
-    t = tensor(gf, name, (n_in, n_out))
-    return QuantLinear(gf.tensor_bytes(name), t.ggml_type, n_in, n_out, name=name)
-
-
-def vector(gf: GGUFFile, name: str, n: int) -> np.ndarray:
-    tensor(gf, name, (n,))
-    v = np.ascontiguousarray(gf.tensor_float(name), dtype=np.float32)
-    return v
-
-
-def optional_vector(gf: GGUFFile, name: str, n: int):
-    return vector(gf, name, n) if name in gf.tensors else None
-
-
-@dataclass(frozen=True)
-class Args:
-    n_layer: int
-    d_model: int
-    n_ff: int
-    n_head: int
-    n_head_kv: int
-    head_dim: int
-    n_rot: int
-    rope_base: float
-    rope_freq_scale: float
-    norm_eps: float
-    n_vocab: int
-    n_ctx_train: int
-    n_ctx_orig: int            # rope.scaling.original_context_length (phi3 long/short factors)
-    rope_attn_factor: float    # rope.scaling.attn_factor (multiplies cos and sin)
-    sliding_window: int = 0    # gemma3: keys within this many positions (0 = none)
-    swa_layers: tuple = field(default=())   # per layer: True = sliding-window layer
-    rope_base_swa: float = 0.0  # gemma3: RoPE base of the sliding-window layers
-
-    @classmethod
-    def from_gguf(cls, gf: GGUFFile, arch: str) -> Args:
-        def key(name, kind=int, default=None):
-            full = f"{arch}.{name}"
-            if default is None:
-                return gf.require(full, kind)
-            return gf.get(full, default, kind=kind)
-
-        def bad(problem):
-            raise ModelFileError(gf.path, problem)
-
-        d_model = key("embedding_length")
-        n_head = key("attention.head_count")
-        if not isinstance(n_head, int):
-            bad(f"{arch}.attention.head_count must be one number (per-layer head counts are not supported)")
-        head_dim = key("attention.key_length", default=d_model // max(n_head, 1))
-        if key("attention.value_length", default=head_dim) != head_dim:
-            bad("attention.value_length differs from key_length (not supported)")
-        scaling = gf.get(f"{arch}.rope.scaling.type", "none", kind=str)
-        freq_scale = 1.0
-        if scaling == "linear":
-            factor = float(gf.get(f"{arch}.rope.scaling.factor", 1.0, kind=(int, float)))
-            if not factor > 0:
-                bad(f"rope.scaling.factor {factor} is not positive")
-            freq_scale = 1.0 / factor
-        elif scaling not in ("none", ""):
-            raise ModelFileError(gf.path, f"rope scaling {scaling!r} is not supported", "none, linear")
-        tok = gf.tensors.get("token_embd.weight")
-        if tok is None:
-            bad("tensor 'token_embd.weight' is missing")
-        if len(tok.shape) != 2:
-            bad(f"tensor 'token_embd.weight' has shape {list(tok.shape)}, expected 2 dimensions")
-        n_ctx_train = key("context_length", default=2048)
-        args = cls(
-            n_layer=key("block_count"), d_model=d_model, n_ff=key("feed_forward_length"),
-            n_head=n_head, n_head_kv=key("attention.head_count_kv", default=n_head), head_dim=head_dim,
-            n_rot=key("rope.dimension_count", default=head_dim),
-            rope_base=float(key("rope.freq_base", (int, float), default=10000.0)),
-            rope_freq_scale=float(freq_scale),
-            norm_eps=float(key("attention.layer_norm_rms_epsilon", (int, float), default=1e-5)),
-            n_vocab=tok.shape[1], n_ctx_train=n_ctx_train,
-            n_ctx_orig=key("rope.scaling.original_context_length", default=n_ctx_train),
-            rope_attn_factor=float(key("rope.scaling.attn_factor", (int, float), default=1.0)),
-        )
-        if min(args.n_layer, args.d_model, args.n_ff, args.n_head, args.n_head_kv, args.head_dim,
-               args.n_ctx_train, args.n_vocab, args.n_ctx_orig) <= 0:
-            bad(f"invalid hyperparameters {args}")
-        if not np.isfinite(args.rope_base) or args.rope_base <= 0 or not 0 < args.norm_eps < 1:
-            bad(f"invalid rope base / norm eps {args}")
-        if not np.isfinite(args.rope_attn_factor) or not 0 < args.rope_attn_factor < 100:
-            bad(f"invalid rope.scaling.attn_factor {args.rope_attn_factor}")
-        if args.n_head % args.n_head_kv or args.n_rot > args.head_dim or args.n_rot % 2 or args.n_rot <= 0:
-            bad(f"inconsistent attention shape {args}")
-        if args.n_layer > 4096 or args.head_dim > 4096:
-            bad(f"implausible sizes {args}")
-        return args
+ATTENTION_KERNELS = ("attend", "attention_nofa")
 
 
 class DenseLayer:
@@ -146,16 +51,16 @@ class DenseLayer:
         D, hd = a.d_model, a.head_dim
         self.q_dim, self.kv_dim = a.n_head * hd, a.n_head_kv * hd
         self.attn_norm = vector(gf, p + "attn_norm.weight", D)
+        self.w_qkv: QuantLinear | None = None
+        self.qkv_group: LinearGroup | None = None   # separate q/k/v read one input: quantized once
+        self.wq = self.wk = self.wv = None
         if m.fused_qkv_ok and p + "attn_qkv.weight" in gf.tensors:  # rows [Q | K | V]
             self.w_qkv = linear(gf, p + "attn_qkv.weight", D, self.q_dim + 2 * self.kv_dim)
-            self.wq = self.wk = self.wv = None
         else:
-            self.w_qkv = None
             self.wq = linear(gf, p + "attn_q.weight", D, self.q_dim)
             self.wk = linear(gf, p + "attn_k.weight", D, self.kv_dim)
             self.wv = linear(gf, p + "attn_v.weight", D, self.kv_dim)
-        # separate q/k/v (or gate/up) read one input: quantized once, fused launches
-        self.qkv_group = LinearGroup([self.wq, self.wk, self.wv]) if self.w_qkv is None else None
+            self.qkv_group = LinearGroup([self.wq, self.wk, self.wv])
         self.bq = self.bk = self.bv = self.bqkv = None
         if m.qkv_bias != "none":
             get = vector if m.qkv_bias == "required" else optional_vector
@@ -165,61 +70,71 @@ class DenseLayer:
                 self.bq = get(gf, p + "attn_q.bias", self.q_dim)
                 self.bk = get(gf, p + "attn_k.bias", self.kv_dim)
                 self.bv = get(gf, p + "attn_v.bias", self.kv_dim)
-        self.q_norm = self.k_norm = None
-        if m.qk_norm:
-            self.q_norm = vector(gf, p + "attn_q_norm.weight", hd)
-            self.k_norm = vector(gf, p + "attn_k_norm.weight", hd)
+        self.q_norm = vector(gf, p + "attn_q_norm.weight", hd) if m.qk_norm else None
+        self.k_norm = vector(gf, p + "attn_k_norm.weight", hd) if m.qk_norm else None
         self.wo = linear(gf, p + "attn_output.weight", self.q_dim, D)
         self.post_attn_norm = vector(gf, p + "post_attention_norm.weight", D) if m.post_norms else None
         self.ffn_norm = vector(gf, p + "ffn_norm.weight", D)
+        self.w_gate_up: QuantLinear | None = None
+        self.gate_up_group: LinearGroup | None = None
+        self.w_gate = self.w_up = None
         if m.fused_gate_up:  # phi3: ffn_up rows [gate | up]
             self.w_gate_up = linear(gf, p + "ffn_up.weight", D, 2 * a.n_ff)
-            self.w_gate = self.w_up = None
         else:
-            self.w_gate_up = None
             self.w_gate = linear(gf, p + "ffn_gate.weight", D, a.n_ff)
             self.w_up = linear(gf, p + "ffn_up.weight", D, a.n_ff)
-        self.gate_up_group = LinearGroup([self.w_gate, self.w_up]) if self.w_gate_up is None else None
+            self.gate_up_group = LinearGroup([self.w_gate, self.w_up])
         self.w_down = linear(gf, p + "ffn_down.weight", a.n_ff, D)
         self.post_ffw_norm = vector(gf, p + "post_ffw_norm.weight", D) if m.post_norms else None
 
 
-class DenseModel:
-    arch = "?"
-    fused_qkv_ok = False      # accept blk.N.attn_qkv.weight (rows Q | K | V)
-    fused_gate_up = False     # ffn_up holds [gate | up] and there is no ffn_gate (phi3)
-    qkv_bias = "none"         # "none" | "optional" | "required"
-    qk_norm = False           # per-head RMSNorm of q and k before RoPE
-    post_norms = False        # gemma3: RMSNorm after attention and after the FFN
-    embd_scale = False        # gemma3: embeddings * sqrt(D)
-    activation = "silu"       # or "gelu" (gemma3, tanh approximation)
-    q_prescale = False        # scale q before attention (kq_scale 1), as phi3/gemma3 graphs do
-    rope_factors = False      # phi3: rope_factors_long/short.weight
+class DenseRun(RunState):
+    def __init__(self, T: int, a: Args):
+        super().__init__(T)
+        self.n = self.zeros(T, a.d_model)                       # normed input of a block
+        self.att = self.zeros(T, a.n_head, a.head_dim)          # attention output per head
+        self.o = self.zeros(T, a.d_model)                       # W_o att
+        self.f = self.zeros(T, a.d_model)                       # W_down(...)
+
+
+class DenseModel(BaseModel[DenseRun]):
+    # structure: which tensors the layers have
+    fused_qkv_ok: ClassVar[bool] = False   # accept blk.N.attn_qkv.weight (rows Q | K | V)
+    fused_gate_up: ClassVar[bool] = False  # ffn_up holds [gate | up] and there is no ffn_gate (phi3)
+    qkv_bias: ClassVar[str] = "none"       # "none" | "optional" | "required"
+    qk_norm: ClassVar[bool] = False        # per-head RMSNorm of q and k before RoPE
+    post_norms: ClassVar[bool] = False     # RMSNorm after attention and after the FFN (gemma3)
+    rope_factors: ClassVar[bool] = False   # rope_factors_long/short.weight (phi3)
+    activation: ClassVar[str] = "silu"     # or "gelu" (tanh approximation, gemma3)
+    # numerics: how llama.cpp computes it (docs/ARCHITECTURE.md, "Numerics per architecture")
+    attention_kernel: ClassVar[str] = "attention_nofa"   # or "attend" (flash-attention path)
+    rope_neox: ClassVar[bool] = True       # pairs (i, i + n_rot/2); False: adjacent (2i, 2i+1)
+    q_prescale: ClassVar[bool] = False     # q *= scale before rounding to fp16, kq_scale 1 (phi3, gemma3)
+    scale_in_f32: ClassVar[bool] = False   # 1/sqrt(hd) computed in float32, not float64 (gemma3)
+    rope_attn_factor: ClassVar[bool] = True  # cos, sin * rope.scaling.attn_factor (llama ignores it)
+    head_bias = True
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.attention_kernel not in ATTENTION_KERNELS:
+            raise TypeError(f"{cls.__name__}.attention_kernel {cls.attention_kernel!r} not in {ATTENTION_KERNELS}")
+        if cls.attention_kernel == "attend" and cls.q_prescale:
+            raise TypeError(f"{cls.__name__}: the 'attend' path rounds q to fp16 as it stores K, V: no q_prescale")
 
     def __init__(self, gf: GGUFFile, n_ctx: int | None = None):
-        a = self.args = self.read_args(gf)
-        self.n_ctx = int(n_ctx or min(a.n_ctx_train, 8192))
-        if self.n_ctx <= 0:
-            raise ModelFileError(gf.path, f"invalid context size {self.n_ctx}")
-        D = a.d_model
-        emb = tensor(gf, "token_embd.weight", (D, a.n_vocab))
-        self.token_embd = gf.tensor_bytes("token_embd.weight")  # (V, row_bytes) blocks
-        self.embd_format = get_format(emb.ggml_type)
-        self.layers = [DenseLayer(gf, a, i, type(self)) for i in range(a.n_layer)]
-        self.output_norm = vector(gf, "output_norm.weight", D)
-        if "output.weight" in gf.tensors:
-            self.output = linear(gf, "output.weight", D, a.n_vocab)
-        else:  # tied head: the embedding matrix, still quantized
-            self.output = QuantLinear(self.token_embd, emb.ggml_type, D, a.n_vocab, name="token_embd.weight")
-        self.output_bias = optional_vector(gf, "output.bias", a.n_vocab)
+        super().__init__(gf, n_ctx, self.read_args(gf))
+        self.layers = [DenseLayer(gf, self.args, i, type(self)) for i in range(self.args.n_layer)]
         self.rope = self.rope_tables(gf)  # per layer: a RopeTable (shared where equal)
-        self.weight_bytes = sum(t.nbytes for t in gf.tensors.values())
+        hd = self.args.head_dim
+        self.scale: np.float32 = np.float32(1.0 / np.sqrt(np.float32(hd)) if self.scale_in_f32 else 1.0 / np.sqrt(hd))
+        # decode's whole token in one numba call where the numerics and formats allow (same logits)
+        self.fused = FusedDecode(self) if fused_decode.unsupported_reason(self) is None else None
 
     # ---- per-architecture hooks
     def read_args(self, gf: GGUFFile) -> Args:
         return Args.from_gguf(gf, self.arch)
 
-    def rope_factors_for(self, gf: GGUFFile):
+    def rope_factors_for(self, gf: GGUFFile) -> np.ndarray | None:
         """Frequency divisors (n_rot/2,) or None. phi3: long when n_ctx > original context, else short."""
         a = self.args
         if "rope_freqs.weight" in gf.tensors:
@@ -230,128 +145,103 @@ class DenseModel:
                    for n in ("rope_factors_long.weight", "rope_factors_short.weight")}
         return present["rope_factors_long.weight" if self.n_ctx > a.n_ctx_orig else "rope_factors_short.weight"]
 
-    def rope_tables(self, gf: GGUFFile) -> list:
+    def rope_tables(self, gf: GGUFFile) -> list[ops.RopeTable]:
         a = self.args
-        ff = self.rope_factors_for(gf)
-        self.rope_freq_factors = ff
-        table = ops.RopeTable(self.n_ctx, a.n_rot, a.rope_base, ff, a.rope_freq_scale, a.rope_attn_factor)
-        return [table] * a.n_layer
+        ff = self.rope_freq_factors = self.rope_factors_for(gf)
+        attn_factor = a.rope_attn_factor if self.rope_attn_factor else 1.0
+        return [ops.RopeTable(self.n_ctx, a.n_rot, a.rope_base, ff, a.rope_freq_scale, attn_factor)] * a.n_layer
 
     def window(self, i: int) -> int:
         return 0
 
-    # ---- running
-    @property
-    def n_vocab(self) -> int:
-        return self.args.n_vocab
+    def new_run_state(self, T: int) -> DenseRun:
+        return DenseRun(T, self.args)
 
-    def make_cache(self) -> list[KVCache]:
+    def make_cache(self) -> list[Cache]:
         a = self.args
         return [KVCache(self.n_ctx, a.n_head_kv, a.head_dim) for _ in range(a.n_layer)]
 
-    def embed(self, tokens: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(self.embd_format.dequantize(self.token_embd[tokens]), dtype=np.float32)
-        if self.embd_scale:
-            x *= np.float32(np.sqrt(np.float32(self.args.d_model)))
-        return x
-
-    def _ffn_act(self, g: np.ndarray, u: np.ndarray) -> np.ndarray:
-        if self.activation == "gelu":
-            ops.geglu(g, u, g)
-        else:
-            ops.swiglu(g, u, g)
-        return g
-
-    def forward(self, tokens, cache: list, logits: str = "last",
+    # ---- running
+    def forward(self, tokens: Any, cache: list, logits: str = "last",
                 token_exact: bool = False) -> np.ndarray | None:
         """Feed tokens (T,) at the cache's current position; return logits (n, V) or None.
 
         logits: "last" (the last position only), "all" (every position) or "none".
         token_exact: each row's logits bit-identical to feeding the tokens one at a time
-        (decode's row kernels instead of the GEMM; speculative verification).
+        (decode's row kernels and single-query attention; speculative verification).
         """
-        a = self.args
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        T = tokens.shape[0]
-        if T == 0:
-            raise ValueError("forward() needs at least one token")
-        if tokens.min() < 0 or tokens.max() >= a.n_vocab:
-            raise ValueError(f"token id out of range 0..{a.n_vocab - 1}")
-        if logits not in ("last", "all", "none"):
-            raise ValueError(f"logits must be 'last', 'all' or 'none', not {logits!r}")
-        if len(cache) != a.n_layer:
-            raise ValueError(f"cache has {len(cache)} layers, the model {a.n_layer}")
-        p0 = cache[0].offset
-        if p0 + T > self.n_ctx:
-            raise ValueError(f"context full: {p0} + {T} tokens > {self.n_ctx}")
-
-        H, Hkv, hd = a.n_head, a.n_head_kv, a.head_dim
-        eps = a.norm_eps
-        scale = np.float32(self.attention_scale())
-        x = self.embed(tokens)  # (T, D)
-        n = np.empty_like(x)
-        att = np.empty((T, H, hd), dtype=np.float32)
+        run = self.begin(tokens, cache, logits)
+        if run.T == 1 and logits == "last" and self.fused is not None:   # decode: one compiled call
+            return self.fused.step(int(run.tokens[0]), cache)
+        x = self.embed(run.tokens)                                       # (T, D)
         for i, (layer, kv) in enumerate(zip(self.layers, cache)):
-            if kv.offset != p0:
-                raise ValueError("cache layers are at different positions")
-            ops.rmsnorm(x, layer.attn_norm, eps, n)
-            if layer.w_qkv is not None:
-                qkv = layer.w_qkv.matmul(n, token_exact=token_exact)
-                if layer.bqkv is not None:
-                    qkv += layer.bqkv
-                qd, kd = layer.q_dim, layer.kv_dim
-                q, k, v = qkv[:, :qd], qkv[:, qd : qd + kd], qkv[:, qd + kd :]
+            x += self.attention_block(i, layer, kv, x, run, token_exact)
+            x += self.ffn_block(layer, x, run, token_exact)
+        return self.head(x, logits, token_exact)
+
+    def attention_block(self, i: int, layer: DenseLayer, kv: KVCache, x: np.ndarray, run: DenseRun,
+                        token_exact: bool) -> np.ndarray:
+        a, T, p0 = self.args, run.T, run.p0
+        H, Hkv, hd, eps = a.n_head, a.n_head_kv, a.head_dim, a.norm_eps
+        n = run.n
+        ops.rmsnorm(x, layer.attn_norm, eps, n)
+        if layer.w_qkv is not None:
+            qkv = layer.w_qkv.matmul(n, token_exact=token_exact)
+            if layer.bqkv is not None:
+                qkv += layer.bqkv
+            qd, kd = layer.q_dim, layer.kv_dim
+            q, k, v = qkv[:, :qd], qkv[:, qd : qd + kd], qkv[:, qd + kd :]
+        else:
+            assert layer.qkv_group is not None
+            q, k, v = layer.qkv_group.matmul(n, token_exact=token_exact)
+            for out, b in ((q, layer.bq), (k, layer.bk), (v, layer.bv)):
+                if b is not None:
+                    out += b
+        q = np.ascontiguousarray(q).reshape(T, H, hd)
+        k = np.ascontiguousarray(k).reshape(T, Hkv, hd)
+        v = np.ascontiguousarray(v).reshape(T, Hkv, hd)
+        if layer.q_norm is not None and layer.k_norm is not None:
+            ops.rmsnorm(q.reshape(T * H, hd), layer.q_norm, eps, q.reshape(T * H, hd))
+            ops.rmsnorm(k.reshape(T * Hkv, hd), layer.k_norm, eps, k.reshape(T * Hkv, hd))
+        cos, sin = self.rope[i].upto(p0 + T)
+        att = run.att
+        if self.attention_kernel == "attend":
+            # RoPE, then q/k/v rounded to fp16 (llama.cpp's F16 cache); k, v appended to the cache
+            ops.rope_and_store(q, k, v, cos, sin, a.n_rot, self.rope_neox, kv)
+            if token_exact:  # decode's single-query path (fp16 accumulator), query by query
+                for t in range(T):
+                    ops.attend(q[t : t + 1], kv.keys, kv.values, p0 + t, self.scale, att[t : t + 1])
             else:
-                q, k, v = layer.qkv_group.matmul(n, token_exact=token_exact)
-                if layer.bq is not None:
-                    q += layer.bq
-                if layer.bk is not None:
-                    k += layer.bk
-                if layer.bv is not None:
-                    v += layer.bv
-            q = np.ascontiguousarray(q).reshape(T, H, hd)
-            k = np.ascontiguousarray(k).reshape(T, Hkv, hd)
-            v = np.ascontiguousarray(v).reshape(T, Hkv, hd)
-            if layer.q_norm is not None:
-                ops.rmsnorm(q.reshape(T * H, hd), layer.q_norm, eps, q.reshape(T * H, hd))
-                ops.rmsnorm(k.reshape(T * Hkv, hd), layer.k_norm, eps, k.reshape(T * Hkv, hd))
-            cos, sin = self.rope[i].upto(p0 + T)
-            ops.rope_inplace(q, cos, sin, p0, a.n_rot, True)
-            ops.rope_inplace(k, cos, sin, p0, a.n_rot, True)
+                ops.attend(q, kv.keys, kv.values, p0, self.scale, att)
+        else:
+            ops.rope_inplace(q, cos, sin, p0, a.n_rot, self.rope_neox)
+            ops.rope_inplace(k, cos, sin, p0, a.n_rot, self.rope_neox)
             kv.write(ops.to_f16_precision(k), ops.to_f16_precision(v))
+            s: np.float32 = self.scale
             if self.q_prescale:
-                q *= scale
+                q *= s
                 s = np.float32(1.0)
-            else:
-                s = scale
-            qh = ops.to_f16_precision(q)
-            ops.attention_nofa(qh, kv.keys, kv.values, p0, s, self.window(i), att, F16_TO_F32)
-            o = layer.wo.matmul(att.reshape(T, H * hd), token_exact=token_exact)
-            if layer.post_attn_norm is not None:
-                ops.rmsnorm(o, layer.post_attn_norm, eps, o)
-            x += o
+            ops.attention_nofa(ops.to_f16_precision(q), kv.keys, kv.values, p0, s, self.window(i), att, F16_TO_F32)
+        o = layer.wo.matmul(att.reshape(T, H * hd), run.o, token_exact)
+        if layer.post_attn_norm is not None:
+            ops.rmsnorm(o, layer.post_attn_norm, eps, o)
+        return o
 
-            ops.rmsnorm(x, layer.ffn_norm, eps, n)
-            if layer.w_gate_up is not None:
-                gu = layer.w_gate_up.matmul(n, token_exact=token_exact)
-                g = np.ascontiguousarray(gu[:, : a.n_ff])
-                u = np.ascontiguousarray(gu[:, a.n_ff :])
-            else:
-                g, u = layer.gate_up_group.matmul(n, token_exact=token_exact)
-            f = layer.w_down.matmul(self._ffn_act(g, u), token_exact=token_exact)
-            if layer.post_ffw_norm is not None:
-                ops.rmsnorm(f, layer.post_ffw_norm, eps, f)
-            x += f
-
-        if logits == "none":
-            return None
-        rows = x[-1:] if logits == "last" else x
-        h = np.empty_like(rows)
-        ops.rmsnorm(np.ascontiguousarray(rows), self.output_norm, eps, h)
-        out = self.output.matmul(h, token_exact=token_exact)
-        if self.output_bias is not None:
-            out += self.output_bias
-        return out
-
-    def attention_scale(self) -> float:
-        return 1.0 / np.sqrt(self.args.head_dim)
+    def ffn_block(self, layer: DenseLayer, x: np.ndarray, run: DenseRun, token_exact: bool) -> np.ndarray:
+        n = run.n
+        ops.rmsnorm(x, layer.ffn_norm, self.args.norm_eps, n)
+        if layer.w_gate_up is not None:
+            gu = layer.w_gate_up.matmul(n, token_exact=token_exact)
+            g = np.ascontiguousarray(gu[:, : self.args.n_ff])
+            u = np.ascontiguousarray(gu[:, self.args.n_ff :])
+        else:
+            assert layer.gate_up_group is not None
+            g, u = layer.gate_up_group.matmul(n, token_exact=token_exact)
+        if self.activation == "gelu":
+            ops.geglu(g, u, g)
+        else:
+            ops.swiglu(g, u, g)
+        f = layer.w_down.matmul(g, run.f, token_exact)
+        if layer.post_ffw_norm is not None:
+            ops.rmsnorm(f, layer.post_ffw_norm, self.args.norm_eps, f)
+        return f

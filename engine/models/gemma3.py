@@ -1,5 +1,5 @@
 """`gemma3` architecture (Gemma 3 text models, e.g. gemma-3-270m), as llama.cpp runs it
-(src/models/gemma3.cpp, the iswa graph; hyperparameters from llama-model.cpp).
+(its iswa graph; docs/models.md):
 
     x = embed(tokens) * sqrt(D)
     for each layer i:                          sliding-window layer unless i % pattern == pattern-1
@@ -24,12 +24,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
-
 from engine import ops
 from engine.errors import ModelFileError
 from engine.gguf_file import GGUFFile
-from engine.models.dense import Args, DenseModel
+from engine.models.base import Args
+from engine.models.dense import DenseModel
 
 __all__ = ["Args", "Model"]
 
@@ -45,6 +44,8 @@ class Model(DenseModel):
     embd_scale = True
     activation = "gelu"
     q_prescale = True
+    scale_in_f32 = True
+    rope_attn_factor = False   # its own tables below: global and sliding-window bases
 
     def read_args(self, gf: GGUFFile) -> Args:
         a = Args.from_gguf(gf, self.arch)
@@ -55,15 +56,12 @@ class Model(DenseModel):
         swa = tuple(window > 0 and (pattern == 0 or i % pattern < pattern - 1) for i in range(a.n_layer))
         return replace(a, sliding_window=int(window), swa_layers=swa, rope_base_swa=ROPE_BASE_SWA)
 
-    def rope_tables(self, gf: GGUFFile) -> list:
+    def rope_tables(self, gf: GGUFFile) -> list[ops.RopeTable]:
         a = self.args
         self.rope_freq_factors = None
         glob = ops.RopeTable(self.n_ctx, a.n_rot, a.rope_base, None, a.rope_freq_scale)
-        local = ops.RopeTable(self.n_ctx, a.n_rot, a.rope_base_swa, None, 1.0) if any(a.swa_layers) else None
+        local = ops.RopeTable(self.n_ctx, a.n_rot, a.rope_base_swa, None, 1.0) if any(a.swa_layers) else glob
         return [local if s else glob for s in a.swa_layers]
 
     def window(self, i: int) -> int:
-        return self.args.sliding_window if self.args.swa_layers[i] else 0
-
-    def attention_scale(self) -> float:
-        return 1.0 / np.sqrt(np.float32(self.args.head_dim))
+        return int(self.args.sliding_window) if self.args.swa_layers[i] else 0

@@ -1,6 +1,6 @@
 """`phi3` architecture (Phi-3-mini, Phi-3.5-mini-instruct), as llama.cpp runs it (src/models/phi3.cpp).
 
-See shared/reference/qwen35-llama-phi3-gguf.md §5.2 and engine/models/dense.py for the pass:
+See docs/models.md (phi3) and engine/models/dense.py for the pass:
 
     n = RMSNorm(x) * attn_norm
     q, k, v = split(W_qkv n, [D, Hkv*hd, Hkv*hd])      fused rows Q | K | V (or separate q/k/v tensors)
@@ -17,7 +17,8 @@ Phi-3's sliding window (`phi3.attention.sliding_window`) is ignored, as llama.cp
 
 from __future__ import annotations
 
-from engine.models.dense import Args, DenseModel
+from engine.models.base import Args
+from engine.models.dense import DenseModel
 
 __all__ = ["Args", "Model"]
 

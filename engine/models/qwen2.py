@@ -10,7 +10,8 @@ As `llama` (engine/models/dense.py) but with biases on q, k and v and NEOX RoPE
 
 from __future__ import annotations
 
-from engine.models.dense import Args, DenseModel
+from engine.models.base import Args
+from engine.models.dense import DenseModel
 
 __all__ = ["Args", "Model"]
 

@@ -7,7 +7,8 @@ As `qwen2` (engine/models/dense.py) without the biases and with a per-head RMSNo
 
 from __future__ import annotations
 
-from engine.models.dense import Args, DenseModel
+from engine.models.base import Args
+from engine.models.dense import DenseModel
 
 __all__ = ["Args", "Model"]
 

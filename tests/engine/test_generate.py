@@ -111,3 +111,20 @@ def test_prompt_longer_than_context_is_refused(loaded):
     with pytest.raises(ContextOverflowError, match="128"):
         list(s.generate(list(range(3, 200)), GREEDY))
     assert s.tokens == [] and s.cache[0].offset == 0
+
+
+def test_before_last_sees_all_but_the_last_prompt_token_then_it_is_fed_alone(loaded):
+    m, tok = loaded.model, loaded.tokenizer
+    prompt = [1, 50, 60, 70, 80]
+    cache = m.make_cache()
+    seen = []
+    out = list(stream_generate(m, tok, prompt, cache, make_sampler(0), max_tokens=2, stop_ids=frozenset(),
+                               keep_logits=True, prefill_chunk=3,
+                               before_last=lambda: seen.append(cache[0].offset)))
+    assert seen == [len(prompt) - 1]
+    # the same schedule by hand: chunks of 3 over the first four tokens, then the last alone
+    ref = m.make_cache()
+    m.forward(prompt[:3], ref, logits="none")
+    m.forward(prompt[3:4], ref, logits="none")
+    np.testing.assert_array_equal(out[0].logits, m.forward(prompt[4:], ref, logits="last")[-1])
+    assert out[0].prompt_tokens == len(prompt)

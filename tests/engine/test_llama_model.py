@@ -103,3 +103,39 @@ def test_context_overflow_and_bad_tokens_are_refused(tiny_llama_path):
     with pytest.raises(ValueError, match="out of range"):
         m.forward([m.n_vocab], c)
     assert c[0].offset == 0  # nothing was written
+
+
+def test_forward_checks_its_input_before_writing(tiny_llama_path):
+    """The shared preamble (engine.models.base): llama refuses what every architecture refuses."""
+    m = load_model(tiny_llama_path, n_ctx=32).model
+    c = m.make_cache()
+    with pytest.raises(ValueError, match="logits must be"):
+        m.forward([1, 2], c, logits="first")
+    with pytest.raises(ValueError, match="cache has 1 layers"):
+        m.forward([1, 2], c[:1])
+    m.forward([1, 2], c, logits="none")
+    c[-1].trim(1)
+    with pytest.raises(ValueError, match="different positions"):
+        m.forward([3], c)
+    assert [x.offset for x in c] == [2] * (len(c) - 1) + [1]   # nothing was written
+
+
+def test_reused_work_buffers_carry_nothing_between_calls(tiny_llama_path):
+    """Two conversations interleaved step by step (same T, so the same run state) give the
+    logits each gives alone."""
+    m = load_model(tiny_llama_path, n_ctx=64).model
+    prompts = ([1, 50, 60, 70], [9, 8, 7, 6])
+    alone = []
+    for p in prompts:
+        c = m.make_cache()
+        alone.append([m.forward(p, c)] + [m.forward([t], c) for t in (11, 12, 13)])
+    caches = [m.make_cache(), m.make_cache()]
+    mixed: list[list] = [[], []]
+    for i, p in enumerate(prompts):
+        mixed[i].append(m.forward(p, caches[i]))
+    for t in (11, 12, 13):
+        for i in range(2):
+            mixed[i].append(m.forward([t], caches[i]))
+    for a, b in zip(alone, mixed):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)

@@ -277,3 +277,31 @@ def test_every_response_reports_the_whole_prompt():
     n = s.last_turn.prompt_tokens
     assert {r.prompt_tokens for r in out} == {n}
     assert len({r.ttft_s for r in out}) == 1 and len({r.prompt_tps for r in out}) == 1
+
+
+def test_cache_state_round_trips_and_is_checked_before_writing():
+    from engine.cache import CacheState, KVCache, RecurrentCache
+
+    model = load_model(QWEN35_Q8, n_ctx=256).model
+    cache = model.make_cache()
+    logits = model.forward([1, 2, 3, 4], cache, logits="last")
+    kinds = {type(c) for c in cache}
+    assert kinds == {KVCache, RecurrentCache}
+    rebuilt = [KVCache.from_state(c.snapshot(), model.n_ctx) if isinstance(c, KVCache)
+               else RecurrentCache.from_state(c.snapshot()) for c in cache]
+    assert [c.offset for c in rebuilt] == [4] * len(cache)
+    np.testing.assert_array_equal(model.forward([5], rebuilt, logits="last"),
+                                  model.forward([5], cache, logits="last"))
+    assert logits.shape == (1, model.n_vocab)
+    kv = next(c for c in cache if isinstance(c, KVCache))
+    st = kv.snapshot()
+    with pytest.raises(ValueError, match="does not fit"):
+        kv.restore(CacheState(st.offset + 1, st.arrays))   # offset disagrees with the arrays
+    with pytest.raises(ValueError, match="holds 'k' and 'v'"):
+        kv.restore(CacheState(st.offset, {"k": st.arrays["k"]}))
+    assert kv.offset == 5   # nothing written
+    rec = next(c for c in cache if isinstance(c, RecurrentCache))
+    bad = rec.snapshot()
+    bad.arrays["state"] = bad.arrays["state"][:1]
+    with pytest.raises(ValueError, match="does not fit"):
+        rec.restore(bad)
