@@ -216,8 +216,7 @@ class FusedDecode:
         self.model = model
         self.args = a
         layers = model.layers
-        roles = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-        lins: list[list[QuantLinear]] = [[getattr(layer, r) for r in roles] for layer in layers]
+        lins: list[list[QuantLinear]] = [[l.wq, l.wk, l.wv, l.wo, l.w_gate, l.w_up, l.w_down] for l in layers]
         self.kinds = np.array([[lin.fmt.ggml_type for lin in row] for row in lins], np.int64).reshape(-1, 7)
         self.acts = np.vectorize(FORMAT_ACT.__getitem__, otypes=[np.int64])(self.kinds).reshape(-1, 7)
         self.weights = [_typed([row[i].raw for row in lins]) for i in range(7)]

@@ -179,6 +179,7 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._mmap: mmap.mmap | None = None   # set once the file is mapped (close() may run before)
         spath = str(self.path)
         try:
             # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever
@@ -202,10 +203,17 @@ class GGUFFile:
             self.close()
             raise
 
+    @property
+    def buffer(self) -> mmap.mmap:
+        """The mapped file; an error once closed (kernels must never read a closed map)."""
+        if self._mmap is None:
+            raise ModelFileError(str(self.path), "the file is closed")
+        return self._mmap
+
     # -- parsing -------------------------------------------------------------------------
     def _parse(self, spath: str):
-        cur = _Cursor(self._mmap, spath)
-        magic = bytes(self._mmap[:4])
+        cur = _Cursor(self.buffer, spath)
+        magic = bytes(self.buffer[:4])
         if magic != GGUF_MAGIC:
             raise ModelFileError(spath, f"not a GGUF file (magic {magic!r})")
         cur.pos = 4
@@ -307,7 +315,7 @@ class GGUFFile:
         """Zero-copy read-only uint8 view (n_rows, row_bytes) of a tensor's blocks."""
         t = self.tensors[name]
         row_bytes = t.nbytes // t.n_rows
-        return np.frombuffer(self._mmap, dtype=np.uint8, count=t.nbytes, offset=t.offset).reshape(
+        return np.frombuffer(self.buffer, dtype=np.uint8, count=t.nbytes, offset=t.offset).reshape(
             t.n_rows, row_bytes)
 
     def tensor_float(self, name: str) -> np.ndarray:
@@ -319,7 +327,7 @@ class GGUFFile:
         return np.ascontiguousarray(arr.reshape(tuple(reversed(t.shape))), dtype=np.float32)
 
     def close(self):
-        m = getattr(self, "_mmap", None)
+        m = self._mmap
         if m is not None:
             try:
                 m.close()

@@ -56,7 +56,7 @@ class LoadedModel:
         st = os.stat(self.path)
         h = hashlib.sha256()
         h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-        h.update(bytes(self.gguf._mmap[: min(self.gguf.data_offset, 1 << 20)]))
+        h.update(bytes(self.gguf.buffer[: min(self.gguf.data_offset, 1 << 20)]))
         return h.hexdigest()[:32]
 
 

@@ -36,12 +36,13 @@ class SamplingSettings:
         def bad(msg):
             raise InvalidSettingError(msg)
 
+        values = asdict(self)
         for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
-            v = getattr(self, name)
+            v = values[name]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 bad(f"{name} must be a finite number, got {v!r}")
         for name in ("top_k", "repeat_last_n"):
-            v = getattr(self, name)
+            v = values[name]
             if isinstance(v, bool) or not isinstance(v, int):
                 bad(f"{name} must be an integer, got {v!r}")
         if self.temperature < 0:
