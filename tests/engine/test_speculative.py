@@ -12,7 +12,7 @@ from engine.generate import stream_generate
 from engine.loader import load_model
 from engine.sampling import ChainSampler, make_sampler
 from engine.speculative import (DraftModelError, LookupDrafter, ModelDrafter, Speculator,
-                                check_draft_compatible)
+                                check_draft_compatible, tile_fit)
 
 
 class NoisyOracleDrafter:
@@ -128,6 +128,12 @@ def test_lookup_drafter_continues_the_longest_recent_match():
     assert d.propose([5, 6, 7, 8], 4) == []          # no earlier match of 2 tokens
     assert d.propose([5, 6, 5, 6], 4) == [5, 6]      # stops at the end of the context
     assert d.propose([1, 2, 1, 2, 1, 2], 2) == [1, 2]   # most recent match first
+
+
+def test_tile_fit_keeps_a_verification_pass_to_whole_row_kernel_tiles():
+    # a pass feeds k + 1 tokens; from 4 on it is cut to whole 4-token tiles, never lengthened
+    assert [tile_fit(k) for k in range(10)] == [0, 1, 2, 3, 3, 3, 3, 7, 7, 7]
+    assert tile_fit(-1) == 0
 
 
 def test_default_model_lookup_identical_to_plain(default_model_path):
