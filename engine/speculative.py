@@ -180,6 +180,7 @@ class ModelDrafter:
             last = i + self.chunk >= len(new)
             logits = self.model.forward(part, self.cache, logits="last" if last else "none")
             self.fed.extend(part)
+        assert logits is not None   # keep < len(context): at least one token was fed
         start_trail(self.cache)   # the drafted positions can be rolled back next time
         drafts = []
         for i in range(k):
