@@ -193,7 +193,7 @@ class ModelDrafter:
 
 
 class DraftLength:
-    """Adaptive k: grows while drafts are accepted whole, falls to what was accepted + 1 on a
+    """Adaptive k: doubles (+1) while drafts are accepted whole, falls to what was accepted + 1 on a
     rejection; after repeated wholesale rejections, drafting pauses for a few steps (so text
     the drafter cannot predict runs at plain speed)."""
 
@@ -201,7 +201,7 @@ class DraftLength:
         if k_max < 1:
             raise ValueError(f"--draft-max must be >= 1, got {k_max}")
         self.k_max, self.adaptive = k_max, adaptive
-        self.k = k_max if not adaptive else min(4, k_max)
+        self.k = k_max if not adaptive else min(3, k_max)
         self.misses = 0     # consecutive drafts rejected at the first token
         self.pause = 0      # steps left without drafting
 
@@ -214,8 +214,8 @@ class DraftLength:
     def update(self, drafted: int, accepted: int):
         if not self.adaptive or drafted == 0:
             return
-        if accepted == drafted:
-            self.k = min(self.k_max, self.k + 2)
+        if accepted == drafted:   # to the next whole tile: k = 1, 3, 7, ... (see tile_fit)
+            self.k = min(self.k_max, 2 * self.k + 1)
             self.misses = 0
         else:
             self.k = max(1, accepted + 1)
