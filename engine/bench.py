@@ -149,11 +149,11 @@ def busy_processes(n: int, python: str | None = None):
 # Same prompts for plain and speculative decoding: one the drafters can predict (code repeated
 # with a change), one they cannot (free prose).
 SPECULATE_PROMPTS = {
-    "code": "Repeat this function exactly, adding a docstring:\n\n"
+    "code": "Repeat this function with a docstring:\n\n```python\n"
             "def moving_average(values, window):\n    result = []\n    total = 0.0\n"
             "    for i, v in enumerate(values):\n        total += v\n        if i >= window:\n"
             "            total -= values[i - window]\n        if i >= window - 1:\n"
-            "            result.append(total / window)\n    return result\n",
+            "            result.append(total / window)\n    return result\n```",
     "prose": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
 }
 

@@ -140,5 +140,8 @@ def stream_generate(model: Any, tokenizer: Any, prompt_tokens: Sequence[int], ca
             logits = model.forward([token], cache, logits="last")[-1]
             governor.after_step(time.perf_counter() - t_step)
         else:
+            t_step = time.perf_counter()
             pending = speculator.step(model, cache, token, seen[:-1], sampler, logits_processors,
                                       limit=max_tokens - n_gen, stop_ids=stop_ids)
+            if speculator.last_fed == 1:   # a plain step: the governor's yardstick holds
+                governor.after_step(time.perf_counter() - t_step)

@@ -180,6 +180,7 @@ class ModelDrafter:
             last = i + self.chunk >= len(new)
             logits = self.model.forward(part, self.cache, logits="last" if last else "none")
             self.fed.extend(part)
+        assert logits is not None   # keep < len(context): at least one token was fed
         start_trail(self.cache)   # the drafted positions can be rolled back next time
         drafts = []
         for i in range(k):
@@ -192,7 +193,7 @@ class ModelDrafter:
 
 
 class DraftLength:
-    """Adaptive k: grows while drafts are accepted whole, falls to what was accepted + 1 on a
+    """Adaptive k: doubles (+1) while drafts are accepted whole, falls to what was accepted + 1 on a
     rejection; after repeated wholesale rejections, drafting pauses for a few steps (so text
     the drafter cannot predict runs at plain speed)."""
 
@@ -200,7 +201,7 @@ class DraftLength:
         if k_max < 1:
             raise ValueError(f"--draft-max must be >= 1, got {k_max}")
         self.k_max, self.adaptive = k_max, adaptive
-        self.k = k_max if not adaptive else min(4, k_max)
+        self.k = k_max if not adaptive else min(3, k_max)
         self.misses = 0     # consecutive drafts rejected at the first token
         self.pause = 0      # steps left without drafting
 
@@ -213,14 +214,28 @@ class DraftLength:
     def update(self, drafted: int, accepted: int):
         if not self.adaptive or drafted == 0:
             return
-        if accepted == drafted:
-            self.k = min(self.k_max, self.k + 2)
+        if accepted == drafted:   # to the next whole tile: k = 1, 3, 7, ... (see tile_fit)
+            self.k = min(self.k_max, 2 * self.k + 1)
             self.misses = 0
         else:
             self.k = max(1, accepted + 1)
             self.misses = self.misses + 1 if accepted == 0 else 0
             if self.misses >= 2:
                 self.pause = min(8, 2 ** (self.misses - 1))
+
+
+# The row kernels decode each weight block once per 4-token tile (then token by token for the
+# rest), so a pass of T = 4 tokens costs about as much as T = 3 and T = 5 costs a tile plus a
+# whole extra row pass (measured, SmolLM2-135M Q4_1, 1 thread: T = 1..9 -> 30, 49, 63, 74, 94,
+# 110, -, 121, 160 ms). A draft of k tokens is verified in a pass of k + 1.
+TILE = 4
+
+
+def tile_fit(k: int) -> int:
+    """The draft length to use for at most k: k + 1 rounded down to whole tiles from one tile on."""
+    if k + 1 < TILE:
+        return max(k, 0)
+    return (k + 1) // TILE * TILE - 1
 
 
 class Speculator:
@@ -231,6 +246,7 @@ class Speculator:
         self.drafter = drafter
         self.length = DraftLength(draft_max, adaptive)
         self.stats = SpeculationStats()
+        self.last_fed = 0   # tokens the last step fed (1: it was a plain decode step)
 
     @property
     def mode(self) -> str:
@@ -243,11 +259,12 @@ class Speculator:
         (1 to k+1 tokens, at most `limit`, ending at a stop id). The cache then holds `token`
         and every returned token but the last, exactly as plain decoding would have left it."""
         p0 = cache[0].offset
-        k = min(self.length.next(), limit - 1, model.n_ctx - p0 - 1)
+        k = tile_fit(min(self.length.next(), limit - 1, model.n_ctx - p0 - 1))
         context = list(seen) + [token]
         draft = self.drafter.propose(context, k) if k > 0 else []
         draft = [int(d) for d in draft[:k]]
         self.stats.steps += 1
+        self.last_fed = 1 + len(draft)
         if not draft:
             row = model.forward([token], cache, logits="last")[-1]
             out = [(_sample(sampler, processors, context, row), row)]

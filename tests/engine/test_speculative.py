@@ -12,7 +12,7 @@ from engine.generate import stream_generate
 from engine.loader import load_model
 from engine.sampling import ChainSampler, make_sampler
 from engine.speculative import (DraftModelError, LookupDrafter, ModelDrafter, Speculator,
-                                check_draft_compatible)
+                                check_draft_compatible, DraftLength, tile_fit)
 
 
 class NoisyOracleDrafter:
@@ -128,6 +128,29 @@ def test_lookup_drafter_continues_the_longest_recent_match():
     assert d.propose([5, 6, 7, 8], 4) == []          # no earlier match of 2 tokens
     assert d.propose([5, 6, 5, 6], 4) == [5, 6]      # stops at the end of the context
     assert d.propose([1, 2, 1, 2, 1, 2], 2) == [1, 2]   # most recent match first
+
+
+def test_tile_fit_keeps_a_verification_pass_to_whole_row_kernel_tiles():
+    # a pass feeds k + 1 tokens; from 4 on it is cut to whole 4-token tiles, never lengthened
+    assert [tile_fit(k) for k in range(10)] == [0, 1, 2, 3, 3, 3, 3, 7, 7, 7]
+    assert tile_fit(-1) == 0
+
+
+def test_draft_length_grows_by_tiles_shrinks_on_rejection_and_pauses_after_misses():
+    n = DraftLength(8)
+    assert n.next() == 3
+    n.update(3, 3)
+    assert n.next() == 7          # whole draft accepted: the next whole tile
+    n.update(7, 7)
+    assert n.next() == 8          # capped at --draft-max
+    n.update(8, 2)
+    assert n.next() == 3          # accepted + 1
+    n.update(3, 0)
+    n.update(1, 0)                # two first-token misses in a row: pause
+    assert [n.next() for _ in range(3)] == [0, 0, 1]
+    fixed = DraftLength(5, adaptive=False)
+    fixed.update(5, 0)
+    assert fixed.next() == 5
 
 
 def test_default_model_lookup_identical_to_plain(default_model_path):
