@@ -55,11 +55,30 @@ class KVCache:
     trimmable: ClassVar[bool] = True       # any suffix can be dropped: positions are overwritten later
     STATE_NAMES: ClassVar[tuple[str, ...]] = ("k", "v")
 
-    def __init__(self, n_ctx: int, n_kv_heads: int, head_dim: int):
+    def __init__(self, n_ctx: int, n_kv_heads: int, head_dim: int,
+                 block: tuple[np.ndarray, np.ndarray] | None = None, layer: int = 0):
+        """block: (keys, values) of all layers, (L, n_ctx, heads, dim) each (kv_block); this
+        layer then lives in row `layer` of it, which the fused decode step reads whole."""
         self.n_ctx = n_ctx
-        self.keys = lazy_zeros((n_ctx, n_kv_heads, head_dim))
-        self.values = lazy_zeros((n_ctx, n_kv_heads, head_dim))
         self.offset = 0
+        self.block, self.layer = block, layer
+        if block is None:
+            self.keys = lazy_zeros((n_ctx, n_kv_heads, head_dim))
+            self.values = lazy_zeros((n_ctx, n_kv_heads, head_dim))
+        else:
+            self.keys, self.values = block[0][layer], block[1][layer]
+            if self.keys.shape != (n_ctx, n_kv_heads, head_dim) or self.values.shape != self.keys.shape:
+                raise ValueError(f"a KV block row of shape {self.keys.shape} does not fit "
+                                 f"{(n_ctx, n_kv_heads, head_dim)}")
+
+    def move_to_block(self, block: tuple[np.ndarray, np.ndarray], layer: int) -> None:
+        """Keep this layer's keys and values in row `layer` of `block` (positions in use copied)."""
+        keys, values = block[0][layer], block[1][layer]
+        if keys.shape != self.keys.shape or values.shape != self.values.shape:
+            raise ValueError(f"a KV block row of shape {keys.shape} does not fit {self.keys.shape}")
+        keys[: self.offset] = self.keys[: self.offset]
+        values[: self.offset] = self.values[: self.offset]
+        self.keys, self.values, self.block, self.layer = keys, values, block, layer
 
     def write(self, k: np.ndarray, v: np.ndarray) -> int:
         """Append T positions; return the position of the first one."""
@@ -110,6 +129,18 @@ class KVCache:
         c = cls(n_ctx, n_kv_heads, head_dim)
         c.restore(st)
         return c
+
+
+def kv_block(n_layer: int, n_ctx: int, n_kv_heads: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keys and values of every layer in two (L, n_ctx, heads, dim) arrays (untouched pages)."""
+    shape = (n_layer, n_ctx, n_kv_heads, head_dim)
+    return lazy_zeros(shape), lazy_zeros(shape)
+
+
+def kv_block_caches(n_layer: int, n_ctx: int, n_kv_heads: int, head_dim: int) -> list[KVCache]:
+    """One KVCache per layer, all living in one kv_block (what the fused decode step reads)."""
+    block = kv_block(n_layer, n_ctx, n_kv_heads, head_dim)
+    return [KVCache(n_ctx, n_kv_heads, head_dim, block, layer) for layer in range(n_layer)]
 
 
 class CacheTrimError(ValueError):

@@ -30,7 +30,6 @@ import os
 import numba
 import numpy as np
 from gguf import GGMLQuantizationType as G
-from numba.typed import List
 
 from engine import ops
 from engine.jit import JIT_EXACT
@@ -151,26 +150,37 @@ if AVAILABLE:
             x[0, i] += y[0, i]
 
     @numba.njit(**JIT_EXACT)
-    def _decode_step(x, p0, kinds, acts, attn_norm, ffn_norm, wq, wk, wv, wo, wg, wu, wd, w_none,
+    def _weight(blocks, where, l, i):
+        """Weight i of layer l: its (rows, row_bytes) blocks inside the mapped file."""
+        off, rows, row_bytes = where[l, i, 0], where[l, i, 1], where[l, i, 2]
+        return blocks[off : off + rows * row_bytes].reshape(rows, row_bytes)
+
+    @numba.njit(**JIT_EXACT)
+    def _decode_step(x, p0, kinds, acts, attn_norm, ffn_norm, blocks, where, w_none,
                      keys, values, cos, sin, n_rot, eps, scale, H, Hkv, hd,
                      n, q, k, v, att, o, g, u, f, o_none,
                      xq, xd, xs, kd, kb, lut, out_norm, head_kind, head_act, head, h, logits):
-        """kinds/acts (L, 7): q k v o gate up down. Every buffer (1, width) float32."""
+        """kinds/acts (L, 7): q k v o gate up down; where (L, 7, 3): offset, rows, row bytes of
+        each weight in `blocks` (the file, uint8). keys/values (L, n_ctx, Hkv, hd). Every
+        buffer (1, width) float32."""
         L = attn_norm.shape[0]
         for l in range(L):
+            wq, wk, wv = _weight(blocks, where, l, 0), _weight(blocks, where, l, 1), _weight(blocks, where, l, 2)
+            wo, wg, wu = _weight(blocks, where, l, 3), _weight(blocks, where, l, 4), _weight(blocks, where, l, 5)
+            wd = _weight(blocks, where, l, 6)
             ops.rmsnorm(x, attn_norm[l], eps, n)
-            _group(kinds[l, 0:3], acts[l, 0:3], wq[l], wk[l], wv[l], n, xq, xd, xs, kd, kb, lut, q, k, v)
+            _group(kinds[l, 0:3], acts[l, 0:3], wq, wk, wv, n, xq, xd, xs, kd, kb, lut, q, k, v)
             ops.rope_store_f16c(q.reshape(1, H, hd), k.reshape(1, Hkv, hd), v.reshape(1, Hkv, hd), cos, sin,
                                 p0, n_rot, False, keys[l], values[l])
             ops.attention_decode_f16c(q.reshape(1, H, hd), keys[l], values[l], p0, scale, att.reshape(1, H, hd))
             _quantize(acts[l, 3], att, xq, xd, xs, kd, kb, lut)
-            _matvec(kinds[l, 3], wo[l], att.shape[1], xq, xd, xs, kd, kb, lut, o)
+            _matvec(kinds[l, 3], wo, att.shape[1], xq, xd, xs, kd, kb, lut, o)
             _add(x, o)
             ops.rmsnorm(x, ffn_norm[l], eps, n)
-            _group(kinds[l, 4:6], acts[l, 4:6], wg[l], wu[l], w_none, n, xq, xd, xs, kd, kb, lut, g, u, o_none)
+            _group(kinds[l, 4:6], acts[l, 4:6], wg, wu, w_none, n, xq, xd, xs, kd, kb, lut, g, u, o_none)
             ops._swiglu_serial(g, u, g)
             _quantize(acts[l, 6], g, xq, xd, xs, kd, kb, lut)
-            _matvec(kinds[l, 6], wd[l], g.shape[1], xq, xd, xs, kd, kb, lut, f)
+            _matvec(kinds[l, 6], wd, g.shape[1], xq, xd, xs, kd, kb, lut, f)
             _add(x, f)
         ops.rmsnorm(x, out_norm, eps, h)
         _quantize(head_act, h, xq, xd, xs, kd, kb, lut)
@@ -201,17 +211,35 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
-def _typed(arrays: list[np.ndarray]):
-    out = List()
+def _address(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def _file_blocks(arrays: list[np.ndarray]) -> tuple[np.ndarray, list[int]] | None:
+    """The one buffer (the mapped file) that all `arrays` are views of, as flat uint8, and each
+    array's byte offset in it; None when they do not share one (then no fused step)."""
+    owners = []
     for a in arrays:
-        out.append(np.asarray(a))
-    return out
+        b = a
+        while isinstance(b, np.ndarray) and b.base is not None:
+            b = b.base
+        owners.append(b.obj if isinstance(b, memoryview) else b)   # np.frombuffer wraps the mmap
+    owner = owners[0] if owners else None
+    if owner is None or isinstance(owner, np.ndarray) or any(o is not owner for o in owners):
+        return None
+    flat = np.frombuffer(owner, np.uint8)
+    base, end = _address(flat), _address(flat) + flat.nbytes
+    offsets = [_address(a) - base for a in arrays]
+    if any(o < 0 or _address(a) + a.nbytes > end for o, a in zip(offsets, arrays)):
+        return None
+    return flat, offsets
 
 
 class FusedDecode:
     """Decode one token of a `llama` Model in a single numba call (see the module docstring)."""
 
-    def __init__(self, model):
+    def __init__(self, model, blocks: np.ndarray, offsets: list[int]):
+        """blocks: the mapped file (uint8); offsets: of each layer's 7 weights in it, by row."""
         a = model.args
         self.model = model
         self.args = a
@@ -219,8 +247,12 @@ class FusedDecode:
         lins: list[list[QuantLinear]] = [[l.wq, l.wk, l.wv, l.wo, l.w_gate, l.w_up, l.w_down] for l in layers]
         self.kinds = np.array([[lin.fmt.ggml_type for lin in row] for row in lins], np.int64).reshape(-1, 7)
         self.acts = np.vectorize(FORMAT_ACT.__getitem__, otypes=[np.int64])(self.kinds).reshape(-1, 7)
-        self.weights = [_typed([row[i].raw for row in lins]) for i in range(7)]
-        self.w_none = self.weights[0][0][:0]  # the empty third weight of a pair
+        self.blocks = blocks
+        # (L, 7, 3): where each weight's blocks start in the file, its rows and row bytes
+        shapes = [[lin.raw.shape for lin in row] for row in lins]
+        self.where = np.array([[(offsets[7 * l + i], *shapes[l][i]) for i in range(7)] for l in range(len(lins))],
+                              np.int64).reshape(-1, 7, 3)
+        self.w_none = blocks[:0].reshape(0, 0)  # the empty third weight of a pair
         self.attn_norm = np.ascontiguousarray(np.stack([l.attn_norm for l in layers]), np.float32)
         self.ffn_norm = np.ascontiguousarray(np.stack([l.ffn_norm for l in layers]), np.float32)
         self.out_norm = np.ascontiguousarray(model.output_norm, np.float32)
@@ -241,18 +273,32 @@ class FusedDecode:
         self.xd, self.xs = np.zeros(kmax // 32, np.float32), np.zeros(kmax // 32, np.float32)
         self.kd, self.kb = np.zeros(max(kmax // 256, 1), np.float32), np.zeros(kmax // 16, np.int32)
         self.scale = model.scale
-        self._kv: tuple | None = None   # (ids of the cache's key arrays, typed keys, typed values)
 
-    def _kv_lists(self, cache: list):
-        ids = tuple(id(c.keys) for c in cache)
-        if self._kv is None or self._kv[0] != ids:
-            a = self.args
-            for c in cache:
-                if c.keys.shape != (c.n_ctx, a.n_head_kv, a.head_dim) or c.values.shape != c.keys.shape \
-                        or c.keys.dtype != np.float32 or not c.keys.flags.c_contiguous:
-                    raise ValueError(f"KV cache of shape {c.keys.shape} does not fit the model")
-            self._kv = (ids, _typed([c.keys for c in cache]), _typed([c.values for c in cache]))
-        return self._kv[1], self._kv[2]
+    @classmethod
+    def build(cls, model) -> FusedDecode | None:
+        """The fused step for `model`, or None where it cannot run (unsupported_reason, or
+        weights that are not all views of one mapped file)."""
+        if unsupported_reason(model) is not None:
+            return None
+        raws = [lin.raw for l in model.layers for lin in (l.wq, l.wk, l.wv, l.wo, l.w_gate, l.w_up, l.w_down)]
+        found = _file_blocks(raws)
+        return None if found is None else cls(model, *found)
+
+    def _kv_block(self, cache: list) -> tuple[np.ndarray, np.ndarray]:
+        """The caches' (L, n_ctx, heads, dim) keys and values; caches made apart (a restored
+        session) are moved into one block first, once."""
+        a = self.args
+        block = cache[0].block
+        if block is None or any(c.block is not block or c.layer != l for l, c in enumerate(cache)):
+            from engine.cache import kv_block
+
+            block = kv_block(len(cache), cache[0].n_ctx, a.n_head_kv, a.head_dim)
+            for l, c in enumerate(cache):
+                c.move_to_block(block, l)
+        if block[0].shape != (a.n_layer, cache[0].n_ctx, a.n_head_kv, a.head_dim) or block[0].dtype != np.float32 \
+                or block[1].shape != block[0].shape or block[1].dtype != np.float32:
+            raise ValueError(f"KV cache of shape {block[0].shape} does not fit the model")
+        return block
 
     def step(self, token: int, cache: list) -> np.ndarray:
         """Feed one token at the cache's position (checked by the caller); return logits (1, V)."""
@@ -260,11 +306,11 @@ class FusedDecode:
         p0 = cache[0].offset
         if p0 + 1 > min(c.n_ctx for c in cache):
             raise ValueError(f"context full: {p0} + 1 tokens > {cache[0].n_ctx}")
-        keys, values = self._kv_lists(cache)
+        keys, values = self._kv_block(cache)
         cos, sin = m.rope[0].upto(p0 + 1)
         x = m.embed(np.array([token], np.int64))
         logits = np.empty((1, a.n_vocab), np.float32)
-        _decode_step(x, p0, self.kinds, self.acts, self.attn_norm, self.ffn_norm, *self.weights, self.w_none,
+        _decode_step(x, p0, self.kinds, self.acts, self.attn_norm, self.ffn_norm, self.blocks, self.where, self.w_none,
                      keys, values, cos, sin, a.n_rot, a.norm_eps, self.scale, a.n_head, a.n_head_kv, a.head_dim,
                      self.n, self.q, self.k, self.v, self.att, self.o, self.g, self.u, self.f, self.o_none,
                      self.xq, self.xd, self.xs, self.kd, self.kb, F16_TO_F32, self.out_norm,

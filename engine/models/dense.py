@@ -34,9 +34,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from engine import ops
-from engine.cache import Cache, KVCache
+from engine.cache import Cache, KVCache, kv_block_caches
 from engine.gguf_file import GGUFFile
-from engine import fused_decode
 from engine.fused_decode import FusedDecode
 from engine.models.base import Args, BaseModel, RunState, linear, optional_vector, vector
 from engine.quants.linear import LinearGroup, QuantLinear
@@ -128,7 +127,7 @@ class DenseModel(BaseModel[DenseRun]):
         hd = self.args.head_dim
         self.scale: np.float32 = np.float32(1.0 / np.sqrt(np.float32(hd)) if self.scale_in_f32 else 1.0 / np.sqrt(hd))
         # decode's whole token in one numba call where the numerics and formats allow (same logits)
-        self.fused = FusedDecode(self) if fused_decode.unsupported_reason(self) is None else None
+        self.fused = FusedDecode.build(self)   # None: layer by layer (fused_decode.unsupported_reason)
 
     # ---- per-architecture hooks
     def read_args(self, gf: GGUFFile) -> Args:
@@ -159,7 +158,7 @@ class DenseModel(BaseModel[DenseRun]):
 
     def make_cache(self) -> list[Cache]:
         a = self.args
-        return [KVCache(self.n_ctx, a.n_head_kv, a.head_dim) for _ in range(a.n_layer)]
+        return list(kv_block_caches(a.n_layer, self.n_ctx, a.n_head_kv, a.head_dim))   # one block: fused decode
 
     # ---- running
     def forward(self, tokens: Any, cache: list, logits: str = "last",

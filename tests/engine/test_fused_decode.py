@@ -85,3 +85,33 @@ def test_default_model_fused_decode_is_exact(default_model_path):
     model = load_model(default_model_path, 256).model
     assert model.fused is not None, fused_decode.unsupported_reason(model)
     _decode_both(model, [1, 9690, 314, 253, 1345, 28], steps=24)
+
+
+def test_caches_restored_apart_are_moved_into_one_block(tmp_path):
+    # a restored session's caches are made one per layer (KVCache.from_state); the fused step
+    # moves them into one block, once, and decodes exactly as the layer-by-layer path
+    from engine.cache import KVCache
+
+    path = write_tiny_llama(tmp_path / "m.gguf", weight_type=T.Q8_0, n_layer=2)
+    model = load_model(path, 64).model
+    full = model.make_cache()
+    model.forward([5, 6, 7, 8], full, logits="none")
+    apart = [KVCache.from_state(c.snapshot(), 64) for c in full]
+    assert all(c.block is None for c in apart)
+    a = model.forward([9], apart)
+    assert all(c.block is apart[0].block and c.layer == l for l, c in enumerate(apart))
+    model.fused, fused = None, model.fused
+    b = model.forward([9], full)
+    model.fused = fused
+    assert np.array_equal(a, b)
+    for ca, cb in zip(apart, full):
+        assert np.array_equal(ca.keys[:5], cb.keys[:5]) and np.array_equal(ca.values[:5], cb.values[:5])
+
+
+def test_weights_outside_one_file_mapping_take_the_layer_path(tmp_path):
+    path = write_tiny_llama(tmp_path / "m.gguf", weight_type=T.Q8_0, n_layer=2)
+    model = load_model(path, 64).model
+    assert fused_decode.FusedDecode.build(model) is not None
+    layer = model.layers[1]
+    layer.w_up.raw = layer.w_up.raw.copy()        # a weight in its own memory, not the file
+    assert fused_decode.FusedDecode.build(model) is None
