@@ -11,12 +11,13 @@ no bigger than the free cores does not wait: 1 thread keeps its 1-thread speed.
 The governor watches each decode step's time and the process's CPU time over it. Steps far
 slower than the recent fast step at this thread count, or steps in which the process got
 much less than n cores of CPU (a starved team: its spinning members count as CPU, so an
-unstarved team gets ~n cores: one such step is enough), shrink the team by one. The CPU share catches a team starved
-from its first step, when every step is equally slow. With
-fewer threads than allowed, it reads the number of runnable tasks (/proc/loadavg, ~2 µs)
-each step; once the others leave a core free for a while, it tries one more thread for a few
-steps and keeps it only if that is clearly faster (else it waits twice as long before the
-next try). `--threads N` fixes the count: no adaptation.
+unstarved team gets ~n cores: one such step is enough), shrink the team by one. The CPU share
+catches a team starved from its first step, when every step is equally slow. With fewer
+threads than allowed, it reads the runnable tasks of other processes each step (/proc/loadavg
+less our own running threads, ~20 µs); once the others leave a core free for a while, it
+tries one more thread for a few steps and keeps it only if that is clearly faster (else it
+waits twice as long before the next try). A prompt starts with no more threads than the
+cores others leave free. `--threads N` fixes the count: no adaptation.
 
 numba's thread count is per thread (`numba.set_num_threads` sets the calling thread's): the
 governor applies it on the thread that calls it, which is the thread that runs the kernels
@@ -73,21 +74,50 @@ def default_threads() -> int:
 
 
 class RunQueue:
-    """Runnable tasks on the machine right now (Linux /proc/loadavg, 4th field 'running/total')."""
+    """Runnable tasks on the machine right now, this process counted once (Linux: /proc/loadavg's
+    'running/total' minus our own running threads).
 
-    def __init__(self, path: str = "/proc/loadavg"):
+    Why subtract our own: right after a parallel region the team's workers still spin at the
+    barrier for a while and count as running; taken as "others", they made every prompt start
+    with a shrunk team on an idle machine (pp512 of the default model at 1-thread speed)."""
+
+    def __init__(self, path: str = "/proc/loadavg", tasks: str = "/proc/self/task"):
         try:
             self._fd: int | None = os.open(path, os.O_RDONLY)
         except OSError:
             self._fd = None
+        self._tasks = tasks
+        self._task_fds: dict[str, int] = {}
+
+    def _own_running(self) -> int:
+        """Threads of this process in state R (the caller is one); 1 if that cannot be read."""
+        try:
+            tids = os.listdir(self._tasks)
+        except OSError:
+            return 1
+        for gone in set(self._task_fds) - set(tids):
+            os.close(self._task_fds.pop(gone))
+        n = 0
+        for tid in tids:
+            fd = self._task_fds.get(tid)
+            try:
+                if fd is None:
+                    fd = self._task_fds[tid] = os.open(f"{self._tasks}/{tid}/stat", os.O_RDONLY)
+                stat = os.pread(fd, 512, 0)
+            except OSError:
+                continue
+            end = stat.rfind(b")")   # the name may hold spaces and parentheses; the state follows it
+            n += stat[end + 2 : end + 3] == b"R"
+        return max(1, n)
 
     def runnable(self) -> int | None:
         if self._fd is None:
             return None
         try:
-            return int(os.pread(self._fd, 128, 0).split()[3].split(b"/")[0])
+            total = int(os.pread(self._fd, 128, 0).split()[3].split(b"/")[0])
         except (OSError, IndexError, ValueError):
             return None
+        return max(1, total - self._own_running() + 1)
 
 
 class ThreadGovernor:
@@ -166,7 +196,7 @@ class ThreadGovernor:
         r = self._runnable()
         if r is None:
             return None
-        others = max(0, r - 1)   # the caller itself is running; at this moment our workers are not
+        others = max(0, r - 1)   # r counts this process once (RunQueue)
         return max(0, self.cpus - others)
 
     def _cpu_starved(self, n: int) -> bool:

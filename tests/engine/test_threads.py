@@ -162,3 +162,31 @@ def test_greedy_output_is_the_same_for_1_2_and_changing_threads(loaded, monkeypa
     np.testing.assert_array_equal(logits1, logits2)
     np.testing.assert_array_equal(logits1, logits_alt)
     np.testing.assert_array_equal(logits1, logits_ad)
+
+
+def _fake_proc(tmp_path, running_total: int, own_states: str):
+    (tmp_path / "loadavg").write_text(f"0.50 0.40 0.30 {running_total}/200 12345\n")
+    tasks = tmp_path / "task"
+    for i, state in enumerate(own_states):
+        (tasks / str(100 + i)).mkdir(parents=True)
+        # a thread name with a space and a parenthesis: the state is the field after the last ')'
+        (tasks / str(100 + i) / "stat").write_text(f"{100 + i} (numba (w) {i}) {state} 1 2 3 4\n")
+    return threads.RunQueue(str(tmp_path / "loadavg"), str(tasks))
+
+
+def test_run_queue_does_not_take_our_own_spinning_workers_for_other_programs(tmp_path):
+    # right after a parallel region the caller and its worker are both running ('R'): the
+    # machine's 2 running tasks are all ours, so it counts as us alone (1), a core free
+    assert _fake_proc(tmp_path, 2, "RRS").runnable() == 1
+
+
+def test_run_queue_counts_other_programs(tmp_path):
+    # 3 running, 1 of them ours (the caller): two others, counted with us as 3
+    assert _fake_proc(tmp_path, 3, "RSS").runnable() == 3
+
+
+def test_run_queue_without_a_task_list_counts_only_the_caller_as_ours(tmp_path):
+    (tmp_path / "loadavg").write_text("0.1 0.1 0.1 2/90 1\n")
+    assert threads.RunQueue(str(tmp_path / "loadavg"), str(tmp_path / "missing")).runnable() == 2
+    assert threads.RunQueue(str(tmp_path / "missing-loadavg")).runnable() is None
+
