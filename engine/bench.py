@@ -21,17 +21,14 @@ import numpy as np
 
 from engine import runtime, threads
 from engine.cache import cache_bytes
-from engine.generate import PREFILL_CHUNK
+from engine.generate import PREFILL_CHUNK, prefill
 
 
 def time_prefill(model, n_tokens: int, rng, cache_sizes: list | None = None) -> float:
     cache = model.make_cache()
     tokens = rng.integers(0, model.n_vocab, size=n_tokens)
-    threads.governor().before_work()   # as a reply starts: no more threads than free cores
     t = time.perf_counter()
-    for start in range(0, n_tokens, PREFILL_CHUNK):   # as the app feeds a prompt
-        part = tokens[start : start + PREFILL_CHUNK]
-        model.forward(part, cache, logits="last" if start + len(part) >= n_tokens else "none")
+    prefill(model, cache, tokens, chunk=PREFILL_CHUNK)   # as a reply feeds its prompt
     tps = n_tokens / (time.perf_counter() - t)
     if cache_sizes is not None:
         cache_sizes.append(sum(cache_bytes(cache).values()))

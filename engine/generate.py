@@ -54,9 +54,11 @@ def prefill(model: Any, cache: list, tokens: Sequence[int], chunk: int = PREFILL
     head = n - 1 if before_last is not None else n
     parts = [(s, min(s + chunk, head)) for s in range(0, head, chunk)] + ([(head, n)] if head < n else [])
     logits = None
+    governor = threads.governor()
     for start, end in parts:
         if cancel is not None and cancel.is_set():
             return None
+        governor.before_work()   # each chunk: the threads the machine leaves free now
         if end == n and before_last is not None:
             before_last()
         logits = model.forward(toks[start:end], cache, logits="last" if end == n else "none")
@@ -89,7 +91,6 @@ def stream_generate(model: Any, tokenizer: Any, prompt_tokens: Sequence[int], ca
         raise PromptError("the prompt is empty: nothing to answer")
     stop_ids = tokenizer.eog_ids if stop_ids is None else stop_ids
     governor = threads.governor()   # the thread count: fewer threads while the CPU is busy
-    governor.before_work()
     t0 = time.perf_counter()
     logits = prefill(model, cache, prompt_tokens, chunk=prefill_chunk, progress=prefill_progress, cancel=cancel,
                      before_last=before_last)

@@ -48,6 +48,7 @@ PROBE_GAIN = 0.85       # the probe is kept if its median step < this x the medi
 BACKOFF_S = (1.0, 30.0)  # wait before the next probe: doubles after each failed one, up to the max
 RECENT = 16             # steps kept per thread count for the medians
 REF_DRIFT = 1.01        # the fast-step reference may rise 1% a step (attention grows with context)
+RECHECK_S = 0.002       # before a prompt or chunk, a run queue that says "busy" is read again after this
 
 
 def _cpus_allowed() -> int:
@@ -131,14 +132,15 @@ class ThreadGovernor:
                  clock: Callable[[], float] = time.monotonic,
                  runnable: Callable[[], int | None] | None = None,
                  apply: Callable[[int], None] = numba.set_num_threads,
-                 cpu_clock: Callable[[], float] = time.process_time):
+                 cpu_clock: Callable[[], float] = time.process_time,
+                 sleep: Callable[[float], None] = time.sleep):
         self.max_threads = max(1, int(max_threads))
         self.adaptive = adaptive and self.max_threads > 1
         self.cpus = cpus or _cpus_allowed()
         self.n = self.max_threads
         self.steps_by_threads: Counter = Counter()    # decode steps run at each count
         self.changes = 0
-        self._clock, self._apply, self._cpu_clock = clock, apply, cpu_clock
+        self._clock, self._apply, self._cpu_clock, self._sleep = clock, apply, cpu_clock, sleep
         self._mark: tuple[float, float] | None = None   # (wall, cpu) at the end of the last step
         self._runnable = runnable if runnable is not None else RunQueue().runnable
         self._recent: dict[int, deque] = {}
@@ -158,13 +160,20 @@ class ThreadGovernor:
         return self.n
 
     def before_work(self) -> int:
-        """Before a prompt: start with no more threads than the cores others leave free (a
-        prefill with a starved team is slow too), then apply the count on this thread."""
+        """Before a prompt and each prefill chunk: as many threads as the cores others leave
+        free (a prefill with a starved team is slow too, one with a core idle is slow for
+        nothing), then apply the count on this thread."""
         with self._lock:
             if self.adaptive and self._probe is None:
                 free = self._free_cores()
                 if free is not None and free < self.n:
-                    self._set(max(1, free))
+                    # a task that is just finishing (another program's thread spinning down)
+                    # must not shrink a whole prefill: look again a moment later
+                    self._sleep(RECHECK_S)
+                    again = self._free_cores()
+                    free = max(free, again) if again is not None else free
+                if free is not None:
+                    self._set(min(self.max_threads, max(1, free)))
         self._mark = (self._clock(), self._cpu_clock())
         return self.apply()
 

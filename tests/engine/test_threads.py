@@ -20,11 +20,22 @@ from engine.threads import PROBE_STEPS, QUIET_STEPS, ThreadGovernor
 class Fake:
     def __init__(self, runnable=1):
         self.now, self.cpu, self.runnable_now, self.applied = 100.0, 0.0, runnable, []
+        self.then, self.slept = None, []
 
     def governor(self, max_threads=2, adaptive=True) -> ThreadGovernor:
         return ThreadGovernor(max_threads, adaptive, cpus=max_threads, clock=lambda: self.now,
-                              runnable=lambda: self.runnable_now, apply=self.applied.append,
-                              cpu_clock=lambda: self.cpu)
+                              runnable=self.read_runnable, apply=self.applied.append,
+                              cpu_clock=lambda: self.cpu, sleep=self.sleep)
+
+    def read_runnable(self):
+        now = self.runnable_now
+        if self.then is not None:   # the next reading (after a sleep) sees the queue changed
+            self.runnable_now, self.then = self.then, None
+        return now
+
+    def sleep(self, s):
+        self.now += s
+        self.slept.append(s)
 
 
 def steps(g: ThreadGovernor, seconds: float, n: int):
@@ -113,6 +124,39 @@ def test_a_prompt_starts_with_no_more_threads_than_free_cores():
     f.runnable_now = None       # unknown (not Linux): keep the count
     g2 = f.governor()
     assert g2.before_work() == 2
+
+
+def test_a_prompt_after_a_busy_spell_takes_the_freed_core_back():
+    f = Fake(runnable=2)
+    g = f.governor()
+    assert g.before_work() == 1
+    f.runnable_now = 1          # the other program finished: the next prompt (or chunk) gets 2
+    assert g.before_work() == 2 and f.applied == [1, 2]
+
+
+def test_a_task_that_is_just_ending_does_not_shrink_a_prompt():
+    f = Fake(runnable=2)
+    f.then = 1                  # busy at the first look, free 2 ms later
+    g = f.governor()
+    assert g.before_work() == 2 and f.slept == [threads.RECHECK_S]
+
+
+def test_prefill_sets_the_threads_at_every_chunk(tmp_path):
+    from engine.generate import prefill
+    from tests.tiny_models import write_tiny_llama
+
+    model = load_model(write_tiny_llama(tmp_path / "m.gguf"), 64).model
+    calls = []
+    saved = threads._governor
+    f = Fake(runnable=1)
+    g = f.governor()
+    g.before_work = lambda: calls.append(1) or 2   # type: ignore[method-assign]
+    threads._governor = g
+    try:
+        prefill(model, model.make_cache(), list(range(1, 21)), chunk=8)
+    finally:
+        threads._governor = saved
+    assert len(calls) == 3      # 20 tokens in chunks of 8
 
 
 def test_default_threads_and_configure():
