@@ -18,8 +18,14 @@ iterates tokens that the kernel thread hands over in small batches (its REPLY_HA
 A load on the kernel thread waits for a running reply; the backend switches to the new
 model only when it is ready, so the previous one keeps answering meanwhile.
 
-Adaptive batches. The kernels hold the GIL, so each millisecond the UI spends rendering is a
-millisecond the engine waits. The reply worker posts text at most every `BatchPacer.seconds`
+The GIL. The kernels release it, but the Python between them (a decode step's embedding,
+sampling, the hand-over) needs it, and a thread that wants it back from a busy UI waits up to
+Python's switch interval (5 ms by default: most of a 6 ms token). The app sets it to
+SWITCH_INTERVAL_S, measured: the TUI decoded at 0.56 of `deltatalk run` on 2 cores with 5 ms,
+0.81 with 0.5 ms (`tools/tui_speed.py`).
+
+Adaptive batches. Each millisecond the UI spends rendering is CPU the compute threads do not
+get (on 2 cores the team then waits for a member). The reply worker posts text at most every `BatchPacer.seconds`
 (40 ms at first); on each batch the UI measures its own share of CPU time since the last
 one, and the interval widens (to at most 0.4 s) until that share is about 3%: on a fast
 terminal it stays ~40 ms, on a busy 2-core machine it becomes a few updates a second.
@@ -27,6 +33,7 @@ terminal it stays ~40 ms, on a busy 2-core machine it becomes a few updates a se
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -55,6 +62,8 @@ from chatapp.widgets import Gauge, SpeedOverlay, TurnRecord
 HISTORY_WAIT_SECONDS = 600.0  # how long a worker waits for another program's lock on the history
 QUIT_PRESS_SECONDS = 2.0      # Ctrl+C twice within this (while idle) quits
 
+
+SWITCH_INTERVAL_S = 0.0005   # Python's default is 0.005
 
 class DeltatalkApp(ChatsApp):
     TITLE = "deltatalk"
@@ -116,6 +125,7 @@ class DeltatalkApp(ChatsApp):
         return self.chat_view.turns
 
     async def on_mount(self):
+        sys.setswitchinterval(SWITCH_INTERVAL_S)   # the engine's Python gets the GIL back soon (docstring)
         self.log_path = setup_logging()
         log.info("deltatalk TUI starting")
         if self.config.problem:

@@ -208,6 +208,11 @@ class ThreadGovernor:
         others = max(0, r - 1)   # r counts this process once (RunQueue)
         return max(0, self.cpus - others)
 
+    def _others_running(self, n: int) -> bool:
+        """Other programs take a core our n threads need (True where that cannot be read)."""
+        free = self._free_cores()
+        return free is None or free < n
+
     def _cpu_starved(self, n: int) -> bool:
         """Did the process get less than CPU_SHARE_MIN of n cores since the last step?"""
         mark = (self._clock(), self._cpu_clock())
@@ -228,8 +233,11 @@ class ThreadGovernor:
         self._record(n, seconds)
         if n > 1:
             self._slow.append(ref is not None and seconds > SHRINK_RATIO * ref)
-            # the CPU share is a direct signal: one starved step is enough (each costs a lot)
-            if starved or sum(self._slow) >= SLOW_STEPS:
+            # the CPU share is a direct signal: one starved step is enough (each costs a lot).
+            # Both count only while another program runs: our own UI thread rendering a batch
+            # of text, or the kernel thread waiting for the GIL between steps, slows a step
+            # or lowers its CPU share too, and the team must keep its threads for that
+            if (starved or sum(self._slow) >= SLOW_STEPS) and self._others_running(n):
                 self._set(n - 1)
                 self._next_probe = self._clock() + self._backoff
                 return
