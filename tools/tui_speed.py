@@ -8,6 +8,12 @@ types the question, presses Enter and reads the decode speed the engine reported
 gauge when the reply finished; the app's home is a temp dir (no real chats are touched).
 Prints each pair, then the median decode tok/s of each and their ratio (target: >= 0.95).
 Not a test: run it on a quiet machine.
+
+    PYTHONPATH=. python tools/tui_speed.py --esc [--busy 1] [--pairs 5]
+
+measures instead how long Esc takes to stop a reply in the TUI (from the key press to the
+reply marked stopped, target <= 0.5 s), optionally with N CPU-bound processes running in their
+own sessions (as `deltatalk bench --busy N`): the Esc comes mid-decode, after 20 tokens.
 """
 
 from __future__ import annotations
@@ -86,6 +92,61 @@ async def _tui(model: str, max_tokens: int, threads: int | None, ui_share: float
     return {"decode_tps": turn.decode_tps, "generated": turn.generated, "text": text}
 
 
+async def _tui_esc(model: str, threads: int | None, after_tokens: int = 20) -> dict:
+    """Seconds from Esc (mid-decode) to the reply marked stopped, in a headless app."""
+    from chatapp.app import DeltatalkApp
+    from chatapp.config import Config
+    from chatapp.engine_backend import EngineBackend
+
+    config = Config.load()
+    config.overrides["max_tokens"] = 4096
+    config.overrides["sampling"] = {"temperature": 0.0}
+    backend = EngineBackend(threads=threads)
+    app = DeltatalkApp(backend, model_path=Path(model), config=config, find_models=lambda: [],
+                       offer_fetch=False)
+    async with app.run_test(size=(120, 36)) as pilot:
+        while backend.info is None or app.loading is not None:
+            await pilot.pause(0.05)
+        app.chat_input.text = PROMPT
+        app.chat_input.focus()
+        await pilot.press("enter")
+        while not app.chat_view.generating:
+            await pilot.pause(0.01)
+        while app.gauge.turn.generated < after_tokens:   # the streamed count the gauge shows
+            await pilot.pause(0.01)
+        t0 = time.perf_counter()
+        await pilot.press("escape")
+        while app.chat_view.generating:
+            await pilot.pause(0.005)
+        stopped = time.perf_counter() - t0
+        turn = app.turns[-1]
+    return {"stop_s": stopped, "generated": turn.generated, "outcome": turn.finish}
+
+
+def esc_main(args) -> int:
+    from engine.bench import busy_processes
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-esc", "-m", args.model] + (
+        ["--threads", str(args.threads)] if args.threads else [])
+    times = []
+    with busy_processes(args.busy):
+        for i in range(args.pairs):
+            with tempfile.TemporaryDirectory(prefix="tui-esc-") as home:
+                env = _env()
+                env["DELTATALK_HOME"] = home
+                out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+            if out.returncode != 0:
+                raise SystemExit(f"TUI run failed:\n{out.stderr[-3000:]}")
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            times.append(r["stop_s"])
+            print(f"try {i + 1}: Esc stopped the reply in {r['stop_s'] * 1000:.0f} ms "
+                  f"({r['generated']} tokens, {r['outcome']})", flush=True)
+    worst, med = max(times), statistics.median(times)
+    print(f"{args.busy} busy process(es): Esc to stopped, median {med * 1000:.0f} ms, worst {worst * 1000:.0f} ms "
+          f"({'within' if worst <= 0.5 else 'NOT within'} 0.5 s)")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-m", "--model", default=None, help="GGUF file (default: the default model)")
@@ -94,12 +155,20 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--ui-share", type=float, default=None,
                     help="experiment: override chatapp.reply_stream.UI_SHARE_TARGET in the TUI runs")
+    ap.add_argument("--esc", action="store_true", help="measure Esc-to-stopped instead of decode speed")
+    ap.add_argument("--busy", type=int, default=0, help="with --esc: N CPU-bound processes meanwhile")
     ap.add_argument("--child-tui", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child-esc", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.model is None:
         from chatapp.default_model import ensure_default_model
 
         args.model = str(ensure_default_model(say=lambda s: None))
+    if args.child_esc:
+        print(json.dumps(asyncio.run(_tui_esc(args.model, args.threads))))
+        return 0
+    if args.esc:
+        return esc_main(args)
     if args.child_tui:
         print(json.dumps(asyncio.run(_tui(args.model, args.max_tokens, args.threads, args.ui_share))))
         return 0
