@@ -6,7 +6,7 @@ exact arithmetic only, so the same file is written bit for bit by any numpy vers
 `weights_digest()` hashes the tensor data so a test can check that it is running on
 the weights the committed llama.cpp reference outputs were made from.
 
-Layout (see shared/reference/qwen35-llama-phi3-gguf.md §2), GGUF ne order = [in, out],
+Layout (see docs/models.md, qwen35), GGUF ne order = [in, out],
 numpy arrays are (out, in):
 
     token_embd.weight        [D, V]            output_norm.weight [D]   (output.weight [D, V] if untied)
