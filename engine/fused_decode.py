@@ -18,6 +18,10 @@ bit for bit those of `Model.forward` one token at a time (tests/engine/test_fuse
         x += Wdown (silu(Wgate m) * Wup m)
     logits = Wout RMSNorm(x) * output_norm               (1, V)
 
+The same call takes up to MAX_TOKENS tokens for a speculative verification (`forward(...,
+token_exact=True, logits="all")`): the row kernels over T rows and attention query by query,
+so row t equals a decode step of token t alone, bit for bit.
+
 Used only where its kernels are the ones decode would run: the AVX2 row kernels with F16C,
 weights in the formats below (others fall back to the layer-by-layer path). Set
 DELTATALK_NO_FUSED_DECODE=1 to turn it off (the bench compares both that way).
@@ -60,6 +64,10 @@ _Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0 = int(G.Q4_0), int(G.Q4_1), int(G.Q5_0), int(G
 _Q4_K, _Q5_K, _Q6_K = int(G.Q4_K), int(G.Q5_K), int(G.Q6_K)
 
 
+# Most tokens one call takes: a decode step is 1, a speculative verification k + 1 (k <= 15).
+MAX_TOKENS = 16
+
+
 def enabled() -> bool:
     return AVAILABLE and os.environ.get("DELTATALK_NO_FUSED_DECODE", "") != "1"
 
@@ -67,21 +75,22 @@ def enabled() -> bool:
 if AVAILABLE:
     @numba.njit(**JIT_EXACT)
     def _quantize(act, X, xq, xd, xs, kd, kb, lut):
-        """X (1, K) into the activation buffers of `act` (the views are (1, K)-shaped)."""
-        K = X.shape[1]
-        q = xq[:K].reshape(1, K)
+        """X (T, K) into the activation buffers of `act` (viewed (T, K)-shaped)."""
+        T, K = X.shape
+        q = xq[: T * K].reshape(T, K)
         if act == ACT_Q8_K:
-            _q8_k_kernel(X, q, kd[: K // 256].reshape(1, K // 256), kb[: K // 16].reshape(1, K // 16))
+            _q8_k_kernel(X, q, kd[: T * (K // 256)].reshape(T, K // 256), kb[: T * (K // 16)].reshape(T, K // 16))
         else:
-            _q8_0_kernel(X, q, xd[: K // 32].reshape(1, K // 32), act == ACT_Q8_1,
-                         xs[: K // 32].reshape(1, K // 32), lut)
+            _q8_0_kernel(X, q, xd[: T * (K // 32)].reshape(T, K // 32), act == ACT_Q8_1,
+                         xs[: T * (K // 32)].reshape(T, K // 32), lut)
 
     @numba.njit(**JIT_EXACT)
     def _matvec(kind, w, K, xq, xd, xs, kd, kb, lut, out):
-        """out (1, N) = W x with the format's decode kernel, x quantized in the buffers."""
-        q = xq[:K].reshape(1, K)
-        d, s = xd[: K // 32].reshape(1, K // 32), xs[: K // 32].reshape(1, K // 32)
-        dk, bk = kd[: K // 256].reshape(1, K // 256), kb[: K // 16].reshape(1, K // 16)
+        """out (T, N) = X W^T with the format's decode kernel, X quantized in the buffers."""
+        T = out.shape[0]
+        q = xq[: T * K].reshape(T, K)
+        d, s = xd[: T * (K // 32)].reshape(T, K // 32), xs[: T * (K // 32)].reshape(T, K // 32)
+        dk, bk = kd[: T * (K // 256)].reshape(T, K // 256), kb[: T * (K // 16)].reshape(T, K // 16)
         if kind == _Q4_0:
             _mv_q4_0(w, q, d, lut, out)
         elif kind == _Q4_1:
@@ -102,9 +111,10 @@ if AVAILABLE:
     @numba.njit(**JIT_EXACT)
     def _matvec3(kind, w0, w1, w2, K, xq, xd, xs, kd, kb, lut, o0, o1, o2):
         """Three weights of one format, one shared activation, one parallel region."""
-        q = xq[:K].reshape(1, K)
-        d, s = xd[: K // 32].reshape(1, K // 32), xs[: K // 32].reshape(1, K // 32)
-        dk, bk = kd[: K // 256].reshape(1, K // 256), kb[: K // 16].reshape(1, K // 16)
+        T = o0.shape[0]
+        q = xq[: T * K].reshape(T, K)
+        d, s = xd[: T * (K // 32)].reshape(T, K // 32), xs[: T * (K // 32)].reshape(T, K // 32)
+        dk, bk = kd[: T * (K // 256)].reshape(T, K // 256), kb[: T * (K // 16)].reshape(T, K // 16)
         if kind == _Q4_0:
             _m3_q4_0(w0, w1, w2, q, d, d, lut, o0, o1, o2)
         elif kind == _Q4_1:
@@ -146,8 +156,9 @@ if AVAILABLE:
 
     @numba.njit(**JIT_EXACT)
     def _add(x, y):
-        for i in range(x.shape[1]):
-            x[0, i] += y[0, i]
+        for t in range(x.shape[0]):
+            for i in range(x.shape[1]):
+                x[t, i] += y[t, i]
 
     @numba.njit(**JIT_EXACT)
     def _weight(blocks, where, l, i):
@@ -162,17 +173,21 @@ if AVAILABLE:
                      xq, xd, xs, kd, kb, lut, out_norm, head_kind, head_act, head, h, logits):
         """kinds/acts (L, 7): q k v o gate up down; where (L, 7, 3): offset, rows, row bytes of
         each weight in `blocks` (the file, uint8). keys/values (L, n_ctx, Hkv, hd). Every
-        buffer (1, width) float32."""
+        buffer (T, width) float32: T tokens at positions p0.. (decode: 1; a speculative
+        verification: each row exactly as if fed alone, decode's single-query attention)."""
         L = attn_norm.shape[0]
+        T = x.shape[0]
         for l in range(L):
             wq, wk, wv = _weight(blocks, where, l, 0), _weight(blocks, where, l, 1), _weight(blocks, where, l, 2)
             wo, wg, wu = _weight(blocks, where, l, 3), _weight(blocks, where, l, 4), _weight(blocks, where, l, 5)
             wd = _weight(blocks, where, l, 6)
             ops.rmsnorm(x, attn_norm[l], eps, n)
             _group(kinds[l, 0:3], acts[l, 0:3], wq, wk, wv, n, xq, xd, xs, kd, kb, lut, q, k, v)
-            ops.rope_store_f16c(q.reshape(1, H, hd), k.reshape(1, Hkv, hd), v.reshape(1, Hkv, hd), cos, sin,
+            ops.rope_store_f16c(q.reshape(T, H, hd), k.reshape(T, Hkv, hd), v.reshape(T, Hkv, hd), cos, sin,
                                 p0, n_rot, False, keys[l], values[l])
-            ops.attention_decode_f16c(q.reshape(1, H, hd), keys[l], values[l], p0, scale, att.reshape(1, H, hd))
+            for t in range(T):   # query by query: row t equals a decode step at p0 + t
+                ops.attention_decode_f16c(q[t : t + 1].reshape(1, H, hd), keys[l], values[l], p0 + t, scale,
+                                          att[t : t + 1].reshape(1, H, hd))
             _quantize(acts[l, 3], att, xq, xd, xs, kd, kb, lut)
             _matvec(kinds[l, 3], wo, att.shape[1], xq, xd, xs, kd, kb, lut, o)
             _add(x, o)
@@ -261,14 +276,14 @@ class FusedDecode:
         D, hd, H, Hkv = a.d_model, a.head_dim, a.n_head, a.n_head_kv
 
         def buf(width: int) -> np.ndarray:
-            return np.zeros((1, width), np.float32)
+            return np.zeros((MAX_TOKENS, width), np.float32)
 
         self.n, self.h = buf(D), buf(D)
         self.q, self.k, self.v = buf(H * hd), buf(Hkv * hd), buf(Hkv * hd)
         self.att, self.o, self.f = buf(H * hd), buf(D), buf(D)
         self.g, self.u = buf(a.n_ff), buf(a.n_ff)
         self.o_none = np.zeros((1, 0), np.float32)
-        kmax = max(D, a.n_ff, H * hd)
+        kmax = MAX_TOKENS * max(D, a.n_ff, H * hd)
         self.xq = np.zeros(kmax, np.int8)
         self.xd, self.xs = np.zeros(kmax // 32, np.float32), np.zeros(kmax // 32, np.float32)
         self.kd, self.kb = np.zeros(max(kmax // 256, 1), np.float32), np.zeros(kmax // 16, np.int32)
@@ -300,21 +315,25 @@ class FusedDecode:
             raise ValueError(f"KV cache of shape {block[0].shape} does not fit the model")
         return block
 
-    def step(self, token: int, cache: list) -> np.ndarray:
-        """Feed one token at the cache's position (checked by the caller); return logits (1, V)."""
+    def step(self, tokens: np.ndarray, cache: list) -> np.ndarray:
+        """Feed 1..MAX_TOKENS tokens at the cache's position (checked by the caller); return
+        logits (T, V), row t bit-identical to a decode step of token t alone."""
         m, a = self.model, self.args
+        T = len(tokens)
+        if not 1 <= T <= MAX_TOKENS:
+            raise ValueError(f"the fused step takes 1 to {MAX_TOKENS} tokens, not {T}")
         p0 = cache[0].offset
-        if p0 + 1 > min(c.n_ctx for c in cache):
-            raise ValueError(f"context full: {p0} + 1 tokens > {cache[0].n_ctx}")
+        if p0 + T > min(c.n_ctx for c in cache):
+            raise ValueError(f"context full: {p0} + {T} tokens > {cache[0].n_ctx}")
         keys, values = self._kv_block(cache)
-        cos, sin = m.rope[0].upto(p0 + 1)
-        x = m.embed(np.array([token], np.int64))
-        logits = np.empty((1, a.n_vocab), np.float32)
+        cos, sin = m.rope[0].upto(p0 + T)
+        x = m.embed(np.asarray(tokens, np.int64))
+        logits = np.empty((T, a.n_vocab), np.float32)
         _decode_step(x, p0, self.kinds, self.acts, self.attn_norm, self.ffn_norm, self.blocks, self.where, self.w_none,
                      keys, values, cos, sin, a.n_rot, a.norm_eps, self.scale, a.n_head, a.n_head_kv, a.head_dim,
-                     self.n, self.q, self.k, self.v, self.att, self.o, self.g, self.u, self.f, self.o_none,
-                     self.xq, self.xd, self.xs, self.kd, self.kb, F16_TO_F32, self.out_norm,
-                     self.head_kind, self.head_act, self.head, self.h, logits)
+                     self.n[:T], self.q[:T], self.k[:T], self.v[:T], self.att[:T], self.o[:T], self.g[:T], self.u[:T],
+                     self.f[:T], self.o_none, self.xq, self.xd, self.xs, self.kd, self.kb, F16_TO_F32, self.out_norm,
+                     self.head_kind, self.head_act, self.head, self.h[:T], logits)
         for c in cache:
-            c.offset = p0 + 1
+            c.offset = p0 + T
         return logits

@@ -36,6 +36,7 @@ import numpy as np
 from engine import ops
 from engine.cache import Cache, KVCache, kv_block_caches
 from engine.gguf_file import GGUFFile
+from engine import fused_decode
 from engine.fused_decode import FusedDecode
 from engine.models.base import Args, BaseModel, RunState, linear, optional_vector, vector
 from engine.quants.linear import LinearGroup, QuantLinear
@@ -170,8 +171,10 @@ class DenseModel(BaseModel[DenseRun]):
         (decode's row kernels and single-query attention; speculative verification).
         """
         run = self.begin(tokens, cache, logits)
-        if run.T == 1 and logits == "last" and self.fused is not None:   # decode: one compiled call
-            return self.fused.step(int(run.tokens[0]), cache)
+        # decode, and speculative verification (token-exact rows): one compiled call
+        if self.fused is not None and ((run.T == 1 and logits == "last")
+                                       or (token_exact and logits == "all" and run.T <= fused_decode.MAX_TOKENS)):
+            return self.fused.step(run.tokens, cache)
         x = self.embed(run.tokens)                                       # (T, D)
         for i, (layer, kv) in enumerate(zip(self.layers, cache)):
             x += self.attention_block(i, layer, kv, x, run, token_exact)

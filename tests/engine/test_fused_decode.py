@@ -115,3 +115,33 @@ def test_weights_outside_one_file_mapping_take_the_layer_path(tmp_path):
     layer = model.layers[1]
     layer.w_up.raw = layer.w_up.raw.copy()        # a weight in its own memory, not the file
     assert fused_decode.FusedDecode.build(model) is None
+
+
+@pytest.mark.parametrize("wtype", [T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_fused_verification_rows_equal_the_layer_path_and_single_steps(tmp_path, wtype):
+    # a speculative verification (token_exact, logits of every row) in one fused call: each
+    # row bit for bit the layer-by-layer token-exact pass and a decode step fed alone
+    kq = wtype in (T.Q4_K, T.Q6_K)
+    path = write_tiny_llama(tmp_path / "m.gguf", weight_type=wtype, d_model=256 if kq else 64,
+                            n_ff=512 if kq else 128, n_layer=2, seed=3)
+    model = load_model(path, 64).model
+    fused = model.fused
+    assert fused is not None
+    prompt, batch = [5, 17, 99, 3], [42, 7, 7, 200, 11, 2, 9, 61, 5]
+    for T_ in (2, 4, 5, 9):
+        ca, cb, cc = model.make_cache(), model.make_cache(), model.make_cache()
+        for c in (ca, cb, cc):
+            model.forward(prompt, c, logits="none")
+        a = model.forward(batch[:T_], ca, logits="all", token_exact=True)   # fused
+        model.fused = None
+        try:
+            b = model.forward(batch[:T_], cb, logits="all", token_exact=True)   # layer by layer
+            singles = np.concatenate([model.forward([t], cc, logits="last") for t in batch[:T_]])
+        finally:
+            model.fused = fused
+        assert a.shape == (T_, model.n_vocab)
+        assert np.array_equal(a, b) and np.array_equal(a, singles), f"T={T_}"
+        n = ca[0].offset
+        assert n == cb[0].offset == len(prompt) + T_
+        for la, lb in zip(ca, cb):
+            assert np.array_equal(la.keys[:n], lb.keys[:n]) and np.array_equal(la.values[:n], lb.values[:n])
