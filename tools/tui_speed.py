@@ -48,6 +48,11 @@ def run_tui(model: str, max_tokens: int, threads: int | None, ui_share: float | 
            "--max-tokens", str(max_tokens)] + (["--threads", str(threads)] if threads else [])
     if ui_share:
         cmd += ["--ui-share", str(ui_share)]
+    return _child(cmd)
+
+
+def _child(cmd: list[str]) -> dict:
+    """Run a child TUI measurement with a throw-away home; its last stdout line (JSON)."""
     with tempfile.TemporaryDirectory(prefix="tui-speed-") as home:
         env = _env()
         env["DELTATALK_HOME"] = home
@@ -63,28 +68,39 @@ def _env() -> dict:
     return env
 
 
-async def _tui(model: str, max_tokens: int, threads: int | None, ui_share: float | None = None) -> dict:
-    import chatapp.reply_stream as reply_stream
+def _headless_app(model: str, max_tokens: int, threads: int | None):
+    """The chat app on `model`, greedy, with no model discovery (run it with app.run_test)."""
     from chatapp.app import DeltatalkApp
-    from chatapp.engine_backend import EngineBackend
     from chatapp.config import Config
+    from chatapp.engine_backend import EngineBackend
 
-    if ui_share:
-        reply_stream.UI_SHARE_TARGET = ui_share
     config = Config.load()
     config.overrides["max_tokens"] = max_tokens
     config.overrides["sampling"] = {"temperature": 0.0}
     backend = EngineBackend(threads=threads)
-    app = DeltatalkApp(backend, model_path=Path(model), config=config, find_models=lambda: [],
-                       offer_fetch=False)
+    return DeltatalkApp(backend, model_path=Path(model), config=config, find_models=lambda: [],
+                        offer_fetch=False), backend
+
+
+async def _ask(app, backend, pilot) -> None:
+    """Wait for the model, type the prompt and press Enter."""
+    while backend.info is None or app.loading is not None:
+        if any(n.severity == "error" for n in app._notifications):
+            raise SystemExit("the model did not load: " + "; ".join(n.message for n in app._notifications))
+        await pilot.pause(0.05)
+    app.chat_input.text = PROMPT
+    app.chat_input.focus()
+    await pilot.press("enter")
+
+
+async def _tui(model: str, max_tokens: int, threads: int | None, ui_share: float | None = None) -> dict:
+    import chatapp.reply_stream as reply_stream
+
+    if ui_share:
+        reply_stream.UI_SHARE_TARGET = ui_share
+    app, backend = _headless_app(model, max_tokens, threads)
     async with app.run_test(size=(120, 36)) as pilot:
-        while backend.info is None or app.loading is not None:
-            if any(n.severity == "error" for n in app._notifications):
-                raise SystemExit("the model did not load: " + "; ".join(n.message for n in app._notifications))
-            await pilot.pause(0.05)
-        app.chat_input.text = PROMPT
-        app.chat_input.focus()
-        await pilot.press("enter")
+        await _ask(app, backend, pilot)
         while not app.turns:
             await pilot.pause(0.05)
         turn = app.turns[-1]
@@ -94,22 +110,9 @@ async def _tui(model: str, max_tokens: int, threads: int | None, ui_share: float
 
 async def _tui_esc(model: str, threads: int | None, after_tokens: int = 20) -> dict:
     """Seconds from Esc (mid-decode) to the reply marked stopped, in a headless app."""
-    from chatapp.app import DeltatalkApp
-    from chatapp.config import Config
-    from chatapp.engine_backend import EngineBackend
-
-    config = Config.load()
-    config.overrides["max_tokens"] = 4096
-    config.overrides["sampling"] = {"temperature": 0.0}
-    backend = EngineBackend(threads=threads)
-    app = DeltatalkApp(backend, model_path=Path(model), config=config, find_models=lambda: [],
-                       offer_fetch=False)
+    app, backend = _headless_app(model, 4096, threads)
     async with app.run_test(size=(120, 36)) as pilot:
-        while backend.info is None or app.loading is not None:
-            await pilot.pause(0.05)
-        app.chat_input.text = PROMPT
-        app.chat_input.focus()
-        await pilot.press("enter")
+        await _ask(app, backend, pilot)
         while not app.chat_view.generating:
             await pilot.pause(0.01)
         while app.gauge.turn.generated < after_tokens:   # the streamed count the gauge shows
@@ -131,13 +134,7 @@ def esc_main(args) -> int:
     times = []
     with busy_processes(args.busy):
         for i in range(args.pairs):
-            with tempfile.TemporaryDirectory(prefix="tui-esc-") as home:
-                env = _env()
-                env["DELTATALK_HOME"] = home
-                out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-            if out.returncode != 0:
-                raise SystemExit(f"TUI run failed:\n{out.stderr[-3000:]}")
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r = _child(cmd)
             times.append(r["stop_s"])
             print(f"try {i + 1}: Esc stopped the reply in {r['stop_s'] * 1000:.0f} ms "
                   f"({r['generated']} tokens, {r['outcome']})", flush=True)

@@ -60,7 +60,13 @@ async def test_reply_keeps_single_line_breaks(fake_model):
 
 
 # -- 2. scrolling from the prompt box -----------------------------------------------------------
-async def test_page_keys_in_the_prompt_box_scroll_and_stop_following_until_the_end(fake_model):
+async def test_page_keys_in_the_prompt_box_scroll_and_stop_following_until_the_end(fake_model, monkeypatch):
+    import chatapp.reply_stream as reply_stream
+
+    # text batches stay 40 ms apart even on a loaded machine (the pacer would widen them, and
+    # text generated before the fake holds would wait for the next token): this test is about
+    # scrolling, not pacing
+    monkeypatch.setattr(reply_stream, "MAX_BATCH_SECONDS", reply_stream.BATCH_SECONDS)
     long = "\n\n".join(f"Paragraph {i} with some words." for i in range(60))
     fake = FakeBackend([long], hold_after=150, token_delay=0.001)
     app = make_app(fake, model_path=fake_model)
