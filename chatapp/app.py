@@ -61,9 +61,8 @@ from chatapp.widgets import Gauge, SpeedOverlay, TurnRecord
 
 HISTORY_WAIT_SECONDS = 600.0  # how long a worker waits for another program's lock on the history
 QUIT_PRESS_SECONDS = 2.0      # Ctrl+C twice within this (while idle) quits
+SWITCH_INTERVAL_S = 0.0005    # the GIL switch interval while the app runs (Python's default: 0.005)
 
-
-SWITCH_INTERVAL_S = 0.0005   # Python's default is 0.005
 
 class DeltatalkApp(ChatsApp):
     TITLE = "deltatalk"

@@ -137,7 +137,7 @@ def kv_block(n_layer: int, n_ctx: int, n_kv_heads: int, head_dim: int) -> tuple[
     return lazy_zeros(shape), lazy_zeros(shape)
 
 
-def kv_block_caches(n_layer: int, n_ctx: int, n_kv_heads: int, head_dim: int) -> list[KVCache]:
+def kv_block_caches(n_layer: int, n_ctx: int, n_kv_heads: int, head_dim: int) -> list[Cache]:
     """One KVCache per layer, all living in one kv_block (what the fused decode step reads)."""
     block = kv_block(n_layer, n_ctx, n_kv_heads, head_dim)
     return [KVCache(n_ctx, n_kv_heads, head_dim, block, layer) for layer in range(n_layer)]

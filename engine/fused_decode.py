@@ -36,6 +36,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as G
 
 from engine import ops
+from engine.cache import kv_block
 from engine.jit import JIT_EXACT
 from engine.quants.linear import KERNEL_FAMILY, QuantLinear
 from engine.quants.activations import _q8_0_kernel, _q8_k_kernel
@@ -305,8 +306,6 @@ class FusedDecode:
         a = self.args
         block = cache[0].block
         if block is None or any(c.block is not block or c.layer != l for l, c in enumerate(cache)):
-            from engine.cache import kv_block
-
             block = kv_block(len(cache), cache[0].n_ctx, a.n_head_kv, a.head_dim)
             for l, c in enumerate(cache):
                 c.move_to_block(block, l)

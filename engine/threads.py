@@ -16,8 +16,8 @@ catches a team starved from its first step, when every step is equally slow. Wit
 threads than allowed, it reads the runnable tasks of other processes each step (/proc/loadavg
 less our own running threads, ~20 µs); once the others leave a core free for a while, it
 tries one more thread for a few steps and keeps it only if that is clearly faster (else it
-waits twice as long before the next try). A prompt starts with no more threads than the
-cores others leave free. `--threads N` fixes the count: no adaptation.
+waits twice as long before the next try). A prompt and each prefill chunk take the cores
+others leave free. `--threads N` fixes the count: no adaptation.
 
 numba's thread count is per thread (`numba.set_num_threads` sets the calling thread's): the
 governor applies it on the thread that calls it, which is the thread that runs the kernels
@@ -172,7 +172,7 @@ class ThreadGovernor:
                     self._sleep(RECHECK_S)
                     again = self._free_cores()
                     free = max(free, again) if again is not None else free
-                if free is not None:
+                if free is not None and min(self.max_threads, max(1, free)) != self.n:
                     self._set(min(self.max_threads, max(1, free)))
         self._mark = (self._clock(), self._cpu_clock())
         return self.apply()

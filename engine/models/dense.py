@@ -159,7 +159,7 @@ class DenseModel(BaseModel[DenseRun]):
 
     def make_cache(self) -> list[Cache]:
         a = self.args
-        return list(kv_block_caches(a.n_layer, self.n_ctx, a.n_head_kv, a.head_dim))   # one block: fused decode
+        return kv_block_caches(a.n_layer, self.n_ctx, a.n_head_kv, a.head_dim)   # one block: fused decode
 
     # ---- running
     def forward(self, tokens: Any, cache: list, logits: str = "last",
