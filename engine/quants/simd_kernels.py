@@ -994,4 +994,4 @@ GEMM_DRIVERS: dict[str, tuple[Any, Any]] = {
 }
 
 # sha256 of simd.py and gemm.py when this file was generated (see gen_simd_kernels.py)
-SIMD_SOURCE_SHA256 = "70a327edcd2d80f4cea9f7bd8d0e845bb6bbd2cd8d32edd6e6c9962adf523e68"
+SIMD_SOURCE_SHA256 = "78e93f87b0503dc8f167ffaa49e76ab2363ef1677fc94b0995e72612887ccabe"
