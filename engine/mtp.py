@@ -39,13 +39,18 @@ import numpy as np
 
 from engine import ops
 from engine.cache import KVCache, lazy_zeros
-from engine.errors import ModelFileError
+from engine.errors import DeltatalkError, ModelFileError
 from engine.gguf_file import GGUFFile
 from engine.models.base import linear, optional_vector, tensor, vector
+from engine.models.qwen35 import AttentionLayer, Qwen35Run
 from engine.quants.linear import QuantLinear, get_format
-from engine.speculative import DraftModelError
 
 CATCH_UP_CHUNK = 128   # pairs per forward when the MTP cache catches up (a prefill's chunk)
+
+
+class MTPUnavailableError(DeltatalkError):
+    """A model that has no MTP block this engine can run (the message says why; make_speculator
+    raises it as engine.speculative.DraftModelError)."""
 
 
 def nextn_layers(loaded) -> int:
@@ -58,8 +63,6 @@ class MTPHead:
     """The MTP block's weights (mapped, in their file formats) and its forward pass."""
 
     def __init__(self, model, gf: GGUFFile):
-        from engine.models.qwen35 import AttentionLayer, Qwen35Run
-
         self.model = model
         a = model.args
         self.args = a
@@ -82,8 +85,7 @@ class MTPHead:
         if p + "embed_tokens.weight" in gf.tensors:
             t = tensor(gf, p + "embed_tokens.weight", (D, V))
             self.embd, self.embd_format = gf.tensor_bytes(p + "embed_tokens.weight"), get_format(t.ggml_type)
-        self._run_type = Qwen35Run
-        self._runs: dict[int, object] = {}
+        self._runs: dict[int, Qwen35Run] = {}
         # bytes read per drafted token: the block, eh_proj and the head (the embedding: one row)
         self.weight_bytes = sum(t.nbytes for n, t in gf.tensors.items() if n.startswith(f"blk.{i}.")) \
             + self.head.weights.nbytes
@@ -92,10 +94,10 @@ class MTPHead:
         a = self.args
         return KVCache(self.model.n_ctx, a.n_head_kv, a.head_dim)
 
-    def _run(self, T: int):
+    def _run(self, T: int) -> Qwen35Run:
         run = self._runs.pop(T, None)
         if run is None:
-            run = self._run_type(T, self.args)
+            run = Qwen35Run(T, self.args)
         self._runs[T] = run
         while len(self._runs) > 4:
             del self._runs[next(iter(self._runs))]
@@ -142,17 +144,17 @@ class MTPHead:
 
 
 def check_mtp_capable(target) -> None:
-    """DraftModelError unless `target` (a LoadedModel) is a qwen35 file with one MTP block."""
+    """MTPUnavailableError unless `target` (a LoadedModel) is a qwen35 file with one MTP block."""
     name = target.path.name
     if target.arch != "qwen35":
-        raise DraftModelError(f"--speculate mtp needs a Qwen3.5 (qwen35) file with its MTP block; "
+        raise MTPUnavailableError(f"--speculate mtp needs a Qwen3.5 (qwen35) file with its MTP block; "
                               f"{name} is {target.arch}")
     n = nextn_layers(target)
     if n == 0:
-        raise DraftModelError(f"--speculate mtp: {name} has no MTP block (qwen35.nextn_predict_layers is 0; "
+        raise MTPUnavailableError(f"--speculate mtp: {name} has no MTP block (qwen35.nextn_predict_layers is 0; "
                               "convert the model with its mtp.* weights, or use --speculate lookup)")
     if n != 1:
-        raise DraftModelError(f"--speculate mtp: {name} has {n} MTP blocks; only one is supported")
+        raise MTPUnavailableError(f"--speculate mtp: {name} has {n} MTP blocks; only one is supported")
 
 
 class MTPDrafter:

@@ -335,7 +335,10 @@ def make_speculator(mode: str, target, draft=None, draft_max: int = DEFAULT_DRAF
             raise DraftModelError("--speculate draft needs --draft MODEL (a small model with the same vocabulary)")
         return Speculator(ModelDrafter(target, draft), draft_max, adaptive)
     if mode == "mtp":
-        from engine.mtp import MTPDrafter   # (engine.mtp imports this module)
+        from engine.mtp import MTPDrafter, MTPUnavailableError
 
-        return Speculator(MTPDrafter(target), draft_max, adaptive)
+        try:
+            return Speculator(MTPDrafter(target), draft_max, adaptive)
+        except MTPUnavailableError as e:
+            raise DraftModelError(str(e)) from None
     raise DeltatalkError(f"--speculate {mode} is not handled")   # unreachable: MODES is checked above
