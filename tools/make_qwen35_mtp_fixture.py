@@ -381,7 +381,8 @@ def main(argv=None) -> None:
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
     for p in out.iterdir():
-        p.unlink()
+        if p.suffix in (".npy", ".gguf") or p.name == "manifest.json":
+            p.unlink()   # (README.md stays)
     manifest: dict = {
         "about": "tiny qwen35 with an MTP block, converted by llama.cpp; regenerate with "
                  "tools/make_qwen35_mtp_fixture.py LLAMA_CPP_SRC",
