@@ -291,3 +291,26 @@ def test_mtp_refused_for_a_file_without_the_block_or_another_architecture(writer
     llama = load_model(write_tiny_llama(tmp_path / "l.gguf"))
     with pytest.raises(DraftModelError, match="needs a Qwen3.5 .* is llama"):
         make_speculator("mtp", llama)
+
+
+def test_hidden_sink_changes_no_logits():
+    lm = _lm("q8_0")
+    m = lm.model
+    a = m.forward(PROMPT, m.make_cache(), logits="all")
+    b, _ = _trunk_h(m, PROMPT)
+    assert np.array_equal(a, b)
+
+
+def test_mtp_at_temperature_samples_and_counts():
+    from engine.sampling import ChainSampler
+
+    lm = _lm("q8_0")
+    m = lm.model
+    try:
+        spec = make_speculator("mtp", lm, draft_max=3, adaptive=False)
+        rs = list(stream_generate(m, lm.tokenizer, PROMPT[:16], m.make_cache(),
+                                  ChainSampler(seed=3, temperature=0.8, top_k=20, top_p=0.95, min_p=0.0),
+                                  max_tokens=30, stop_ids=frozenset(), speculator=spec))
+        assert len(rs) == 30 and spec.stats.drafted > 0 and spec.stats.steps > 0
+    finally:
+        m.hidden_sink = None
