@@ -167,8 +167,9 @@ class MTPDrafter:
         self.target = target.model
         self.head = MTPHead(target.model, target.gguf)
         self.cache = self.head.make_cache()
-        self.fed: list[int] = []      # x_q of the pairs in the MTP cache (positions 0..len-1)
         n_ctx, D = self.target.n_ctx, self.target.args.d_model
+        self._fed = lazy_zeros((n_ctx,), dtype=np.int64)   # x_q of the pairs in the MTP cache (0..n_fed-1)
+        self.n_fed = 0
         self.hist_h = lazy_zeros((n_ctx, D))                       # the target's h by position
         self.hist_tok = lazy_zeros((n_ctx,), dtype=np.int64)       # token + 1 it was made for (0: none)
         self.chunk = chunk
@@ -191,9 +192,17 @@ class MTPDrafter:
             out[off : off + (hi - 1 - a)][ok] = self.hist_h[a : hi - 1][ok]
         return out
 
+    @property
+    def fed(self) -> list[int]:
+        """The tokens whose pairs the MTP cache holds, position by position."""
+        return self._fed[: self.n_fed].tolist()
+
+    def _keep(self, n: int) -> None:
+        self.cache.trim(self.cache.offset - n)
+        self.n_fed = n
+
     def reset(self) -> None:
-        self.cache.trim(self.cache.offset)
-        self.fed.clear()
+        self._keep(0)
 
     def propose(self, context: Sequence[int], k: int) -> list[int]:
         L = len(context)
@@ -203,26 +212,22 @@ class MTPDrafter:
             return []
         ctx = np.asarray(context, dtype=np.int64)
         # keep the pairs whose token still matches; then (h_{q-1}, x_q) for q up to P-1
-        keep = 0
-        n = min(len(self.fed), P)
-        if n:
-            same = np.asarray(self.fed[:n], dtype=np.int64) == ctx[:n]
-            keep = n if same.all() else int(np.argmin(same))
-        self.cache.trim(self.cache.offset - keep)
-        del self.fed[keep:]
-        for s in range(keep, P, self.chunk):
+        n = min(self.n_fed, P)
+        same = self._fed[:n] == ctx[:n]
+        self._keep(n if same.all() else int(np.argmin(same)))
+        for s in range(self.n_fed, P, self.chunk):
             e = min(s + self.chunk, P)
             self.head.forward(ctx[s:e], self._h_rows(ctx, s, e), self.cache, logits="none")
-            self.fed.extend(ctx[s:e].tolist())
+            self._fed[s:e] = ctx[s:e]
+            self.n_fed = e
         # draft: (h_{P-1}, x_P) -- a true pair, kept -- then each drafted token with the block's own h
         tok, h = int(ctx[P]), self._h_rows(ctx, P, P + 1)
         drafts: list[int] = []
-        for i in range(k):
+        for _ in range(k):
             logits, h = self.head.forward([tok], h, self.cache, logits="last")
-            if i == 0:
-                self.fed.append(int(ctx[P]))
             assert logits is not None
             tok = int(np.argmax(logits[-1]))
             drafts.append(tok)
-        self.cache.trim(self.cache.offset - len(self.fed))   # drafted positions are rewritten later
+        self._fed[P] = ctx[P]
+        self._keep(P + 1)   # drafted positions go: the verification's rows rewrite them next time
         return drafts
