@@ -26,7 +26,7 @@ _FALLBACK_DEFAULTS: dict[str, object] = {
     "discover": {"huggingface": True, "lmstudio": True, "ollama": True},
     "threads": None,
     "context": None,
-    "speculate": "off",          # speculative decoding in the app: off | lookup (same tokens, faster)
+    "speculate": "off",          # speculative decoding in the app: off | lookup | mtp (same tokens, faster)
     "memory_bandwidth_gbs": None,
     "system_prompt": "",
     "keymap": {},

@@ -67,7 +67,7 @@ class EngineBackend:
         """Load and warm up a model; `bind=(key, state_path)` restores that chat into the new session."""
         from engine.loader import load_model
         from engine.session import ChatSession
-        from engine.speculative import make_speculator
+        from engine.speculative import DraftModelError, make_speculator
 
         say = progress or (lambda stage, frac: None)
         path = Path(path)
@@ -81,7 +81,11 @@ class EngineBackend:
         # on the kernel thread: a reply on the previous model finishes first, then this runs
         compile_s, layer = kernel_thread().call(self._warm_up, loaded.model)
         session = ChatSession(loaded)
-        session.speculator = make_speculator(self.speculate, loaded)
+        try:
+            session.speculator = make_speculator(self.speculate, loaded)
+        except DraftModelError as e:   # e.g. speculate "mtp" and a file without the MTP block
+            self._notice(f"speculative decoding is off for {path.name}: {e}")
+            session.speculator = None
         say("warm", None)
         warm_s = kernel_thread().call(self._first_reply_warm_up, session)
         owner = None

@@ -334,5 +334,11 @@ def make_speculator(mode: str, target, draft=None, draft_max: int = DEFAULT_DRAF
         if draft is None:
             raise DraftModelError("--speculate draft needs --draft MODEL (a small model with the same vocabulary)")
         return Speculator(ModelDrafter(target, draft), draft_max, adaptive)
-    raise DeltatalkError("--speculate mtp is not implemented yet: the engine does not load the nextn "
-                         "(multi-token prediction) block; use lookup or draft")
+    if mode == "mtp":
+        from engine.mtp import MTPDrafter, MTPUnavailableError
+
+        try:
+            return Speculator(MTPDrafter(target), draft_max, adaptive)
+        except MTPUnavailableError as e:
+            raise DraftModelError(str(e)) from None
+    raise DeltatalkError(f"--speculate {mode} is not handled")   # unreachable: MODES is checked above

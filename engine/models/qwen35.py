@@ -3,7 +3,7 @@
 See docs/models.md (qwen35). Shapes for one call of T tokens:
 
     x = embed(tokens)                                              (T, D)   dequantized rows, no scaling
-    for each trunk layer i (MTP blocks past n_layer are never run, not even loaded):
+    for each trunk layer i (the MTP block past n_layer is run only by engine.mtp, the drafter):
         n = RMSNorm(x) * attn_norm                                 (+1 already folded into the weight)
         if recurrent[i]:  Gated DeltaNet                           state: conv (K-1, conv_dim), S (Hv, dv, dk)
             qkv = W_qkv n                                          (T, 2*Hk*dk + Hv*dv)  V heads in tiled order
@@ -24,6 +24,8 @@ See docs/models.md (qwen35). Shapes for one call of T tokens:
         x += W_down(silu(W_gate n) * W_up n)
     logits = W_out RMSNorm(x) * output_norm                        only the positions asked for;
                                                                    W_out = output.weight or token_embd
+    hidden_sink(cache, p0, tokens, RMSNorm(x) * output_norm)       every row, when a sink is set (the
+                                                                   MTP drafter's input h, engine.mtp)
 
 `qwen3next` (Qwen3-Next) is not supported: its FFN is mixture-of-experts (and its V heads are
 grouped, its beta/alpha fused); engine.deltanet already takes the grouped head order.
@@ -31,6 +33,7 @@ grouped, its beta/alpha fused); engine.deltanet already takes the grouped head o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -193,6 +196,10 @@ class Model(BaseModel[Qwen35Run]):
     # flash-attention tiles, also for one query), NEOX RoPE on the first n_rot dims
     rope_neox: ClassVar[bool] = True
 
+    # Called after every forward with (cache, p0, tokens, h): h (T, D) the output-normed final hidden
+    # rows of all T positions (llama.cpp's h_nextn). Set by engine.mtp.MTPDrafter; None costs nothing.
+    hidden_sink: Callable[[list, int, np.ndarray, np.ndarray], None] | None = None
+
     def __init__(self, gf: GGUFFile, n_ctx: int | None = None):
         super().__init__(gf, n_ctx, Args.from_gguf(gf, self.arch))
         a = self.args
@@ -237,6 +244,10 @@ class Model(BaseModel[Qwen35Run]):
             g, u = layer.w_gate_up.matmul(n, token_exact=token_exact)
             ops.swiglu(g, u, g)
             x += layer.w_down.matmul(g, run.f, token_exact)
+        if self.hidden_sink is not None:
+            h = np.empty_like(x)
+            ops.rmsnorm(x, self.output_norm, self.args.norm_eps, h)
+            self.hidden_sink(cache, run.p0, run.tokens, h)
         return self.head(x, logits, token_exact)
 
     def deltanet_block(self, layer: DeltaNetLayer, c: RecurrentCache, n: np.ndarray, run: Qwen35Run,

@@ -166,3 +166,23 @@ def test_engine_backend_marks_a_file_without_chat_template_as_base_model(tmp_pat
     assert not describe(Candidate(path, "models", path.name)).has_chat_template
     info = EngineBackend(n_ctx=128).load(path)
     assert info.base_model
+
+
+def test_engine_backend_speculate_mtp_falls_back_to_plain_for_a_file_without_the_block(tiny_llama_path):
+    from pathlib import Path
+
+    from chatapp.engine_backend import EngineBackend
+
+    notices: list[str] = []
+    b = EngineBackend(n_ctx=128, speculate="mtp")
+    b.on_notice = notices.append
+    b.load(tiny_llama_path)                       # loads, with a notice: no MTP block in a llama file
+    assert b._session is not None and b._session.speculator is None
+    assert len(notices) == 1 and "speculative decoding is off" in notices[0] and "Qwen3.5" in notices[0]
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "qwen35_mtp" / "tiny-mtp-q8_0.gguf"
+    b.load(fixture)
+    assert b._session.speculator is not None and b._session.speculator.mode == "mtp"
+    msgs = [{"role": "user", "content": "hello"}]
+    rs = list(b.reply(msgs, SamplingSettings(temperature=0), max_tokens=6, enable_thinking=None,
+                      cancel=threading.Event()))
+    assert rs and b._session.speculator.stats.steps > 0

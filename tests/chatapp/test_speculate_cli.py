@@ -1,11 +1,15 @@
 """`--speculate` on `run` and `bench`: same tokens as plain decoding, the counts reported, and
-clear one-line refusals (a draft model with another vocabulary, mtp not implemented)."""
+clear one-line refusals (a draft model with another vocabulary, mtp on a file without an MTP block)."""
 
 from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 from chatapp.cli import main
+
+MTP_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "qwen35_mtp" / "tiny-mtp-q8_0.gguf"
 
 
 def _json(capsys, *argv) -> dict:
@@ -47,7 +51,33 @@ def test_speculate_refusals_are_one_clear_line(tiny_llama_path, capsys, tmp_path
     assert main(base + ["--speculate", "draft"]) != 0
     assert "--draft MODEL" in capsys.readouterr().err
     assert main(base + ["--speculate", "mtp"]) != 0
-    assert "mtp is not implemented" in capsys.readouterr().err
+    out = capsys.readouterr().err
+    err = [l for l in out.splitlines() if l.startswith("deltatalk:")]
+    assert len(err) == 1 and "needs a Qwen3.5" in err[0] and "is llama" in err[0] and "Traceback" not in out
+    # a qwen35 file converted without its MTP block
+    assert main(["run", "-m", str(other), "-p", "x", "--ctx", "64", "--speculate", "mtp"]) != 0
+    out = capsys.readouterr().err
+    err = [l for l in out.splitlines() if l.startswith("deltatalk:")]
+    assert len(err) == 1 and "has no MTP block" in err[0] and "Traceback" not in out
+
+
+def test_run_speculate_mtp_same_ids_and_counts(capsys):
+    args = ["run", "-m", str(MTP_FIXTURE), "--raw", "-p", "the wind and the sea", "--temp", "0",
+            "--max-tokens", "24", "--json", "--ctx", "128"]
+    plain = _json(capsys, *args)
+    spec = _json(capsys, *args, "--speculate", "mtp", "--draft-max", "3")
+    assert spec["generated_token_ids"] == plain["generated_token_ids"]
+    sp = spec["speculation"]
+    assert sp["mode"] == "mtp" and sp["steps"] > 0 and sp["drafted"] > 0 and 0 <= sp["accepted"] <= sp["drafted"]
+    assert set(sp) >= {"drafted", "accepted", "acceptance", "tokens_per_step"}
+
+
+def test_bench_speculate_mtp_json(capsys):
+    r = _json(capsys, "bench", "-m", str(MTP_FIXTURE), "--speculate", "mtp", "--tg", "8", "--repeats", "1",
+              "--json", "--ctx", "512")
+    assert r["speculate"] == "mtp" and set(r["results"]) == {"code", "prose"}
+    for v in r["results"].values():
+        assert v["identical_ids"] and v["speculation"]["steps"] > 0
 
 
 def test_bench_speculate_json(tmp_path, capsys):
