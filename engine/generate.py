@@ -61,7 +61,9 @@ def prefill(model: Any, cache: list, tokens: Sequence[int], chunk: int = PREFILL
         governor.before_work()   # each chunk: the threads the machine leaves free now
         if end == n and before_last is not None:
             before_last()
+        t0 = time.perf_counter()
         logits = model.forward(toks[start:end], cache, logits="last" if end == n else "none")
+        governor.after_chunk(time.perf_counter() - t0)
         if progress is not None:
             progress(end, n)
     assert logits is not None

@@ -49,6 +49,11 @@ BACKOFF_S = (1.0, 30.0)  # wait before the next probe: doubles after each failed
 RECENT = 16             # steps kept per thread count for the medians
 REF_DRIFT = 1.01        # the fast-step reference may rise 1% a step (attention grows with context)
 RECHECK_S = 0.002       # before a prompt or chunk, a run queue that says "busy" is read again after this
+# ... and, before a chunk that takes long (the last took > LONG_CHUNK_S), again after RECHECK_LONG_S:
+# another program's thread team spins 10-20 ms after its work (llama.cpp's does), and a chunk
+# started short of a thread then runs seconds at half speed (4B-shaped pp512: 73 vs 90 tok/s)
+RECHECK_LONG_S = 0.025
+LONG_CHUNK_S = 0.5
 
 
 def _cpus_allowed() -> int:
@@ -151,6 +156,7 @@ class ThreadGovernor:
         self._probe_base = 0.0
         self._backoff = BACKOFF_S[0]
         self._next_probe = 0.0
+        self._chunk_s = 0.0      # the last prefill chunk's time
         self._lock = threading.Lock()
 
     # -- what the callers use ------------------------------------------------------------------
@@ -166,16 +172,23 @@ class ThreadGovernor:
         with self._lock:
             if self.adaptive and self._probe is None:
                 free = self._free_cores()
-                if free is not None and free < self.n:
-                    # a task that is just finishing (another program's thread spinning down)
-                    # must not shrink a whole prefill: look again a moment later
-                    self._sleep(RECHECK_S)
+                # a task that is just finishing (another program's thread spinning down)
+                # must not shrink a whole prefill: look again a moment later
+                waits = (RECHECK_S, RECHECK_LONG_S) if self._chunk_s > LONG_CHUNK_S else (RECHECK_S,)
+                for wait in waits:
+                    if free is None or free >= self.n:
+                        break
+                    self._sleep(wait)
                     again = self._free_cores()
                     free = max(free, again) if again is not None else free
                 if free is not None and min(self.max_threads, max(1, free)) != self.n:
                     self._set(min(self.max_threads, max(1, free)))
         self._mark = (self._clock(), self._cpu_clock())
         return self.apply()
+
+    def after_chunk(self, seconds: float):
+        """A prefill chunk took `seconds` (how long the next may wait for a core to free up)."""
+        self._chunk_s = seconds
 
     def after_step(self, seconds: float) -> int:
         """One decode step took `seconds` at the current count: adapt; return the count for the

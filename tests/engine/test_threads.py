@@ -154,6 +154,27 @@ def test_a_task_that_is_just_ending_does_not_shrink_a_prompt():
     assert g.before_work() == 2 and f.slept == [threads.RECHECK_S]
 
 
+def test_before_a_long_chunk_a_spinning_team_elsewhere_gets_longer_to_settle():
+    f = Fake(runnable=2)        # busy at both quick looks: a short chunk starts with 1 thread
+    g = f.governor()
+    assert g.before_work() == 1 and f.slept == [threads.RECHECK_S]
+    g.after_chunk(2 * threads.LONG_CHUNK_S)   # a big model: a chunk takes seconds
+    f.runnable_now, f.slept = 2, []
+    g.n = 2
+    f.then = 2
+    assert g.before_work() == 1 and f.slept == [threads.RECHECK_S, threads.RECHECK_LONG_S]
+    g.n, f.slept = 2, []
+    f.runnable_now, f.then = 2, 2
+
+    def settle(s):              # the other team goes idle during the longer wait
+        f.now += s
+        f.slept.append(s)
+        if s == threads.RECHECK_LONG_S:
+            f.runnable_now = 1
+    g._sleep = settle
+    assert g.before_work() == 2 and f.slept == [threads.RECHECK_S, threads.RECHECK_LONG_S]
+
+
 def test_prefill_sets_the_threads_at_every_chunk(tmp_path):
     from engine.generate import prefill
     from tests.tiny_models import write_tiny_llama
