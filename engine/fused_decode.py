@@ -68,6 +68,10 @@ _Q4_K, _Q5_K, _Q6_K = int(G.Q4_K), int(G.Q5_K), int(G.Q6_K)
 # Most tokens one call takes: a decode step is 1, a speculative verification k + 1 (k <= 15).
 MAX_TOKENS = 16
 
+# sha256 of the callees' sources (engine/kernel_stamp.py): an edit there changes this file, so
+# numba's cache of the step is rebuilt instead of keeping the old callees' code
+CALLEE_SOURCES_SHA256 = "05783a49b09afd8fae78189f501e076691d6a88290456e8f2d343580d8a7b2df"
+
 
 def enabled() -> bool:
     return AVAILABLE and os.environ.get("DELTATALK_NO_FUSED_DECODE", "") != "1"

@@ -1,5 +1,7 @@
 """Regenerates simd_kernels.py from the templates below: `python -m engine.quants.gen_simd_kernels`.
 
+It also refreshes engine/fused_decode.py's stamp of its callees' sources (engine/kernel_stamp.py).
+
 The kernels are generated rather than written once per format because numba cannot take
 the intrinsic as a parameter of a cached function. Run this after editing the templates or
 simd.py: the output records simd.py's sha256, because numba's cache of simd_kernels.py is
@@ -14,6 +16,7 @@ from pathlib import Path
 
 # gemm.py never imports the generated file (gemm_dispatch.py does), so a stale one that names
 # intrinsics which no longer exist cannot stop this from running
+from engine.kernel_stamp import write_fused_decode_stamp
 from engine.quants.gemm import ISAS, KQ_KINDS, LEGACY_KINDS, TILES
 
 HERE = Path(__file__).resolve().parent
@@ -309,3 +312,5 @@ SIMD_SOURCE_SHA256 = "{hashlib.sha256((HERE / "simd.py").read_bytes() + (HERE / 
 '''
 (HERE / "simd_kernels.py").write_text(src)
 print(f"wrote {HERE / 'simd_kernels.py'}: {len(src.splitlines())} lines")
+if write_fused_decode_stamp():   # the fused step embeds these kernels in its own cache entry
+    print("updated engine/fused_decode.py's CALLEE_SOURCES_SHA256")

@@ -994,4 +994,4 @@ GEMM_DRIVERS: dict[str, tuple[Any, Any]] = {
 }
 
 # sha256 of simd.py and gemm.py when this file was generated (see gen_simd_kernels.py)
-SIMD_SOURCE_SHA256 = "78e93f87b0503dc8f167ffaa49e76ab2363ef1677fc94b0995e72612887ccabe"
+SIMD_SOURCE_SHA256 = "f4605d901a8a521c1a9a30d994587166a06950ac68366624b234b8b861e689ab"

@@ -145,3 +145,12 @@ def test_fused_verification_rows_equal_the_layer_path_and_single_steps(tmp_path,
         assert n == cb[0].offset == len(prompt) + T_
         for la, lb in zip(ca, cb):
             assert np.array_equal(la.keys[:n], lb.keys[:n]) and np.array_equal(la.values[:n], lb.values[:n])
+
+
+def test_the_step_carries_the_stamp_of_its_callees_sources():
+    """numba caches the step with its callees' code inside: the stamp must follow their sources."""
+    from engine import fused_decode
+    from engine.kernel_stamp import sources_sha256
+
+    assert fused_decode.CALLEE_SOURCES_SHA256 == sources_sha256(), \
+        "a kernel the fused step calls changed: run `python -m engine.quants.gen_simd_kernels`"
