@@ -11,7 +11,9 @@ no bigger than the free cores does not wait: 1 thread keeps its 1-thread speed.
 The governor watches each decode step's time and the process's CPU time over it. Steps far
 slower than the recent fast step at this thread count, or steps in which the process got
 much less than n cores of CPU (a starved team: its spinning members count as CPU, so an
-unstarved team gets ~n cores: one such step is enough), shrink the team by one. The CPU share
+unstarved team gets ~n cores), shrink the team by one once another program has been seen
+running on two such steps of the last three (one look at the run queue may catch a kernel worker that is
+runnable for a moment). The CPU share
 catches a team starved from its first step, when every step is equally slow. With fewer
 threads than allowed, it reads the runnable tasks of other processes each step (/proc/loadavg
 less our own running threads, ~20 µs); once the others leave a core free for a while, it
@@ -42,6 +44,7 @@ _NUMBA_CONFIG: Any = numba.config
 SHRINK_RATIO = 2.0      # a step this many times the recent fast step: the team waited for a member
 CPU_SHARE_MIN = 0.7     # ... or the process got less CPU than this share of n cores (spinning counts)
 SLOW_STEPS = 2          # ... this many of the last 3 steps: shrink by one thread
+BUSY_CONFIRM = 2        # ... once another program was seen on this many slow steps of the last 3
 QUIET_STEPS = 8         # steps with a core free (by the run queue) before trying one more thread
 PROBE_STEPS = 4         # steps timed at one more thread (the first is not judged: workers wake up)
 PROBE_GAIN = 0.85       # the probe is kept if its median step < this x the median step before it
@@ -157,6 +160,7 @@ class ThreadGovernor:
         self._backoff = BACKOFF_S[0]
         self._next_probe = 0.0
         self._chunk_s = 0.0      # the last prefill chunk's time
+        self._busy: deque = deque(maxlen=3)   # per step: slow or starved, with another program running
         self._lock = threading.Lock()
 
     # -- what the callers use ------------------------------------------------------------------
@@ -250,7 +254,12 @@ class ThreadGovernor:
             # Both count only while another program runs: our own UI thread rendering a batch
             # of text, or the kernel thread waiting for the GIL between steps, slows a step
             # or lowers its CPU share too, and the team must keep its threads for that
-            if (starved or sum(self._slow) >= SLOW_STEPS) and self._others_running(n):
+            # Another program must be seen on two such steps of the last three: one reading of the run
+            # queue also counts a kernel worker that is runnable for a moment, and in the TUI,
+            # whose UI thread makes slow steps common, that shrank the team for a second every
+            # few replies (a 128-token reply at 93 instead of 135 tok/s)
+            self._busy.append((starved or self._slow[-1]) and self._others_running(n))
+            if (starved or sum(self._slow) >= SLOW_STEPS) and sum(self._busy) >= BUSY_CONFIRM:
                 self._set(n - 1)
                 self._next_probe = self._clock() + self._backoff
                 return
@@ -287,6 +296,7 @@ class ThreadGovernor:
         self.n = n
         self._slow.clear()
         self._quiet = 0
+        self._busy.clear()
 
 
 _governor: ThreadGovernor | None = None

@@ -89,7 +89,29 @@ def test_a_team_starved_from_its_first_step_shrinks_by_its_cpu_share():
         step(0.5, 1.9)          # both threads had a core
     assert g.n == 2
     step(0.5, 1.0)              # the process got one core for its two threads
+    assert g.n == 2             # ... once: the other program must be seen on a second such step
+    step(0.5, 1.0)
     assert g.n == 1 and f.applied[-1] == 1
+
+
+def test_a_task_runnable_for_a_moment_does_not_shrink_the_team():
+    # in the TUI slow steps are common (its UI thread); a kernel worker that is runnable at
+    # the instant the run queue is read must not cost the team a thread for a second
+    f = Fake(runnable=1)
+    g = f.governor()
+    g.before_work()
+
+    def step(seconds, cores, runnable):
+        f.runnable_now = runnable
+        f.now += seconds
+        f.cpu += seconds * cores
+        g.after_step(seconds)
+
+    for _ in range(5):
+        step(0.01, 1.9, 1)
+    for busy in (2, 1, 1, 2, 1, 1, 2):   # starved steps, the queue busy on every third reading
+        step(0.01, 1.0, busy)
+    assert g.n == 2 and g.changes == 0
 
 
 def test_grows_back_when_a_core_is_free_and_more_threads_are_faster():
