@@ -70,7 +70,7 @@ MAX_TOKENS = 16
 
 # sha256 of the callees' sources (engine/kernel_stamp.py): an edit there changes this file, so
 # numba's cache of the step is rebuilt instead of keeping the old callees' code
-CALLEE_SOURCES_SHA256 = "05783a49b09afd8fae78189f501e076691d6a88290456e8f2d343580d8a7b2df"
+CALLEE_SOURCES_SHA256 = "a7739a5313344ad81c43880f06527b2da537d10e2728ad1c645a2b91d3c1d6ab"
 
 
 def enabled() -> bool:

@@ -183,8 +183,7 @@ def _legacy_row(kind, ntok=1):
             with cgutils.for_range(builder, nb_) as loop:
                 b = loop.index
                 blk = builder.gep(wp, [builder.mul(b, ir.Constant(I64, bsize))])
-                if ntok == 1:   # one prefetch per block: a line every 2-3 blocks, the rest cache hits
-                    _prefetch_ahead(builder, blk, 1)
+                _prefetch_ahead(builder, blk, 1)   # one per block: a line every 2-3 blocks, the rest hits
                 dw = _f16(builder, blk, lutp)
                 signed = True
                 if kind == "q8_0":
@@ -499,8 +498,7 @@ def _kq_row(kind, ntok=1):
             with cgutils.for_range(builder, nb_) as loop:
                 b = loop.index
                 blk = builder.gep(wp, [builder.mul(b, ir.Constant(I64, ts))])
-                if ntok == 1:
-                    _prefetch_ahead(builder, blk, ts)
+                _prefetch_ahead(builder, blk, ts)
 
                 def ld(p, o, ty=V32I8):
                     return _load(builder, builder.gep(p, [ir.Constant(I64, o)]), ty)

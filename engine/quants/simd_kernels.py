@@ -994,4 +994,4 @@ GEMM_DRIVERS: dict[str, tuple[Any, Any]] = {
 }
 
 # sha256 of simd.py and gemm.py when this file was generated (see gen_simd_kernels.py)
-SIMD_SOURCE_SHA256 = "f4605d901a8a521c1a9a30d994587166a06950ac68366624b234b8b861e689ab"
+SIMD_SOURCE_SHA256 = "c787178f74d020c5aa8c98e17e4d45ae2523122037b5b8ce707a5c4f01a808b3"
