@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import hashlib
 import json
 import logging
 import sys
@@ -78,11 +77,10 @@ PROMPT_TEXT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im
 
 
 def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    sys.path.insert(0, str(ROOT))
+    from tools.make_qwen35_fixtures import sha256_file as digest   # stdlib only: fine in the peer venv
+
+    return digest(path)
 
 
 # --------------------------------------------------------------------------- 1. checkpoint

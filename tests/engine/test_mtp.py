@@ -30,6 +30,7 @@ import pytest
 from engine.generate import stream_generate
 from engine.loader import load_model
 from engine.mtp import MTPDrafter, MTPHead
+from tests.engine.greedy import assert_caches_equal, greedy
 from engine.sampling import make_sampler
 from engine.speculative import DraftModelError, Speculator, make_speculator
 
@@ -183,24 +184,6 @@ class NoisyMTP(MTPDrafter):
         return [t if (self.calls + i) % 3 else d for i, (d, t) in enumerate(zip(drafts, truth))]
 
 
-def _greedy(lm, prompt, n, spec=None):
-    m = lm.model
-    cache = m.make_cache()
-    rs = list(stream_generate(m, lm.tokenizer, prompt, cache, make_sampler(0.0), max_tokens=n,
-                              stop_ids=frozenset(), keep_logits=True, speculator=spec))
-    return [r.token for r in rs], np.stack([r.logits for r in rs]), cache
-
-
-def _cache_equal(a, b):
-    for x, y in zip(a, b):
-        assert x.offset == y.offset
-        if x.kind == "kv":
-            assert np.array_equal(x.keys[: x.offset], y.keys[: y.offset])
-            assert np.array_equal(x.values[: x.offset], y.values[: y.offset])
-        else:
-            assert np.array_equal(x.conv, y.conv) and np.array_equal(x.state, y.state)
-
-
 @pytest.fixture(scope="module")
 def writer_file(tmp_path_factory):
     """A qwen35 file with an MTP block from our own writer (tests/qwen35_models.py, nextn=1)."""
@@ -214,19 +197,19 @@ def test_greedy_ids_identical_with_mtp_and_rejections(which, writer_file):
     lm = _lm("q8_0") if which == "converter-q8_0" else load_model(writer_file, n_ctx=256)
     try:
         prompt = PROMPT[:24]
-        plain, plain_logits, plain_cache = _greedy(lm, prompt, 40)
+        plain, plain_logits, plain_cache = greedy(lm.model, lm.tokenizer, prompt, 40)
         # the real drafter: random weights, few acceptances, the same ids
         spec = make_speculator("mtp", lm, draft_max=3, adaptive=False)
         assert spec is not None and spec.mode == "mtp"
-        ids, logits, cache = _greedy(lm, prompt, 40, spec)
+        ids, logits, cache = greedy(lm.model, lm.tokenizer, prompt, 40, spec)
         assert ids == plain and np.array_equal(logits, plain_logits)
-        _cache_equal(cache, plain_cache)
+        assert_caches_equal(cache, plain_cache)
         assert spec.stats.drafted > 0
         # acceptances and rejections forced
         noisy = Speculator(NoisyMTP(lm, list(prompt) + plain), draft_max=4, adaptive=False)
-        ids, logits, cache = _greedy(lm, prompt, 40, noisy)
+        ids, logits, cache = greedy(lm.model, lm.tokenizer, prompt, 40, noisy)
         assert ids == plain and np.array_equal(logits, plain_logits)
-        _cache_equal(cache, plain_cache)
+        assert_caches_equal(cache, plain_cache)
         assert 0 < noisy.stats.accepted < noisy.stats.drafted
     finally:
         lm.model.hidden_sink = None
@@ -259,17 +242,17 @@ def test_session_regenerate_and_edit_identical_with_mtp():
     from engine.session import ChatSession
 
     lm = _lm("q8_0")
-    greedy = SamplingSettings(temperature=0.0)
+    settings = SamplingSettings(temperature=0.0)
 
     def turns(session):
         msgs = [{"role": "user", "content": "the wind and the sea"}]
-        r1 = [r.token for r in session.reply(msgs, greedy, max_tokens=20)]
-        r2 = [r.token for r in session.reply(msgs, greedy, max_tokens=20)]       # regenerate
+        r1 = [r.token for r in session.reply(msgs, settings, max_tokens=20)]
+        r2 = [r.token for r in session.reply(msgs, settings, max_tokens=20)]       # regenerate
         edited = [{"role": "user", "content": "the sea and the wind"}]
-        r3 = [r.token for r in session.reply(edited, greedy, max_tokens=20)]     # edit
+        r3 = [r.token for r in session.reply(edited, settings, max_tokens=20)]     # edit
         more = edited + [{"role": "assistant", "content": session.messages[-1]["content"]},
                          {"role": "user", "content": "again"}]
-        r4 = [r.token for r in session.reply(more, greedy, max_tokens=20)]       # next turn
+        r4 = [r.token for r in session.reply(more, settings, max_tokens=20)]       # next turn
         return r1, r2, r3, r4, list(session.tokens)
 
     try:

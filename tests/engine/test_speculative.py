@@ -10,7 +10,8 @@ import pytest
 from engine import cache as cache_mod
 from engine.generate import stream_generate
 from engine.loader import load_model
-from engine.sampling import ChainSampler, make_sampler
+from tests.engine.greedy import assert_caches_equal, greedy
+from engine.sampling import ChainSampler
 from engine.speculative import (DraftModelError, LookupDrafter, ModelDrafter, Speculator,
                                 check_draft_compatible, DraftLength, tile_fit)
 
@@ -39,32 +40,15 @@ class NoisyOracleDrafter:
         return out
 
 
-def _greedy(model, tok, prompt, max_tokens, speculator=None, stop_ids=frozenset()):
-    cache = model.make_cache()
-    rs = list(stream_generate(model, tok, prompt, cache, make_sampler(0.0), max_tokens=max_tokens,
-                              stop_ids=stop_ids, keep_logits=True, speculator=speculator))
-    return [r.token for r in rs], np.stack([r.logits for r in rs]), cache
-
-
-def _cache_equal(a, b):
-    for x, y in zip(a, b):
-        assert x.offset == y.offset
-        if x.kind == "kv":
-            assert np.array_equal(x.keys[: x.offset], y.keys[: y.offset])
-            assert np.array_equal(x.values[: x.offset], y.values[: y.offset])
-        else:
-            assert np.array_equal(x.conv, y.conv) and np.array_equal(x.state, y.state)
-
-
 def _check_identity(lm, prompt, n=40, draft_max=5):
     m, tok = lm.model, lm.tokenizer
-    plain, plain_logits, plain_cache = _greedy(m, tok, prompt, n)
+    plain, plain_logits, plain_cache = greedy(m, tok, prompt, n)
     oracle = NoisyOracleDrafter(list(prompt) + plain, m.n_vocab)
     spec = Speculator(oracle, draft_max=draft_max, adaptive=False)
-    ids, logits, cache = _greedy(m, tok, prompt, n, spec)
+    ids, logits, cache = greedy(m, tok, prompt, n, spec)
     assert ids == plain
     assert np.array_equal(logits, plain_logits)   # bit for bit: the verification pass is token-exact
-    _cache_equal(cache, plain_cache)
+    assert_caches_equal(cache, plain_cache)
     assert 0 < spec.stats.accepted < spec.stats.drafted   # both acceptances and rejections happened
     return spec
 
@@ -114,7 +98,7 @@ def test_recurrent_rollback_restores_the_state_after_the_last_accepted_token(arc
     m.forward(toks[6:14], a, "all", token_exact=True)
     cache_mod.rewind(a, 9)
     m.forward(toks[:9], b, "none")
-    _cache_equal(a, b)
+    assert_caches_equal(a, b)
     assert all(c.trail is None for c in a if c.kind == "recurrent")
     with pytest.raises(cache_mod.CacheTrimError):
         cache_mod.rewind(a, 7)   # the trail is gone: no snapshot there any more
@@ -159,12 +143,12 @@ def test_default_model_lookup_identical_to_plain(default_model_path):
              "def area(w, h):\n    if w < 0 or h < 0:\n        raise ValueError('negative')\n    return w * h\n"}]
     prompt = lm.tokenizer.encode(lm.template.render(msgs, add_generation_prompt=True), add_special=False)
     m, tok = lm.model, lm.tokenizer
-    plain, plain_logits, plain_cache = _greedy(m, tok, prompt, 60, stop_ids=tok.eog_ids)
+    plain, plain_logits, plain_cache = greedy(m, tok, prompt, 60, stop_ids=tok.eog_ids)
     spec = Speculator(LookupDrafter(), draft_max=8)
-    ids, logits, cache = _greedy(m, tok, prompt, 60, spec, stop_ids=tok.eog_ids)
+    ids, logits, cache = greedy(m, tok, prompt, 60, spec, stop_ids=tok.eog_ids)
     assert ids == plain
     assert np.array_equal(logits, plain_logits)
-    _cache_equal(cache, plain_cache)
+    assert_caches_equal(cache, plain_cache)
     assert spec.stats.accepted > 0
     _check_identity(lm, prompt, n=30)   # and with rejections forced
 
@@ -174,14 +158,14 @@ def test_default_model_session_regenerate_and_edit_identical(default_model_path)
     from engine.session import ChatSession
 
     lm = load_model(default_model_path)
-    greedy = SamplingSettings(temperature=0.0)
+    settings = SamplingSettings(temperature=0.0)
 
     def turns(session):
         msgs = [{"role": "user", "content": "List three fruits, then list them again."}]
-        r1 = [r.token for r in session.reply(msgs, greedy, max_tokens=24)]
-        r2 = [r.token for r in session.reply(msgs, greedy, max_tokens=24)]       # regenerate
+        r1 = [r.token for r in session.reply(msgs, settings, max_tokens=24)]
+        r2 = [r.token for r in session.reply(msgs, settings, max_tokens=24)]       # regenerate
         edited = [{"role": "user", "content": "List three colours, then list them again."}]
-        r3 = [r.token for r in session.reply(edited, greedy, max_tokens=24)]     # edit
+        r3 = [r.token for r in session.reply(edited, settings, max_tokens=24)]     # edit
         return r1, r2, r3, list(session.tokens)
 
     plain = turns(ChatSession(lm))
@@ -198,9 +182,9 @@ def test_draft_model_q4_1_for_q8_0_identical(default_model_path, tmp_path):
     draft = load_model(default_model_path)
     msgs = [{"role": "user", "content": "Write a haiku about the sea."}]
     prompt = target.tokenizer.encode(target.template.render(msgs, add_generation_prompt=True), add_special=False)
-    plain, plain_logits, _ = _greedy(target.model, target.tokenizer, prompt, 40)
+    plain, plain_logits, _ = greedy(target.model, target.tokenizer, prompt, 40)
     spec = Speculator(ModelDrafter(target, draft), draft_max=4)
-    ids, logits, _ = _greedy(target.model, target.tokenizer, prompt, 40, spec)
+    ids, logits, _ = greedy(target.model, target.tokenizer, prompt, 40, spec)
     assert ids == plain and np.array_equal(logits, plain_logits)
     assert spec.stats.accepted > 0 and spec.stats.drafted > spec.stats.accepted
 
@@ -219,11 +203,11 @@ def test_draft_model_drafter_identity_on_tiny_recurrent_pair(arch_files, tmp_pat
     target = load_model(arch_files["qwen35"])
     draft = load_model(write_qwen35(tmp_path / "d.gguf", Qwen35Config(n_layer=4), seed=1))
     prompt = np.random.default_rng(4).integers(0, target.model.n_vocab, 10).tolist()
-    plain, _, plain_cache = _greedy(target.model, target.tokenizer, prompt, 30)
+    plain, _, plain_cache = greedy(target.model, target.tokenizer, prompt, 30)
     spec = Speculator(ModelDrafter(target, draft), draft_max=3, adaptive=False)
-    ids, _, cache = _greedy(target.model, target.tokenizer, prompt, 30, spec)
+    ids, _, cache = greedy(target.model, target.tokenizer, prompt, 30, spec)
     assert ids == plain
-    _cache_equal(cache, plain_cache)
+    assert_caches_equal(cache, plain_cache)
     assert spec.stats.drafted > 0
 
 
