@@ -25,3 +25,21 @@ def assert_caches_equal(a, b):
             assert np.array_equal(x.values[: x.offset], y.values[: y.offset])
         else:
             assert np.array_equal(x.conv, y.conv) and np.array_equal(x.state, y.state)
+
+
+def session_turns(session, first: str, edited: str, max_tokens: int, follow_up: str | None = None):
+    """Greedy replies of a ChatSession to `first`, the same again (regenerate), `edited` in its
+    place (edit) and, with follow_up, a next turn; with the session's tokens at the end."""
+    from engine.sampling import SamplingSettings
+
+    settings = SamplingSettings(temperature=0.0)
+    msgs = [{"role": "user", "content": first}]
+    out = [[r.token for r in session.reply(msgs, settings, max_tokens=max_tokens)],
+           [r.token for r in session.reply(msgs, settings, max_tokens=max_tokens)]]      # regenerate
+    msgs = [{"role": "user", "content": edited}]
+    out.append([r.token for r in session.reply(msgs, settings, max_tokens=max_tokens)])  # edit
+    if follow_up is not None:
+        msgs = msgs + [{"role": "assistant", "content": session.messages[-1]["content"]},
+                       {"role": "user", "content": follow_up}]
+        out.append([r.token for r in session.reply(msgs, settings, max_tokens=max_tokens)])   # next turn
+    return out + [list(session.tokens)]

@@ -30,7 +30,7 @@ import pytest
 from engine.generate import stream_generate
 from engine.loader import load_model
 from engine.mtp import MTPDrafter, MTPHead
-from tests.engine.greedy import assert_caches_equal, greedy
+from tests.engine.greedy import assert_caches_equal, greedy, session_turns
 from engine.sampling import make_sampler
 from engine.speculative import DraftModelError, Speculator, make_speculator
 
@@ -238,22 +238,12 @@ def test_drafter_attached_mid_conversation_still_exact():
 
 
 def test_session_regenerate_and_edit_identical_with_mtp():
-    from engine.sampling import SamplingSettings
     from engine.session import ChatSession
 
     lm = _lm("q8_0")
-    settings = SamplingSettings(temperature=0.0)
 
     def turns(session):
-        msgs = [{"role": "user", "content": "the wind and the sea"}]
-        r1 = [r.token for r in session.reply(msgs, settings, max_tokens=20)]
-        r2 = [r.token for r in session.reply(msgs, settings, max_tokens=20)]       # regenerate
-        edited = [{"role": "user", "content": "the sea and the wind"}]
-        r3 = [r.token for r in session.reply(edited, settings, max_tokens=20)]     # edit
-        more = edited + [{"role": "assistant", "content": session.messages[-1]["content"]},
-                         {"role": "user", "content": "again"}]
-        r4 = [r.token for r in session.reply(more, settings, max_tokens=20)]       # next turn
-        return r1, r2, r3, r4, list(session.tokens)
+        return session_turns(session, "the wind and the sea", "the sea and the wind", 20, follow_up="again")
 
     try:
         plain = turns(ChatSession(lm))

@@ -10,7 +10,7 @@ import pytest
 from engine import cache as cache_mod
 from engine.generate import stream_generate
 from engine.loader import load_model
-from tests.engine.greedy import assert_caches_equal, greedy
+from tests.engine.greedy import assert_caches_equal, greedy, session_turns
 from engine.sampling import ChainSampler
 from engine.speculative import (DraftModelError, LookupDrafter, ModelDrafter, Speculator,
                                 check_draft_compatible, DraftLength, tile_fit)
@@ -154,19 +154,13 @@ def test_default_model_lookup_identical_to_plain(default_model_path):
 
 
 def test_default_model_session_regenerate_and_edit_identical(default_model_path):
-    from engine.sampling import SamplingSettings
     from engine.session import ChatSession
 
     lm = load_model(default_model_path)
-    settings = SamplingSettings(temperature=0.0)
 
     def turns(session):
-        msgs = [{"role": "user", "content": "List three fruits, then list them again."}]
-        r1 = [r.token for r in session.reply(msgs, settings, max_tokens=24)]
-        r2 = [r.token for r in session.reply(msgs, settings, max_tokens=24)]       # regenerate
-        edited = [{"role": "user", "content": "List three colours, then list them again."}]
-        r3 = [r.token for r in session.reply(edited, settings, max_tokens=24)]     # edit
-        return r1, r2, r3, list(session.tokens)
+        return session_turns(session, "List three fruits, then list them again.",
+                             "List three colours, then list them again.", 24)
 
     plain = turns(ChatSession(lm))
     s = ChatSession(lm)
