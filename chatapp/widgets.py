@@ -99,6 +99,8 @@ class _FittedLabel(Label):
 class Gauge(Horizontal):
     """Always visible while generating: tok/s + sparkline, prefill bar, TTFT, context, reuse."""
 
+    _prefill_shown = False   # the prefill bar is on screen (start() shows it, the first token hides it)
+
     DEFAULT_CSS = """
     Gauge { height: 1; padding: 0 1; background: $panel; }
     Gauge > Label { width: auto; margin-right: 1; }
@@ -140,6 +142,7 @@ class Gauge(Horizontal):
         spark.display = False
         for w in self.query(".turn-only"):
             w.display = True
+        self._prefill_shown = True
         bar = self.query_one("#g-prefill", ProgressBar)
         bar.update(total=1, progress=0)
         self.refresh_text()
@@ -151,6 +154,7 @@ class Gauge(Horizontal):
         self.query_one("#g-spark", Label).display = False
         for w in self.query(".turn-only"):
             w.display = False
+        self._prefill_shown = False
         self.refresh_text()
 
     def on_prefill(self, done: int, total: int, prompt_tps: float | None = None):
@@ -172,7 +176,10 @@ class Gauge(Horizontal):
         if t.prefill_total == 0 or t.prefill_done < t.prefill_total:
             t.prefill_done = t.prefill_total = max(prefilled_tokens, 1)
             self.query_one("#g-prefill", ProgressBar).update(total=t.prefill_total, progress=t.prefill_total)
-        if generated and t.prefill_done >= t.prefill_total:
+        if generated and t.prefill_done >= t.prefill_total and self._prefill_shown:
+            # once per turn: a display change restyles the widgets, which on every batch of
+            # text was UI time taken from the compute threads
+            self._prefill_shown = False
             for w in self.query(".turn-only"):
                 w.display = False   # prefill over: its bar makes room for the figures
             self.call_after_refresh(self.refresh_text)   # fit the figures to the new width
