@@ -70,7 +70,7 @@ MAX_TOKENS = 16
 
 # sha256 of the callees' sources (engine/kernel_stamp.py): an edit there changes this file, so
 # numba's cache of the step is rebuilt instead of keeping the old callees' code
-CALLEE_SOURCES_SHA256 = "a7739a5313344ad81c43880f06527b2da537d10e2728ad1c645a2b91d3c1d6ab"
+CALLEE_SOURCES_SHA256 = "a2137de7ed57c5eacfe029fdead682fcb05b85a2937b4968f846328cd318d432"
 
 
 def enabled() -> bool:

@@ -90,14 +90,21 @@ class _Lanes:
         p16 = b.call(self._maddubs, [b.bitcast(w, self._vb), b.bitcast(x, self._vb)])
         return b.add(acc, b.call(self._maddwd, [p16, self._ones]))
 
-    def pairs16(self, w, x):
-        """avx2: u8 codes x s8 activations -> int16 pair sums (w[2j]x[2j] + w[2j+1]x[2j+1])."""
+    def dot_run16(self, accs, ks, codes_and_x, scale=None):
+        """avx2: accs[v] + scale·Σ_{k in ks} Σ_4 w·xs[v] per lane, (w, xs) = codes_and_x(k) (called
+        in turn, so each dword's loads sit next to their use). The vpmaddubsw pair sums
+        of the whole run add up in int16 first, then one vpmaddwd with the scale (an i32 value
+        put in every int16 lane; 1 when None): half the multiply-pipe work of dot4 per dword.
+        Exact while every int16 sum stays below 2^15: the caller keeps the run that short
+        (|pair| <= 2·63·127; 8 dwords of 4-bit codes, 4 of 5-bit, 2 of 6-bit)."""
         b = self.b
-        return b.call(self._maddubs, [b.bitcast(w, self._vb), b.bitcast(x, self._vb)])
-
-    def scaled16(self, acc, h, s16):
-        """avx2: acc + (h[2j] + h[2j+1])·s per lane: an int16 sum vector times a group scale."""
-        return self.b.add(acc, self.b.call(self._maddwd, [h, s16]))
+        hs: list = []
+        for k in ks:
+            w, xs = codes_and_x(k)
+            ps = [b.call(self._maddubs, [b.bitcast(w, self._vb), b.bitcast(x, self._vb)]) for x in xs]
+            hs = ps if not hs else [b.add(h, q) for h, q in zip(hs, ps)]
+        s16 = self._ones if scale is None else _splat(b, b.trunc(scale, I16), self._vh)
+        return [b.add(a, b.call(self._maddwd, [h, s16])) for a, h in zip(accs, hs)]
 
     def dot4_signed(self, acc, w, x):
         """acc + Σ w·x with w signed (avx2: |w| times x with w's sign, so no pair sum saturates)."""
@@ -168,7 +175,7 @@ def _gemm_row(kind, ntiles, isa):
     tokens t0 .. t0 + 16·ntiles - 1 that are < T (out: C-contiguous (≥T, N) float32)."""
     ts, groups = {"q4_k": (144, 8), "q6_k": (210, 16)}[kind]
     per_group = 256 // groups // 4   # dwords per group
-    run16 = {"q4_k": 8, "q6_k": 2}[kind]   # avx2: dwords whose pair sums add up in int16
+    run16 = {"q4_k": 8, "q6_k": 2}[kind]   # avx2: dwords per int16 run (_Lanes.dot_run16)
     npairs = groups // 2
 
     @intrinsic
@@ -227,23 +234,17 @@ def _gemm_row(kind, ntiles, isa):
                     pairs16 = b.bitcast(sc16, ir.VectorType(I32, 8))  # (sc_2p, sc_2p+1) per dword
                 # 2. integer sums: per vector of tokens, Σ_g sc_g · Σ_{i∈g} q·x, one dot4 per 4 codes
                 kbase = b.mul(blk_i, ir.Constant(I64, 64 * 64))  # 64 dwords x 64 bytes per block
+
+                def codes_and_x(k4):   # 4 codes in every lane, and the tokens' 4 values per vector
+                    wv = L.splat_i(_load(b, b.gep(sp, [ir.Constant(I64, 4 * k4)]), I32, align=4))
+                    return wv, [ldv(xp, b.add(kbase, ir.Constant(I64, 64 * k4)), L.vi) for xp, _ in vecs]
+
                 iaccs = [L.zero] * len(vecs)
                 for g in range(groups):
-                    if isa == "avx2":
-                        # int16 sums of `run16` dwords' pair sums, then one vpmaddwd with the group
-                        # scale (vpmaddwd and vpmaddubsw share the multiply pipes; ~12% faster):
-                        # |pair| <= 2·63·127, so 2 (Q6_K) or 8 (Q4_K, codes < 16) never overflow,
-                        # and the integer result equals the int32 path's exactly
-                        s16 = _splat(b, b.trunc(scales[g], I16), L._vh)
+                    if isa == "avx2":   # int16 runs, one vpmaddwd with the group scale (~12% faster)
                         for j0 in range(0, per_group, run16):
-                            hs: list = [None] * len(vecs)
-                            for j in range(j0, j0 + run16):
-                                k4 = g * per_group + j
-                                wv = L.splat_i(_load(b, b.gep(sp, [ir.Constant(I64, 4 * k4)]), I32, align=4))
-                                for v, (xp, _) in enumerate(vecs):
-                                    h = L.pairs16(wv, ldv(xp, b.add(kbase, ir.Constant(I64, 64 * k4)), L.vi))
-                                    hs[v] = h if hs[v] is None else b.add(hs[v], h)
-                            iaccs = [L.scaled16(iaccs[v], hs[v], s16) for v in range(len(vecs))]
+                            k0 = g * per_group + j0
+                            iaccs = L.dot_run16(iaccs, range(k0, k0 + run16), codes_and_x, scales[g])
                         continue
                     gaccs = [L.zero] * len(vecs)
                     for j in range(per_group):
@@ -319,8 +320,7 @@ def _gemm_row_legacy(kind, ntiles, isa):
     signed = isa == "avx2" and kind in ("q8_0", "iq4_nl")   # u8 codes up to 255 would saturate vpmaddubsw
     if signed:
         shift = None
-    # avx2, unsigned codes: pair sums of this many dwords add up in int16 before one vpmaddwd
-    # (|pair| <= 2·15·127 for 4-bit codes, 2·31·127 for 5-bit; see _gemm_row)
+    # avx2, unsigned codes: dwords per int16 run (_Lanes.dot_run16)
     run16 = 1 if isa != "avx2" or signed else (4 if kind in ("q5_0", "q5_1") else 8)
 
     @intrinsic
@@ -351,19 +351,16 @@ def _gemm_row_legacy(kind, ntiles, isa):
                 dw = L.splat_f(_f16(b, blk, lutp))
                 kbase = b.mul(blk_i, ir.Constant(I64, 8 * 64))  # 8 dwords x 64 bytes per block
                 iaccs = [L.zero] * len(vecs)
+                def codes_and_x(j):
+                    wv = L.splat_i(_load(b, b.gep(sp32, [ir.Constant(I64, j)]), I32, align=4))
+                    return wv, [ldv(xp, b.add(kbase, ir.Constant(I64, 64 * j)), L.vi) for xp, _ in vecs]
+
                 for j0 in range(0, 8, run16):
-                    hs: list = [None] * len(vecs)
-                    for j in range(j0, j0 + run16):
-                        wv = L.splat_i(_load(b, b.gep(sp32, [ir.Constant(I64, j)]), I32, align=4))
-                        for v, (xp, _) in enumerate(vecs):
-                            x = ldv(xp, b.add(kbase, ir.Constant(I64, 64 * j)), L.vi)
-                            if run16 == 1:
-                                iaccs[v] = dot(iaccs[v], wv, x)
-                            else:
-                                h = L.pairs16(wv, x)
-                                hs[v] = h if hs[v] is None else b.add(hs[v], h)
                     if run16 > 1:
-                        iaccs = [L.scaled16(iaccs[v], hs[v], L._ones) for v in range(len(vecs))]
+                        iaccs = L.dot_run16(iaccs, range(j0, j0 + run16), codes_and_x)
+                        continue
+                    wv, xs = codes_and_x(j0)
+                    iaccs = [dot(acc, wv, x) for acc, x in zip(iaccs, xs)]
                 row = b.add(xdoff_, b.mul(blk_i, T16_))
                 if has_min:
                     mw = L.splat_f(_f16(b, b.gep(blk, [ir.Constant(I64, 2)]), lutp))

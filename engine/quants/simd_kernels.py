@@ -994,4 +994,4 @@ GEMM_DRIVERS: dict[str, tuple[Any, Any]] = {
 }
 
 # sha256 of simd.py and gemm.py when this file was generated (see gen_simd_kernels.py)
-SIMD_SOURCE_SHA256 = "c787178f74d020c5aa8c98e17e4d45ae2523122037b5b8ce707a5c4f01a808b3"
+SIMD_SOURCE_SHA256 = "dce55d211471e7e175881aef3e3dd608e7da566a92c8ec8559abf52c53bcc13d"
