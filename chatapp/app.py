@@ -56,7 +56,7 @@ from chatapp.prompt_input import ChatInput, teach_alt_enter
 from chatapp.screens import HelpScreen
 from chatapp.history_writes import HistoryWriter
 from chatapp.store import ChatStore, HistoryBusyError, wait_until_writable
-from chatapp.transcript import Transcript
+from chatapp.transcript import Transcript, warm_reply_parser
 from chatapp.widgets import Gauge, SpeedOverlay, TurnRecord
 
 HISTORY_WAIT_SECONDS = 600.0  # how long a worker waits for another program's lock on the history
@@ -145,6 +145,11 @@ class DeltatalkApp(ChatsApp):
         if notice:   # after the chat is shown, so it stays in view
             await self.chat_view.transcript.add_notice(notice)
         self.startup_model()
+        self._warm_reply_parser()
+
+    @work(thread=True, group="warm", exit_on_error=False)
+    def _warm_reply_parser(self):
+        warm_reply_parser()   # (while the model loads, off the UI thread)
 
     def _theme_changed(self, theme):
         if self.config.get("theme") != theme.name:

@@ -86,6 +86,7 @@ class BackendStats:
     threads: int = 1
     threads_max: int = 1
     threads_policy: str = ""          # "adaptive" (fewer threads while the CPU is busy) or "fixed"
+    cpus: int = 0                     # logical CPUs the engine may run on (0: not known, or remote)
     threading_layer: str = "?"
     bandwidth_bytes_s: float = DEFAULT_BANDWIDTH_BYTES_S
     bandwidth_measured: bool = False

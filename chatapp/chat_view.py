@@ -31,7 +31,7 @@ from chatapp.config import Config
 from chatapp.errors import describe_error, log, log_exception
 from chatapp.prompt_input import ChatInput, newline_hint, shift_enter_reported
 from chatapp.reply_stream import (BatchPacer, PrefillProgress, ReplyChunk, ReplyDone, ReplyFailed, ReplyRequest,
-                                  bind_session, stream_reply)
+                                  bind_session, stream_reply, ui_shares_cores)
 from chatapp.screens import shorten
 from chatapp.screens.chat_settings import sampling_for
 from chatapp.store import Chat, ChatStore, HistoryBusyError, state_path
@@ -289,8 +289,10 @@ class ChatView(Vertical):
         self.gen_id += 1
         self._cancel = threading.Event()
         self.generating = True
+        # a blinking cursor is a screen update twice a second: UI time the compute threads lose
+        self.chat_input.cursor_blink = False
         self._last_save = time.monotonic()
-        self.pacer.restart()
+        self.pacer.restart(ui_shares_cores(self.backend.stats()))
         self.gauge.start(info.n_ctx if info else 0)
         self._run_reply(self.backend, ReplyRequest(self.gen_id, self.chat.id, messages, settings, max_tokens,
                                                    self.thinking_enabled(), self._cancel))
@@ -335,6 +337,7 @@ class ChatView(Vertical):
     async def _end_reply(self, status: str, finish: str | None):
         box, msg_id = self.reply_box, self._reply_msg_id
         self.generating = False
+        self.chat_input.cursor_blink = True
         self.reply_box = None
         self.gauge.stop(finish)
         turn = self.gauge.turn

@@ -238,6 +238,7 @@ class EngineBackend:
         policy = runtime.threads_in_use()   # the count the kernel thread's last step used
         if self._threads_in_use:
             st.threads, st.threads_max, st.threads_policy = policy["threads"], policy["max_threads"], policy["policy"]
+            st.cpus = policy["cpus"]
         st.rss_bytes = runtime.current_rss_bytes()
         st.peak_rss_bytes = runtime.peak_rss_bytes()
         st.cpu_features = runtime.cpu_features()

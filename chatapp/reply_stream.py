@@ -8,7 +8,7 @@ or `ReplyFailed`. Every message carries the reply's `gen_id`; the view drops the
 reply it no longer shows.
 
 How far apart the batches are is `BatchPacer.seconds`: the worker reads it, the UI thread sets
-it (see UI_SHARE_TARGET below).
+it (see UI_SHARE_TARGET below; `ui_shares_cores` says whether it must widen).
 """
 
 from __future__ import annotations
@@ -21,20 +21,23 @@ from pathlib import Path
 
 from textual.message import Message
 
-from chatapp.backend import ChatBackend
+from chatapp.backend import BackendStats, ChatBackend
 from chatapp.errors import log_exception
 from chatapp.store import state_path
 from engine.generate import GenerationResponse
 from engine.sampling import SamplingSettings
 
 BATCH_SECONDS = 0.04          # text goes up to the UI at most this often
-# The engine's numba kernels hold the GIL, so every millisecond the UI thread spends
-# rendering is a millisecond the engine waits. The UI measures its own share of the
-# time while a reply streams and the worker widens the batches until that share is
-# about UI_SHARE_TARGET (at most MAX_BATCH_SECONDS apart): on a fast terminal and a
-# slow model that stays ~40 ms; on a busy 2-core machine it becomes a few updates a second.
+# The UI thread renders on a core. Where the compute threads take every core (2 threads on
+# 2 cores), each millisecond of rendering is a millisecond the whole thread team waits: a
+# batch of text costs the UI ~15-25 ms there (Textual lays out and repaints the screen two
+# or three times per batch), 8-10% of decode speed at 40 ms batches. Then the UI measures
+# its own share of the time and the batches widen until that share is about UI_SHARE_TARGET
+# (at most MAX_BATCH_SECONDS apart): a few updates a second on a 2-core machine. With a core
+# to spare for the UI, batches stay BATCH_SECONDS apart.
 UI_SHARE_TARGET = 0.03
-MAX_BATCH_SECONDS = 0.4
+MAX_BATCH_SECONDS = 1.0
+SHARED_START_SECONDS = 0.5    # sharing cores, a reply's batches start at least this far apart
 
 
 class PrefillProgress(Message):
@@ -80,25 +83,42 @@ class ReplyRequest:
 
 
 class BatchPacer:
-    """The interval between text batches, widened until the UI thread's share of the time is small."""
+    """The interval between text batches: BATCH_SECONDS, or, where the UI shares the cores with the
+    compute threads, widened until the UI thread's share of the time is about UI_SHARE_TARGET."""
 
-    def __init__(self):
+    def __init__(self, wall_clock: Callable[[], float] = time.perf_counter,
+                 cpu_clock: Callable[[], float] = time.thread_time):
         self.seconds = BATCH_SECONDS   # read by the reply worker, set on the UI thread
+        self.shares_cores = False
+        self._wall_clock, self._cpu_clock = wall_clock, cpu_clock
         self._clock: tuple[float, float] | None = None
 
-    def restart(self):
+    def restart(self, shares_cores: bool):
+        """A reply starts. Sharing cores, it begins at the interval the last reply ended with (the
+        UI's cost per batch changes little between replies), at least SHARED_START_SECONDS: the
+        first batches of a reply cost the most (its widgets are mounted, the gauge changes form)."""
+        self.shares_cores = shares_cores
+        self.seconds = max(self.seconds, SHARED_START_SECONDS) if shares_cores else BATCH_SECONDS
         self._clock = None
 
     def ui_tick(self):
-        """On the UI thread, per chunk: its CPU share since the last chunk sets the next interval."""
-        wall, cpu = time.perf_counter(), time.thread_time()
-        if self._clock is not None:
+        """On the UI thread, per batch: its CPU share since the last batch sets the next interval."""
+        wall, cpu = self._wall_clock(), self._cpu_clock()
+        if self._clock is not None and self.shares_cores:
             dw, dc = wall - self._clock[0], cpu - self._clock[1]
             if dw > 0.005:
+                # the share falls as 1/interval: the interval that gives the target share
                 want = self.seconds * (dc / dw) / UI_SHARE_TARGET
                 want = min(max(want, BATCH_SECONDS), MAX_BATCH_SECONDS)
-                self.seconds = (self.seconds * want) ** 0.5   # smoothed (geometric mean)
+                # wider at once (the cost is paid now), narrower by halves (in log) as one cheap
+                # batch may be chance
+                self.seconds = want if want > self.seconds else (self.seconds * want) ** 0.5
         self._clock = (wall, cpu)
+
+
+def ui_shares_cores(stats: BackendStats) -> bool:
+    """The engine's compute threads may take every CPU this process has: the UI has none of its own."""
+    return bool(stats.cpus) and stats.threads_max >= stats.cpus
 
 
 def bind_session(backend: ChatBackend, chat_id: int | None) -> str | None:

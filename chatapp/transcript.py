@@ -41,6 +41,13 @@ def reply_parser() -> MarkdownIt:
     return md
 
 
+def warm_reply_parser() -> None:
+    """Parse a sample once: the parser's link finder compiles its large regular expressions on
+    first use (10-20 ms), which would otherwise land on the first reply's first batch of text,
+    taken from the compute threads on a machine where they use every core."""
+    reply_parser().parse("Warm **up**: see https://example.com or www.example.org.\n\n- item `code`\n")
+
+
 def model_label(name: str | None) -> str:
     """A reply's model as shown above it: the file name without `.gguf`."""
     if not name:

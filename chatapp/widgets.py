@@ -10,7 +10,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.message import Message
 from textual.reactive import reactive
-from textual.widgets import Label, ProgressBar, Static
+from textual.widgets import Label, Static
 
 from chatapp.backend import BackendStats, ChatBackend
 from chatapp.discovery import human_bytes
@@ -96,22 +96,29 @@ class _FittedLabel(Label):
         self.update(self.make(self.size.width or None), layout=False)
 
 
-class Gauge(Horizontal):
-    """Always visible while generating: tok/s + sparkline, prefill bar, TTFT, context, reuse."""
+def prefill_bar_text(done: int, total: int, width: int = SPARK_WIDTH) -> str:
+    """The prompt's prefill progress as a bar of `width` cells (shown where the sparkline goes)."""
+    filled = round(width * min(max(done, 0), total) / total) if total > 0 else 0
+    return "█" * filled + "░" * (width - filled)
 
-    _prefill_shown = False   # the prefill bar is on screen (start() shows it, the first token hides it)
+
+class Gauge(Horizontal):
+    """Always visible while generating: tok/s, then the prefill bar and, once tokens come, the
+    sparkline in the same place; TTFT, context, reuse.
+
+    Every part has a fixed width while a reply streams and updates change text only: a change of
+    size or display re-lays out the screen, UI time that the compute threads lose on a machine
+    where they take every core."""
+
+    _prefill_shown = False   # the activity slot shows the prefill bar (start() until the first token)
 
     DEFAULT_CSS = """
     Gauge { height: 1; padding: 0 1; background: $panel; }
     Gauge > Label { width: auto; margin-right: 1; }
     Gauge #g-tps { text-style: bold; color: $success; width: 12; }
-    Gauge #g-prefill-label { width: 7; }
     Gauge #g-spark { width: 16; height: 1; margin-right: 1; color: $success; }
-    Gauge ProgressBar { width: 12; }
-    Gauge ProgressBar Bar { width: 10; }
     Gauge #g-details { width: 1fr; height: 1; margin-right: 0; }
     Gauge.idle #g-tps { color: $text-muted; }
-    Gauge .turn-only { display: none; }
     """
 
     active: reactive[bool] = reactive(False)
@@ -123,11 +130,9 @@ class Gauge(Horizontal):
 
     def compose(self) -> ComposeResult:
         yield Label("— tok/s", id="g-tps")
-        spark = Label("", id="g-spark")
-        spark.display = False
-        yield spark
-        yield Label("prefill", id="g-prefill-label", classes="turn-only")
-        yield ProgressBar(total=1, show_eta=False, show_percentage=False, id="g-prefill", classes="turn-only")
+        activity = Label("", id="g-spark")   # the prefill bar, then the sparkline
+        activity.display = False
+        yield activity
         yield _FittedLabel(self.details_text, id="g-details")
 
     def watch_active(self, active: bool):
@@ -137,14 +142,10 @@ class Gauge(Horizontal):
         self.turn = TurnRecord()
         self.n_ctx = n_ctx
         self.active = True
-        spark = self.query_one("#g-spark", Label)
-        spark.update("")
-        spark.display = False
-        for w in self.query(".turn-only"):
-            w.display = True
         self._prefill_shown = True
-        bar = self.query_one("#g-prefill", ProgressBar)
-        bar.update(total=1, progress=0)
+        activity = self.query_one("#g-spark", Label)
+        activity.update(prefill_bar_text(0, 1), layout=False)
+        activity.display = True   # (before the prompt is fed: the one layout change of a turn)
         self.refresh_text()
 
     def reset(self):
@@ -152,8 +153,6 @@ class Gauge(Horizontal):
         self.turn = TurnRecord()
         self.active = False
         self.query_one("#g-spark", Label).display = False
-        for w in self.query(".turn-only"):
-            w.display = False
         self._prefill_shown = False
         self.refresh_text()
 
@@ -161,7 +160,8 @@ class Gauge(Horizontal):
         self.turn.prefill_done, self.turn.prefill_total = done, total
         if prompt_tps is not None:
             self.turn.prompt_tps = prompt_tps
-        self.query_one("#g-prefill", ProgressBar).update(total=max(total, 1), progress=done)
+        if self._prefill_shown:
+            self.query_one("#g-spark", Label).update(prefill_bar_text(done, total), layout=False)
         self.refresh_text()
 
     def on_tokens(self, *, decode_tps: float, ttft_s: float, prompt_tps: float, generated: int,
@@ -175,21 +175,13 @@ class Gauge(Horizontal):
         t.prompt_tokens, t.reused_tokens, t.prefilled_tokens = prompt_tokens, reused_tokens, prefilled_tokens
         if t.prefill_total == 0 or t.prefill_done < t.prefill_total:
             t.prefill_done = t.prefill_total = max(prefilled_tokens, 1)
-            self.query_one("#g-prefill", ProgressBar).update(total=t.prefill_total, progress=t.prefill_total)
-        if generated and t.prefill_done >= t.prefill_total and self._prefill_shown:
-            # once per turn: a display change restyles the widgets, which on every batch of
-            # text was UI time taken from the compute threads
-            self._prefill_shown = False
-            for w in self.query(".turn-only"):
-                w.display = False   # prefill over: its bar makes room for the figures
-            self.call_after_refresh(self.refresh_text)   # fit the figures to the new width
+        activity = self.query_one("#g-spark", Label)
+        if generated and self._prefill_shown:
+            self._prefill_shown = False   # prefill over: the slot becomes the sparkline
         if decode_tps > 0 and new_tokens:
             t.record_speed(new_tokens, decode_tps)
-            spark = self.query_one("#g-spark", Label)
-            spark.update(spark_text(t.speed_history()))
-            if not spark.display:
-                spark.display = True
-                self.call_after_refresh(self.refresh_text)
+        if not self._prefill_shown:
+            activity.update(spark_text(t.speed_history()), layout=False)
         self.refresh_text()
 
     def show_context(self, stats: dict | None):

@@ -59,7 +59,8 @@ RECHECK_LONG_S = 0.025
 LONG_CHUNK_S = 0.5
 
 
-def _cpus_allowed() -> int:
+def cpus_allowed() -> int:
+    """Logical CPUs this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -144,7 +145,7 @@ class ThreadGovernor:
                  sleep: Callable[[float], None] = time.sleep):
         self.max_threads = max(1, int(max_threads))
         self.adaptive = adaptive and self.max_threads > 1
-        self.cpus = cpus or _cpus_allowed()
+        self.cpus = cpus or cpus_allowed()
         self.n = self.max_threads
         self.steps_by_threads: Counter = Counter()    # decode steps run at each count
         self.changes = 0
@@ -212,7 +213,7 @@ class ThreadGovernor:
             return self.n
 
     def summary(self) -> dict:
-        return {"threads": self.n, "max_threads": self.max_threads,
+        return {"threads": self.n, "max_threads": self.max_threads, "cpus": self.cpus,
                 "policy": "adaptive" if self.adaptive else "fixed",
                 "steps_by_threads": {str(k): v for k, v in sorted(self.steps_by_threads.items())},
                 "changes": self.changes}

@@ -73,7 +73,8 @@ def stub_engine(monkeypatch):
         return 0.5
 
     runtime = types.SimpleNamespace(set_threads=lambda n: 2, threading_layer=lambda: "omp",
-                                    threads_in_use=lambda: {"threads": 1, "max_threads": 2, "policy": "adaptive"},
+                                    threads_in_use=lambda: {"threads": 1, "max_threads": 2, "cpus": 4,
+                                                            "policy": "adaptive"},
                                     current_rss_bytes=lambda: 5_000_000, peak_rss_bytes=lambda: 6_000_000,
                                     cpu_features=lambda: ["avx", "fma"], kernel_family=lambda: "avx2")
     monkeypatch.setitem(sys.modules, "engine.loader", types.SimpleNamespace(load_model=load_model))
@@ -111,7 +112,7 @@ def test_engine_backend_loads_replies_and_reports(stub_engine, tmp_path):
     assert st.threading_layer == "omp" and st.rss_bytes == 5_000_000 and st.context_used == 10
     assert st.kernel_family == "avx2" and st.cpu_features == ["avx", "fma"]
     # the threads the policy uses now (the overlay's "threads 1 of 2 (adaptive)")
-    assert (st.threads, st.threads_max, st.threads_policy) == (1, 2, "adaptive")
+    assert (st.threads, st.threads_max, st.threads_policy, st.cpus) == (1, 2, "adaptive", 4)
 
 
 def test_engine_backend_keeps_the_old_model_until_the_new_one_is_ready(stub_engine, tmp_path):

@@ -1,0 +1,140 @@
+"""The UI must not pace the engine (issue 13): on a machine where the compute threads take every
+core, each millisecond the UI thread renders is one the whole thread team waits.
+
+Text batches widen only where the UI shares the cores (BatchPacer, ui_shares_cores); the gauge
+changes text, never sizes or display, while a reply streams (a layout pass of the screen costs
+several ms); the prompt box's cursor does not blink meanwhile (two screen updates a second)."""
+
+from __future__ import annotations
+
+import pytest
+from textual.widget import Widget
+
+from chatapp.backend import BackendStats
+from chatapp.reply_stream import (BATCH_SECONDS, MAX_BATCH_SECONDS, SHARED_START_SECONDS, UI_SHARE_TARGET,
+                                  BatchPacer, ui_shares_cores)
+from chatapp.widgets import SPARK_WIDTH, Gauge, prefill_bar_text
+from tests.chatapp.conftest import make_app, ready, send, wait_reply, wait_until
+from tests.fakes import FakeBackend
+
+
+class Clocks:
+    """Wall and UI-thread CPU clocks the test moves by hand."""
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+
+    def pacer(self) -> BatchPacer:
+        return BatchPacer(wall_clock=lambda: self.wall, cpu_clock=lambda: self.cpu)
+
+    def batch(self, pacer: BatchPacer, ui_cpu: float):
+        """One batch `pacer.seconds` after the last, which cost the UI thread `ui_cpu` seconds."""
+        self.wall += pacer.seconds
+        self.cpu += ui_cpu
+        pacer.ui_tick()
+
+
+def test_with_a_core_for_the_ui_batches_stay_40_ms_apart_however_costly():
+    c = Clocks()
+    p = c.pacer()
+    p.restart(shares_cores=False)
+    p.ui_tick()
+    for _ in range(10):
+        c.batch(p, ui_cpu=0.03)   # the UI busy 75% of the time: its own core, nobody waits
+    assert p.seconds == BATCH_SECONDS
+
+
+def test_sharing_the_cores_batches_widen_to_the_target_share_at_once_and_narrow_by_halves():
+    c = Clocks()
+    p = c.pacer()
+    p.restart(shares_cores=True)
+    assert p.seconds == SHARED_START_SECONDS
+    p.ui_tick()
+    c.batch(p, ui_cpu=0.024)          # 24 ms a batch: 3% of the time at 0.8 s
+    assert p.seconds == pytest.approx(0.024 / UI_SHARE_TARGET)
+    c.batch(p, ui_cpu=0.024)
+    assert p.seconds == pytest.approx(0.8)                # steady at the target share
+    c.batch(p, ui_cpu=0.5)
+    assert p.seconds == MAX_BATCH_SECONDS                 # never further apart than this
+    c.batch(p, ui_cpu=0.006)                              # cheap: 0.2 s would do, but one batch may be chance
+    assert p.seconds == pytest.approx((1.0 * 0.2) ** 0.5)
+    for _ in range(30):
+        c.batch(p, ui_cpu=0.0)
+    assert p.seconds == pytest.approx(BATCH_SECONDS, rel=0.02) and p.seconds >= BATCH_SECONDS
+
+
+def test_the_next_reply_starts_where_the_last_ended_and_never_below_the_shared_start():
+    c = Clocks()
+    p = c.pacer()
+    p.restart(shares_cores=True)
+    p.ui_tick()
+    c.batch(p, ui_cpu=0.5)
+    assert p.seconds == MAX_BATCH_SECONDS
+    p.restart(shares_cores=True)
+    assert p.seconds == MAX_BATCH_SECONDS    # the UI's cost per batch changes little between replies
+    p.restart(shares_cores=False)
+    assert p.seconds == BATCH_SECONDS
+    p.restart(shares_cores=True)
+    assert p.seconds == SHARED_START_SECONDS
+    c.batch(p, ui_cpu=0.5)   # the first batch after a restart only starts the clock
+    assert p.seconds == SHARED_START_SECONDS
+
+
+def test_the_ui_shares_the_cores_when_the_engine_may_take_all_of_them():
+    assert ui_shares_cores(BackendStats(threads=2, threads_max=2, cpus=2))
+    assert ui_shares_cores(BackendStats(threads=1, threads_max=2, cpus=2))      # adaptive: may grow back
+    assert not ui_shares_cores(BackendStats(threads=4, threads_max=4, cpus=8))  # SMT siblings / spare cores
+    assert not ui_shares_cores(BackendStats(threads=1, threads_max=1, cpus=2))  # --threads 1 on 2 CPUs
+    assert not ui_shares_cores(BackendStats(remote="http://x", threads=0, cpus=0))
+
+
+def test_prefill_bar_fills_the_sparklines_place():
+    assert prefill_bar_text(0, 100) == "░" * SPARK_WIDTH
+    assert prefill_bar_text(25, 100) == "█" * 4 + "░" * 12
+    assert prefill_bar_text(100, 100) == prefill_bar_text(150, 100) == "█" * SPARK_WIDTH
+    assert prefill_bar_text(0, 0) == "░" * SPARK_WIDTH
+    assert len(prefill_bar_text(7, 9, width=10)) == 10
+
+
+@pytest.mark.asyncio
+async def test_a_streaming_reply_lays_out_nothing_of_the_gauge_and_stops_the_cursor_blink(fake_model,
+                                                                                        monkeypatch):
+    layouts = []   # widgets that asked for a layout of the screen from the gauge's updates
+    in_gauge_update = [False]
+    original_refresh = Widget.refresh
+
+    def refresh(self, *args, **kw):
+        if in_gauge_update[0] and kw.get("layout"):
+            layouts.append(type(self).__name__)
+        return original_refresh(self, *args, **kw)
+
+    def recorded(method):
+        def run(self, *args, **kw):
+            in_gauge_update[0] = True
+            try:
+                return method(self, *args, **kw)
+            finally:
+                in_gauge_update[0] = False
+        return run
+
+    monkeypatch.setattr(Widget, "refresh", refresh)
+    monkeypatch.setattr(Gauge, "on_prefill", recorded(Gauge.on_prefill))
+    monkeypatch.setattr(Gauge, "on_tokens", recorded(Gauge.on_tokens))
+    fake = FakeBackend(["one two three four five six seven eight nine ten eleven twelve"],
+                       hold_after=6, token_delay=0.002)
+    app = make_app(fake, model_path=fake_model)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await ready(pilot, app)
+        assert app.chat_input.cursor_blink
+        await send(pilot, app, "count")
+        await wait_until(pilot, lambda: fake.held.is_set() and app.gauge.turn.generated > 0,
+                         what="reply streaming")
+        gauge = app.query_one(Gauge)
+        activity = gauge.query_one("#g-spark")
+        assert activity.display and "░" not in str(activity.render())   # the sparkline, not the prefill bar
+        assert not app.chat_input.cursor_blink                          # no blinking while it streams
+        fake.resume.set()
+        await wait_reply(pilot, app)
+        assert app.chat_input.cursor_blink
+    assert app.turns and app.turns[-1].generated >= 6
+    assert layouts == []
