@@ -3,16 +3,21 @@ core, each millisecond the UI thread renders is one the whole thread team waits.
 
 Text batches widen only where the UI shares the cores (BatchPacer, ui_shares_cores); the gauge
 changes text, never sizes or display, while a reply streams (a layout pass of the screen costs
-several ms); the prompt box's cursor does not blink meanwhile (two screen updates a second)."""
+several ms); the prompt box's cursor does not blink meanwhile (two screen updates a second); a
+reply's first paragraph takes the widget its PENDING mark was in (no mount at the first token)."""
 
 from __future__ import annotations
 
 import pytest
+from textual.app import App
 from textual.widget import Widget
+from textual.widgets import Markdown
+from textual.widgets._markdown import MarkdownBlock, MarkdownFence, MarkdownH1, MarkdownH2, MarkdownParagraph
 
 from chatapp.backend import BackendStats
 from chatapp.reply_stream import (BATCH_SECONDS, MAX_BATCH_SECONDS, SHARED_START_SECONDS, UI_SHARE_TARGET,
                                   BatchPacer, ui_shares_cores)
+from chatapp.transcript import PENDING, MessageBox
 from chatapp.widgets import SPARK_WIDTH, Gauge, prefill_bar_text
 from tests.chatapp.conftest import make_app, ready, send, wait_reply, wait_until
 from tests.fakes import FakeBackend
@@ -138,3 +143,54 @@ async def test_a_streaming_reply_lays_out_nothing_of_the_gauge_and_stops_the_cur
         assert app.chat_input.cursor_blink
     assert app.turns and app.turns[-1].generated >= 6
     assert layouts == []
+
+
+class _BoxApp(App):
+    def __init__(self, box):
+        super().__init__()
+        self.box = box
+
+    def compose(self):
+        yield self.box
+
+
+def _body_blocks(box) -> list:
+    return list(box.query_one(".body", Markdown).query(MarkdownBlock))
+
+
+@pytest.mark.asyncio
+async def test_a_streaming_reply_shows_pending_and_its_first_paragraph_takes_that_widget():
+    box = MessageBox("assistant", streaming=True)
+    async with _BoxApp(box).run_test(size=(80, 20)) as pilot:
+        await pilot.pause()
+        blocks = _body_blocks(box)
+        assert len(blocks) == 1 and str(blocks[0].render()).strip() == PENDING
+        await box.append("Hello there, ")
+        await box.append("general.")
+        await pilot.pause()
+        after = _body_blocks(box)
+        assert after == blocks                 # the same widget: nothing mounted for the first text
+        assert str(after[0].render()).strip() == "Hello there, general."
+        await box.append("\n\n## Next\n\nmore")
+        await pilot.pause()
+        assert [type(b) for b in _body_blocks(box)] == [MarkdownParagraph, MarkdownH2, MarkdownParagraph]
+        await box.finish()
+        await pilot.pause()
+        assert box.content == "Hello there, general.\n\n## Next\n\nmore"
+        assert PENDING not in "".join(str(b.render()) for b in _body_blocks(box))
+
+
+@pytest.mark.asyncio
+async def test_a_reply_that_begins_with_a_block_replaces_pending_and_an_empty_one_leaves_nothing():
+    heading, empty = MessageBox("assistant", streaming=True), MessageBox("assistant", streaming=True)
+    async with _BoxApp(heading).run_test(size=(80, 20)) as pilot:
+        await pilot.pause()
+        await heading.append("# Title\n\n```python\nx = 1\n")
+        await pilot.pause()
+        kinds = [type(b) for b in _body_blocks(heading)]
+        assert kinds == [MarkdownH1, MarkdownFence], kinds   # formatted while it streams, no PENDING
+    async with _BoxApp(empty).run_test(size=(80, 20)) as pilot:
+        await pilot.pause()
+        await empty.finish("cancelled")   # stopped before its first token
+        await pilot.pause()
+        assert _body_blocks(empty) == [] and empty.content == ""
