@@ -32,12 +32,15 @@ BATCH_SECONDS = 0.04          # text goes up to the UI at most this often
 # 2 cores), each millisecond of rendering is a millisecond the whole thread team waits: a
 # batch of text costs the UI ~15-25 ms there (Textual lays out and repaints the screen two
 # or three times per batch), 8-10% of decode speed at 40 ms batches. Then the UI measures
-# its own share of the time and the batches widen until that share is about UI_SHARE_TARGET
-# (at most MAX_BATCH_SECONDS apart): a few updates a second on a 2-core machine. With a core
-# to spare for the UI, batches stay BATCH_SECONDS apart.
+# its own share of the time and the batches are spaced so that share is about UI_SHARE_TARGET
+# (at most MAX_BATCH_SECONDS apart): about one update a second on a 2-core machine. With a
+# core to spare for the UI, batches stay BATCH_SECONDS apart.
 UI_SHARE_TARGET = 0.03
 MAX_BATCH_SECONDS = 1.0
-SHARED_START_SECONDS = 0.5    # sharing cores, a reply's batches start at least this far apart
+# Sharing cores, a reply's batches start this far apart and narrow as the UI proves cheap: its
+# first batches cost the most (the reply's widgets change, the gauge turns to the sparkline),
+# and a short reply would otherwise spend its few batches learning.
+SHARED_START_SECONDS = MAX_BATCH_SECONDS
 
 
 class PrefillProgress(Message):
@@ -94,11 +97,9 @@ class BatchPacer:
         self._clock: tuple[float, float] | None = None
 
     def restart(self, shares_cores: bool):
-        """A reply starts. Sharing cores, it begins at the interval the last reply ended with (the
-        UI's cost per batch changes little between replies), at least SHARED_START_SECONDS: the
-        first batches of a reply cost the most (its widgets are mounted, the gauge changes form)."""
+        """A reply starts (sharing cores: at SHARED_START_SECONDS)."""
         self.shares_cores = shares_cores
-        self.seconds = max(self.seconds, SHARED_START_SECONDS) if shares_cores else BATCH_SECONDS
+        self.seconds = SHARED_START_SECONDS if shares_cores else BATCH_SECONDS
         self._clock = None
 
     def ui_tick(self):
