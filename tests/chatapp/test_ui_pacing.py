@@ -29,8 +29,12 @@ class Clocks:
     def __init__(self):
         self.wall = self.cpu = 0.0
 
-    def pacer(self) -> BatchPacer:
-        return BatchPacer(wall_clock=lambda: self.wall, cpu_clock=lambda: self.cpu)
+    def reply(self, shares_cores: bool) -> BatchPacer:
+        """A pacer on these clocks, a reply started and its first batch shown (the clock runs)."""
+        pacer = BatchPacer(wall_clock=lambda: self.wall, cpu_clock=lambda: self.cpu)
+        pacer.restart(shares_cores)
+        pacer.ui_tick()
+        return pacer
 
     def batch(self, pacer: BatchPacer, ui_cpu: float):
         """One batch `pacer.seconds` after the last, which cost the UI thread `ui_cpu` seconds."""
@@ -41,9 +45,7 @@ class Clocks:
 
 def test_with_a_core_for_the_ui_batches_stay_40_ms_apart_however_costly():
     c = Clocks()
-    p = c.pacer()
-    p.restart(shares_cores=False)
-    p.ui_tick()
+    p = c.reply(shares_cores=False)
     for _ in range(10):
         c.batch(p, ui_cpu=0.03)   # the UI busy 75% of the time: its own core, nobody waits
     assert p.seconds == BATCH_SECONDS
@@ -51,10 +53,8 @@ def test_with_a_core_for_the_ui_batches_stay_40_ms_apart_however_costly():
 
 def test_sharing_the_cores_batches_go_to_the_target_share_wider_at_once_narrower_by_halves():
     c = Clocks()
-    p = c.pacer()
-    p.restart(shares_cores=True)
+    p = c.reply(shares_cores=True)
     assert p.seconds == SHARED_START_SECONDS == MAX_BATCH_SECONDS   # a reply's first batches cost most
-    p.ui_tick()
     c.batch(p, ui_cpu=0.5)
     assert p.seconds == MAX_BATCH_SECONDS                 # never further apart than this
     c.batch(p, ui_cpu=0.006)                              # cheap: 0.2 s would do, but one batch may be chance
@@ -70,9 +70,7 @@ def test_sharing_the_cores_batches_go_to_the_target_share_wider_at_once_narrower
 
 def test_each_reply_starts_at_the_shared_start_or_at_40_ms():
     c = Clocks()
-    p = c.pacer()
-    p.restart(shares_cores=True)
-    p.ui_tick()
+    p = c.reply(shares_cores=True)
     for _ in range(30):
         c.batch(p, ui_cpu=0.0)
     assert p.seconds < 0.05
