@@ -25,10 +25,9 @@ SWITCH_INTERVAL_S, measured: the TUI decoded at 0.56 of `deltatalk run` on 2 cor
 0.81 with 0.5 ms (`tools/tui_speed.py`).
 
 Adaptive batches. Each millisecond the UI spends rendering is CPU the compute threads do not
-get (on 2 cores the team then waits for a member). The reply worker posts text at most every `BatchPacer.seconds`
-(40 ms at first); on each batch the UI measures its own share of CPU time since the last
-one, and the interval widens (to at most 0.4 s) until that share is about 3%: on a fast
-terminal it stays ~40 ms, on a busy 2-core machine it becomes a few updates a second.
+get (on 2 cores the team then waits for a member). Where the engine may take every CPU, the
+reply worker posts text every `BatchPacer.seconds`, from 1 s, narrowed while the UI's own
+share of CPU time stays under ~3%; with a core to spare, every 40 ms (chatapp.reply_stream).
 """
 
 from __future__ import annotations
