@@ -175,13 +175,12 @@ class Gauge(Horizontal):
         t.prompt_tokens, t.reused_tokens, t.prefilled_tokens = prompt_tokens, reused_tokens, prefilled_tokens
         if t.prefill_total == 0 or t.prefill_done < t.prefill_total:
             t.prefill_done = t.prefill_total = max(prefilled_tokens, 1)
-        activity = self.query_one("#g-spark", Label)
-        if generated and self._prefill_shown:
+        if generated:
             self._prefill_shown = False   # prefill over: the slot becomes the sparkline
         if decode_tps > 0 and new_tokens:
             t.record_speed(new_tokens, decode_tps)
         if not self._prefill_shown:
-            activity.update(spark_text(t.speed_history()), layout=False)
+            self.query_one("#g-spark", Label).update(spark_text(t.speed_history()), layout=False)
         self.refresh_text()
 
     def show_context(self, stats: dict | None):
