@@ -70,7 +70,7 @@ MAX_TOKENS = 16
 
 # sha256 of the callees' sources (engine/kernel_stamp.py): an edit there changes this file, so
 # numba's cache of the step is rebuilt instead of keeping the old callees' code
-CALLEE_SOURCES_SHA256 = "a2137de7ed57c5eacfe029fdead682fcb05b85a2937b4968f846328cd318d432"
+CALLEE_SOURCES_SHA256 = "7fc320b21e196d000ee1b1b9e1c3a20f45d81ea9821aa5d4a19184f4a039e722"
 
 
 def enabled() -> bool:

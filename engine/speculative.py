@@ -214,7 +214,7 @@ class DraftLength:
     def update(self, drafted: int, accepted: int):
         if not self.adaptive or drafted == 0:
             return
-        if accepted == drafted:   # to the next whole tile: k = 1, 3, 7, ... (see tile_fit)
+        if accepted == drafted:   # k = 1, 3, 7, 15, ... (whole tiles after the first)
             self.k = min(self.k_max, 2 * self.k + 1)
             self.misses = 0
         else:
@@ -224,18 +224,20 @@ class DraftLength:
                 self.pause = min(8, 2 ** (self.misses - 1))
 
 
-# The row kernels decode each weight block once per 4-token tile (then token by token for the
-# rest), so a pass of T = 4 tokens costs about as much as T = 3 and T = 5 costs a tile plus a
-# whole extra row pass (measured, SmolLM2-135M Q4_1, 1 thread: T = 1..9 -> 30, 49, 63, 74, 94,
-# 110, -, 121, 160 ms). A draft of k tokens is verified in a pass of k + 1.
+# The row kernels decode each weight block once per 4-token tile and once for the 2 or 3
+# tokens left after the tiles, but a single token left after them takes a row pass of its own:
+# a pass of T = 5 costs a pass of 4 plus most of a decode step. Measured (SmolLM2-135M Q4_1,
+# 2 threads, Xeon with AVX-512, ms): T = 1..9 -> 8.4, 11.3, 13.5, 16.4, 20.2, 22.8, 25.3, 28.3,
+# 31.8. A draft of k tokens is verified in a pass of k + 1.
 TILE = 4
 
 
 def tile_fit(k: int) -> int:
-    """The draft length to use for at most k: k + 1 rounded down to whole tiles from one tile on."""
-    if k + 1 < TILE:
-        return max(k, 0)
-    return (k + 1) // TILE * TILE - 1
+    """The draft length to use for at most k: k, one fewer where k + 1 would leave a lone
+    token after whole tiles (k + 1 = 5, 9, 13, ...)."""
+    if k <= 0:
+        return 0
+    return k - 1 if k + 1 > TILE and (k + 1) % TILE == 1 else k
 
 
 class Speculator:

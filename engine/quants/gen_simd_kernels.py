@@ -30,8 +30,9 @@ Decode (T == 1): one pass over each weight row, row-parallel (prange over rows),
 intrinsic called right in the parallel loop: through a helper function per row, decode was
 20-60% slower (the call and its arguments cost as much as a short row's dot product).
 Prefill (T > 1): activation rows are taken 4 at a time, so each weight block is decoded
-once per 4 tokens (rows -> 4-token tiles -> blocks); a weight row (a few KiB) stays in L1
-across the tiles, the int8 activations (T x K) in L2.
+once per 4 tokens (rows -> 4-token tiles -> blocks), and the last T % 4 tokens as one 2- or
+3-token tile; a weight row (a few KiB) stays in L1 across the tiles, the int8 activations
+(T x K) in L2.
 
 Callers must validate shapes first: nothing here bounds-checks.
 """
@@ -48,8 +49,12 @@ from numba import prange
 from engine.jit import JIT, JIT_PAR
 from engine.quants.gemm import INTRINSICS
 from engine.quants.simd import (
-    TILE, dot4_iq4_nl_row, dot4_q4_0_row, dot4_q4_1_row, dot4_q5_0_row, dot4_q5_1_row, dot4_q8_0_row,
+    TILE, dot2_iq4_nl_row, dot2_q4_0_row, dot2_q4_1_row, dot2_q5_0_row, dot2_q5_1_row, dot2_q8_0_row,
+    dot3_iq4_nl_row, dot3_q4_0_row, dot3_q4_1_row, dot3_q5_0_row, dot3_q5_1_row, dot3_q8_0_row,
+    dot4_iq4_nl_row, dot4_q4_0_row, dot4_q4_1_row, dot4_q5_0_row, dot4_q5_1_row, dot4_q8_0_row,
     dot_iq4_nl_row, dot_q4_0_row, dot_q4_1_row, dot_q5_0_row, dot_q5_1_row, dot_q8_0_row,
+    row2_iq4_xs, row2_q2_k, row2_q3_k, row2_q4_k, row2_q5_k, row2_q6_k,
+    row3_iq4_xs, row3_q2_k, row3_q3_k, row3_q4_k, row3_q5_k, row3_q6_k,
     row4_bf16, row4_f16, row4_iq4_xs, row4_q2_k, row4_q3_k, row4_q4_k, row4_q5_k, row4_q6_k,
     row_bf16, row_f16, row_iq4_xs, row_q2_k, row_q3_k, row_q4_k, row_q5_k, row_q6_k,
 )
@@ -71,8 +76,18 @@ def _row_{k}(w, n, xq, xd, xs, lut, out, T, K, nb, rb):
         out[t + 1, n] = r1
         out[t + 2, n] = r2
         out[t + 3, n] = r3
-    for t in range(T4, T):
-        out[t, n] = dot_{k}_row(w, off, xq, t * K, K, xd, xs, t * nb, nb, lut, nb)
+    rest = T - T4
+    if rest == 3:
+        r0, r1, r2 = dot3_{k}_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+        out[T4 + 2, n] = r2
+    elif rest == 2:
+        r0, r1 = dot2_{k}_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+    elif rest == 1:
+        out[T4, n] = dot_{k}_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -102,8 +117,18 @@ def _row_{k}(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
         out[t + 1, n] = r1
         out[t + 2, n] = r2
         out[t + 3, n] = r3
-    for t in range(T4, T):
-        out[t, n] = {row}(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
+    rest = T - T4
+    if rest == 3:
+        r0, r1, r2 = {row3}(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+        out[T4 + 2, n] = r2
+    elif rest == 2:
+        r0, r1 = {row2}(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+    elif rest == 1:
+        out[T4, n] = {row}(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -286,7 +311,7 @@ for k in ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"]:
     one = f"dot_{k}_row({{w}}, {{n}} * {{w}}.shape[1], xq, 0, K, xd, xs, 0, nb, lut, nb)"
     src += MULTI.format(k=k, bs=32, **_row1(one))
 for k in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"):  # whole-row intrinsics
-    src += KROW.format(k=k, row=f"row_{k}", row4=f"row4_{k}")
+    src += KROW.format(k=k, row=f"row_{k}", row2=f"row2_{k}", row3=f"row3_{k}", row4=f"row4_{k}")
     one = f"row_{k}({{w}}, {{n}} * {{w}}.shape[1], xq, 0, K, xd, 0, nb, xs, 0, xs.shape[1], lut, nb)"
     src += MULTI.format(k=k, bs=256, **_row1(one))
 for k in ("f16", "bf16"):

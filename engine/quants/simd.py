@@ -15,7 +15,7 @@ raw GGUF blocks (unaligned loads, no repacking):
 - F16 / BF16 (`row_f16`, `row_bf16`): 8 weights at a time widened to float (vcvtph2ps /
   shift), FMA with the float activation.
 The `*4_*` variants take 4 activation rows (stride xstride) and decode each weight block
-once for the 4 of them (prefill).
+once for the 4 of them (prefill); `*2_*` / `*3_*` do the same for a tile's 2- or 3-token tail.
 
 Signed x signed products use the usual sign trick: |w| (unsigned) times sign(x, w). |w| is
 taken of the weight, so Q8_0's -128 is exact (|−128| = 128 as u8); activations from the
@@ -374,6 +374,14 @@ dot4_q4_1_row = _legacy_row("q4_1", TILE)
 dot4_q5_0_row = _legacy_row("q5_0", TILE)
 dot4_q5_1_row = _legacy_row("q5_1", TILE)
 dot4_iq4_nl_row = _legacy_row("iq4_nl", TILE)
+# 2- and 3-token tails of a tile (a speculative verification of 2-3 tokens, a batch's last
+# T % 4 tokens): each weight block decoded once for them too, each token summed as in decode
+dot2_q8_0_row, dot3_q8_0_row = _legacy_row("q8_0", 2), _legacy_row("q8_0", 3)
+dot2_q4_0_row, dot3_q4_0_row = _legacy_row("q4_0", 2), _legacy_row("q4_0", 3)
+dot2_q4_1_row, dot3_q4_1_row = _legacy_row("q4_1", 2), _legacy_row("q4_1", 3)
+dot2_q5_0_row, dot3_q5_0_row = _legacy_row("q5_0", 2), _legacy_row("q5_0", 3)
+dot2_q5_1_row, dot3_q5_1_row = _legacy_row("q5_1", 2), _legacy_row("q5_1", 3)
+dot2_iq4_nl_row, dot3_iq4_nl_row = _legacy_row("iq4_nl", 2), _legacy_row("iq4_nl", 3)
 
 
 # ----------------------------------------------------------------------------- k-quant rows
@@ -590,6 +598,12 @@ row_q6_k = _kq_row("q6_k")
 row4_q4_k = _kq_row("q4_k", TILE)
 row4_q5_k = _kq_row("q5_k", TILE)
 row4_q6_k = _kq_row("q6_k", TILE)
+row2_q2_k, row3_q2_k = _kq_row("q2_k", 2), _kq_row("q2_k", 3)   # tails, as dot2_* / dot3_*
+row2_q3_k, row3_q3_k = _kq_row("q3_k", 2), _kq_row("q3_k", 3)
+row2_q4_k, row3_q4_k = _kq_row("q4_k", 2), _kq_row("q4_k", 3)
+row2_q5_k, row3_q5_k = _kq_row("q5_k", 2), _kq_row("q5_k", 3)
+row2_q6_k, row3_q6_k = _kq_row("q6_k", 2), _kq_row("q6_k", 3)
+row2_iq4_xs, row3_iq4_xs = _kq_row("iq4_xs", 2), _kq_row("iq4_xs", 3)
 
 
 # ----------------------------------------------------------------------------- F16 / BF16 rows

@@ -8,8 +8,9 @@ Decode (T == 1): one pass over each weight row, row-parallel (prange over rows),
 intrinsic called right in the parallel loop: through a helper function per row, decode was
 20-60% slower (the call and its arguments cost as much as a short row's dot product).
 Prefill (T > 1): activation rows are taken 4 at a time, so each weight block is decoded
-once per 4 tokens (rows -> 4-token tiles -> blocks); a weight row (a few KiB) stays in L1
-across the tiles, the int8 activations (T x K) in L2.
+once per 4 tokens (rows -> 4-token tiles -> blocks), and the last T % 4 tokens as one 2- or
+3-token tile; a weight row (a few KiB) stays in L1 across the tiles, the int8 activations
+(T x K) in L2.
 
 Callers must validate shapes first: nothing here bounds-checks.
 """
@@ -26,8 +27,12 @@ from numba import prange
 from engine.jit import JIT, JIT_PAR
 from engine.quants.gemm import INTRINSICS
 from engine.quants.simd import (
-    TILE, dot4_iq4_nl_row, dot4_q4_0_row, dot4_q4_1_row, dot4_q5_0_row, dot4_q5_1_row, dot4_q8_0_row,
+    TILE, dot2_iq4_nl_row, dot2_q4_0_row, dot2_q4_1_row, dot2_q5_0_row, dot2_q5_1_row, dot2_q8_0_row,
+    dot3_iq4_nl_row, dot3_q4_0_row, dot3_q4_1_row, dot3_q5_0_row, dot3_q5_1_row, dot3_q8_0_row,
+    dot4_iq4_nl_row, dot4_q4_0_row, dot4_q4_1_row, dot4_q5_0_row, dot4_q5_1_row, dot4_q8_0_row,
     dot_iq4_nl_row, dot_q4_0_row, dot_q4_1_row, dot_q5_0_row, dot_q5_1_row, dot_q8_0_row,
+    row2_iq4_xs, row2_q2_k, row2_q3_k, row2_q4_k, row2_q5_k, row2_q6_k,
+    row3_iq4_xs, row3_q2_k, row3_q3_k, row3_q4_k, row3_q5_k, row3_q6_k,
     row4_bf16, row4_f16, row4_iq4_xs, row4_q2_k, row4_q3_k, row4_q4_k, row4_q5_k, row4_q6_k,
     row_bf16, row_f16, row_iq4_xs, row_q2_k, row_q3_k, row_q4_k, row_q5_k, row_q6_k,
 )
@@ -79,8 +84,18 @@ def _row_q8_0(w, n, xq, xd, xs, lut, out, T, K, nb, rb):
         out[t + 1, n] = r1
         out[t + 2, n] = r2
         out[t + 3, n] = r3
-    for t in range(T4, T):
-        out[t, n] = dot_q8_0_row(w, off, xq, t * K, K, xd, xs, t * nb, nb, lut, nb)
+    rest = T - T4
+    if rest == 3:
+        r0, r1, r2 = dot3_q8_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+        out[T4 + 2, n] = r2
+    elif rest == 2:
+        r0, r1 = dot2_q8_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+    elif rest == 1:
+        out[T4, n] = dot_q8_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -132,8 +147,18 @@ def _row_q4_0(w, n, xq, xd, xs, lut, out, T, K, nb, rb):
         out[t + 1, n] = r1
         out[t + 2, n] = r2
         out[t + 3, n] = r3
-    for t in range(T4, T):
-        out[t, n] = dot_q4_0_row(w, off, xq, t * K, K, xd, xs, t * nb, nb, lut, nb)
+    rest = T - T4
+    if rest == 3:
+        r0, r1, r2 = dot3_q4_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+        out[T4 + 2, n] = r2
+    elif rest == 2:
+        r0, r1 = dot2_q4_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+    elif rest == 1:
+        out[T4, n] = dot_q4_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -185,8 +210,18 @@ def _row_q4_1(w, n, xq, xd, xs, lut, out, T, K, nb, rb):
         out[t + 1, n] = r1
         out[t + 2, n] = r2
         out[t + 3, n] = r3
-    for t in range(T4, T):
-        out[t, n] = dot_q4_1_row(w, off, xq, t * K, K, xd, xs, t * nb, nb, lut, nb)
+    rest = T - T4
+    if rest == 3:
+        r0, r1, r2 = dot3_q4_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+        out[T4 + 2, n] = r2
+    elif rest == 2:
+        r0, r1 = dot2_q4_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+    elif rest == 1:
+        out[T4, n] = dot_q4_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -238,8 +273,18 @@ def _row_q5_0(w, n, xq, xd, xs, lut, out, T, K, nb, rb):
         out[t + 1, n] = r1
         out[t + 2, n] = r2
         out[t + 3, n] = r3
-    for t in range(T4, T):
-        out[t, n] = dot_q5_0_row(w, off, xq, t * K, K, xd, xs, t * nb, nb, lut, nb)
+    rest = T - T4
+    if rest == 3:
+        r0, r1, r2 = dot3_q5_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+        out[T4 + 2, n] = r2
+    elif rest == 2:
+        r0, r1 = dot2_q5_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+    elif rest == 1:
+        out[T4, n] = dot_q5_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -291,8 +336,18 @@ def _row_q5_1(w, n, xq, xd, xs, lut, out, T, K, nb, rb):
         out[t + 1, n] = r1
         out[t + 2, n] = r2
         out[t + 3, n] = r3
-    for t in range(T4, T):
-        out[t, n] = dot_q5_1_row(w, off, xq, t * K, K, xd, xs, t * nb, nb, lut, nb)
+    rest = T - T4
+    if rest == 3:
+        r0, r1, r2 = dot3_q5_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+        out[T4 + 2, n] = r2
+    elif rest == 2:
+        r0, r1 = dot2_q5_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+    elif rest == 1:
+        out[T4, n] = dot_q5_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -344,8 +399,18 @@ def _row_iq4_nl(w, n, xq, xd, xs, lut, out, T, K, nb, rb):
         out[t + 1, n] = r1
         out[t + 2, n] = r2
         out[t + 3, n] = r3
-    for t in range(T4, T):
-        out[t, n] = dot_iq4_nl_row(w, off, xq, t * K, K, xd, xs, t * nb, nb, lut, nb)
+    rest = T - T4
+    if rest == 3:
+        r0, r1, r2 = dot3_iq4_nl_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+        out[T4 + 2, n] = r2
+    elif rest == 2:
+        r0, r1 = dot2_iq4_nl_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+    elif rest == 1:
+        out[T4, n] = dot_iq4_nl_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -399,8 +464,18 @@ def _row_q2_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
         out[t + 1, n] = r1
         out[t + 2, n] = r2
         out[t + 3, n] = r3
-    for t in range(T4, T):
-        out[t, n] = row_q2_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
+    rest = T - T4
+    if rest == 3:
+        r0, r1, r2 = row3_q2_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+        out[T4 + 2, n] = r2
+    elif rest == 2:
+        r0, r1 = row2_q2_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+    elif rest == 1:
+        out[T4, n] = row_q2_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -455,8 +530,18 @@ def _row_q3_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
         out[t + 1, n] = r1
         out[t + 2, n] = r2
         out[t + 3, n] = r3
-    for t in range(T4, T):
-        out[t, n] = row_q3_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
+    rest = T - T4
+    if rest == 3:
+        r0, r1, r2 = row3_q3_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+        out[T4 + 2, n] = r2
+    elif rest == 2:
+        r0, r1 = row2_q3_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+    elif rest == 1:
+        out[T4, n] = row_q3_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -511,8 +596,18 @@ def _row_q4_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
         out[t + 1, n] = r1
         out[t + 2, n] = r2
         out[t + 3, n] = r3
-    for t in range(T4, T):
-        out[t, n] = row_q4_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
+    rest = T - T4
+    if rest == 3:
+        r0, r1, r2 = row3_q4_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+        out[T4 + 2, n] = r2
+    elif rest == 2:
+        r0, r1 = row2_q4_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+    elif rest == 1:
+        out[T4, n] = row_q4_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -567,8 +662,18 @@ def _row_q5_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
         out[t + 1, n] = r1
         out[t + 2, n] = r2
         out[t + 3, n] = r3
-    for t in range(T4, T):
-        out[t, n] = row_q5_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
+    rest = T - T4
+    if rest == 3:
+        r0, r1, r2 = row3_q5_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+        out[T4 + 2, n] = r2
+    elif rest == 2:
+        r0, r1 = row2_q5_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+    elif rest == 1:
+        out[T4, n] = row_q5_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -623,8 +728,18 @@ def _row_q6_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
         out[t + 1, n] = r1
         out[t + 2, n] = r2
         out[t + 3, n] = r3
-    for t in range(T4, T):
-        out[t, n] = row_q6_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
+    rest = T - T4
+    if rest == 3:
+        r0, r1, r2 = row3_q6_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+        out[T4 + 2, n] = r2
+    elif rest == 2:
+        r0, r1 = row2_q6_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+    elif rest == 1:
+        out[T4, n] = row_q6_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -679,8 +794,18 @@ def _row_iq4_xs(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
         out[t + 1, n] = r1
         out[t + 2, n] = r2
         out[t + 3, n] = r3
-    for t in range(T4, T):
-        out[t, n] = row_iq4_xs(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
+    rest = T - T4
+    if rest == 3:
+        r0, r1, r2 = row3_iq4_xs(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+        out[T4 + 2, n] = r2
+    elif rest == 2:
+        r0, r1 = row2_iq4_xs(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+        out[T4, n] = r0
+        out[T4 + 1, n] = r1
+    elif rest == 1:
+        out[T4, n] = row_iq4_xs(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -994,4 +1119,4 @@ GEMM_DRIVERS: dict[str, tuple[Any, Any]] = {
 }
 
 # sha256 of simd.py and gemm.py when this file was generated (see gen_simd_kernels.py)
-SIMD_SOURCE_SHA256 = "dce55d211471e7e175881aef3e3dd608e7da566a92c8ec8559abf52c53bcc13d"
+SIMD_SOURCE_SHA256 = "dc843a7cdb44952be1670ed75cf9282edc6c1095d7bd13c066c23121da674a45"

@@ -114,9 +114,9 @@ def test_lookup_drafter_continues_the_longest_recent_match():
     assert d.propose([1, 2, 1, 2, 1, 2], 2) == [1, 2]   # most recent match first
 
 
-def test_tile_fit_keeps_a_verification_pass_to_whole_row_kernel_tiles():
-    # a pass feeds k + 1 tokens; from 4 on it is cut to whole 4-token tiles, never lengthened
-    assert [tile_fit(k) for k in range(10)] == [0, 1, 2, 3, 3, 3, 3, 7, 7, 7]
+def test_tile_fit_leaves_no_lone_token_after_whole_tiles():
+    # a pass feeds k + 1 tokens: never 5, 9, 13 (a tile + one token decoded alone); never lengthened
+    assert [tile_fit(k) for k in range(14)] == [0, 1, 2, 3, 3, 5, 6, 7, 7, 9, 10, 11, 11, 13]
     assert tile_fit(-1) == 0
 
 
