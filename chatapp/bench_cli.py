@@ -52,6 +52,9 @@ def cmd_bench(args) -> int:
             with busy_processes(args.busy):
                 busy = run_bench(loaded.model, pp=pp, tg=args.tg, repeats=args.repeats, progress=say, peer=peer,
                                  bandwidth=False)
+    except PeerError as e:   # llama.cpp's own crash: say how it ended, not a traceback of ours
+        print(f"deltatalk: {e}", file=sys.stderr)
+        return 1
     finally:
         if peer is not None:
             peer.close()

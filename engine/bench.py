@@ -81,7 +81,8 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
             progress(f"run {r + 1}/{repeats}: {line}")
     out_peer: dict[str, Any] = {}
     if peer is not None:
-        out_peer = {"peer": {"engine": f"llama.cpp (llama-cpp-python {peer.version})",
+        built = "; " + " ".join(peer.features) if getattr(peer, "features", None) else ""
+        out_peer = {"peer": {"engine": f"llama.cpp (llama-cpp-python {peer.version}{built})",
                              "results": {k: {"median_tps": statistics.median(v), "runs": v}
                                          for k, v in peer_samples.items()},
                              "peak_rss_bytes": peer.peak_rss_bytes,

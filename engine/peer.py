@@ -9,6 +9,7 @@ with our own runs, and reads back tok/s.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -29,7 +30,11 @@ llm = Llama(path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads, n_t
             logits_all=False, verbose=False)
 rng = np.random.default_rng(0)
 n_vocab = llm.n_vocab()
-print(json.dumps({"ready": True, "version": __import__("llama_cpp").__version__}), flush=True)
+try:
+    info = __import__("llama_cpp").llama_print_system_info().decode(errors="replace")
+except Exception:
+    info = ""
+print(json.dumps({"ready": True, "version": __import__("llama_cpp").__version__, "system_info": info}), flush=True)
 for line in sys.stdin:
     cmd = json.loads(line)
     llm.reset()
@@ -55,6 +60,30 @@ class PeerError(RuntimeError):
     pass
 
 
+# The x86 instruction sets in llama.cpp's system info worth naming beside its figures: a build
+# with -march=native on one machine and a portable one differ by these.
+SHOWN_FEATURES = ("AVX2", "FMA", "F16C", "AVX_VNNI", "AVX512", "AVX512_VNNI", "AVX512_BF16", "AMX_INT8")
+
+
+def build_features(system_info: str) -> list[str]:
+    """The SHOWN_FEATURES that llama.cpp's `llama_print_system_info()` reports on (`NAME = 1`)."""
+    # "CPU : SSE3 = 1 | AVX = 1 | ...": the backend's name stands before the first feature
+    on = {part.split("=")[0].split(":")[-1].strip() for part in system_info.split("|")
+          if part.split("=")[-1].strip() == "1"}
+    return [f for f in SHOWN_FEATURES if f in on]
+
+
+def _how_it_ended(returncode: int | None) -> str:
+    if returncode is None:
+        return "it stopped answering"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
 class LlamaCppPeer:
     def __init__(self, model_path: str, threads: int, n_ctx: int = 1024, python: str | None = None):
         self.python = python or sys.executable
@@ -70,7 +99,9 @@ class LlamaCppPeer:
             hint = ("llama-cpp-python is not importable there: pip install -e '.[peer]' (builds llama.cpp, "
                     "~10 min) or pass --peer-python PATH") if "No module named 'llama_cpp'" in err else err
             raise PeerError(f"llama.cpp peer did not start ({self.python}): {hint}")
-        self.version = json.loads(line).get("version")
+        ready = json.loads(line)
+        self.version = ready.get("version")
+        self.features = build_features(ready.get("system_info", ""))
         # its process's peak RSS and the RSS before it loaded the model (Linux; else None)
         self.peak_rss_bytes: int | None = None
         self.baseline_rss_bytes: int | None = None
@@ -80,7 +111,20 @@ class LlamaCppPeer:
         self._stdin.flush()
         line = self._stdout.readline()
         if not line:
-            raise PeerError("llama.cpp peer stopped: " + self._stderr.read()[-2000:])
+            try:
+                code = self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                code = None
+            err = self._stderr.read()[-2000:].strip()
+            what = f"{cmd['pp']}-token prefill" if "pp" in cmd else f"{cmd.get('tg')}-token decode"
+            msg = f"llama.cpp stopped during its {what} ({_how_it_ended(code)})" + (f": {err}" if err else "")
+            if "AMX_INT8" in self.features:
+                # seen on a 2-vCPU Xeon VM: the AMX build segfaulted on any batch of 8+ tokens
+                msg += ("; this llama.cpp build uses AMX, which crashes on some virtual machines: rebuild "
+                        "it without, e.g. CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON "
+                        "-DGGML_F16C=ON -DGGML_AVX512=ON' pip install --no-cache-dir --force-reinstall "
+                        "llama-cpp-python")
+            raise PeerError(msg)
         reply = json.loads(line)
         self.peak_rss_bytes = reply.get("peak_rss", self.peak_rss_bytes)
         self.baseline_rss_bytes = reply.get("base_rss", self.baseline_rss_bytes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -95,6 +96,35 @@ def test_bench_peer_without_llama_cpp_says_how_to_get_it(tiny_llama_path, capsys
     assert main(["bench", "-m", str(tiny_llama_path), "--peer", "--ctx", "64", "--repeats", "1"]) == 2
     err = capsys.readouterr().err
     assert "llama-cpp-python" in err and "--peer-python" in err
+
+
+FAKE_CRASHING_LLAMA_CPP = """
+import os, signal
+__version__ = "0.0-crashes"
+def llama_print_system_info():
+    return b"CPU : SSE3 = 1 | AVX2 = 1 | FMA = 1 | AMX_INT8 = 1 | "
+class Llama:   # loads, then dies in its first evaluation as an AMX build did on a Xeon VM
+    def __init__(self, *args, **kwargs):
+        self._ctx = None
+    def n_vocab(self):
+        return 32
+    def reset(self):
+        pass
+    def eval(self, tokens):
+        os.kill(os.getpid(), signal.SIGSEGV)
+"""
+
+
+def test_bench_peer_that_crashes_says_how_it_ended_without_a_traceback(tiny_llama_path, tmp_path, capsys, monkeypatch):
+    (tmp_path / "llama_cpp").mkdir()
+    (tmp_path / "llama_cpp" / "__init__.py").write_text(FAKE_CRASHING_LLAMA_CPP)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))   # the peer process imports the stand-in
+    assert main(["bench", "-m", str(tiny_llama_path), "--peer", "--peer-python", sys.executable, "--ctx", "64",
+                 "--pp", "16", "--tg", "4", "--repeats", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "llama.cpp stopped during its 16-token prefill (killed by SIGSEGV)" in err
+    assert "uses AMX" in err and "CMAKE_ARGS=" in err
+    assert "Traceback" not in err and "internal error" not in err
 
 
 def test_plain_chat_replies_through_the_session_and_reuses_the_cache(tiny_llama_path, capsys, monkeypatch):
