@@ -123,8 +123,11 @@ class ChatBackend(Protocol):
     def reply(self, messages: list[dict], settings: SamplingSettings, *, max_tokens: int,
               enable_thinking: bool | None, cancel: threading.Event,
               prefill_progress: PrefillProgress | None = None,
-              save_to: Path | None = None) -> Iterator[GenerationResponse]:
-        """Stream one assistant reply to `messages`; then save the session state to `save_to`."""
+              save_to: Path | None = None,
+              handover: Callable[[], float] | None = None) -> Iterator[GenerationResponse]:
+        """Stream one assistant reply to `messages`; then save the session state to `save_to`.
+        `handover`: how long (seconds) the caller may wait for tokens to gather before they
+        are handed to it, read at each wait (its batches are that far apart anyway)."""
         ...
 
     def bind(self, key: ChatKey, state_path: Path | None) -> str:

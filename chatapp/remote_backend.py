@@ -68,7 +68,8 @@ class RemoteBackend:
     def reply(self, messages: list[dict], settings: SamplingSettings, *, max_tokens: int,
               enable_thinking: bool | None, cancel: threading.Event,
               prefill_progress: PrefillProgress | None = None,
-              save_to: Path | None = None) -> Iterator[GenerationResponse]:
+              save_to: Path | None = None,
+              handover: Callable[[], float] | None = None) -> Iterator[GenerationResponse]:
         if self.endpoint is None or self.info is None or self.choice.model is None:
             raise RuntimeError("no endpoint is connected")
         with self._work:

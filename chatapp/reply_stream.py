@@ -33,14 +33,17 @@ BATCH_SECONDS = 0.04          # text goes up to the UI at most this often
 # batch of text costs the UI ~15-25 ms there (Textual lays out and repaints the screen two
 # or three times per batch), 8-10% of decode speed at 40 ms batches. Then the UI measures
 # its own share of the time and the batches are spaced so that share is about UI_SHARE_TARGET
-# (at most MAX_BATCH_SECONDS apart): about one update a second on a 2-core machine. With a
-# core to spare for the UI, batches stay BATCH_SECONDS apart.
-UI_SHARE_TARGET = 0.03
+# (at most MAX_BATCH_SECONDS apart): about one update a second on a 2-core machine (a batch
+# of a long reply costs 20-45 ms: at 3% a 512-token reply decoded at 0.92-0.95 of `run`). With
+# a core to spare for the UI, batches stay BATCH_SECONDS apart.
+UI_SHARE_TARGET = 0.02
 MAX_BATCH_SECONDS = 1.0
 # Sharing cores, a reply's batches start this far apart and narrow as the UI proves cheap: its
 # first batches cost the most (the reply's widgets change, the gauge turns to the sparkline),
 # and a short reply would otherwise spend its few batches learning.
 SHARED_START_SECONDS = MAX_BATCH_SECONDS
+# Until the first token is up, the backend hands tokens over at least this often.
+HANDOVER_SECONDS = 0.02
 
 
 class PrefillProgress(Message):
@@ -153,10 +156,16 @@ def stream_reply(backend: ChatBackend, req: ReplyRequest, post: Callable[[Messag
     buf: list[str] = []
     last_post = 0.0     # the first token goes up at once (time to first token is visible)
     last: GenerationResponse | None = None
+
+    def handover() -> float:
+        """Tokens may gather for half a batch interval once the first is up (two wake-ups of
+        this thread a batch instead of one per 20 ms: each takes a core from the engine)."""
+        return HANDOVER_SECONDS if last_post == 0.0 else max(HANDOVER_SECONDS, pacer.seconds / 2)
+
     try:
         for r in backend.reply(req.messages, req.settings, max_tokens=req.max_tokens, enable_thinking=req.thinking,
                                cancel=req.cancel, prefill_progress=prefill_progress,
-                               save_to=state_of(req.chat_id)):
+                               save_to=state_of(req.chat_id), handover=handover):
             last = r
             if r.text:
                 buf.append(r.text)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -43,12 +42,15 @@ class KernelThread:
             return fn(*args, **kwargs)
         return self._pool.submit(fn, *args, **kwargs).result()
 
-    def iterate(self, gen_fn: Callable[..., Iterator[T]], *args: Any, pace: float = 0.0, **kwargs: Any) -> Iterator[T]:
+    def iterate(self, gen_fn: Callable[..., Iterator[T]], *args: Any, pace: float | Callable[[], float] = 0.0,
+                wake_on: Callable[[T], bool] | None = None, **kwargs: Any) -> Iterator[T]:
         """Run the generator gen_fn(*args, **kwargs) on the kernel thread; yield its items here.
 
         Items are handed over through a queue as they come (the producer never waits for the
-        consumer); with pace > 0 the consumer sleeps that long whenever the queue is empty, so
-        it wakes once per batch of items instead of once per item. If the consumer stops early (the generator is closed), the producer's
+        consumer); with pace > 0 (seconds, or a function giving them, read at each wait) the
+        consumer waits that long whenever the queue is empty, so it wakes once per batch of
+        items instead of once per item; the wait ends early when the producer ends or has put an
+        item that `wake_on` picks (a last item is not held back). If the consumer stops early (the generator is closed), the producer's
         generator is closed after its current item; an exception in the producer is re-raised
         in the consumer after the items produced before it.
         """
@@ -57,30 +59,43 @@ class KernelThread:
             return
         items: queue.SimpleQueue = queue.SimpleQueue()
         stop = threading.Event()
+        ended = threading.Event()
+        wake = threading.Event()   # set with `ended`, and after an item that wake_on picks
+        wait_s = pace if callable(pace) else (lambda: pace)
 
         def produce():
             try:
-                gen = gen_fn(*args, **kwargs)
-            except BaseException as e:  # noqa: BLE001  (not even a generator: the consumer must hear)
-                items.put((False, e))
-                return
-            try:
-                for item in gen:
-                    items.put((True, item))
-                    if stop.is_set():
-                        break
-            except BaseException as e:  # noqa: BLE001  (handed to the consumer)
-                items.put((False, e))
-                return
+                try:
+                    gen = gen_fn(*args, **kwargs)
+                except BaseException as e:  # noqa: BLE001  (not even a generator: the consumer must hear)
+                    items.put((False, e))
+                    return
+                try:
+                    for item in gen:
+                        items.put((True, item))
+                        if wake_on is not None and wake_on(item):
+                            wake.set()
+                        if stop.is_set():
+                            break
+                except BaseException as e:  # noqa: BLE001  (handed to the consumer)
+                    items.put((False, e))
+                    return
+                finally:
+                    gen.close()
+                items.put((True, _DONE))
             finally:
-                gen.close()
-            items.put((True, _DONE))
+                ended.set()   # a consumer waiting for a batch takes the last items now
+                wake.set()
 
         future = self._pool.submit(produce)
         try:
             while True:
-                if items.empty() and pace:
-                    time.sleep(pace)   # let items gather: one wake-up per batch, not per item
+                if items.empty() and not ended.is_set():
+                    seconds = wait_s()
+                    if seconds > 0:
+                        wake.wait(seconds)   # let items gather: one wake-up per batch, not per item
+                        if not ended.is_set():
+                            wake.clear()
                 ok, item = items.get()
                 if not ok:
                     raise item

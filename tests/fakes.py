@@ -165,7 +165,7 @@ class FakeBackend:
         return text
 
     def reply(self, messages, settings, *, max_tokens, enable_thinking, cancel, prefill_progress=None,
-              save_to=None):
+              save_to=None, handover=None):
         with self._work:
             yield from self._reply(messages, settings, max_tokens=max_tokens, enable_thinking=enable_thinking,
                                    cancel=cancel, prefill_progress=prefill_progress)

@@ -57,11 +57,12 @@ def test_sharing_the_cores_batches_go_to_the_target_share_wider_at_once_narrower
     assert p.seconds == SHARED_START_SECONDS == MAX_BATCH_SECONDS   # a reply's first batches cost most
     c.batch(p, ui_cpu=0.5)
     assert p.seconds == MAX_BATCH_SECONDS                 # never further apart than this
-    c.batch(p, ui_cpu=0.006)                              # cheap: 0.2 s would do, but one batch may be chance
+    c.batch(p, ui_cpu=0.2 * UI_SHARE_TARGET)              # cheap: 0.2 s would do, but one batch may be chance
     assert p.seconds == pytest.approx((1.0 * 0.2) ** 0.5)
-    c.batch(p, ui_cpu=0.024)                              # 24 ms a batch: 3% of the time at 0.8 s
-    assert p.seconds == pytest.approx(0.024 / UI_SHARE_TARGET)
-    c.batch(p, ui_cpu=0.024)
+    cost = 0.8 * UI_SHARE_TARGET                          # the target share at 0.8 s (16 ms at 2%)
+    c.batch(p, ui_cpu=cost)
+    assert p.seconds == pytest.approx(0.8)                # wider at once
+    c.batch(p, ui_cpu=cost)
     assert p.seconds == pytest.approx(0.8)                # steady at the target share
     for _ in range(30):
         c.batch(p, ui_cpu=0.0)
@@ -191,3 +192,43 @@ async def test_a_reply_that_begins_with_a_block_replaces_pending_and_an_empty_on
         await empty.finish("cancelled")   # stopped before its first token
         await pilot.pause()
         assert _body_blocks(empty) == [] and empty.content == ""
+
+
+def test_the_engine_hands_tokens_over_at_20_ms_until_the_first_is_up_then_every_half_batch():
+    """stream_reply tells the backend how long tokens may gather: the first goes up at once (TTFT),
+    then the reply thread wakes twice a batch, not every 20 ms (each wake takes a core)."""
+    import threading
+
+    from chatapp.reply_stream import HANDOVER_SECONDS, ReplyChunk, ReplyRequest, stream_reply
+    from engine.generate import GenerationResponse
+    from engine.sampling import SamplingSettings
+
+    seen = []
+
+    class Backend(FakeBackend):
+        def reply(self, messages, settings, *, handover=None, **kwargs):
+            for i in range(3):
+                seen.append(handover())
+                yield GenerationResponse(f"t{i}", i, 1, 1.0, 0.1, i + 1, 10.0, "length" if i == 2 else None)
+
+        def last_turn(self):
+            from engine.session import TurnStats
+
+            return TurnStats()
+
+        def session_stats(self):
+            return {}
+
+    pacer = BatchPacer()
+    pacer.restart(shares_cores=True)
+    posted = []
+    req = ReplyRequest(gen_id=1, chat_id=None, messages=[], settings=SamplingSettings(), max_tokens=3,
+                       thinking=None, cancel=threading.Event())
+    stream_reply(Backend(), req, posted.append, pacer)
+    assert seen[0] == HANDOVER_SECONDS                      # nothing up yet
+    assert seen[1:] == [MAX_BATCH_SECONDS / 2] * 2          # after the first batch: half the 1 s interval
+    assert "".join(m.text for m in posted if isinstance(m, ReplyChunk)) == "t0t1t2"
+    pacer.restart(shares_cores=False)
+    seen.clear()
+    stream_reply(Backend(), req, posted.append, pacer)
+    assert seen == [HANDOVER_SECONDS] * 3                   # a core to spare: as before

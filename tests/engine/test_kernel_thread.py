@@ -88,6 +88,39 @@ def test_paced_handover_delivers_every_item_in_batches():
         list(kt.iterate(lambda: (_ for _ in ()).throw(ValueError("boom")), pace=0.02))
 
 
+def test_pace_read_at_each_wait_and_a_picked_item_or_the_end_is_not_held_back():
+    """A long pace (as the app's once-a-second batches) is cut short by an item `wake_on` picks
+    (a reply's last response) and by the producer's end: neither waits out the pace."""
+    kt = KernelThread()
+    asked = []
+
+    def pace():
+        asked.append(time.perf_counter())
+        return 5.0
+
+    def gen(stop_at):
+        for i in range(10):
+            yield i
+            time.sleep(0.002)
+            if i == stop_at:
+                time.sleep(0.3)   # e.g. the state saved after the last response
+                return
+
+    t0 = time.perf_counter()
+    got = list(kt.iterate(gen, 4, pace=pace, wake_on=lambda i: i == 4))
+    assert got == [0, 1, 2, 3, 4] and asked
+    assert time.perf_counter() - t0 < 2.0   # not the 5 s pace
+    t0 = time.perf_counter()
+    seen_last = None
+    for i in kt.iterate(gen, 4, pace=pace, wake_on=lambda i: i == 4):
+        if i == 4:
+            seen_last = time.perf_counter() - t0
+    assert seen_last is not None and seen_last < 0.25   # before the producer's 0.3 s tail ended
+    t0 = time.perf_counter()
+    assert list(kt.iterate(gen, 2, pace=pace)) == [0, 1, 2]   # no wake_on: the end cuts the wait
+    assert time.perf_counter() - t0 < 2.0
+
+
 @numba.njit(parallel=True, cache=True)
 def _par_sum(a):
     s = 0.0
