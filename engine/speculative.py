@@ -66,11 +66,15 @@ class SpeculationStats:
 
 class LookupDrafter:
     """Prompt lookup: find the most recent earlier occurrence of the context's last n tokens
-    (n from max_ngram down to min_ngram) and propose the tokens that followed it."""
+    (n from max_ngram down to min_ngram) and propose the tokens that followed it.
+
+    At least 3 tokens must match: drafts from 2-token matches were accepted 29% of the time on
+    the bench's code prompt against 65% from longer ones (2-vCPU Xeon), and a pass that fails
+    at its first draft costs a third of a step or more, so they cost free prose its speed."""
 
     name = "lookup"
 
-    def __init__(self, max_ngram: int = 4, min_ngram: int = 2):
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 3):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"n-gram sizes must satisfy 1 <= min ({min_ngram}) <= max ({max_ngram})")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
