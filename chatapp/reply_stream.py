@@ -42,8 +42,6 @@ MAX_BATCH_SECONDS = 1.0
 # first batches cost the most (the reply's widgets change, the gauge turns to the sparkline),
 # and a short reply would otherwise spend its few batches learning.
 SHARED_START_SECONDS = MAX_BATCH_SECONDS
-# Until the first token is up, the backend hands tokens over at least this often.
-HANDOVER_SECONDS = 0.02
 
 
 class PrefillProgress(Message):
@@ -158,9 +156,10 @@ def stream_reply(backend: ChatBackend, req: ReplyRequest, post: Callable[[Messag
     last: GenerationResponse | None = None
 
     def handover() -> float:
-        """Tokens may gather for half a batch interval once the first is up (two wake-ups of
-        this thread a batch instead of one per 20 ms: each takes a core from the engine)."""
-        return HANDOVER_SECONDS if last_post == 0.0 else max(HANDOVER_SECONDS, pacer.seconds / 2)
+        """Tokens gather for half a batch interval before the backend hands them over: this
+        thread wakes twice a batch (each wake-up takes a core from the engine on 2 cores), and
+        at the shortest interval until the first token is up."""
+        return (BATCH_SECONDS if last_post == 0.0 else pacer.seconds) / 2
 
     try:
         for r in backend.reply(req.messages, req.settings, max_tokens=req.max_tokens, enable_thinking=req.thinking,

@@ -199,7 +199,7 @@ def test_the_engine_hands_tokens_over_at_20_ms_until_the_first_is_up_then_every_
     then the reply thread wakes twice a batch, not every 20 ms (each wake takes a core)."""
     import threading
 
-    from chatapp.reply_stream import HANDOVER_SECONDS, ReplyChunk, ReplyRequest, stream_reply
+    from chatapp.reply_stream import ReplyChunk, ReplyRequest, stream_reply
     from engine.generate import GenerationResponse
     from engine.sampling import SamplingSettings
 
@@ -225,10 +225,10 @@ def test_the_engine_hands_tokens_over_at_20_ms_until_the_first_is_up_then_every_
     req = ReplyRequest(gen_id=1, chat_id=None, messages=[], settings=SamplingSettings(), max_tokens=3,
                        thinking=None, cancel=threading.Event())
     stream_reply(Backend(), req, posted.append, pacer)
-    assert seen[0] == HANDOVER_SECONDS                      # nothing up yet
+    assert seen[0] == BATCH_SECONDS / 2                     # nothing up yet: 20 ms
     assert seen[1:] == [MAX_BATCH_SECONDS / 2] * 2          # after the first batch: half the 1 s interval
     assert "".join(m.text for m in posted if isinstance(m, ReplyChunk)) == "t0t1t2"
     pacer.restart(shares_cores=False)
     seen.clear()
     stream_reply(Backend(), req, posted.append, pacer)
-    assert seen == [HANDOVER_SECONDS] * 3                   # a core to spare: as before
+    assert seen == [BATCH_SECONDS / 2] * 3                  # a core to spare: 20 ms, as before
