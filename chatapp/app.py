@@ -13,8 +13,8 @@ Threads. The UI runs on the main thread and never blocks: every model load, repl
 bind, history wait and stats read runs in a thread worker. `EngineBackend` hands every kernel
 call to the process's one kernel thread (`engine.kernel_thread`: a second live thread that has
 run parallel kernels keeps a second OpenMP team and halves decode speed), so a reply worker
-iterates tokens that the kernel thread hands over in batches (every half batch interval:
-`reply_stream`'s handover; a wake-up per token would steal a core from the compute threads).
+iterates tokens that the kernel thread hands over in batches (when its next batch of text is
+due: `reply_stream`'s handover; a wake-up per token would steal a core from the compute threads).
 A load on the kernel thread waits for a running reply; the backend switches to the new
 model only when it is ready, so the previous one keeps answering meanwhile.
 

@@ -152,14 +152,15 @@ def stream_reply(backend: ChatBackend, req: ReplyRequest, post: Callable[[Messag
         post(PrefillProgress(req.gen_id, done, total, done / dt if dt > 0 else 0.0))
 
     buf: list[str] = []
-    last_post = 0.0     # the first token goes up at once (time to first token is visible)
+    posted_at = -1e18   # made_at of the last batch's end: the first token goes up at once (TTFT is visible)
     last: GenerationResponse | None = None
 
     def handover() -> float:
-        """Tokens gather for half a batch interval before the backend hands them over: this
-        thread wakes twice a batch (each wake-up takes a core from the engine on 2 cores), and
-        at the shortest interval until the first token is up."""
-        return (BATCH_SECONDS if last_post == 0.0 else pacer.seconds) / 2
+        """How long the backend may let tokens gather before it hands them over (asked when this
+        thread has taken all it was given): until the next batch is due, then 0 (the next token
+        ends that batch). This thread wakes about twice a batch, not per token: on 2 cores
+        each wake-up takes a core from the engine."""
+        return max(0.0, posted_at + pacer.seconds - time.monotonic())
 
     try:
         for r in backend.reply(req.messages, req.settings, max_tokens=req.max_tokens, enable_thinking=req.thinking,
@@ -168,11 +169,11 @@ def stream_reply(backend: ChatBackend, req: ReplyRequest, post: Callable[[Messag
             last = r
             if r.text:
                 buf.append(r.text)
-            now = time.monotonic()
-            if r.finish_reason is not None or now - last_post >= pacer.seconds:
+            # by when the token was made: a batch handed over late still ends where it was due
+            if r.finish_reason is not None or r.made_at - posted_at >= pacer.seconds:
                 post(ReplyChunk(req.gen_id, "".join(buf), figures(backend, r)))
                 buf = []
-                last_post = now
+                posted_at = r.made_at
         if buf:
             post(ReplyChunk(req.gen_id, "".join(buf), figures(backend, last)))
         finish = last.finish_reason if last is not None else None

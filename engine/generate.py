@@ -40,6 +40,8 @@ class GenerationResponse:
     finish_reason: str | None = None   # "stop" | "length" | "cancelled" | None while running
     logits: np.ndarray | None = field(default=None, repr=False)   # when keep_logits
     speculation: dict | None = None   # with a speculator: drafted, accepted, acceptance, steps, tokens_per_step
+    made_at: float = field(default_factory=time.monotonic, repr=False)   # when it was made (a consumer
+    # that takes responses in batches times its own batches by this, not by when it got them)
 
 
 def prefill(model: Any, cache: list, tokens: Sequence[int], chunk: int = PREFILL_CHUNK,

@@ -194,22 +194,28 @@ async def test_a_reply_that_begins_with_a_block_replaces_pending_and_an_empty_on
         assert _body_blocks(empty) == [] and empty.content == ""
 
 
-def test_the_engine_hands_tokens_over_at_20_ms_until_the_first_is_up_then_every_half_batch():
-    """stream_reply tells the backend how long tokens may gather: the first goes up at once (TTFT),
-    then the reply thread wakes twice a batch, not every 20 ms (each wake takes a core)."""
+def test_the_engine_hands_tokens_over_when_a_batch_is_due_and_batches_end_where_they_were_due():
+    """stream_reply tells the backend how long tokens may gather: 0 until the first is up (TTFT),
+    then until the next batch is due. A batch handed over late ends at the token made when it
+    was due (by `made_at`), so the screen shows text as of then, not a batch behind."""
     import threading
+    import time
 
     from chatapp.reply_stream import ReplyChunk, ReplyRequest, stream_reply
     from engine.generate import GenerationResponse
     from engine.sampling import SamplingSettings
 
-    seen = []
+    asked = []
 
     class Backend(FakeBackend):
+        made = [0.0, 0.3, 0.6, 0.9, 1.2, 1.5, 1.8, 2.1]   # a token every 0.3 s (their clock)
+
         def reply(self, messages, settings, *, handover=None, **kwargs):
-            for i in range(3):
-                seen.append(handover())
-                yield GenerationResponse(f"t{i}", i, 1, 1.0, 0.1, i + 1, 10.0, "length" if i == 2 else None)
+            t0 = time.monotonic()
+            for i, t in enumerate(self.made):
+                asked.append(handover())
+                yield GenerationResponse(f"t{i} ", i, 1, 1.0, 0.1, i + 1, 10.0,
+                                         "length" if i == len(self.made) - 1 else None, made_at=t0 + t)
 
         def last_turn(self):
             from engine.session import TurnStats
@@ -220,15 +226,17 @@ def test_the_engine_hands_tokens_over_at_20_ms_until_the_first_is_up_then_every_
             return {}
 
     pacer = BatchPacer()
-    pacer.restart(shares_cores=True)
+    pacer.restart(shares_cores=True)   # 1 s apart
     posted = []
-    req = ReplyRequest(gen_id=1, chat_id=None, messages=[], settings=SamplingSettings(), max_tokens=3,
+    req = ReplyRequest(gen_id=1, chat_id=None, messages=[], settings=SamplingSettings(), max_tokens=8,
                        thinking=None, cancel=threading.Event())
     stream_reply(Backend(), req, posted.append, pacer)
-    assert seen[0] == BATCH_SECONDS / 2                     # nothing up yet: 20 ms
-    assert seen[1:] == [MAX_BATCH_SECONDS / 2] * 2          # after the first batch: half the 1 s interval
-    assert "".join(m.text for m in posted if isinstance(m, ReplyChunk)) == "t0t1t2"
-    pacer.restart(shares_cores=False)
-    seen.clear()
+    assert asked[0] == 0.0                                     # nothing up yet: hand the first token over at once
+    assert 0.9 < asked[1] <= MAX_BATCH_SECONDS                 # then: until the next batch is due (1 s)
+    chunks = [m.text for m in posted if isinstance(m, ReplyChunk)]
+    # the first token at once; then each batch ends at the first token made >= 1 s after the last end
+    assert chunks == ["t0 ", "t1 t2 t3 t4 ", "t5 t6 t7 "]
+    pacer.restart(shares_cores=False)   # a core to spare: 40 ms batches, every token here
+    posted.clear()
     stream_reply(Backend(), req, posted.append, pacer)
-    assert seen == [BATCH_SECONDS / 2] * 3                  # a core to spare: 20 ms, as before
+    assert [m.text for m in posted if isinstance(m, ReplyChunk)] == [f"t{i} " for i in range(8)]
