@@ -27,7 +27,7 @@ SWITCH_INTERVAL_S, measured: the TUI decoded at 0.56 of `deltatalk run` on 2 cor
 Adaptive batches. Each millisecond the UI spends rendering is CPU the compute threads do not
 get (on 2 cores the team then waits for a member). Where the engine may take every CPU, the
 reply worker posts text every `BatchPacer.seconds`, from 1 s, narrowed while the UI's own
-share of CPU time stays under ~3%; with a core to spare, every 40 ms (chatapp.reply_stream).
+share of CPU time stays under ~2%; with a core to spare, every 40 ms (chatapp.reply_stream).
 """
 
 from __future__ import annotations
