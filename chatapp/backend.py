@@ -126,8 +126,8 @@ class ChatBackend(Protocol):
               save_to: Path | None = None,
               handover: Callable[[], float] | None = None) -> Iterator[GenerationResponse]:
         """Stream one assistant reply to `messages`; then save the session state to `save_to`.
-        `handover`: how long (seconds) the caller may wait for tokens to gather before they
-        are handed to it, read at each wait (its batches are that far apart anyway)."""
+        `handover`: asked each time the caller has taken all it was given, how long (seconds)
+        tokens may gather before the next are handed to it (0: at the next token)."""
         ...
 
     def bind(self, key: ChatKey, state_path: Path | None) -> str:
