@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+import time
 
 import numpy as np
 
@@ -66,20 +67,29 @@ class SpeculationStats:
 
 class LookupDrafter:
     """Prompt lookup: find the most recent earlier occurrence of the context's last n tokens
-    (n from max_ngram down to min_ngram) and propose the tokens that followed it.
+    (the longest n up to max_ngram, at least min_ngram) and propose the tokens that followed it.
 
     At least 3 tokens must match: drafts from 2-token matches were accepted 29% of the time on
-    the bench's code prompt against 65% from longer ones (2-vCPU Xeon), and a pass that fails
-    at its first draft costs a third of a step or more, so they cost free prose its speed."""
+    the bench's code prompt against 65% from longer ones (2-vCPU Xeon). The match length is
+    the draft's `evidence`: the policy learns how far each length is trusted (text being
+    copied matches long; free prose matches 3 tokens of a common phrase)."""
 
     name = "lookup"
+    free = True   # proposing costs no forward pass: propose the most, let the policy trim
 
-    def __init__(self, max_ngram: int = 4, min_ngram: int = 3):
+    def __init__(self, max_ngram: int = 6, min_ngram: int = 3):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"n-gram sizes must satisfy 1 <= min ({min_ngram}) <= max ({max_ngram})")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self._arr = np.empty(0, dtype=np.int64)
         self._n = 0
+        self.evidence = 0   # the last proposal's match length (0: none)
+
+    @staticmethod
+    def prior(match: int) -> float:
+        """How likely a draft token from a match of this length is taken, before any is seen:
+        3 tokens are often a common phrase, 6 most often a copy."""
+        return min(0.85, 0.3 + 0.1 * match)
 
     def _sync(self, context: Sequence[int]) -> np.ndarray:
         """The context as an array, appended to incrementally when it only grew."""
@@ -98,15 +108,15 @@ class LookupDrafter:
     def propose(self, context: Sequence[int], k: int) -> list[int]:
         arr = self._sync(context)
         L = arr.shape[0]
+        self.evidence = 0
         if k <= 0 or self.min_ngram + 1 > L:
             return []
-        # candidate ends j (< L-1, so something follows) where the last token occurred
         # ends j (< L-1, so something follows) of earlier matches of the last n tokens, n = 1, 2, ...
         ok = np.flatnonzero(arr[: L - 1] == arr[L - 1])
-        best = -1
+        best, best_n = -1, 0
         for n in range(1, self.max_ngram + 1):
             if n >= self.min_ngram and ok.size:
-                best = int(ok[-1])   # the most recent match of this length; try a longer one
+                best, best_n = int(ok[-1]), n   # the most recent match of this length; try a longer one
             if n == self.max_ngram or L - 1 - n < 0:
                 break
             ok = ok[ok >= n]
@@ -115,6 +125,7 @@ class LookupDrafter:
                 break
         if best < 0:
             return []
+        self.evidence = best_n
         return arr[best + 1 : best + 1 + k].tolist()
 
 
@@ -196,36 +207,112 @@ class ModelDrafter:
         return drafts
 
 
-class DraftLength:
-    """Adaptive k: doubles (+1) while drafts are accepted whole, falls to what was accepted + 1 on a
-    rejection; after repeated wholesale rejections, drafting pauses for a few steps (so text
-    the drafter cannot predict runs at plain speed)."""
+class DraftPolicy:
+    """How many tokens to draft: the k that maximises expected tokens per second, from two
+    things measured as the reply runs.
 
-    def __init__(self, k_max: int, adaptive: bool = True):
+    - Cost: seconds per step by tokens fed T (1 = a plain step; T > 1 includes drafting and
+      verification), kept as ratios c(T) to the plain step. What a pass of T costs differs by
+      machine far more than by model size: a pass of 2 was 1.33 steps on a 2-vCPU Xeon
+      (AVX-512 with VNNI) but 1.74 on a 2-vCPU EPYC (Zen 4, avx2 kernels), where the 135M
+      model's decode step is bound by compute, not by reading its weights.
+    - Acceptance: per-token probability p that a draft continues to be accepted, by evidence
+      (for lookup, the length of the n-gram match it came from: a text being copied matches
+      long, free prose matches 3 tokens of a common phrase), from counts that decay so the
+      estimate follows the text. Before anything is seen, the drafter's prior for its evidence
+      (lookup: the longer the match, the likelier a copy), worth PRIOR_WEIGHT drafts.
+
+    A draft of k accepted token by token with probability p yields E(k) = 1 + p + ... + p^k
+    tokens for c(k + 1) steps; k = 0 (a plain step) yields 1 for 1. Drafting needs a margin
+    over that. Evidence not drafted from for EXPLORE_AFTER proposals gets a one-token draft,
+    so the estimate can recover when the text changes within a reply (a pass of 2 per
+    EXPLORE_AFTER proposals where every such draft fails: well under 1% of free prose's time,
+    where few steps find a match at all). The Speculator adds to the drafter's evidence
+    whether the step before took a whole draft (see Speculator.STREAK_PRIOR).
+
+    Replaced a fixed rule (double k while drafts are taken whole, pause after misses) that
+    cost free prose 7% on the EPYC (0.93x plain), where this policy keeps it at 1.00x."""
+
+    PRIOR_WEIGHT = 3.0    # pseudo-drafts behind the prior
+    DEFAULT_PRIOR = 2 / 3
+    DECAY = 0.8           # per draft from the same evidence: about the last five count
+    EXPLORE_AFTER = 8
+    PRIOR_SLOPE = 0.35    # c(T) = 1 + slope (T - 1) until a pass of T has been timed
+    MARGIN = 1.05         # drafting must promise 5% more tokens per second than a plain step
+    EMA = 0.2
+
+    def __init__(self, k_max: int, adaptive: bool = True, prior=None):
         if k_max < 1:
             raise ValueError(f"--draft-max must be >= 1, got {k_max}")
         self.k_max, self.adaptive = k_max, adaptive
-        self.k = k_max if not adaptive else min(3, k_max)
-        self.misses = 0     # consecutive drafts rejected at the first token
-        self.pause = 0      # steps left without drafting
+        self.prior = prior or (lambda evidence: self.DEFAULT_PRIOR)   # evidence -> p before any draft
+        self.step_seconds: dict[int, float] = {}        # T -> EMA of a step's seconds
+        self.counts: dict[object, list[float]] = {}     # evidence -> [accepted, rejected] (decayed)
+        self.skipped: dict[object, int] = {}            # evidence -> plain steps since its last draft
 
-    def next(self) -> int:
-        if self.pause > 0:
-            self.pause -= 1
-            return 0
-        return self.k
+    def cost(self, T: int) -> float:
+        """A step feeding T tokens, in plain steps."""
+        if T <= 1:
+            return 1.0
+        one = self.step_seconds.get(1)
+        if not one:
+            return 1.0 + self.PRIOR_SLOPE * (T - 1)
+        t = self.step_seconds.get(T)
+        if t:
+            return max(1.0, t / one)
+        # not timed yet: the slope of the nearest length that was (this machine, not the prior;
+        # longer passes cost less per token, as the 4-token tiles fill)
+        timed = [n for n in self.step_seconds if n > 1]
+        if not timed:
+            return 1.0 + self.PRIOR_SLOPE * (T - 1)
+        n = min(timed, key=lambda n: (abs(n - T), -n))
+        slope = (self.step_seconds[n] / one - 1.0) / (n - 1)
+        return 1.0 + max(0.0, slope) * (T - 1)
 
-    def update(self, drafted: int, accepted: int):
-        if not self.adaptive or drafted == 0:
+    def p(self, evidence) -> float:
+        a, r = self.counts.get(evidence, (0.0, 0.0))
+        return (a + self.PRIOR_WEIGHT * self.prior(evidence)) / (a + r + self.PRIOR_WEIGHT)
+
+    def choose(self, evidence, k_avail: int) -> int:
+        """The draft length (0: a plain step) for up to k_avail drafted tokens on this evidence."""
+        k_avail = min(k_avail, self.k_max)
+        if not self.adaptive or k_avail <= 0:
+            return max(0, k_avail)
+        p = self.p(evidence)
+        best_k, best = 0, self.MARGIN
+        expected, pk = 1.0, 1.0
+        for k in range(1, k_avail + 1):
+            pk *= p
+            expected += pk
+            if tile_fit(k) != k:
+                continue
+            rate = expected / self.cost(k + 1)
+            if rate > best:
+                best_k, best = k, rate
+        if best_k == 0:
+            self.skipped[evidence] = self.skipped.get(evidence, 0) + 1
+            if self.skipped[evidence] < self.EXPLORE_AFTER:
+                return 0
+            best_k = 1
+        self.skipped[evidence] = 0
+        return best_k
+
+    def timed(self, fed: int, seconds: float) -> None:
+        """A step that fed `fed` tokens took `seconds` (drafting and verification)."""
+        if seconds <= 0:
             return
-        if accepted == drafted:   # k = 1, 3, 7, 15, ... (whole tiles after the first)
-            self.k = min(self.k_max, 2 * self.k + 1)
-            self.misses = 0
-        else:
-            self.k = max(1, accepted + 1)
-            self.misses = self.misses + 1 if accepted == 0 else 0
-            if self.misses >= 2:
-                self.pause = min(8, 2 ** (self.misses - 1))
+        old = self.step_seconds.get(fed)
+        if old is None:
+            self.step_seconds[fed] = seconds
+        else:   # a step slowed by the machine (another process, a page fault) counts at most double
+            self.step_seconds[fed] = old + self.EMA * (min(seconds, 2 * old) - old)
+
+    def judged(self, evidence, accepted: int, rejected: bool) -> None:
+        """A draft from `evidence`: its first `accepted` tokens were taken, then one was
+        rejected (or not: the draft ran out, or a stop id or the token limit cut it)."""
+        c = self.counts.setdefault(evidence, [0.0, 0.0])
+        c[0] = c[0] * self.DECAY + accepted
+        c[1] = c[1] * self.DECAY + (1.0 if rejected else 0.0)
 
 
 # The row kernels decode each weight block once per 4-token tile and once for the 2 or 3
@@ -245,18 +332,41 @@ def tile_fit(k: int) -> int:
 
 
 class Speculator:
-    """Drafter + adaptive length + verification; one per generation setting (it keeps stats
-    and, for a draft model, that model's cache)."""
+    """Drafter + draft policy + verification; one per generation setting (it keeps stats,
+    the policy's measurements and, for a draft model, that model's cache)."""
+
+    STREAK_PRIOR = 0.9   # after a draft taken whole, before the policy has seen any such
 
     def __init__(self, drafter, draft_max: int = DEFAULT_DRAFT_MAX, adaptive: bool = True):
         self.drafter = drafter
-        self.length = DraftLength(draft_max, adaptive)
+        drafter_prior = getattr(drafter, "prior", lambda e: DraftPolicy.DEFAULT_PRIOR)
+        # evidence: (the drafter's own, whether the step before took a whole draft): a text
+        # being copied is taken draft after draft, then fails where it diverges
+        self.policy = DraftPolicy(draft_max, adaptive,
+                                  lambda ev: self.STREAK_PRIOR if ev[1] else drafter_prior(ev[0]))
+        self.streak = False   # the last step's draft was taken whole
         self.stats = SpeculationStats()
-        self.last_fed = 0   # tokens the last step fed (1: it was a plain decode step)
+        self.last_fed = 0   # tokens the last step fed (1: it was a plain step)
 
     @property
     def mode(self) -> str:
         return self.drafter.name
+
+    def _draft(self, context: list[int], k_cap: int) -> tuple[list[int], object]:
+        """The draft for this step and the evidence it came from. A free drafter (lookup)
+        proposes first and the policy trims by how far its evidence is trusted; a drafter
+        that costs a forward pass per token is asked only for what the policy wants."""
+        if k_cap <= 0:
+            return [], None
+        if getattr(self.drafter, "free", False):
+            draft = self.drafter.propose(context, k_cap)
+            evidence = (self.drafter.evidence, self.streak)
+            k = self.policy.choose(evidence, len(draft)) if draft else 0
+        else:
+            evidence = (None, self.streak)
+            k = self.policy.choose(evidence, k_cap)
+            draft = self.drafter.propose(context, k) if k > 0 else []
+        return [int(d) for d in draft[: tile_fit(k)]], evidence
 
     def step(self, model, cache, token: int, seen: list[int], sampler, processors=(), limit: int = 1 << 30,
              stop_ids: frozenset = frozenset()) -> list[tuple[int, np.ndarray]]:
@@ -264,27 +374,31 @@ class Speculator:
         after it with their logits rows: the accepted drafts, then the model's own token
         (1 to k+1 tokens, at most `limit`, ending at a stop id). The cache then holds `token`
         and every returned token but the last, exactly as plain decoding would have left it."""
+        t0 = time.perf_counter()
         p0 = cache[0].offset
-        k = tile_fit(min(self.length.next(), limit - 1, model.n_ctx - p0 - 1))
+        k_cap = tile_fit(min(self.policy.k_max, limit - 1, model.n_ctx - p0 - 1))
         context = list(seen) + [token]
-        draft = self.drafter.propose(context, k) if k > 0 else []
-        draft = [int(d) for d in draft[:k]]
+        draft, evidence = self._draft(context, k_cap)
         self.stats.steps += 1
         self.last_fed = 1 + len(draft)
         if not draft:
+            self.streak = False
             row = model.forward([token], cache, logits="last")[-1]
+            self.policy.timed(1, time.perf_counter() - t0)
             out = [(_sample(sampler, processors, context, row), row)]
             self.stats.tokens += 1
             return out
         start_trail(cache)
         rows = model.forward([token] + draft, cache, logits="all", token_exact=True)
+        self.policy.timed(1 + len(draft), time.perf_counter() - t0)
         out = []
-        accepted = 0
+        accepted, rejected = 0, False
         hist = context
         for i, d in enumerate(draft):
             t = _accept(sampler, processors, hist, rows[i], d)
             out.append((t, rows[i]))
             if t != d:
+                rejected = True
                 break
             accepted += 1
             if t in stop_ids or len(out) >= limit:
@@ -296,7 +410,8 @@ class Speculator:
         self.stats.drafted += len(draft)
         self.stats.accepted += accepted
         self.stats.tokens += len(out)
-        self.length.update(len(draft), accepted)
+        self.policy.judged(evidence, accepted, rejected)
+        self.streak = not rejected
         return out
 
 

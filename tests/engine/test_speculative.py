@@ -13,7 +13,7 @@ from engine.loader import load_model
 from tests.engine.greedy import assert_caches_equal, greedy, session_turns
 from engine.sampling import ChainSampler
 from engine.speculative import (DraftModelError, LookupDrafter, ModelDrafter, Speculator,
-                                check_draft_compatible, DraftLength, tile_fit)
+                                check_draft_compatible, DraftPolicy, tile_fit)
 
 
 class NoisyOracleDrafter:
@@ -120,21 +120,77 @@ def test_tile_fit_leaves_no_lone_token_after_whole_tiles():
     assert tile_fit(-1) == 0
 
 
-def test_draft_length_grows_by_tiles_shrinks_on_rejection_and_pauses_after_misses():
-    n = DraftLength(8)
-    assert n.next() == 3
-    n.update(3, 3)
-    assert n.next() == 7          # whole draft accepted: the next whole tile
-    n.update(7, 7)
-    assert n.next() == 8          # capped at --draft-max
-    n.update(8, 2)
-    assert n.next() == 3          # accepted + 1
-    n.update(3, 0)
-    n.update(1, 0)                # two first-token misses in a row: pause
-    assert [n.next() for _ in range(3)] == [0, 0, 1]
-    fixed = DraftLength(5, adaptive=False)
-    fixed.update(5, 0)
-    assert fixed.next() == 5
+def _policy(step_ms: dict[int, float], k_max: int = 8) -> DraftPolicy:
+    pol = DraftPolicy(k_max)
+    for T, ms in step_ms.items():
+        pol.timed(T, ms / 1e3)
+    return pol
+
+
+# pass costs measured on the two machines the policy was tuned on (SmolLM2-135M Q4_1, ms)
+XEON = {1: 8.4, 2: 11.3, 3: 13.5, 4: 16.4, 6: 22.8, 7: 25.3, 8: 28.3}
+EPYC = {1: 5.8, 2: 9.9, 3: 12.8, 4: 15.8, 6: 22.1, 7: 24.8, 8: 27.5}
+
+
+def test_draft_policy_weighs_acceptance_against_this_machines_pass_costs():
+    for costs in (XEON, EPYC):
+        pol = _policy(costs)
+        for _ in range(20):                    # a text being copied: every draft taken whole
+            pol.judged(6, 7, rejected=False)
+        assert pol.choose(6, 8) == 7           # the longest draft that fills whole tiles
+        assert pol.choose(6, 2) == 2           # never more than the drafter has
+        for _ in range(20):                    # free prose: 3-token matches rejected at once
+            pol.judged(3, 0, rejected=True)
+        assert pol.choose(3, 8) == 0           # a plain step
+    # half of the drafted tokens taken: worth a short draft where a pass of 2 is cheap (1.35
+    # steps on the Xeon) and not where it costs 1.7 (the EPYC's compute-bound kernels)
+    xeon, epyc = _policy(XEON), _policy(EPYC)
+    for pol in (xeon, epyc):
+        for _ in range(20):
+            pol.judged(4, 1, rejected=True)
+    assert xeon.choose(4, 8) >= 1 and epyc.choose(4, 8) == 0
+
+
+def test_draft_policy_costs_come_from_timed_steps():
+    pol = DraftPolicy(8)
+    assert pol.cost(1) == 1.0 and pol.cost(3) == pytest.approx(1 + 2 * DraftPolicy.PRIOR_SLOPE)  # nothing timed
+    pol.timed(1, 0.010)
+    pol.timed(4, 0.030)
+    assert pol.cost(4) == pytest.approx(3.0)
+    assert pol.cost(7) == pytest.approx(1 + 6 * (2.0 / 3))    # untimed: the slope of the nearest timed length
+    pol.timed(2, 0.018)   # a tie: the longer timed length speaks for 3
+    assert pol.cost(3) == pytest.approx(1 + 2 * (2.0 / 3)) and pol.cost(8) == pytest.approx(1 + 7 * (2.0 / 3))
+    pol.timed(1, 1.0)                  # one step slowed by the machine counts at most double
+    assert pol.step_seconds[1] == pytest.approx(0.010 + DraftPolicy.EMA * 0.010)
+
+
+def test_draft_policy_tries_rejected_evidence_again_after_a_while():
+    pol = _policy(EPYC)
+    for _ in range(4):
+        pol.judged(3, 0, rejected=True)
+    got = [pol.choose(3, 8) for _ in range(2 * DraftPolicy.EXPLORE_AFTER)]
+    # one one-token probe every EXPLORE_AFTER steps: text changes within a reply
+    assert got.count(1) == 2 and set(got) == {0, 1}
+    assert got.index(1) == DraftPolicy.EXPLORE_AFTER - 1
+    pol.judged(3, 1, rejected=False)    # a probe that was taken lifts the estimate
+    assert pol.p(3) < pol.p(6)
+
+
+def test_lookup_prior_trusts_longer_matches():
+    # before anything is seen: on the EPYC's costs a 3-token match is not worth a pass, a
+    # 6-token one is (an untouched copy of earlier text)
+    pol = DraftPolicy(8, prior=LookupDrafter.prior)
+    for T, ms in EPYC.items():
+        pol.timed(T, ms / 1e3)
+    assert pol.choose(3, 8) == 0 and pol.choose(6, 8) >= 3
+
+
+def test_draft_policy_fixed_length_when_not_adaptive():
+    pol = DraftPolicy(5, adaptive=False)
+    pol.judged(None, 0, rejected=True)
+    assert pol.choose(None, 8) == 5 and pol.choose(None, 3) == 3
+    with pytest.raises(ValueError):
+        DraftPolicy(0)
 
 
 def test_default_model_lookup_identical_to_plain(default_model_path):
