@@ -70,7 +70,7 @@ MAX_TOKENS = 16
 
 # sha256 of the callees' sources (engine/kernel_stamp.py): an edit there changes this file, so
 # numba's cache of the step is rebuilt instead of keeping the old callees' code
-CALLEE_SOURCES_SHA256 = "7fc320b21e196d000ee1b1b9e1c3a20f45d81ea9821aa5d4a19184f4a039e722"
+CALLEE_SOURCES_SHA256 = "7f7db4cd111b893132b5206356636dd2b1d6801fece1b6c5bd333c8fc58724fd"
 
 
 def enabled() -> bool:
@@ -173,7 +173,7 @@ if AVAILABLE:
 
     @numba.njit(**JIT_EXACT)
     def _decode_step(x, p0, kinds, acts, attn_norm, ffn_norm, blocks, where, w_none,
-                     keys, values, cos, sin, n_rot, eps, scale, H, Hkv, hd,
+                     keys, values, cos, sin, n_rot, eps, scale, n_runs, H, Hkv, hd,
                      n, q, k, v, att, o, g, u, f, o_none,
                      xq, xd, xs, kd, kb, lut, out_norm, head_kind, head_act, head, h, logits):
         """kinds/acts (L, 7): q k v o gate up down; where (L, 7, 3): offset, rows, row bytes of
@@ -192,7 +192,7 @@ if AVAILABLE:
                                 p0, n_rot, False, keys[l], values[l])
             for t in range(T):   # query by query: row t equals a decode step at p0 + t
                 ops.attention_decode_f16c(q[t : t + 1].reshape(1, H, hd), keys[l], values[l], p0 + t, scale,
-                                          att[t : t + 1].reshape(1, H, hd))
+                                          att[t : t + 1].reshape(1, H, hd), n_runs)
             _quantize(acts[l, 3], att, xq, xd, xs, kd, kb, lut)
             _matvec(kinds[l, 3], wo, att.shape[1], xq, xd, xs, kd, kb, lut, o)
             _add(x, o)
@@ -333,7 +333,8 @@ class FusedDecode:
         x = m.embed(np.asarray(tokens, np.int64))
         logits = np.empty((T, a.n_vocab), np.float32)
         _decode_step(x, p0, self.kinds, self.acts, self.attn_norm, self.ffn_norm, self.blocks, self.where, self.w_none,
-                     keys, values, cos, sin, a.n_rot, a.norm_eps, self.scale, a.n_head, a.n_head_kv, a.head_dim,
+                     keys, values, cos, sin, a.n_rot, a.norm_eps, self.scale, numba.get_num_threads(),
+                     a.n_head, a.n_head_kv, a.head_dim,
                      self.n[:T], self.q[:T], self.k[:T], self.v[:T], self.att[:T], self.o[:T], self.g[:T], self.u[:T],
                      self.f[:T], self.o_none, self.xq, self.xd, self.xs, self.kd, self.kb, F16_TO_F32, self.out_norm,
                      self.head_kind, self.head_act, self.head, self.h[:T], logits)

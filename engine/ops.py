@@ -14,7 +14,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from engine.quants.common import F16_TO_F32, HAVE_F16C, f16_round, f32_to_f16_bits
+from engine.quants.common import F16_TO_F32, HAVE_F16C, f16_round, f32_to_f16_bits, fma32, fma32_ref, kq_dot32
 
 from engine.jit import JIT as _JIT, JIT_EXACT, JIT_EXACT_PAR, JIT_PAR as _JIT_PAR
 
@@ -241,14 +241,18 @@ def attention(q, k_cache, v_cache, p0, scale, out):
 def attention_decode(q, k_cache, v_cache, p0, scale, out, lut):
     """One query (T = 1) the way llama.cpp's CPU flash attention runs it.
 
-    Online softmax over the positions in order, with the V accumulator kept in fp16
-    (rounded after every update), as ggml's single-query path does; then / sum.
-    q: (1, Hq, hd); lut: fp16 bits -> float32 (engine.quants.common.F16_TO_F32).
+    Scores summed as ggml's fp16 dot product on AVX2 (kq_dot32: 32 lanes of fused
+    multiply-adds, a fixed reduction; vectorized where the left-to-right sum was one
+    dependent chain); online softmax over the positions in
+    order, with the V accumulator kept in fp16 (acc + v * p fused, rounded after every
+    update), as ggml's single-query path does; then / sum.
+    q: (1, Hq, hd), fp16 values; lut: fp16 bits -> float32 (engine.quants.common.F16_TO_F32).
     """
     _, Hq, hd = q.shape
     Hkv = k_cache.shape[1]
     n_rep = Hq // Hkv
     n = p0 + 1
+    n32 = hd - hd % 32
     for h in prange(Hq):
         kh = h // n_rep
         sf = np.empty(1, np.float32)
@@ -257,9 +261,9 @@ def attention_decode(q, k_cache, v_cache, p0, scale, out, lut):
         m = np.float32(-np.inf)
         total = np.float32(0.0)
         for j in range(n):
-            s = np.float32(0.0)
-            for d in range(hd):
-                s += q[0, h, d] * k_cache[j, kh, d]
+            s = kq_dot32(q, h, k_cache, j, kh)
+            for d in range(n32, hd):   # the tail past the last 32 lanes (none for hd = 64, 128)
+                s = fma32(q[0, h, d], k_cache[j, kh, d], s)
             s = s * scale
             ms = np.float32(1.0)
             vs = np.float32(1.0)
@@ -271,7 +275,7 @@ def attention_decode(q, k_cache, v_cache, p0, scale, out, lut):
             else:
                 vs = np.exp(s - m)
             for d in range(hd):
-                acc[d] = lut[f32_to_f16_bits(acc[d] + v_cache[j, kh, d] * vs, sf, su)]
+                acc[d] = lut[f32_to_f16_bits(fma32(v_cache[j, kh, d], vs, acc[d]), sf, su)]
             total = total * ms + vs
         inv = np.float32(1.0) / total
         for d in range(hd):
@@ -279,68 +283,73 @@ def attention_decode(q, k_cache, v_cache, p0, scale, out, lut):
 
 
 @numba.njit(**JIT_EXACT_PAR)
-def attention_decode_f16c(q, k_cache, v_cache, p0, scale, out):
+def attention_decode_f16c(q, k_cache, v_cache, p0, scale, out, n_runs):
     """attention_decode, bit for bit, with hardware fp16 rounding (needs HAVE_F16C).
 
-    The scores of 8 positions are summed side by side (each in the same order as before:
-    8 independent chains instead of one long dependent one), and the fp16 accumulator's
-    updates are plain vectorizable loops over the head dimension.
+    n_runs: the threads in use (numba.get_num_threads(), passed in: read inside the kernel it
+    would keep numba from caching it). Each thread takes a run of heads and walks the positions once for all of them: a head's
+    fp16 accumulator is one dependent chain over the positions (each update waits on the
+    last), so several heads' chains side by side fill the time one would wait; neighbouring
+    heads share their K/V rows (grouped-query attention). Per head, the same operations in
+    the same order as attention_decode.
     """
     _, Hq, hd = q.shape
     Hkv = k_cache.shape[1]
     n_rep = Hq // Hkv
     n = p0 + 1
-    for h in prange(Hq):
-        kh = h // n_rep
-        scores = np.empty(n, np.float32)
-        j = 0
-        while j + 8 <= n:
-            s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
-            for d in range(hd):
-                qd = q[0, h, d]
-                s0 += qd * k_cache[j, kh, d]
-                s1 += qd * k_cache[j + 1, kh, d]
-                s2 += qd * k_cache[j + 2, kh, d]
-                s3 += qd * k_cache[j + 3, kh, d]
-                s4 += qd * k_cache[j + 4, kh, d]
-                s5 += qd * k_cache[j + 5, kh, d]
-                s6 += qd * k_cache[j + 6, kh, d]
-                s7 += qd * k_cache[j + 7, kh, d]
-            scores[j] = s0 * scale
-            scores[j + 1] = s1 * scale
-            scores[j + 2] = s2 * scale
-            scores[j + 3] = s3 * scale
-            scores[j + 4] = s4 * scale
-            scores[j + 5] = s5 * scale
-            scores[j + 6] = s6 * scale
-            scores[j + 7] = s7 * scale
-            j += 8
-        while j < n:
-            s = np.float32(0.0)
-            for d in range(hd):
-                s += q[0, h, d] * k_cache[j, kh, d]
-            scores[j] = s * scale
-            j += 1
-        acc = np.zeros(hd, np.float32)  # always holds fp16-representable values
-        m = np.float32(-np.inf)
-        total = np.float32(0.0)
+    n32 = hd - hd % 32
+    n_runs = max(1, min(Hq, n_runs))
+    for run in prange(n_runs):
+        h0, h1 = run * Hq // n_runs, (run + 1) * Hq // n_runs
+        nh = h1 - h0
+        scores = np.empty((nh, n), np.float32)
+        for i in range(nh):
+            h = h0 + i
+            kh = h // n_rep
+            for j in range(n):
+                s = kq_dot32(q, h, k_cache, j, kh)
+                for d in range(n32, hd):
+                    s = fma32(q[0, h, d], k_cache[j, kh, d], s)
+                scores[i, j] = s * scale
+        acc = np.zeros((nh, hd), np.float32)  # always fp16-representable values
+        m = np.full(nh, -np.inf, np.float32)
+        total = np.zeros(nh, np.float32)
         for j in range(n):
-            s = scores[j]
-            ms = np.float32(1.0)
-            vs = np.float32(1.0)
-            if s > m:
-                ms = np.exp(m - s) if m != -np.inf else np.float32(0.0)
-                m = s
+            for i in range(nh):
+                kh = (h0 + i) // n_rep
+                s = scores[i, j]
+                ms = np.float32(1.0)
+                vs = np.float32(1.0)
+                if s > m[i]:
+                    ms = np.exp(m[i] - s) if m[i] != -np.inf else np.float32(0.0)
+                    m[i] = s
+                    for d in range(hd):
+                        acc[i, d] = f16_round(acc[i, d] * ms)
+                else:
+                    vs = np.exp(s - m[i])
                 for d in range(hd):
-                    acc[d] = f16_round(acc[d] * ms)
-            else:
-                vs = np.exp(s - m)
+                    acc[i, d] = f16_round(fma32(v_cache[j, kh, d], vs, acc[i, d]))
+                total[i] = total[i] * ms + vs
+        for i in range(nh):
+            inv = np.float32(1.0) / total[i]
             for d in range(hd):
-                acc[d] = f16_round(acc[d] + v_cache[j, kh, d] * vs)
-            total = total * ms + vs
-        inv = np.float32(1.0) / total
-        for d in range(hd):
-            out[0, h, d] = acc[d] * inv
+                out[0, h0 + i, d] = acc[i, d] * inv
+
+
+def _kq_dot_ref(q: np.ndarray, k: np.ndarray) -> np.float32:
+    """numpy twin of kq_dot32 and the tail after it (fused steps: exact products in float64)."""
+    hd = q.shape[0]
+    n32 = hd - hd % 32
+    lanes = np.zeros(32, np.float32)
+    for b in range(0, n32, 32):
+        lanes = (q[b : b + 32].astype(np.float64) * k[b : b + 32] + lanes).astype(np.float32)
+    lanes[:8] += lanes[16:24]
+    lanes[8:16] += lanes[24:32]
+    lanes[:8] += lanes[8:16]
+    s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+    for d in range(n32, hd):
+        s = fma32_ref(q[d], k[d], s)
+    return np.float32(s)
 
 
 def attention_decode_ref(q, k_cache, v_cache, p0, scale):
@@ -350,7 +359,7 @@ def attention_decode_ref(q, k_cache, v_cache, p0, scale):
     out = np.empty((1, Hq, hd), np.float32)
     for h in range(Hq):
         kh = h // n_rep
-        sc = (k_cache[: p0 + 1, kh] @ q[0, h]).astype(np.float32) * np.float32(scale)
+        sc = [_kq_dot_ref(q[0, h], k_cache[j, kh]) * np.float32(scale) for j in range(p0 + 1)]
         acc = np.zeros(hd, np.float16)
         m, total = np.float32(-np.inf), np.float32(0.0)
         for j, s in enumerate(sc):
@@ -361,7 +370,8 @@ def attention_decode_ref(q, k_cache, v_cache, p0, scale):
                 acc = (acc.astype(np.float32) * ms).astype(np.float16)
             else:
                 vs = np.float32(np.exp(np.float32(s - m)))
-            acc = (acc.astype(np.float32) + v_cache[j, kh].astype(np.float32) * vs).astype(np.float16)
+            fused = v_cache[j, kh].astype(np.float64) * np.float64(vs) + acc.astype(np.float64)
+            acc = fused.astype(np.float32).astype(np.float16)
             total = np.float32(total * ms + vs)
         out[0, h] = acc.astype(np.float32) / total
     return out
@@ -391,7 +401,7 @@ def attend(q, k_cache, v_cache, p0, scale, out):
     """
     if q.shape[0] == 1:
         if HAVE_F16C:
-            attention_decode_f16c(q, k_cache, v_cache, p0, scale, out)
+            attention_decode_f16c(q, k_cache, v_cache, p0, scale, out, numba.get_num_threads())
         else:
             attention_decode(q, k_cache, v_cache, p0, scale, out, F16_TO_F32)
     else:

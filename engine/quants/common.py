@@ -9,6 +9,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 from llvmlite import ir
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from engine.jit import JIT, JIT_EXACT, jit_disabled
@@ -73,6 +74,73 @@ def f16_round(typingctx, x):
         return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
 
     return numba.types.float32(numba.types.float32), codegen
+
+
+@intrinsic
+def fma32(typingctx, a, b, c):
+    """a * b + c in float32 with one rounding (vfmadd where the CPU has FMA, else libm's fmaf:
+    the same value either way)."""
+    f32 = numba.types.float32
+    if (a, b, c) != (f32, f32, f32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        f = ir.FloatType()
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f, [f, f, f]), "llvm.fma.f32")
+        return builder.call(fn, args)
+
+    return f32(f32, f32, f32), codegen
+
+
+@intrinsic
+def kq_dot32(typingctx, q, h, k, j, kh):
+    """q[0, h, :n32] · k[j, kh, :n32] (n32: the head size rounded down to 32) summed as
+    ggml_vec_dot_f16 does on AVX2: four <8 x float> accumulators over 32-wide steps by fused
+    multiply-adds, added 0+2, 1+3, then 0+1; the 8 lanes as ((0+4)+(1+5))+((2+6)+(3+7)).
+    q (1, Hq, hd) and k (n, Hkv, hd): C-contiguous float32. Generic LLVM vectors: any x86."""
+    f32, i64 = numba.types.float32, numba.types.int64
+    for a in (q, k):
+        if not isinstance(a, numba.types.Array) or a.dtype != f32 or a.ndim != 3 or a.layout != "C":
+            return None
+
+    def codegen(context, builder, sig, args):
+        qa = context.make_array(sig.args[0])(context, builder, args[0])
+        ka = context.make_array(sig.args[2])(context, builder, args[2])
+        h_, j_, kh_ = (context.cast(builder, v, t, i64) for v, t in
+                       ((args[1], sig.args[1]), (args[3], sig.args[3]), (args[4], sig.args[4])))
+        shape_k = cgutils.unpack_tuple(builder, ka.shape, 3)
+        hd = shape_k[2]
+        f, v8 = ir.FloatType(), ir.VectorType(ir.FloatType(), 8)
+        qp = builder.gep(qa.data, [builder.mul(h_, hd)])
+        kp = builder.gep(ka.data, [builder.mul(builder.add(builder.mul(j_, shape_k[1]), kh_), hd)])
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8] * 3), "llvm.fma.v8f32")
+        zero = ir.Constant(v8, [0.0] * 8)
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]
+        n_steps = builder.sdiv(hd, ir.Constant(ir.IntType(64), 32))
+        with cgutils.for_range(builder, n_steps) as loop:
+            base = builder.mul(loop.index, ir.Constant(ir.IntType(64), 32))
+            for a in range(4):
+                off = builder.add(base, ir.Constant(ir.IntType(64), 8 * a))
+                qv = builder.load(builder.bitcast(builder.gep(qp, [off]), v8.as_pointer()), align=4)
+                kv = builder.load(builder.bitcast(builder.gep(kp, [off]), v8.as_pointer()), align=4)
+                builder.store(builder.call(fma, [qv, kv, builder.load(accs[a])]), accs[a])
+        x0, x1, x2, x3 = (builder.load(a) for a in accs)
+        x0, x1 = builder.fadd(x0, x2), builder.fadd(x1, x3)
+        x0 = builder.fadd(x0, x1)
+        i32 = ir.IntType(32)
+        lo = builder.shuffle_vector(x0, x0, ir.Constant(ir.VectorType(i32, 4), [0, 1, 2, 3]))
+        hi = builder.shuffle_vector(x0, x0, ir.Constant(ir.VectorType(i32, 4), [4, 5, 6, 7]))
+        t = builder.fadd(lo, hi)
+        e = [builder.extract_element(t, ir.Constant(i32, i)) for i in range(4)]
+        return builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3]))
+
+    return f32(q, h, k, j, kh), codegen
+
+
+def fma32_ref(a, b, c) -> np.float32:
+    """numpy twin of fma32: the product is exact in float64; one rounding of the sum to
+    float32 after that (a double rounding: differs from fma32 only in rare last-bit ties)."""
+    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
 
 
 def f32_to_f16_ref(x: np.ndarray) -> np.ndarray:

@@ -119,7 +119,8 @@ def test_decode_attention_matches_numpy_twin(rng, p0, Hq, Hkv):
 
 
 @pytest.mark.skipif(not ops.HAVE_F16C, reason="needs F16C")
-@pytest.mark.parametrize("p0,Hq,Hkv,hd", [(0, 4, 2, 32), (12, 9, 3, 64), (40, 4, 4, 32), (300, 9, 3, 64)])
+@pytest.mark.parametrize("p0,Hq,Hkv,hd", [(0, 4, 2, 32), (12, 9, 3, 64), (40, 4, 4, 32), (300, 9, 3, 64),
+                                          (20, 6, 2, 96)])
 def test_f16c_decode_attention_is_bit_identical_to_the_portable_kernel(rng, p0, Hq, Hkv, hd):
     from engine.quants.common import F16_TO_F32
 
@@ -127,11 +128,67 @@ def test_f16c_decode_attention_is_bit_identical_to_the_portable_kernel(rng, p0, 
     k = ops.to_f16_precision(rng.normal(size=(n_ctx, Hkv, hd)).astype(np.float32))
     v = ops.to_f16_precision(rng.normal(size=(n_ctx, Hkv, hd)).astype(np.float32) * 30)
     q = ops.to_f16_precision(rng.normal(size=(1, Hq, hd)).astype(np.float32) * 3)
-    a, b = np.empty_like(q), np.empty_like(q)
+    a = np.empty_like(q)
     ops.attention_decode(q, k, v, p0, np.float32(0.125), a, F16_TO_F32)
-    ops.attention_decode_f16c(q, k, v, p0, np.float32(0.125), b)
-    assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
+    # heads split into runs, one per thread, whatever the thread count: the same bits
+    for n_runs in (1, 2, 3, Hq, Hq + 5):
+        b = np.empty_like(q)
+        ops.attention_decode_f16c(q, k, v, p0, np.float32(0.125), b, n_runs)
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), n_runs
     np.testing.assert_allclose(b, ops.attention_decode_ref(q, k, v, p0, 0.125), rtol=2e-3, atol=2e-2)
+
+
+@pytest.mark.parametrize("hd", [32, 64, 96, 128])
+def test_kq_dot_sums_in_ggml_avx2_order(rng, hd):
+    """kq_dot32 (+ the tail) against its numpy twin, and against the plain float64 dot."""
+    import numba
+
+    from engine.quants.common import fma32, kq_dot32
+
+    @numba.njit
+    def dots(q, k):
+        out = np.empty((q.shape[1], k.shape[0]), np.float32)
+        hd = q.shape[2]
+        for h in range(q.shape[1]):
+            for j in range(k.shape[0]):
+                s = kq_dot32(q, h, k, j, h % k.shape[1])
+                for d in range(hd - hd % 32, hd):
+                    s = fma32(q[0, h, d], k[j, h % k.shape[1], d], s)
+                out[h, j] = s
+        return out
+
+    q = ops.to_f16_precision(rng.normal(size=(1, 4, hd)).astype(np.float32) * 3)
+    k = ops.to_f16_precision(rng.normal(size=(7, 2, hd)).astype(np.float32))
+    got = dots(q, k)
+    want = np.array([[ops._kq_dot_ref(q[0, h], k[j, h % 2]) for j in range(7)] for h in range(4)], np.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    exact = np.einsum("hd,jhd->hj", q[0].astype(np.float64), k[:, [0, 1, 0, 1]].astype(np.float64))
+    np.testing.assert_allclose(got, exact, rtol=1e-5, atol=1e-4)
+    # the order is ggml's, not left to right: the sum of 32 lanes pairwise
+    lanes = (q[0, 0, :32].astype(np.float64) * k[0, 0, :32]).astype(np.float32)
+    if hd == 32:
+        l8 = (lanes[:8] + lanes[16:24]) + (lanes[8:16] + lanes[24:32])
+        assert got[0, 0] == ((l8[0] + l8[4]) + (l8[1] + l8[5])) + ((l8[2] + l8[6]) + (l8[3] + l8[7]))
+
+
+def test_fma32_rounds_once(rng):
+    import numba
+
+    from engine.quants.common import fma32
+
+    @numba.njit
+    def f(a, b, c):
+        out = np.empty_like(a)
+        for i in range(a.shape[0]):
+            out[i] = fma32(a[i], b[i], c[i])
+        return out
+
+    a, b, c = (rng.normal(size=1000).astype(np.float32) for _ in range(3))
+    got = f(a, b, c)
+    want = (a.astype(np.float64) * b + c).astype(np.float32)   # exact product, one rounding (ties aside)
+    assert np.mean(got == want) > 0.999
+    unfused = a * b + c   # two roundings: differs somewhere in 1000 draws
+    assert not np.array_equal(got, unfused)
 
 
 def test_f16_round_matches_numpy_on_every_kind_of_float():
