@@ -8,6 +8,7 @@ import sys
 # The decided memory line (#7, #13): the model's share of peak RSS <= file x 1.1 + KV/state +
 # this much for fixed costs (compiled kernels, vocabulary tables, prefill buffers).
 MEMORY_FIXED_BYTES = 25_000_000
+W = 12   # the test column: pp512, tg128, tg128@d4096
 
 
 def cmd_bench(args) -> int:
@@ -35,15 +36,17 @@ def cmd_bench(args) -> int:
         except PeerError as e:
             print(f"deltatalk: {e}", file=sys.stderr)
             return 2
-    if args.tg >= loaded.model.n_ctx:
-        print(f"deltatalk: --tg {args.tg} does not fit the context of {loaded.model.n_ctx} tokens "
-              f"(raise --ctx or lower --tg)", file=sys.stderr)
+    if args.depth + args.tg >= loaded.model.n_ctx:
+        what = f"--depth {args.depth} + --tg {args.tg}" if args.depth else f"--tg {args.tg}"
+        print(f"deltatalk: {what} does not fit the context of {loaded.model.n_ctx} tokens "
+              f"(raise --ctx or lower {'--depth or ' if args.depth else ''}--tg)", file=sys.stderr)
         if peer is not None:
             peer.close()
         return 2
     busy = None
     try:
-        res = run_bench(loaded.model, pp=pp, tg=args.tg, repeats=args.repeats, progress=say, peer=peer)
+        res = run_bench(loaded.model, pp=pp, tg=args.tg, repeats=args.repeats, progress=say, peer=peer,
+                        depth=args.depth)
         if args.busy:
             if say:
                 say(f"again with {args.busy} CPU-bound process(es) in other sessions"
@@ -51,7 +54,7 @@ def cmd_bench(args) -> int:
             runtime.set_threads(args.threads)   # a fresh thread policy for the busy runs
             with busy_processes(args.busy):
                 busy = run_bench(loaded.model, pp=pp, tg=args.tg, repeats=args.repeats, progress=say, peer=peer,
-                                 bandwidth=False)
+                                 bandwidth=False, depth=args.depth)
     except PeerError as e:   # llama.cpp's own crash: say how it ended, not a traceback of ours
         print(f"deltatalk: {e}", file=sys.stderr)
         return 1
@@ -74,19 +77,21 @@ def cmd_bench(args) -> int:
     if busy is not None:
         _print_busy(res, busy, args.busy)
     elif peer is None:
-        print(f"{'test':>8} {'tok/s (median)':>15}   runs")
+        print(f"{'test':>{W}} {'tok/s (median)':>15}   runs")
         for k, v in res["results"].items():
             runs = " ".join(f"{x:.1f}" for x in v["runs"])
-            print(f"{k:>8} {v['median_tps']:15.1f}   {runs}")
+            print(f"{k:>{W}} {v['median_tps']:15.1f}   {runs}")
     else:
-        print(f"{'test':>8} {'deltatalk':>10} {'llama.cpp':>10} {'ratio':>7}   (tok/s, medians of "
+        print(f"{'test':>{W}} {'deltatalk':>10} {'llama.cpp':>10} {'ratio':>7}   (tok/s, medians of "
               f"{args.repeats} interleaved runs; ratio: median of the pairs' ratios; {res['peer']['engine']})")
         for k, v in res["results"].items():
             theirs = res["peer"]["results"][k]["median_tps"]
-            print(f"{k:>8} {v['median_tps']:10.1f} {theirs:10.1f} {res['ratios'][k]:7.2f}")
+            print(f"{k:>{W}} {v['median_tps']:10.1f} {theirs:10.1f} {res['ratios'][k]:7.2f}")
     if res.get("decode_bound_tps"):
         tg = next((v["median_tps"] for k, v in res["results"].items() if k.startswith("tg")), None)
         share = f", decode at {100 * tg / res['decode_bound_tps']:.0f}% of it" if tg else ""
+        if tg and args.depth:
+            share += f" (the bound counts weights only; at depth {args.depth} the KV cache is read too)"
         print(f"memory read {res['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s -> decode bound "
               f"{res['decode_bound_tps']:.1f} tok/s for {res['weight_bytes'] / 1e6:.1f} MB of weights{share}")
     ok = "within" if res["model_rss_bytes"] <= res["memory_bound_bytes"] else "OVER"
@@ -108,13 +113,13 @@ def cmd_bench(args) -> int:
 def _print_busy(idle: dict, busy: dict, n: int):
     """Idle and busy figures side by side (and llama.cpp's, when it ran)."""
     peer = "peer" in idle
-    head = f"{'test':>8} {'idle':>8} {f'busy x{n}':>8} {'kept':>6}"
+    head = f"{'test':>{W}} {'idle':>8} {f'busy x{n}':>8} {'kept':>6}"
     if peer:
         head += f" | {'llama.cpp idle':>14} {'busy':>8} {'kept':>6}"
     print(head + "   (tok/s, medians)")
     for k, v in idle["results"].items():
         a, b = v["median_tps"], busy["results"][k]["median_tps"]
-        line = f"{k:>8} {a:8.1f} {b:8.1f} {b / a:6.2f}"
+        line = f"{k:>{W}} {a:8.1f} {b:8.1f} {b / a:6.2f}"
         if peer:
             pa, pb = idle["peer"]["results"][k]["median_tps"], busy["peer"]["results"][k]["median_tps"]
             line += f" | {pa:14.1f} {pb:8.1f} {pb / pa:6.2f}"

@@ -35,10 +35,14 @@ def time_prefill(model, n_tokens: int, rng, cache_sizes: list | None = None) -> 
     return tps
 
 
-def time_decode(model, n_tokens: int, rng) -> float:
-    """Greedy decode tok/s, with the thread policy adapting per step as in a reply."""
+def time_decode(model, n_tokens: int, rng, depth: int = 0, cache_sizes: list | None = None) -> float:
+    """Greedy decode tok/s, with the thread policy adapting per step as in a reply; with
+    `depth`, after that many tokens already in the context (as deep in a chat: attention
+    then reads depth positions per layer and token)."""
     governor = threads.governor()
     cache = model.make_cache()
+    if depth:
+        prefill(model, cache, rng.integers(0, model.n_vocab, size=depth).tolist(), chunk=PREFILL_CHUNK)
     token = int(rng.integers(0, model.n_vocab))
     governor.before_work()
     model.forward([token], cache, logits="last")  # position 0 is not timed
@@ -48,19 +52,29 @@ def time_decode(model, n_tokens: int, rng) -> float:
         logits = model.forward([token], cache, logits="last")
         token = int(np.argmax(logits[-1]))
         governor.after_step(time.perf_counter() - t_step)
-    return n_tokens / (time.perf_counter() - t)
+    tps = n_tokens / (time.perf_counter() - t)
+    if cache_sizes is not None:
+        cache_sizes.append(sum(cache_bytes(cache).values()))
+    return tps
+
+
+def decode_key(tg: int, depth: int = 0) -> str:
+    """The decode test's name: tg128, or tg128@d4096 after 4096 tokens of context (llama-bench's)."""
+    return f"tg{tg}" + (f"@d{depth}" if depth else "")
 
 
 def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
-              progress: Callable[[str], None] | None = None, bandwidth: bool = True, peer=None) -> dict:
+              progress: Callable[[str], None] | None = None, bandwidth: bool = True, peer=None,
+              depth: int = 0) -> dict:
     """Medians of interleaved runs; with `peer` (an engine.peer.LlamaCppPeer) each of our runs
-    is followed by the same run in llama.cpp, and the ratios ours / llama.cpp are reported."""
+    is followed by the same run in llama.cpp, and the ratios ours / llama.cpp are reported.
+    `depth`: decode after that many tokens of context (prefill is timed from empty)."""
     rng = np.random.default_rng(0)
     pp = [n for n in pp if n < model.n_ctx]
-    tests = [(f"pp{n}", "pp", n) for n in pp] + ([(f"tg{tg}", "tg", tg)] if tg else [])
+    tests = [(f"pp{n}", "pp", n) for n in pp] + ([(decode_key(tg, depth), "tg", tg)] if tg else [])
     samples: dict[str, list[float]] = {k: [] for k, _, _ in tests}
     peer_samples: dict[str, list[float]] = {k: [] for k, _, _ in tests}
-    cache_sizes: list[int] = []   # KV + recurrent state bytes after each prefill
+    cache_sizes: list[int] = []   # KV + recurrent state bytes after each run
     # the read bandwidth is measured after every round too (median): it drifts with the
     # machine's load like the runs do; the probe's buffer is kept out of the peak RSS
     bw_samples: list[float] = []
@@ -68,9 +82,10 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
     probe_each_round = bandwidth and runtime.reset_peak_rss()
     for r in range(repeats):
         for key, kind, n in tests:
-            samples[key].append(time_prefill(model, n, rng, cache_sizes) if kind == "pp" else time_decode(model, n, rng))
+            samples[key].append(time_prefill(model, n, rng, cache_sizes) if kind == "pp"
+                                else time_decode(model, n, rng, depth, cache_sizes))
             if peer is not None:
-                peer_samples[key].append(peer.prefill_tps(n) if kind == "pp" else peer.decode_tps(n))
+                peer_samples[key].append(peer.prefill_tps(n) if kind == "pp" else peer.decode_tps(n, depth))
         if probe_each_round:
             peak_rss = max(peak_rss, runtime.peak_rss_bytes())
             bw_samples.append(runtime.measure_bandwidth(n_bytes=256 << 20, repeats=3))
@@ -91,7 +106,7 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
         # (shared, noisy) machine hits both sides of a pair instead of skewing one median
         ratio = {k: statistics.median(a / b for a, b in zip(samples[k], peer_samples[k])) for k in samples}
         out_peer["ratios"] = ratio
-        out_peer["decode_ratio"] = ratio.get(f"tg{tg}")
+        out_peer["decode_ratio"] = ratio.get(decode_key(tg, depth))
         big_pp = f"pp{max(pp)}" if pp else None
         out_peer["prefill_ratio"] = ratio.get(big_pp) if big_pp else None
     peak_rss = max(peak_rss, runtime.peak_rss_bytes())   # (without a reset: before the probe's buffer)
@@ -115,6 +130,7 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
         # the largest KV cache + recurrent state the runs held (the memory bound allows for it)
         "kv_state_bytes": max(cache_sizes, default=0),
         "repeats": repeats,
+        "depth": depth,
     }
 
 

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 
-# The peer process: load once, then answer {"pp": N} / {"tg": N} lines with tok/s.
+# The peer process: load once, then answer {"pp": N} / {"tg": N, "depth": D} lines with tok/s.
 PEER_SCRIPT = r"""
 import json, sys, time
 import numpy as np
@@ -46,8 +46,10 @@ for line in sys.stdin:
         dt = time.perf_counter() - t
         print(json.dumps({"tps": cmd["pp"] / dt, "peak_rss": peak(), "base_rss": base}), flush=True)
     else:
+        if cmd.get("depth"):   # context already there, as deep in a chat (not timed)
+            llm.eval(rng.integers(0, n_vocab, size=cmd["depth"]).tolist())
         tok = int(rng.integers(0, n_vocab))
-        llm.eval([tok])  # position 0 is not timed, as ours
+        llm.eval([tok])  # the first position is not timed, as ours
         t = time.perf_counter()
         for _ in range(cmd["tg"]):
             llm.eval([tok])
@@ -133,8 +135,8 @@ class LlamaCppPeer:
     def prefill_tps(self, n: int) -> float:
         return self._ask({"pp": n})
 
-    def decode_tps(self, n: int) -> float:
-        return self._ask({"tg": n})
+    def decode_tps(self, n: int, depth: int = 0) -> float:
+        return self._ask({"tg": n, "depth": depth})
 
     def close(self):
         if self.proc.poll() is None:

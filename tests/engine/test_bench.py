@@ -17,6 +17,7 @@ class FakePeer:
 
     def __init__(self):
         self.calls = 0
+        self.depths = []
 
     def _tps(self, base):
         self.calls += 1
@@ -25,7 +26,8 @@ class FakePeer:
     def prefill_tps(self, n):
         return self._tps(1000.0)
 
-    def decode_tps(self, n):
+    def decode_tps(self, n, depth=0):
+        self.depths.append(depth)
         return self._tps(100.0)
 
 
@@ -43,6 +45,26 @@ def test_ratios_are_medians_of_the_pairs_and_the_json_fields_are_there(tiny_llam
     assert res["kv_state_bytes"] > 0 and res["peak_rss_bytes"] > 0
     assert res["kernel_family"] in ("avx-vnni", "avx2", "portable")
     assert res["peer"]["peak_rss_bytes"] == 300_000_000 and res["peer"]["baseline_rss_bytes"] == 100_000_000
+
+
+def test_decode_at_depth_starts_that_deep_in_the_context_for_both_engines(tiny_llama_path):
+    lm = load_model(tiny_llama_path, n_ctx=64)
+    offsets = []
+    forward = lm.model.forward
+
+    def spy(tokens, cache, *a, **k):
+        if len(tokens) == 1:
+            offsets.append(cache[0].offset)
+        return forward(tokens, cache, *a, **k)
+
+    lm.model.forward = spy
+    peer = FakePeer()
+    res = run_bench(lm.model, pp=(), tg=6, repeats=2, bandwidth=False, peer=peer, depth=40)
+    assert set(res["results"]) == {"tg6@d40"} and res["depth"] == 40
+    assert res["decode_ratio"] == res["ratios"]["tg6@d40"]
+    assert peer.depths == [40, 40]
+    # each run: the untimed first token at position 40, then 6 timed steps from 41
+    assert offsets == list(range(40, 47)) * 2
 
 
 def test_bandwidth_is_probed_each_round_and_kept_out_of_the_peak_rss(tiny_llama_path):
