@@ -70,7 +70,7 @@ MAX_TOKENS = 16
 
 # sha256 of the callees' sources (engine/kernel_stamp.py): an edit there changes this file, so
 # numba's cache of the step is rebuilt instead of keeping the old callees' code
-CALLEE_SOURCES_SHA256 = "7f7db4cd111b893132b5206356636dd2b1d6801fece1b6c5bd333c8fc58724fd"
+CALLEE_SOURCES_SHA256 = "d5c6a2cf665959d59281805e70108c1c2cb2d6802f6a50244bd25e8d8b5a0d91"
 
 
 def enabled() -> bool:

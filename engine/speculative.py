@@ -248,7 +248,7 @@ class DraftPolicy:
         self.prior = prior or (lambda evidence: self.DEFAULT_PRIOR)   # evidence -> p before any draft
         self.step_seconds: dict[int, float] = {}        # T -> EMA of a step's seconds
         self.counts: dict[object, list[float]] = {}     # evidence -> [accepted, rejected] (decayed)
-        self.skipped: dict[object, int] = {}            # evidence -> plain steps since its last draft
+        self.skipped: dict[object, int] = {}            # evidence -> proposals passed over since its last draft
 
     def cost(self, T: int) -> float:
         """A step feeding T tokens, in plain steps."""
@@ -301,9 +301,11 @@ class DraftPolicy:
         """A step that fed `fed` tokens took `seconds` (drafting and verification)."""
         if seconds <= 0:
             return
-        old = self.step_seconds.get(fed)
+        old, one = self.step_seconds.get(fed), self.step_seconds.get(1)
         if old is None:
-            self.step_seconds[fed] = seconds
+            # a pass of T never costs more than T plain steps: a first timing slowed by the
+            # machine would otherwise keep that length from being drafted (and timed) again
+            self.step_seconds[fed] = min(seconds, fed * one) if one and fed > 1 else seconds
         else:   # a step slowed by the machine (another process, a page fault) counts at most double
             self.step_seconds[fed] = old + self.EMA * (min(seconds, 2 * old) - old)
 

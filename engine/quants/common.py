@@ -110,7 +110,7 @@ def kq_dot32(typingctx, q, h, k, j, kh):
                        ((args[1], sig.args[1]), (args[3], sig.args[3]), (args[4], sig.args[4])))
         shape_k = cgutils.unpack_tuple(builder, ka.shape, 3)
         hd = shape_k[2]
-        f, v8 = ir.FloatType(), ir.VectorType(ir.FloatType(), 8)
+        v8 = ir.VectorType(ir.FloatType(), 8)
         qp = builder.gep(qa.data, [builder.mul(h_, hd)])
         kp = builder.gep(ka.data, [builder.mul(builder.add(builder.mul(j_, shape_k[1]), kh_), hd)])
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8] * 3), "llvm.fma.v8f32")

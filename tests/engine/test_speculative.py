@@ -160,6 +160,8 @@ def test_draft_policy_costs_come_from_timed_steps():
     assert pol.cost(7) == pytest.approx(1 + 6 * (2.0 / 3))    # untimed: the slope of the nearest timed length
     pol.timed(2, 0.018)   # a tie: the longer timed length speaks for 3
     assert pol.cost(3) == pytest.approx(1 + 2 * (2.0 / 3)) and pol.cost(8) == pytest.approx(1 + 7 * (2.0 / 3))
+    pol.timed(8, 1.0)                  # a first timing slowed by the machine: at most 8 plain steps
+    assert pol.cost(8) == pytest.approx(8.0)
     pol.timed(1, 1.0)                  # one step slowed by the machine counts at most double
     assert pol.step_seconds[1] == pytest.approx(0.010 + DraftPolicy.EMA * 0.010)
 
