@@ -224,11 +224,15 @@ class DraftPolicy:
 
     A draft of k accepted token by token with probability p yields E(k) = 1 + p + ... + p^k
     tokens for c(k + 1) steps; k = 0 (a plain step) yields 1 for 1. Drafting needs a margin
-    over that. Evidence not drafted from for EXPLORE_AFTER proposals gets a one-token draft,
-    so the estimate can recover when the text changes within a reply (a pass of 2 per
-    EXPLORE_AFTER proposals where every such draft fails: well under 1% of free prose's time,
-    where few steps find a match at all). The Speculator adds to the drafter's evidence
+    over that. With `explore` (a free drafter: lookup), evidence not drafted from for
+    EXPLORE_AFTER proposals gets a one-token draft, so the estimate can recover when the text
+    changes within a reply (a pass of 2 per EXPLORE_AFTER proposals where every such draft
+    fails: well under 1% of free prose's time, where few steps find a match at all). The Speculator adds to the drafter's evidence
     whether the step before took a whole draft (see Speculator.STREAK_PRIOR).
+
+    Costs are relative to a plain step, so the first step of a policy is plain, and so is one
+    after YARDSTICK_AFTER passes in a row (a draft model that always has a draft would
+    otherwise be priced by the prior alone).
 
     Replaced a fixed rule (double k while drafts are taken whole, pause after misses) that
     cost free prose 7% on the EPYC (0.93x plain), where this policy keeps it at 1.00x."""
@@ -240,15 +244,17 @@ class DraftPolicy:
     PRIOR_SLOPE = 0.35    # c(T) = 1 + slope (T - 1) until a pass of T has been timed
     MARGIN = 1.05         # drafting must promise 5% more tokens per second than a plain step
     EMA = 0.2
+    YARDSTICK_AFTER = 32  # passes in a row before a plain step is timed again
 
-    def __init__(self, k_max: int, adaptive: bool = True, prior=None):
+    def __init__(self, k_max: int, adaptive: bool = True, prior=None, explore: bool = True):
         if k_max < 1:
             raise ValueError(f"--draft-max must be >= 1, got {k_max}")
-        self.k_max, self.adaptive = k_max, adaptive
+        self.k_max, self.adaptive, self.explore = k_max, adaptive, explore
         self.prior = prior or (lambda evidence: self.DEFAULT_PRIOR)   # evidence -> p before any draft
         self.step_seconds: dict[int, float] = {}        # T -> EMA of a step's seconds
         self.counts: dict[object, list[float]] = {}     # evidence -> [accepted, rejected] (decayed)
         self.skipped: dict[object, int] = {}            # evidence -> proposals passed over since its last draft
+        self.passes_since_plain = 0
 
     def cost(self, T: int) -> float:
         """A step feeding T tokens, in plain steps."""
@@ -278,6 +284,11 @@ class DraftPolicy:
         k_avail = min(k_avail, self.k_max)
         if not self.adaptive or k_avail <= 0:
             return max(0, k_avail)
+        # every cost is relative to a plain step: time one first, and again now and then (the
+        # thread count and the machine's load change); a drafter that always has a draft (a
+        # model) would otherwise be priced by the prior forever
+        if 1 not in self.step_seconds or self.passes_since_plain >= self.YARDSTICK_AFTER:
+            return 0
         p = self.p(evidence)
         best_k, best = 0, self.MARGIN
         expected, pk = 1.0, 1.0
@@ -291,7 +302,7 @@ class DraftPolicy:
                 best_k, best = k, rate
         if best_k == 0:
             self.skipped[evidence] = self.skipped.get(evidence, 0) + 1
-            if self.skipped[evidence] < self.EXPLORE_AFTER:
+            if not self.explore or self.skipped[evidence] < self.EXPLORE_AFTER:
                 return 0
             best_k = 1
         self.skipped[evidence] = 0
@@ -301,6 +312,7 @@ class DraftPolicy:
         """A step that fed `fed` tokens took `seconds` (drafting and verification)."""
         if seconds <= 0:
             return
+        self.passes_since_plain = 0 if fed == 1 else self.passes_since_plain + 1
         old, one = self.step_seconds.get(fed), self.step_seconds.get(1)
         if old is None:
             # a pass of T never costs more than T plain steps: a first timing slowed by the
@@ -344,8 +356,11 @@ class Speculator:
         drafter_prior = getattr(drafter, "prior", lambda e: DraftPolicy.DEFAULT_PRIOR)
         # evidence: (the drafter's own, whether the step before took a whole draft): a text
         # being copied is taken draft after draft, then fails where it diverges
+        # probes only where proposing is free: a draft model's probe first catches its cache up
+        # on everything since its last draft (a prompt's worth, the first time)
         self.policy = DraftPolicy(draft_max, adaptive,
-                                  lambda ev: self.STREAK_PRIOR if ev[1] else drafter_prior(ev[0]))
+                                  lambda ev: self.STREAK_PRIOR if ev[1] else drafter_prior(ev[0]),
+                                  explore=getattr(drafter, "free", False))
         self.streak = False   # the last step's draft was taken whole
         self.stats = SpeculationStats()
         self.last_fed = 0   # tokens the last step fed (1: it was a plain step)

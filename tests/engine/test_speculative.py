@@ -187,6 +187,33 @@ def test_lookup_prior_trusts_longer_matches():
     assert pol.choose(3, 8) == 0 and pol.choose(6, 8) >= 3
 
 
+def test_draft_policy_times_a_plain_step_first_and_again_after_many_passes():
+    pol = DraftPolicy(8)
+    assert pol.choose(None, 8) == 0            # nothing to price drafts against yet
+    pol.timed(1, 0.005)
+    for _ in range(20):
+        pol.judged(None, 7, rejected=False)
+    assert pol.choose(None, 8) == 7
+    for _ in range(DraftPolicy.YARDSTICK_AFTER):
+        pol.timed(8, 0.020)
+    assert pol.choose(None, 8) == 0            # a plain step again: is the yardstick still true?
+    pol.timed(1, 0.005)
+    assert pol.choose(None, 8) == 7
+
+
+def test_draft_policy_stops_drafting_when_the_drafter_costs_more_than_it_saves():
+    # a draft model as big as the target: 7 drafted tokens + the pass take 11 plain steps
+    pol = _policy({1: 5.0, 8: 55.0})
+    for _ in range(20):
+        pol.judged(None, 6, rejected=True)     # 6 of 7 taken, every time
+    assert [pol.choose(None, 8) for _ in range(3 * DraftPolicy.EXPLORE_AFTER)].count(1) == 3   # lookup probes
+    costly = _policy({1: 5.0, 8: 55.0})
+    costly.explore = False     # a draft model: a probe would first catch its cache up
+    for _ in range(20):
+        costly.judged(None, 6, rejected=True)
+    assert set(costly.choose(None, 8) for _ in range(3 * DraftPolicy.EXPLORE_AFTER)) == {0}
+
+
 def test_draft_policy_fixed_length_when_not_adaptive():
     pol = DraftPolicy(5, adaptive=False)
     pol.judged(None, 0, rejected=True)
@@ -235,7 +262,9 @@ def test_draft_model_q4_1_for_q8_0_identical(default_model_path, tmp_path):
     msgs = [{"role": "user", "content": "Write a haiku about the sea."}]
     prompt = target.tokenizer.encode(target.template.render(msgs, add_generation_prompt=True), add_special=False)
     plain, plain_logits, _ = greedy(target.model, target.tokenizer, prompt, 40)
-    spec = Speculator(ModelDrafter(target, draft), draft_max=4)
+    # drafting every step (the policy would stop: this pair's draft model costs what the target
+    # does), so rejections and rollbacks happen
+    spec = Speculator(ModelDrafter(target, draft), draft_max=4, adaptive=False)
     ids, logits, _ = greedy(target.model, target.tokenizer, prompt, 40, spec)
     assert ids == plain and np.array_equal(logits, plain_logits)
     assert spec.stats.accepted > 0 and spec.stats.drafted > spec.stats.accepted
