@@ -303,10 +303,10 @@ def attention_decode_f16c(q, k_cache, v_cache, p0, scale, out, n_runs):
         h0, h1 = run * Hq // n_runs, (run + 1) * Hq // n_runs
         nh = h1 - h0
         scores = np.empty((nh, n), np.float32)
-        for i in range(nh):
-            h = h0 + i
-            kh = h // n_rep
-            for j in range(n):
+        for j in range(n):   # positions outside: a K row is read from memory once for the heads sharing it
+            for i in range(nh):
+                h = h0 + i
+                kh = h // n_rep
                 s = kq_dot32(q, h, k_cache, j, kh)
                 for d in range(n32, hd):
                     s = fma32(q[0, h, d], k_cache[j, kh, d], s)
