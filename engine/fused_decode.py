@@ -70,7 +70,7 @@ MAX_TOKENS = 16
 
 # sha256 of the callees' sources (engine/kernel_stamp.py): an edit there changes this file, so
 # numba's cache of the step is rebuilt instead of keeping the old callees' code
-CALLEE_SOURCES_SHA256 = "85151b14292451bd6665fa930a0fa7969e7e6c1ad9f7a2e54d6c1193a1a7d0b0"
+CALLEE_SOURCES_SHA256 = "4113d9179f10b195efa4ec9cbde62658f02de8149e517c0cd52d69d549c72466"
 
 
 def enabled() -> bool:

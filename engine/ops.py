@@ -14,7 +14,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from engine.quants.common import F16_TO_F32, HAVE_F16C, f16_round, f32_to_f16_bits, fma32, fma32_ref, kq_dot32
+from engine.quants.common import F16_TO_F32, HAVE_F16C, f16_round, f32_to_f16_bits, fma32, fma32_ref, kq_dot
 
 from engine.jit import JIT as _JIT, JIT_EXACT, JIT_EXACT_PAR, JIT_PAR as _JIT_PAR
 
@@ -241,18 +241,15 @@ def attention(q, k_cache, v_cache, p0, scale, out):
 def attention_decode(q, k_cache, v_cache, p0, scale, out, lut):
     """One query (T = 1) the way llama.cpp's CPU flash attention runs it.
 
-    Scores summed as ggml's fp16 dot product on AVX2 (kq_dot32: 32 lanes of fused
-    multiply-adds, a fixed reduction; vectorized where the left-to-right sum was one
-    dependent chain); online softmax over the positions in
-    order, with the V accumulator kept in fp16 (acc + v * p fused, rounded after every
-    update), as ggml's single-query path does; then / sum.
+    Scores summed as ggml's fp16 dot product is on AVX2 (kq_dot); online softmax over the
+    positions in order, with the V accumulator kept in fp16 (acc + v * p fused, rounded after
+    every update), as ggml's single-query path does; then / sum.
     q: (1, Hq, hd), fp16 values; lut: fp16 bits -> float32 (engine.quants.common.F16_TO_F32).
     """
     _, Hq, hd = q.shape
     Hkv = k_cache.shape[1]
     n_rep = Hq // Hkv
     n = p0 + 1
-    n32 = hd - hd % 32
     for h in prange(Hq):
         kh = h // n_rep
         sf = np.empty(1, np.float32)
@@ -261,10 +258,7 @@ def attention_decode(q, k_cache, v_cache, p0, scale, out, lut):
         m = np.float32(-np.inf)
         total = np.float32(0.0)
         for j in range(n):
-            s = kq_dot32(q, h, k_cache, j, kh)
-            for d in range(n32, hd):   # the tail past the last 32 lanes (none for hd = 64, 128)
-                s = fma32(q[0, h, d], k_cache[j, kh, d], s)
-            s = s * scale
+            s = kq_dot(q, h, k_cache, j, kh) * scale
             ms = np.float32(1.0)
             vs = np.float32(1.0)
             if s > m:
@@ -286,18 +280,19 @@ def attention_decode(q, k_cache, v_cache, p0, scale, out, lut):
 def attention_decode_f16c(q, k_cache, v_cache, p0, scale, out, n_runs):
     """attention_decode, bit for bit, with hardware fp16 rounding (needs HAVE_F16C).
 
-    n_runs: the threads in use (numba.get_num_threads(), passed in: read inside the kernel it
-    would keep numba from caching it). Each thread takes a run of heads and walks the positions once for all of them: a head's
-    fp16 accumulator is one dependent chain over the positions (each update waits on the
-    last), so several heads' chains side by side fill the time one would wait; neighbouring
-    heads share their K/V rows (grouped-query attention). Per head, the same operations in
-    the same order as attention_decode.
+    Each thread takes a run of heads and walks the positions once for all of them: deep in a
+    chat the K/V rows come from memory (30 layers x 4000 positions: ~180 MB a token), and
+    neighbouring heads share them (grouped-query attention), so each row is read once for its
+    heads; and a head's fp16 accumulator is one dependent chain over the positions (each update
+    waits on the last), so several heads' chains side by side fill the time one would wait.
+    Per head, the same operations in the same order as attention_decode. n_runs: the threads
+    in use (numba.get_num_threads(), passed in: read inside the kernel it would keep numba
+    from caching it).
     """
     _, Hq, hd = q.shape
     Hkv = k_cache.shape[1]
     n_rep = Hq // Hkv
     n = p0 + 1
-    n32 = hd - hd % 32
     n_runs = max(1, min(Hq, n_runs))
     for run in prange(n_runs):
         h0, h1 = run * Hq // n_runs, (run + 1) * Hq // n_runs
@@ -307,10 +302,7 @@ def attention_decode_f16c(q, k_cache, v_cache, p0, scale, out, n_runs):
             for i in range(nh):
                 h = h0 + i
                 kh = h // n_rep
-                s = kq_dot32(q, h, k_cache, j, kh)
-                for d in range(n32, hd):
-                    s = fma32(q[0, h, d], k_cache[j, kh, d], s)
-                scores[i, j] = s * scale
+                scores[i, j] = kq_dot(q, h, k_cache, j, kh) * scale
         acc = np.zeros((nh, hd), np.float32)  # always fp16-representable values
         m = np.full(nh, -np.inf, np.float32)
         total = np.zeros(nh, np.float32)
@@ -337,7 +329,7 @@ def attention_decode_f16c(q, k_cache, v_cache, p0, scale, out, n_runs):
 
 
 def _kq_dot_ref(q: np.ndarray, k: np.ndarray) -> np.float32:
-    """numpy twin of kq_dot32 and the tail after it (fused steps: exact products in float64)."""
+    """numpy twin of kq_dot (fused steps: exact products in float64)."""
     hd = q.shape[0]
     n32 = hd - hd % 32
     lanes = np.zeros(32, np.float32)

@@ -353,14 +353,15 @@ class Speculator:
 
     def __init__(self, drafter, draft_max: int = DEFAULT_DRAFT_MAX, adaptive: bool = True):
         self.drafter = drafter
+        self.free = getattr(drafter, "free", False)   # proposing costs no forward pass (lookup)
         drafter_prior = getattr(drafter, "prior", lambda e: DraftPolicy.DEFAULT_PRIOR)
         # evidence: (the drafter's own, whether the step before took a whole draft): a text
-        # being copied is taken draft after draft, then fails where it diverges
-        # probes only where proposing is free: a draft model's probe first catches its cache up
-        # on everything since its last draft (a prompt's worth, the first time)
+        # being copied is taken draft after draft, then fails where it diverges. Probes only
+        # where proposing is free: a draft model's probe first catches its cache up on
+        # everything since its last draft (a prompt's worth, the first time).
         self.policy = DraftPolicy(draft_max, adaptive,
                                   lambda ev: self.STREAK_PRIOR if ev[1] else drafter_prior(ev[0]),
-                                  explore=getattr(drafter, "free", False))
+                                  explore=self.free)
         self.streak = False   # the last step's draft was taken whole
         self.stats = SpeculationStats()
         self.last_fed = 0   # tokens the last step fed (1: it was a plain step)
@@ -375,7 +376,7 @@ class Speculator:
         that costs a forward pass per token is asked only for what the policy wants."""
         if k_cap <= 0:
             return [], None
-        if getattr(self.drafter, "free", False):
+        if self.free:
             draft = self.drafter.propose(context, k_cap)
             evidence = (self.drafter.evidence, self.streak)
             k = self.policy.choose(evidence, len(draft)) if draft else 0

@@ -93,11 +93,12 @@ def fma32(typingctx, a, b, c):
 
 
 @intrinsic
-def kq_dot32(typingctx, q, h, k, j, kh):
-    """q[0, h, :n32] · k[j, kh, :n32] (n32: the head size rounded down to 32) summed as
-    ggml_vec_dot_f16 does on AVX2: four <8 x float> accumulators over 32-wide steps by fused
-    multiply-adds, added 0+2, 1+3, then 0+1; the 8 lanes as ((0+4)+(1+5))+((2+6)+(3+7)).
-    q (1, Hq, hd) and k (n, Hkv, hd): C-contiguous float32. Generic LLVM vectors: any x86."""
+def kq_dot(typingctx, q, h, k, j, kh):
+    """q[0, h] · k[j, kh] summed as ggml_vec_dot_f16 does on AVX2: four <8 x float>
+    accumulators over 32-wide steps by fused multiply-adds, added 0+2, 1+3, then 0+1; the 8
+    lanes as ((0+4)+(1+5))+((2+6)+(3+7)); then the values past the last 32, one fused
+    multiply-add each. q (1, Hq, hd) and k (n, Hkv, hd): C-contiguous float32. Generic LLVM
+    vectors: any x86. (One dependent chain, left to right, was 2x slower.)"""
     f32, i64 = numba.types.float32, numba.types.int64
     for a in (q, k):
         if not isinstance(a, numba.types.Array) or a.dtype != f32 or a.ndim != 3 or a.layout != "C":
@@ -110,7 +111,8 @@ def kq_dot32(typingctx, q, h, k, j, kh):
                        ((args[1], sig.args[1]), (args[3], sig.args[3]), (args[4], sig.args[4])))
         shape_k = cgutils.unpack_tuple(builder, ka.shape, 3)
         hd = shape_k[2]
-        v8 = ir.VectorType(ir.FloatType(), 8)
+        f = ir.FloatType()
+        v8 = ir.VectorType(f, 8)
         qp = builder.gep(qa.data, [builder.mul(h_, hd)])
         kp = builder.gep(ka.data, [builder.mul(builder.add(builder.mul(j_, shape_k[1]), kh_), hd)])
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8] * 3), "llvm.fma.v8f32")
@@ -132,7 +134,14 @@ def kq_dot32(typingctx, q, h, k, j, kh):
         hi = builder.shuffle_vector(x0, x0, ir.Constant(ir.VectorType(i32, 4), [4, 5, 6, 7]))
         t = builder.fadd(lo, hi)
         e = [builder.extract_element(t, ir.Constant(i32, i)) for i in range(4)]
-        return builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3]))
+        s = cgutils.alloca_once_value(builder, builder.fadd(builder.fadd(e[0], e[1]), builder.fadd(e[2], e[3])))
+        n32 = builder.mul(n_steps, ir.Constant(ir.IntType(64), 32))
+        fma1 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f, [f] * 3), "llvm.fma.f32")
+        with cgutils.for_range(builder, builder.sub(hd, n32)) as loop:   # the tail (none for hd = 64, 128)
+            d = builder.add(n32, loop.index)
+            qd, kd = builder.load(builder.gep(qp, [d])), builder.load(builder.gep(kp, [d]))
+            builder.store(builder.call(fma1, [qd, kd, builder.load(s)]), s)
+        return builder.load(s)
 
     return f32(q, h, k, j, kh), codegen
 

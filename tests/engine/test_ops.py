@@ -140,21 +140,17 @@ def test_f16c_decode_attention_is_bit_identical_to_the_portable_kernel(rng, p0, 
 
 @pytest.mark.parametrize("hd", [32, 64, 96, 128])
 def test_kq_dot_sums_in_ggml_avx2_order(rng, hd):
-    """kq_dot32 (+ the tail) against its numpy twin, and against the plain float64 dot."""
+    """kq_dot against its numpy twin, and against the plain float64 dot."""
     import numba
 
-    from engine.quants.common import fma32, kq_dot32
+    from engine.quants.common import kq_dot
 
     @numba.njit
     def dots(q, k):
         out = np.empty((q.shape[1], k.shape[0]), np.float32)
-        hd = q.shape[2]
         for h in range(q.shape[1]):
             for j in range(k.shape[0]):
-                s = kq_dot32(q, h, k, j, h % k.shape[1])
-                for d in range(hd - hd % 32, hd):
-                    s = fma32(q[0, h, d], k[j, h % k.shape[1], d], s)
-                out[h, j] = s
+                out[h, j] = kq_dot(q, h, k, j, h % k.shape[1])
         return out
 
     q = ops.to_f16_precision(rng.normal(size=(1, 4, hd)).astype(np.float32) * 3)
