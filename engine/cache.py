@@ -3,9 +3,10 @@
 layer's arrays at a position, by name: what checkpoints copy and saved chats write).
 
 `KVCache` (attention layers) is preallocated for the whole context and trimmable: the
-positions past `offset` are simply overwritten later. Its buffers are fresh anonymous
-mappings (`lazy_zeros`), touched only as the conversation grows, so untouched pages cost no
-resident memory.
+positions past `offset` are simply overwritten later. It holds fp16 values, as llama.cpp's
+default F16 cache, stored as their bit patterns (uint16: numba has no float16). Its buffers
+are fresh anonymous mappings (`lazy_zeros`), touched only as the conversation grows, so
+untouched pages cost no resident memory.
 
 `RecurrentCache` (Gated DeltaNet layers) is a fixed-size state that can be snapshotted and
 restored but not trimmed. `cache_bytes(caches)` sums the bytes in use by kind.
@@ -22,8 +23,8 @@ import numpy as np
 
 @dataclass
 class CacheState:
-    """One layer's contents after `offset` tokens: named arrays (a KV layer's "k", "v" as fp16,
-    exact since the cache holds fp16-rounded values; a recurrent layer's "conv", "state")."""
+    """One layer's contents after `offset` tokens: named arrays (a KV layer's "k", "v" as
+    float16, exactly what the cache holds; a recurrent layer's "conv", "state")."""
 
     offset: int
     arrays: dict[str, np.ndarray]
@@ -44,12 +45,13 @@ def lazy_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, n), dtype=dtype).reshape(shape)
 
 
-class KVCache:
-    """Keys and values of one attention layer: (n_ctx, n_kv_heads, head_dim) float32.
+KV_DTYPE = np.uint16   # fp16 bit patterns: half the bytes of float32, and llama.cpp's F16 cache
 
-    Values are stored already rounded to fp16 precision (as llama.cpp's F16 cache holds
-    them), in float32 so the attention kernel reads them without conversion.
-    """
+
+class KVCache:
+    """Keys and values of one attention layer: (n_ctx, n_kv_heads, head_dim) fp16 bit patterns
+    (KV_DTYPE; `.view(np.float16)` reads them as numbers). The attention kernels widen them to
+    float32 as they read: deep in a chat these rows are most of the bytes a token reads."""
 
     kind: ClassVar[str] = "kv"
     trimmable: ClassVar[bool] = True       # any suffix can be dropped: positions are overwritten later
@@ -63,31 +65,34 @@ class KVCache:
         self.offset = 0
         self.block, self.layer = block, layer
         if block is None:
-            self.keys = lazy_zeros((n_ctx, n_kv_heads, head_dim))
-            self.values = lazy_zeros((n_ctx, n_kv_heads, head_dim))
+            self.keys = lazy_zeros((n_ctx, n_kv_heads, head_dim), KV_DTYPE)
+            self.values = lazy_zeros((n_ctx, n_kv_heads, head_dim), KV_DTYPE)
         else:
             self.keys, self.values = block[0][layer], block[1][layer]
-            if self.keys.shape != (n_ctx, n_kv_heads, head_dim) or self.values.shape != self.keys.shape:
-                raise ValueError(f"a KV block row of shape {self.keys.shape} does not fit "
-                                 f"{(n_ctx, n_kv_heads, head_dim)}")
+            if (self.keys.shape != (n_ctx, n_kv_heads, head_dim) or self.values.shape != self.keys.shape
+                    or self.keys.dtype != KV_DTYPE or self.values.dtype != KV_DTYPE):
+                raise ValueError(f"a KV block row of shape {self.keys.shape} ({self.keys.dtype}) does not fit "
+                                 f"{(n_ctx, n_kv_heads, head_dim)} ({np.dtype(KV_DTYPE)})")
 
     def move_to_block(self, block: tuple[np.ndarray, np.ndarray], layer: int) -> None:
         """Keep this layer's keys and values in row `layer` of `block` (positions in use copied)."""
         keys, values = block[0][layer], block[1][layer]
-        if keys.shape != self.keys.shape or values.shape != self.values.shape:
+        if keys.shape != self.keys.shape or values.shape != self.values.shape or keys.dtype != self.keys.dtype:
             raise ValueError(f"a KV block row of shape {keys.shape} does not fit {self.keys.shape}")
         keys[: self.offset] = self.keys[: self.offset]
         values[: self.offset] = self.values[: self.offset]
         self.keys, self.values, self.block, self.layer = keys, values, block, layer
 
     def write(self, k: np.ndarray, v: np.ndarray) -> int:
-        """Append T positions; return the position of the first one."""
+        """Append T positions of float values (rounded to the nearest fp16, overflow to inf, as
+        llama.cpp stores them); return the position of the first one."""
         T = k.shape[0]
         p0 = self.offset
         if p0 + T > self.n_ctx:
             raise ValueError(f"KV cache full: {p0} + {T} positions > context {self.n_ctx}")
-        self.keys[p0 : p0 + T] = k
-        self.values[p0 : p0 + T] = v
+        with np.errstate(over="ignore"):
+            self.keys[p0 : p0 + T] = np.asarray(k, np.float32).astype(np.float16).view(KV_DTYPE)
+            self.values[p0 : p0 + T] = np.asarray(v, np.float32).astype(np.float16).view(KV_DTYPE)
         self.offset = p0 + T
         return p0
 
@@ -104,9 +109,9 @@ class KVCache:
         return n
 
     def snapshot(self) -> CacheState:
-        """A copy of the positions in use (fp16: exactly the values the cache holds)."""
-        return CacheState(self.offset, {"k": self.keys[: self.offset].astype(np.float16),
-                                        "v": self.values[: self.offset].astype(np.float16)})
+        """A copy of the positions in use, as float16 (exactly the values the cache holds)."""
+        return CacheState(self.offset, {"k": self.keys[: self.offset].view(np.float16).copy(),
+                                        "v": self.values[: self.offset].view(np.float16).copy()})
 
     def check(self, st: CacheState) -> None:
         """ValueError unless `st` fits this cache (shapes checked before anything is written)."""
@@ -118,8 +123,9 @@ class KVCache:
 
     def restore(self, st: CacheState) -> None:
         self.check(st)
-        self.keys[: st.offset] = st.arrays["k"]
-        self.values[: st.offset] = st.arrays["v"]
+        with np.errstate(over="ignore"):
+            self.keys[: st.offset] = st.arrays["k"].astype(np.float16, copy=False).view(KV_DTYPE)
+            self.values[: st.offset] = st.arrays["v"].astype(np.float16, copy=False).view(KV_DTYPE)
         self.offset = st.offset
 
     @classmethod
@@ -132,9 +138,10 @@ class KVCache:
 
 
 def kv_block(n_layer: int, n_ctx: int, n_kv_heads: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Keys and values of every layer in two (L, n_ctx, heads, dim) arrays (untouched pages)."""
+    """Keys and values of every layer in two (L, n_ctx, heads, dim) arrays of fp16 bits
+    (untouched pages)."""
     shape = (n_layer, n_ctx, n_kv_heads, head_dim)
-    return lazy_zeros(shape), lazy_zeros(shape)
+    return lazy_zeros(shape, KV_DTYPE), lazy_zeros(shape, KV_DTYPE)
 
 
 def kv_block_caches(n_layer: int, n_ctx: int, n_kv_heads: int, head_dim: int) -> list[Cache]:

@@ -36,7 +36,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as G
 
 from engine import ops
-from engine.cache import kv_block
+from engine.cache import KV_DTYPE, kv_block
 from engine.jit import JIT_EXACT
 from engine.quants.linear import KERNEL_FAMILY, QuantLinear
 from engine.quants.activations import _q8_0_kernel, _q8_k_kernel
@@ -70,7 +70,7 @@ MAX_TOKENS = 16
 
 # sha256 of the callees' sources (engine/kernel_stamp.py): an edit there changes this file, so
 # numba's cache of the step is rebuilt instead of keeping the old callees' code
-CALLEE_SOURCES_SHA256 = "4113d9179f10b195efa4ec9cbde62658f02de8149e517c0cd52d69d549c72466"
+CALLEE_SOURCES_SHA256 = "a0c933231f8e177bc9d835986f71eab5d43323d6965a3ff5a3a9ec1374004671"
 
 
 def enabled() -> bool:
@@ -177,7 +177,7 @@ if AVAILABLE:
                      n, q, k, v, att, o, g, u, f, o_none,
                      xq, xd, xs, kd, kb, lut, out_norm, head_kind, head_act, head, h, logits):
         """kinds/acts (L, 7): q k v o gate up down; where (L, 7, 3): offset, rows, row bytes of
-        each weight in `blocks` (the file, uint8). keys/values (L, n_ctx, Hkv, hd). Every
+        each weight in `blocks` (the file, uint8). keys/values (L, n_ctx, Hkv, hd) fp16 bits. Every
         buffer (T, width) float32: T tokens at positions p0.. (decode: 1; a speculative
         verification: each row exactly as if fed alone, decode's single-query attention)."""
         L = attn_norm.shape[0]
@@ -313,8 +313,8 @@ class FusedDecode:
             block = kv_block(len(cache), cache[0].n_ctx, a.n_head_kv, a.head_dim)
             for l, c in enumerate(cache):
                 c.move_to_block(block, l)
-        if block[0].shape != (a.n_layer, cache[0].n_ctx, a.n_head_kv, a.head_dim) or block[0].dtype != np.float32 \
-                or block[1].shape != block[0].shape or block[1].dtype != np.float32:
+        if block[0].shape != (a.n_layer, cache[0].n_ctx, a.n_head_kv, a.head_dim) or block[0].dtype != KV_DTYPE \
+                or block[1].shape != block[0].shape or block[1].dtype != KV_DTYPE:
             raise ValueError(f"KV cache of shape {block[0].shape} does not fit the model")
         return block
 

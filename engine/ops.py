@@ -3,7 +3,9 @@
 Each numba kernel has a plain numpy twin (`*_ref`) beside it; tests compare the two.
 Numerics follow llama.cpp's CPU backend: norms accumulate in float64, RoPE angles are
 built by repeated float32 multiplication, K/V and q are rounded to fp16 for the
-attention dot products (llama.cpp keeps an F16 KV cache).
+attention dot products (llama.cpp keeps an F16 KV cache). The KV cache holds fp16 bit
+patterns (uint16: numba has no float16), half the bytes of float32; the kernels widen them
+as they read (vcvtph2ps with F16C, else the F16_TO_F32 table).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import numba
 import numpy as np
 from numba import prange
 
-from engine.quants.common import F16_TO_F32, HAVE_F16C, f16_round, f32_to_f16_bits, fma32, fma32_ref, kq_dot
+from engine.quants.common import (F16_TO_F32, HAVE_F16C, f16_bits, f16_round, f16_value, f32_to_f16_bits, fma32,
+                                  fma32_ref, kq_dot, kq_dot8, kq_dot_lut)
 
 from engine.jit import JIT as _JIT, JIT_EXACT, JIT_EXACT_PAR, JIT_PAR as _JIT_PAR
 
@@ -159,10 +162,23 @@ def to_f16_precision(a):
         return a.astype(np.float16).astype(np.float32)
 
 
+def f16_bits_of(a) -> np.ndarray:
+    """float values -> the nearest fp16 values' bit patterns (uint16), as the KV cache holds them."""
+    with np.errstate(over="ignore"):
+        return np.asarray(a, np.float32).astype(np.float16).view(np.uint16)
+
+
+def f16_values_of(bits) -> np.ndarray:
+    """fp16 bit patterns (uint16, e.g. a KV cache's rows) -> their float32 values."""
+    if bits.dtype != np.uint16:
+        raise TypeError(f"fp16 bit patterns are uint16, not {bits.dtype}")
+    return bits.view(np.float16).astype(np.float32)
+
+
 @numba.njit(**JIT_EXACT)
 def rope_store_f16c(q, k, v, cos, sin, p0, n_rot, neox, keys, values):
     """rope_and_store in one call (needs HAVE_F16C): q, k rotated in place; q rounded to fp16 in
-    place; k and v rounded to fp16 into keys/values at positions p0..p0+T-1."""
+    place; k and v rounded to fp16 into keys/values (uint16 bit patterns) at positions p0..p0+T-1."""
     rope_inplace(q, cos, sin, p0, n_rot, neox)
     rope_inplace(k, cos, sin, p0, n_rot, neox)
     T, H, hd = q.shape
@@ -173,8 +189,8 @@ def rope_store_f16c(q, k, v, cos, sin, p0, n_rot, neox, keys, values):
                 q[t, h, d] = f16_round(q[t, h, d])
         for h in range(Hkv):
             for d in range(hd):
-                keys[p0 + t, h, d] = f16_round(k[t, h, d])
-                values[p0 + t, h, d] = f16_round(v[t, h, d])
+                keys[p0 + t, h, d] = f16_bits(k[t, h, d])
+                values[p0 + t, h, d] = f16_bits(v[t, h, d])
 
 
 def rope_and_store(q, k, v, cos, sin, n_rot, neox, kv):
@@ -192,18 +208,19 @@ def rope_and_store(q, k, v, cos, sin, n_rot, neox, kv):
     else:
         rope_inplace(q, cos, sin, p0, n_rot, neox)
         rope_inplace(k, cos, sin, p0, n_rot, neox)
-        kv.write(to_f16_precision(k), to_f16_precision(v))
+        kv.write(k, v)
         q[...] = to_f16_precision(q)
     return p0
 
 
 @numba.njit(**_JIT_PAR)
-def attention(q, k_cache, v_cache, p0, scale, out):
+def attention(q, k_cache, v_cache, p0, scale, out, lut):
     """Causal grouped-query attention of T new queries over the cache.
 
-    q: (T, Hq, hd) already rotated and fp16-rounded; k_cache, v_cache: (n_ctx, Hkv, hd)
-    holding positions 0..p0+T-1; query t sits at position p0+t and sees 0..p0+t.
-    out: (T, Hq, hd).  Query head h reads kv head h // (Hq / Hkv).
+    q: (T, Hq, hd) already rotated and fp16-rounded; k_cache, v_cache: (n_ctx, Hkv, hd) fp16
+    bit patterns holding positions 0..p0+T-1; query t sits at position p0+t and sees 0..p0+t.
+    out: (T, Hq, hd).  Query head h reads kv head h // (Hq / Hkv). lut: fp16 bits -> float32
+    (a table read is off the critical path: the score sum is one dependent chain).
     """
     T, Hq, hd = q.shape
     Hkv = k_cache.shape[1]
@@ -218,7 +235,7 @@ def attention(q, k_cache, v_cache, p0, scale, out):
         for j in range(n):
             s = np.float32(0.0)
             for d in range(hd):
-                s += q[t, h, d] * k_cache[j, kh, d]
+                s += q[t, h, d] * lut[k_cache[j, kh, d]]
             s *= scale
             scores[j] = s
             if s > m:
@@ -234,7 +251,7 @@ def attention(q, k_cache, v_cache, p0, scale, out):
         for j in range(n):
             w = scores[j] * inv
             for d in range(hd):
-                out[t, h, d] += w * v_cache[j, kh, d]
+                out[t, h, d] += w * lut[v_cache[j, kh, d]]
 
 
 @numba.njit(**JIT_EXACT_PAR)
@@ -244,7 +261,8 @@ def attention_decode(q, k_cache, v_cache, p0, scale, out, lut):
     Scores summed as ggml's fp16 dot product is on AVX2 (kq_dot); online softmax over the
     positions in order, with the V accumulator kept in fp16 (acc + v * p fused, rounded after
     every update), as ggml's single-query path does; then / sum.
-    q: (1, Hq, hd), fp16 values; lut: fp16 bits -> float32 (engine.quants.common.F16_TO_F32).
+    q: (1, Hq, hd), fp16 values; k_cache, v_cache: fp16 bit patterns; lut: fp16 bits ->
+    float32 (engine.quants.common.F16_TO_F32). For CPUs without F16C (portable, slow).
     """
     _, Hq, hd = q.shape
     Hkv = k_cache.shape[1]
@@ -255,10 +273,11 @@ def attention_decode(q, k_cache, v_cache, p0, scale, out, lut):
         sf = np.empty(1, np.float32)
         su = sf.view(np.uint32)
         acc = np.zeros(hd, np.float32)  # always holds fp16-representable values
+        lanes = np.empty(32, np.float32)
         m = np.float32(-np.inf)
         total = np.float32(0.0)
         for j in range(n):
-            s = kq_dot(q, h, k_cache, j, kh) * scale
+            s = kq_dot_lut(q, h, k_cache, j, kh, lut, lanes) * scale
             ms = np.float32(1.0)
             vs = np.float32(1.0)
             if s > m:
@@ -269,7 +288,7 @@ def attention_decode(q, k_cache, v_cache, p0, scale, out, lut):
             else:
                 vs = np.exp(s - m)
             for d in range(hd):
-                acc[d] = lut[f32_to_f16_bits(fma32(v_cache[j, kh, d], vs, acc[d]), sf, su)]
+                acc[d] = lut[f32_to_f16_bits(fma32(lut[v_cache[j, kh, d]], vs, acc[d]), sf, su)]
             total = total * ms + vs
         inv = np.float32(1.0) / total
         for d in range(hd):
@@ -281,7 +300,7 @@ def attention_decode_f16c(q, k_cache, v_cache, p0, scale, out, n_runs):
     """attention_decode, bit for bit, with hardware fp16 rounding (needs HAVE_F16C).
 
     Each thread takes a run of heads and walks the positions once for all of them: deep in a
-    chat the K/V rows come from memory (30 layers x 4000 positions: ~180 MB a token), and
+    chat the K/V rows come from memory (30 layers x 4000 positions: ~92 MB a token), and
     neighbouring heads share them (grouped-query attention), so each row is read once for its
     heads; and a head's fp16 accumulator is one dependent chain over the positions (each update
     waits on the last), so several heads' chains side by side fill the time one would wait.
@@ -297,31 +316,48 @@ def attention_decode_f16c(q, k_cache, v_cache, p0, scale, out, n_runs):
     for run in prange(n_runs):
         h0, h1 = run * Hq // n_runs, (run + 1) * Hq // n_runs
         nh = h1 - h0
-        scores = np.empty((nh, n), np.float32)
-        for j in range(n):   # positions outside: a K row is read from memory once for the heads sharing it
+        khs = np.empty(nh, np.int64)
+        for i in range(nh):
+            khs[i] = (h0 + i) // n_rep
+        # vs[i, j]: first the scores, then the weight of position j's V row
+        vs = np.empty((nh, n), np.float32)
+        n8 = n - n % 8 if hd % 32 == 0 else 0
+        for j in range(0, n8, 8):   # positions outside: a K row is read from memory once for the heads sharing it
             for i in range(nh):
-                h = h0 + i
-                kh = h // n_rep
-                scores[i, j] = kq_dot(q, h, k_cache, j, kh) * scale
-        acc = np.zeros((nh, hd), np.float32)  # always fp16-representable values
-        m = np.full(nh, -np.inf, np.float32)
+                kq_dot8(q, h0 + i, k_cache, j, khs[i], scale, vs, i, j)
+        for j in range(n8, n):
+            for i in range(nh):
+                vs[i, j] = kq_dot(q, h0 + i, k_cache, j, khs[i]) * scale
+        # The online softmax's factors in a pass of their own (the running max is known from the
+        # scores): ms[i, j] rescales the accumulator where the max moves, vs[i, j] weighs V row j.
+        # Kept out of the V loop, the libm calls do not spill its registers.
+        ms = np.empty((nh, n), np.float32)
         total = np.zeros(nh, np.float32)
+        for i in range(nh):
+            m = np.float32(-np.inf)
+            tot = np.float32(0.0)
+            for j in range(n):
+                s = vs[i, j]
+                f, w = np.float32(1.0), np.float32(1.0)
+                if s > m:
+                    f = np.exp(m - s) if m != -np.inf else np.float32(0.0)
+                    m = s
+                else:
+                    w = np.exp(s - m)
+                ms[i, j], vs[i, j] = f, w
+                tot = tot * f + w
+            total[i] = tot
+        acc = np.zeros((nh, hd), np.float32)  # always fp16-representable values
         for j in range(n):
             for i in range(nh):
-                kh = (h0 + i) // n_rep
-                s = scores[i, j]
-                ms = np.float32(1.0)
-                vs = np.float32(1.0)
-                if s > m[i]:
-                    ms = np.exp(m[i] - s) if m[i] != -np.inf else np.float32(0.0)
-                    m[i] = s
+                f = ms[i, j]
+                if f != np.float32(1.0):   # (acc * 1 rounds to acc: skipping it changes no bit)
                     for d in range(hd):
-                        acc[i, d] = f16_round(acc[i, d] * ms)
-                else:
-                    vs = np.exp(s - m[i])
+                        acc[i, d] = f16_round(acc[i, d] * f)
+                w = vs[i, j]
+                kh = khs[i]
                 for d in range(hd):
-                    acc[i, d] = f16_round(fma32(v_cache[j, kh, d], vs, acc[i, d]))
-                total[i] = total[i] * ms + vs
+                    acc[i, d] = f16_round(fma32(f16_value(v_cache[j, kh, d]), w, acc[i, d]))
         for i in range(nh):
             inv = np.float32(1.0) / total[i]
             for d in range(hd):
@@ -345,7 +381,8 @@ def _kq_dot_ref(q: np.ndarray, k: np.ndarray) -> np.float32:
 
 
 def attention_decode_ref(q, k_cache, v_cache, p0, scale):
-    """numpy twin of attention_decode (same order, fp16 accumulator)."""
+    """numpy twin of attention_decode (same order, fp16 accumulator); caches as fp16 bits."""
+    k_cache, v_cache = f16_values_of(k_cache), f16_values_of(v_cache)
     _, Hq, hd = q.shape
     n_rep = Hq // k_cache.shape[1]
     out = np.empty((1, Hq, hd), np.float32)
@@ -370,6 +407,8 @@ def attention_decode_ref(q, k_cache, v_cache, p0, scale):
 
 
 def attention_ref(q, k_cache, v_cache, p0, scale):
+    """numpy twin of attention, in float64; caches as fp16 bits."""
+    k_cache, v_cache = f16_values_of(k_cache), f16_values_of(v_cache)
     T, Hq, hd = q.shape
     Hkv = k_cache.shape[1]
     n_rep = Hq // Hkv
@@ -397,7 +436,7 @@ def attend(q, k_cache, v_cache, p0, scale, out):
         else:
             attention_decode(q, k_cache, v_cache, p0, scale, out, F16_TO_F32)
     else:
-        attention(q, k_cache, v_cache, p0, scale, out)
+        attention(q, k_cache, v_cache, p0, scale, out, F16_TO_F32)
 
 
 # --------------------------------------------------------------------------- FFN
@@ -501,7 +540,7 @@ def attention_nofa(q, k_cache, v_cache, p0, scale, window, out, lut):
     float64 (ggml_vec_soft_max_f32), the probabilities rounded to fp16 (ggml's mul_mat converts
     them to V's type), then out = P V in float32. window > 0: llama.cpp's standard sliding
     window, query position p sees keys p-window < j <= p (gemma3); window <= 0: all j <= p.
-    q: (T, Hq, hd); k_cache, v_cache: (n_ctx, Hkv, hd); out: (T, Hq, hd); lut: fp16 bits -> float32.
+    q: (T, Hq, hd); k_cache, v_cache: (n_ctx, Hkv, hd) fp16 bits; out: (T, Hq, hd); lut: fp16 bits -> float32.
 
     Rounded bit for bit as llama.cpp on AVX-512: both fp16 matmuls run in llamafile's tinyBLAS,
     one 16-lane accumulator over the reduced dimension (lane = index mod 16, the cache index for
@@ -527,7 +566,7 @@ def attention_nofa(q, k_cache, v_cache, p0, scale, window, out, lut):
         for j in range(j0, n):
             lanes[:] = 0.0
             for d in range(hd):
-                lanes[d & 15] += q[t, h, d] * k_cache[j, kh, d]
+                lanes[d & 15] += q[t, h, d] * lut[k_cache[j, kh, d]]
             s = _sum16(lanes) * scale
             scores[j - j0] = s
             if s > m:
@@ -546,13 +585,14 @@ def attention_nofa(q, k_cache, v_cache, p0, scale, window, out, lut):
         for j in range(j0, n):
             w = lut[f32_to_f16_bits(scores[j - j0] * inv, sf, su)]
             for d in range(hd):
-                acc[j & 15, d] += w * v_cache[j, kh, d]
+                acc[j & 15, d] += w * lut[v_cache[j, kh, d]]
         for d in range(hd):
             out[t, h, d] = _sum16(acc[:, d])
 
 
 def attention_nofa_ref(q, k_cache, v_cache, p0, scale, window=0):
-    """numpy twin of attention_nofa."""
+    """numpy twin of attention_nofa; caches as fp16 bits."""
+    k_cache, v_cache = f16_values_of(k_cache), f16_values_of(v_cache)
     T, Hq, hd = q.shape
     n_rep = Hq // k_cache.shape[1]
     out = np.zeros((T, Hq, hd), dtype=np.float32)

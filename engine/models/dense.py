@@ -218,7 +218,7 @@ class DenseModel(BaseModel[DenseRun]):
         else:
             ops.rope_inplace(q, cos, sin, p0, a.n_rot, self.rope_neox)
             ops.rope_inplace(k, cos, sin, p0, a.n_rot, self.rope_neox)
-            kv.write(ops.to_f16_precision(k), ops.to_f16_precision(v))
+            kv.write(k, v)   # rounded to fp16 as stored
             s: np.float32 = self.scale
             if self.q_prescale:
                 q *= s

@@ -77,6 +77,31 @@ def f16_round(typingctx, x):
 
 
 @intrinsic
+def f16_bits(typingctx, x):
+    """x (float32) rounded to the nearest fp16 (ties to even, overflow to inf): its bit pattern
+    as uint16, what the KV cache stores (needs HAVE_F16C)."""
+    if x != numba.types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return numba.types.uint16(numba.types.float32), codegen
+
+
+@intrinsic
+def f16_value(typingctx, bits):
+    """The float32 value of the fp16 bit pattern `bits` (uint16): exact (needs HAVE_F16C)."""
+    if bits != numba.types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return numba.types.float32(numba.types.uint16), codegen
+
+
+@intrinsic
 def fma32(typingctx, a, b, c):
     """a * b + c in float32 with one rounding (vfmadd where the CPU has FMA, else libm's fmaf:
     the same value either way)."""
@@ -97,11 +122,12 @@ def kq_dot(typingctx, q, h, k, j, kh):
     """q[0, h] · k[j, kh] summed as ggml_vec_dot_f16 does on AVX2: four <8 x float>
     accumulators over 32-wide steps by fused multiply-adds, added 0+2, 1+3, then 0+1; the 8
     lanes as ((0+4)+(1+5))+((2+6)+(3+7)); then the values past the last 32, one fused
-    multiply-add each. q (1, Hq, hd) and k (n, Hkv, hd): C-contiguous float32. Generic LLVM
-    vectors: any x86. (One dependent chain, left to right, was 2x slower.)"""
+    multiply-add each. q (1, Hq, hd): C-contiguous float32; k (n, Hkv, hd): C-contiguous
+    uint16, fp16 bit patterns (the KV cache), widened 8 at a time (vcvtph2ps: needs
+    HAVE_F16C). (One dependent chain, left to right, was 2x slower.)"""
     f32, i64 = numba.types.float32, numba.types.int64
-    for a in (q, k):
-        if not isinstance(a, numba.types.Array) or a.dtype != f32 or a.ndim != 3 or a.layout != "C":
+    for a, dt in ((q, f32), (k, numba.types.uint16)):
+        if not isinstance(a, numba.types.Array) or a.dtype != dt or a.ndim != 3 or a.layout != "C":
             return None
 
     def codegen(context, builder, sig, args):
@@ -113,6 +139,7 @@ def kq_dot(typingctx, q, h, k, j, kh):
         hd = shape_k[2]
         f = ir.FloatType()
         v8 = ir.VectorType(f, 8)
+        h8 = ir.VectorType(ir.HalfType(), 8)
         qp = builder.gep(qa.data, [builder.mul(h_, hd)])
         kp = builder.gep(ka.data, [builder.mul(builder.add(builder.mul(j_, shape_k[1]), kh_), hd)])
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8] * 3), "llvm.fma.v8f32")
@@ -124,7 +151,7 @@ def kq_dot(typingctx, q, h, k, j, kh):
             for a in range(4):
                 off = builder.add(base, ir.Constant(ir.IntType(64), 8 * a))
                 qv = builder.load(builder.bitcast(builder.gep(qp, [off]), v8.as_pointer()), align=4)
-                kv = builder.load(builder.bitcast(builder.gep(kp, [off]), v8.as_pointer()), align=4)
+                kv = builder.fpext(builder.load(builder.bitcast(builder.gep(kp, [off]), h8.as_pointer()), align=2), v8)
                 builder.store(builder.call(fma, [qv, kv, builder.load(accs[a])]), accs[a])
         x0, x1, x2, x3 = (builder.load(a) for a in accs)
         x0, x1 = builder.fadd(x0, x2), builder.fadd(x1, x3)
@@ -139,11 +166,97 @@ def kq_dot(typingctx, q, h, k, j, kh):
         fma1 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f, [f] * 3), "llvm.fma.f32")
         with cgutils.for_range(builder, builder.sub(hd, n32)) as loop:   # the tail (none for hd = 64, 128)
             d = builder.add(n32, loop.index)
-            qd, kd = builder.load(builder.gep(qp, [d])), builder.load(builder.gep(kp, [d]))
+            qd = builder.load(builder.gep(qp, [d]))
+            kd = builder.fpext(builder.bitcast(builder.load(builder.gep(kp, [d])), ir.HalfType()), f)
             builder.store(builder.call(fma1, [qd, kd, builder.load(s)]), s)
         return builder.load(s)
 
     return f32(q, h, k, j, kh), codegen
+
+
+@intrinsic
+def kq_dot8(typingctx, q, h, k, j, kh, scale, out, i, o):
+    """out[i, o + p] = kq_dot(q, h, k, j + p, kh) * scale for the 8 positions p = 0..7, bit for
+    bit: each position's four accumulators as kq_dot, then the eight horizontal sums done
+    together (lanes of different positions side by side in the same order of additions: four
+    shuffles-and-adds where kq_dot spends eight extracts and adds on each). hd a multiple of
+    32 (no tail). q (1, Hq, hd) float32, k (n, Hkv, hd) uint16 fp16 bits, out (rows, cols)
+    float32, all C-contiguous; needs HAVE_F16C."""
+    f32, i64 = numba.types.float32, numba.types.int64
+    for a, dt, nd in ((q, f32, 3), (k, numba.types.uint16, 3), (out, f32, 2)):
+        if not isinstance(a, numba.types.Array) or a.dtype != dt or a.ndim != nd or a.layout != "C":
+            return None
+    if scale != f32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        qa = context.make_array(sig.args[0])(context, builder, args[0])
+        ka = context.make_array(sig.args[2])(context, builder, args[2])
+        oa = context.make_array(sig.args[6])(context, builder, args[6])
+        h_, j_, kh_, i_, o_ = (context.cast(builder, args[n], sig.args[n], i64) for n in (1, 3, 4, 7, 8))
+        shape_k = cgutils.unpack_tuple(builder, ka.shape, 3)
+        hd = shape_k[2]
+        f = ir.FloatType()
+        i32 = ir.IntType(32)
+        v8 = ir.VectorType(f, 8)
+        h8 = ir.VectorType(ir.HalfType(), 8)
+        c64 = ir.IntType(64)
+        qp = builder.gep(qa.data, [builder.mul(h_, hd)])
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8] * 3), "llvm.fma.v8f32")
+        zero = ir.Constant(v8, [0.0] * 8)
+        n_steps = builder.sdiv(hd, ir.Constant(c64, 32))
+        xs = []
+        for p in range(8):
+            row = builder.add(builder.mul(builder.add(j_, ir.Constant(c64, p)), shape_k[1]), kh_)
+            kp = builder.gep(ka.data, [builder.mul(row, hd)])
+            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]
+            with cgutils.for_range(builder, n_steps) as loop:
+                base = builder.mul(loop.index, ir.Constant(c64, 32))
+                for a in range(4):
+                    off = builder.add(base, ir.Constant(c64, 8 * a))
+                    qv = builder.load(builder.bitcast(builder.gep(qp, [off]), v8.as_pointer()), align=4)
+                    kv = builder.fpext(builder.load(builder.bitcast(builder.gep(kp, [off]), h8.as_pointer()), align=2), v8)
+                    builder.store(builder.call(fma, [qv, kv, builder.load(accs[a])]), accs[a])
+            x0, x1, x2, x3 = (builder.load(a) for a in accs)
+            xs.append(builder.fadd(builder.fadd(x0, x2), builder.fadd(x1, x3)))
+
+        def shuf(a, b, idx):
+            return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, 8), idx))
+
+        # t_p = lanes 0..3 + lanes 4..7 of x_p, two positions a vector: [t_p | t_p+1]
+        ts = [builder.fadd(shuf(xs[p], xs[p + 1], [0, 1, 2, 3, 8, 9, 10, 11]),
+                           shuf(xs[p], xs[p + 1], [4, 5, 6, 7, 12, 13, 14, 15])) for p in (0, 2, 4, 6)]
+        # pairwise: (t0 + t1), (t2 + t3) of each position (what vhaddps does)
+        ev, od = [0, 2, 8, 10, 4, 6, 12, 14], [1, 3, 9, 11, 5, 7, 13, 15]
+        w = [builder.fadd(shuf(ts[c], ts[c + 1], ev), shuf(ts[c], ts[c + 1], od)) for c in (0, 2)]
+        y = builder.fadd(shuf(w[0], w[1], ev), shuf(w[0], w[1], od))   # positions 0 2 4 6 1 3 5 7
+        y = shuf(y, y, [0, 4, 1, 5, 2, 6, 3, 7])
+        sc = builder.insert_element(ir.Constant(v8, ir.Undefined), args[5], ir.Constant(i32, 0))
+        y = builder.fmul(y, shuf(sc, sc, [0] * 8))   # as s * scale, lane by lane
+        shape_o = cgutils.unpack_tuple(builder, oa.shape, 2)
+        op = builder.gep(oa.data, [builder.add(builder.mul(i_, shape_o[1]), o_)])
+        builder.store(y, builder.bitcast(op, v8.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return numba.types.void(q, h, k, j, kh, scale, out, i, o), codegen
+
+
+@numba.njit(**JIT_EXACT)
+def kq_dot_lut(q, h, k, j, kh, lut, lanes):
+    """kq_dot on CPUs without F16C: the same sums in the same order (lane 8a+i of `lanes`, a
+    float32 scratch of 32, is accumulator a's lane i), k's fp16 bits looked up in `lut`."""
+    hd = q.shape[2]
+    n32 = hd - hd % 32
+    lanes[:] = np.float32(0.0)
+    for b in range(0, n32, 32):
+        for i in range(32):
+            lanes[i] = fma32(q[0, h, b + i], lut[k[j, kh, b + i]], lanes[i])
+    for i in range(8):
+        lanes[i] = (lanes[i] + lanes[16 + i]) + (lanes[8 + i] + lanes[24 + i])
+    s = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+    for d in range(n32, hd):
+        s = fma32(q[0, h, d], lut[k[j, kh, d]], s)
+    return s
 
 
 def fma32_ref(a, b, c) -> np.float32:

@@ -91,5 +91,5 @@ def test_kv_cache_pages_become_resident_only_when_written():
     big frees) and calloc zero-fills them whole: this churn then peaks at +400 MB."""
     out = subprocess.run([sys.executable, "-c", KV_CHURN], capture_output=True, text=True, check=True)
     grown = int(out.stdout.strip().splitlines()[-1])
-    # 512 positions x 30 layers x K+V = 24 MB written, plus the work buffers
+    # 512 positions x 30 layers x K+V in fp16 = 12 MB written, plus the work buffers
     assert grown < 60e6, f"peak RSS grew {grown / 1e6:.0f} MB"

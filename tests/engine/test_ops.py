@@ -77,15 +77,18 @@ def test_rope_keeps_norm_of_each_pair(rng):
 
 @pytest.mark.parametrize("T,p0,Hq,Hkv", [(1, 0, 4, 2), (1, 9, 6, 2), (5, 0, 4, 4), (3, 4, 9, 3)])
 def test_attention_matches_numpy(rng, T, p0, Hq, Hkv):
+    from engine.quants.common import F16_TO_F32
+
     hd, n_ctx = 16, 32
     k = np.zeros((n_ctx, Hkv, hd), np.float32)
     v = np.zeros((n_ctx, Hkv, hd), np.float32)
     k[: p0 + T] = rng.normal(size=(p0 + T, Hkv, hd))
     v[: p0 + T] = rng.normal(size=(p0 + T, Hkv, hd))
-    k[p0 + T :] = 1e9  # positions past the queries must never be read
+    k[p0 + T :] = 6e4  # positions past the queries must never be read
+    k, v = ops.f16_bits_of(k), ops.f16_bits_of(v)   # the cache holds fp16 bit patterns
     q = rng.normal(size=(T, Hq, hd)).astype(np.float32)
     out = np.empty_like(q)
-    ops.attention(q, k, v, p0, np.float32(0.25), out)
+    ops.attention(q, k, v, p0, np.float32(0.25), out, F16_TO_F32)
     np.testing.assert_allclose(out, ops.attention_ref(q, k, v, p0, 0.25), rtol=1e-4, atol=1e-5)
 
 
@@ -108,8 +111,8 @@ def test_decode_attention_matches_numpy_twin(rng, p0, Hq, Hkv):
     from engine.quants.common import F16_TO_F32
 
     hd, n_ctx = 32, 64
-    k = ops.to_f16_precision(rng.normal(size=(n_ctx, Hkv, hd)).astype(np.float32))
-    v = ops.to_f16_precision(rng.normal(size=(n_ctx, Hkv, hd)).astype(np.float32) * 3)
+    k = ops.f16_bits_of(rng.normal(size=(n_ctx, Hkv, hd)))
+    v = ops.f16_bits_of(rng.normal(size=(n_ctx, Hkv, hd)) * 3)
     q = ops.to_f16_precision(rng.normal(size=(1, Hq, hd)).astype(np.float32))
     out = np.empty_like(q)
     ops.attention_decode(q, k, v, p0, np.float32(0.2), out, F16_TO_F32)
@@ -120,13 +123,13 @@ def test_decode_attention_matches_numpy_twin(rng, p0, Hq, Hkv):
 
 @pytest.mark.skipif(not ops.HAVE_F16C, reason="needs F16C")
 @pytest.mark.parametrize("p0,Hq,Hkv,hd", [(0, 4, 2, 32), (12, 9, 3, 64), (40, 4, 4, 32), (300, 9, 3, 64),
-                                          (20, 6, 2, 96)])
+                                          (20, 6, 2, 96), (21, 6, 2, 80)])
 def test_f16c_decode_attention_is_bit_identical_to_the_portable_kernel(rng, p0, Hq, Hkv, hd):
     from engine.quants.common import F16_TO_F32
 
     n_ctx = p0 + 9
-    k = ops.to_f16_precision(rng.normal(size=(n_ctx, Hkv, hd)).astype(np.float32))
-    v = ops.to_f16_precision(rng.normal(size=(n_ctx, Hkv, hd)).astype(np.float32) * 30)
+    k = ops.f16_bits_of(rng.normal(size=(n_ctx, Hkv, hd)))
+    v = ops.f16_bits_of(rng.normal(size=(n_ctx, Hkv, hd)) * 30)
     q = ops.to_f16_precision(rng.normal(size=(1, Hq, hd)).astype(np.float32) * 3)
     a = np.empty_like(q)
     ops.attention_decode(q, k, v, p0, np.float32(0.125), a, F16_TO_F32)
@@ -138,12 +141,14 @@ def test_f16c_decode_attention_is_bit_identical_to_the_portable_kernel(rng, p0, 
     np.testing.assert_allclose(b, ops.attention_decode_ref(q, k, v, p0, 0.125), rtol=2e-3, atol=2e-2)
 
 
+@pytest.mark.skipif(not ops.HAVE_F16C, reason="needs F16C")
 @pytest.mark.parametrize("hd", [32, 64, 96, 128])
 def test_kq_dot_sums_in_ggml_avx2_order(rng, hd):
-    """kq_dot against its numpy twin, and against the plain float64 dot."""
+    """kq_dot (K as fp16 bits, widened by vcvtph2ps) against its numpy twin, the plain float64
+    dot, and bit for bit against kq_dot_lut (the table-lookup kernel of CPUs without F16C)."""
     import numba
 
-    from engine.quants.common import kq_dot
+    from engine.quants.common import F16_TO_F32, kq_dot, kq_dot_lut
 
     @numba.njit
     def dots(q, k):
@@ -153,9 +158,20 @@ def test_kq_dot_sums_in_ggml_avx2_order(rng, hd):
                 out[h, j] = kq_dot(q, h, k, j, h % k.shape[1])
         return out
 
+    @numba.njit
+    def dots_lut(q, k, lut):
+        out = np.empty((q.shape[1], k.shape[0]), np.float32)
+        lanes = np.empty(32, np.float32)
+        for h in range(q.shape[1]):
+            for j in range(k.shape[0]):
+                out[h, j] = kq_dot_lut(q, h, k, j, h % k.shape[1], lut, lanes)
+        return out
+
     q = ops.to_f16_precision(rng.normal(size=(1, 4, hd)).astype(np.float32) * 3)
-    k = ops.to_f16_precision(rng.normal(size=(7, 2, hd)).astype(np.float32))
-    got = dots(q, k)
+    kbits = ops.f16_bits_of(rng.normal(size=(7, 2, hd)))
+    k = ops.f16_values_of(kbits)
+    got = dots(q, kbits)
+    assert np.array_equal(got.view(np.uint32), dots_lut(q, kbits, F16_TO_F32).view(np.uint32))
     want = np.array([[ops._kq_dot_ref(q[0, h], k[j, h % 2]) for j in range(7)] for h in range(4)], np.float32)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     exact = np.einsum("hd,jhd->hj", q[0].astype(np.float64), k[:, [0, 1, 0, 1]].astype(np.float64))
@@ -165,6 +181,34 @@ def test_kq_dot_sums_in_ggml_avx2_order(rng, hd):
     if hd == 32:
         l8 = (lanes[:8] + lanes[16:24]) + (lanes[8:16] + lanes[24:32])
         assert got[0, 0] == ((l8[0] + l8[4]) + (l8[1] + l8[5])) + ((l8[2] + l8[6]) + (l8[3] + l8[7]))
+
+
+@pytest.mark.skipif(not ops.HAVE_F16C, reason="needs F16C")
+@pytest.mark.parametrize("hd", [32, 64, 128])
+def test_kq_dot8_is_eight_kq_dots_bit_for_bit(rng, hd):
+    """The 8-position score kernel (horizontal sums done side by side) against kq_dot * scale."""
+    import numba
+
+    from engine.quants.common import kq_dot, kq_dot8
+
+    @numba.njit
+    def both(q, k, scale):
+        n = k.shape[0]
+        one = np.zeros((q.shape[1], n), np.float32)
+        eight = np.zeros((q.shape[1], n), np.float32)
+        for h in range(q.shape[1]):
+            kh = h % k.shape[1]
+            for j in range(n):
+                one[h, j] = kq_dot(q, h, k, j, kh) * scale
+            for j in range(0, n - 7, 3):   # any start, overlapping runs
+                kq_dot8(q, h, k, j, kh, scale, eight, h, j)
+        return one, eight
+
+    q = ops.to_f16_precision(rng.normal(size=(1, 5, hd)).astype(np.float32) * 3)
+    k = ops.f16_bits_of(rng.normal(size=(29, 2, hd)) * 2)
+    one, eight = both(q, k, np.float32(0.125))
+    # runs start at 0, 3, ..., 21: every position 0..28 written, some twice (the same bits)
+    assert np.array_equal(one.view(np.uint32), eight.view(np.uint32))
 
 
 def test_fma32_rounds_once(rng):
@@ -209,3 +253,33 @@ def test_f16_round_matches_numpy_on_every_kind_of_float():
         ref = x.astype(np.float16).astype(np.float32)
     same = (out.view(np.uint32) == ref.view(np.uint32)) | (np.isnan(out) & np.isnan(ref))
     assert same.all()
+
+
+def test_kv_cache_holds_fp16_bits_rounded_as_llamacpp_stores_them(rng):
+    """The cache keeps fp16 bit patterns: 2 bytes a value; a write rounds to the nearest fp16
+    (ties to even, beyond the range to inf); a snapshot is float16 and restores every bit."""
+    from engine.cache import KVCache, kv_block_caches
+
+    kv = KVCache(8, 2, 4)
+    assert kv.keys.dtype == np.uint16 and kv.values.dtype == np.uint16
+    k = rng.normal(size=(3, 2, 4)).astype(np.float32) * 100
+    k[0, 0, :3] = [70000.0, -1e9, 1.0 + 2.0 ** -11]   # past fp16's range; a tie, to even (1.0)
+    v = rng.normal(size=(3, 2, 4)).astype(np.float32)
+    kv.write(k, v)
+    got = ops.f16_values_of(kv.keys[:3])
+    np.testing.assert_array_equal(got, ops.to_f16_precision(k))
+    assert got[0, 0, 0] == np.inf and got[0, 0, 1] == -np.inf and got[0, 0, 2] == 1.0
+    assert kv.nbytes == 3 * 2 * (2 * 4) * 2
+    snap = kv.snapshot()
+    assert snap.arrays["k"].dtype == np.float16 and snap.arrays["k"].shape == (3, 2, 4)
+    back = KVCache.from_state(snap, 8)
+    assert np.array_equal(back.keys[:3], kv.keys[:3]) and np.array_equal(back.values[:3], kv.values[:3])
+    # rope_and_store (F16C or numpy rounding) stores the same bits as write
+    blocked = kv_block_caches(1, 8, 2, 4)[0]
+    cos, sin = ops.rope_tables(8, 4, 10000.0)
+    q = np.zeros((3, 2, 4), np.float32)
+    kr = k.copy()
+    ops.rope_and_store(q, kr, v.copy(), cos, sin, 4, False, blocked)
+    plain = KVCache(8, 2, 4)
+    plain.write(kr, v)
+    assert np.array_equal(blocked.keys[:3], plain.keys[:3]) and np.array_equal(blocked.values[:3], plain.values[:3])

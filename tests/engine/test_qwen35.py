@@ -140,7 +140,7 @@ def test_state_bytes_constant_kv_bytes_grow_only_in_attention_layers(f32_path):
     assert kinds == ["recurrent" if r else "kv" for r in model.args.recurrent] == ["recurrent"] * 3 + ["kv"]
     a = model.args
     state = (a.conv_kernel - 1) * a.conv_dim * 4 + a.n_v_heads * a.head_v_dim * a.head_k_dim * 4
-    kv_per_token = 2 * a.n_head_kv * a.head_dim * 4
+    kv_per_token = 2 * a.n_head_kv * a.head_dim * 2   # K and V, fp16
     seen = []
     for n, part in enumerate([PROMPT[:10], PROMPT[10:11], PROMPT[11:30]]):
         model.forward(part, cache, logits="none")
@@ -180,7 +180,7 @@ def test_recurrent_cache_cannot_be_trimmed_only_reset():
     assert c.trim(5) == 5 and c.offset == 0 and not c.state.any()
     kv = KVCache(16, 2, 4)
     kv.write(np.ones((3, 2, 4), np.float32), np.ones((3, 2, 4), np.float32))
-    assert cache_bytes([c, kv]) == {"recurrent": c.nbytes, "kv": 3 * 2 * 2 * 4 * 4}
+    assert cache_bytes([c, kv]) == {"recurrent": c.nbytes, "kv": 3 * 2 * 2 * 4 * 2}   # fp16: 2 bytes a value
 
 
 def _float_arrays(obj, seen=None, path="model"):
