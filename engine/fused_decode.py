@@ -70,7 +70,7 @@ MAX_TOKENS = 16
 
 # sha256 of the callees' sources (engine/kernel_stamp.py): an edit there changes this file, so
 # numba's cache of the step is rebuilt instead of keeping the old callees' code
-CALLEE_SOURCES_SHA256 = "a0c933231f8e177bc9d835986f71eab5d43323d6965a3ff5a3a9ec1374004671"
+CALLEE_SOURCES_SHA256 = "7c817f8c7cff0f475eb4804ed552933e29d9b80d03696c042d546b469af54f6e"
 
 
 def enabled() -> bool:
