@@ -70,7 +70,7 @@ MAX_TOKENS = 16
 
 # sha256 of the callees' sources (engine/kernel_stamp.py): an edit there changes this file, so
 # numba's cache of the step is rebuilt instead of keeping the old callees' code
-CALLEE_SOURCES_SHA256 = "7c817f8c7cff0f475eb4804ed552933e29d9b80d03696c042d546b469af54f6e"
+CALLEE_SOURCES_SHA256 = "e92a57f99ef132e52e8aa71d0bb914be6417249e946c24845bc38d8b19167b81"
 
 
 def enabled() -> bool:

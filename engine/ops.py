@@ -213,40 +213,23 @@ def rope_and_store(q, k, v, cos, sin, n_rot, neox, kv):
     return p0
 
 
-@numba.njit(**_JIT)
-def _widen_f16c(bits, out):
-    for i in range(bits.shape[0]):
-        out[i] = f16_value(bits[i])
-
-
-@numba.njit(**_JIT)
-def _widen_lut(bits, out, lut):
-    for i in range(bits.shape[0]):
-        out[i] = lut[bits[i]]
-
-
-def kv_rows_f32(bits: np.ndarray, n: int) -> np.ndarray:
-    """The first n positions of a KV cache array (fp16 bits, (n_ctx, Hkv, hd)) widened to
-    float32, for the batch attention kernels: once a call, so their inner loops stay plain
-    float32 that LLVM vectorizes (vcvtph2ps with F16C, else the F16_TO_F32 table)."""
-    if not 0 <= n <= bits.shape[0] or bits.dtype != np.uint16 or not bits.flags.c_contiguous:
-        raise ValueError(f"kv_rows_f32: {n} positions of a {bits.dtype} cache of shape {bits.shape}")
-    src = bits[:n].reshape(-1)
-    out = np.empty(bits[:n].shape, np.float32)
+@numba.njit(inline="always", **_JIT)
+def kv_value(bits, lut):
+    """The float32 value of a KV cache entry (fp16 bits): vcvtph2ps with F16C (HAVE_F16C is
+    fixed when numba compiles, and the other branch is pruned), else the table `lut`. In a
+    kernel's inner loop the F16C form vectorizes; table reads there cost pp512 a third."""
     if HAVE_F16C:
-        _widen_f16c(src, out.reshape(-1))
-    else:
-        _widen_lut(src, out.reshape(-1), F16_TO_F32)
-    return out
+        return f16_value(bits)
+    return lut[bits]
 
 
 @numba.njit(**_JIT_PAR)
-def attention(q, k_cache, v_cache, p0, scale, out):
+def attention(q, k_cache, v_cache, p0, scale, out, lut):
     """Causal grouped-query attention of T new queries over the cache.
 
-    q: (T, Hq, hd) already rotated and fp16-rounded; k_cache, v_cache: (n, Hkv, hd) float32
-    (kv_rows_f32 of the cache) holding positions 0..p0+T-1; query t sits at position p0+t and
-    sees 0..p0+t. out: (T, Hq, hd).  Query head h reads kv head h // (Hq / Hkv).
+    q: (T, Hq, hd) already rotated and fp16-rounded; k_cache, v_cache: (n_ctx, Hkv, hd) fp16
+    bits holding positions 0..p0+T-1; query t sits at position p0+t and sees 0..p0+t.
+    out: (T, Hq, hd).  Query head h reads kv head h // (Hq / Hkv). lut: F16_TO_F32 (kv_value).
     """
     T, Hq, hd = q.shape
     Hkv = k_cache.shape[1]
@@ -261,7 +244,7 @@ def attention(q, k_cache, v_cache, p0, scale, out):
         for j in range(n):
             s = np.float32(0.0)
             for d in range(hd):
-                s += q[t, h, d] * k_cache[j, kh, d]
+                s += q[t, h, d] * kv_value(k_cache[j, kh, d], lut)
             s *= scale
             scores[j] = s
             if s > m:
@@ -277,7 +260,7 @@ def attention(q, k_cache, v_cache, p0, scale, out):
         for j in range(n):
             w = scores[j] * inv
             for d in range(hd):
-                out[t, h, d] += w * v_cache[j, kh, d]
+                out[t, h, d] += w * kv_value(v_cache[j, kh, d], lut)
 
 
 @numba.njit(**JIT_EXACT_PAR)
@@ -433,7 +416,8 @@ def attention_decode_ref(q, k_cache, v_cache, p0, scale):
 
 
 def attention_ref(q, k_cache, v_cache, p0, scale):
-    """numpy twin of attention, in float64 (caches as float values)."""
+    """numpy twin of attention, in float64; caches as fp16 bits."""
+    k_cache, v_cache = f16_values_of(k_cache), f16_values_of(v_cache)
     T, Hq, hd = q.shape
     Hkv = k_cache.shape[1]
     n_rep = Hq // Hkv
@@ -462,8 +446,7 @@ def attend(q, k_cache, v_cache, p0, scale, out):
         else:
             attention_decode(q, k_cache, v_cache, p0, scale, out, F16_TO_F32)
     else:
-        n = p0 + q.shape[0]
-        attention(q, kv_rows_f32(k_cache, n), kv_rows_f32(v_cache, n), p0, scale, out)
+        attention(q, k_cache, v_cache, p0, scale, out, F16_TO_F32)
 
 
 # --------------------------------------------------------------------------- FFN
@@ -567,7 +550,7 @@ def attention_nofa(q, k_cache, v_cache, p0, scale, window, out, lut):
     float64 (ggml_vec_soft_max_f32), the probabilities rounded to fp16 (ggml's mul_mat converts
     them to V's type), then out = P V in float32. window > 0: llama.cpp's standard sliding
     window, query position p sees keys p-window < j <= p (gemma3); window <= 0: all j <= p.
-    q: (T, Hq, hd); k_cache, v_cache: (n, Hkv, hd) float32 (kv_rows_f32); out: (T, Hq, hd); lut: fp16 bits -> float32.
+    q: (T, Hq, hd); k_cache, v_cache: (n_ctx, Hkv, hd) fp16 bits; out: (T, Hq, hd); lut: fp16 bits -> float32.
 
     Rounded bit for bit as llama.cpp on AVX-512: both fp16 matmuls run in llamafile's tinyBLAS,
     one 16-lane accumulator over the reduced dimension (lane = index mod 16, the cache index for
@@ -593,7 +576,7 @@ def attention_nofa(q, k_cache, v_cache, p0, scale, window, out, lut):
         for j in range(j0, n):
             lanes[:] = 0.0
             for d in range(hd):
-                lanes[d & 15] += q[t, h, d] * k_cache[j, kh, d]
+                lanes[d & 15] += q[t, h, d] * kv_value(k_cache[j, kh, d], lut)
             s = _sum16(lanes) * scale
             scores[j - j0] = s
             if s > m:
@@ -612,13 +595,14 @@ def attention_nofa(q, k_cache, v_cache, p0, scale, window, out, lut):
         for j in range(j0, n):
             w = lut[f32_to_f16_bits(scores[j - j0] * inv, sf, su)]
             for d in range(hd):
-                acc[j & 15, d] += w * v_cache[j, kh, d]
+                acc[j & 15, d] += w * kv_value(v_cache[j, kh, d], lut)
         for d in range(hd):
             out[t, h, d] = _sum16(acc[:, d])
 
 
 def attention_nofa_ref(q, k_cache, v_cache, p0, scale, window=0):
-    """numpy twin of attention_nofa."""
+    """numpy twin of attention_nofa; caches as fp16 bits."""
+    k_cache, v_cache = f16_values_of(k_cache), f16_values_of(v_cache)
     T, Hq, hd = q.shape
     n_rep = Hq // k_cache.shape[1]
     out = np.zeros((T, Hq, hd), dtype=np.float32)

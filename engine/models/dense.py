@@ -223,8 +223,7 @@ class DenseModel(BaseModel[DenseRun]):
             if self.q_prescale:
                 q *= s
                 s = np.float32(1.0)
-            ops.attention_nofa(ops.to_f16_precision(q), ops.kv_rows_f32(kv.keys, kv.offset),
-                               ops.kv_rows_f32(kv.values, kv.offset), p0, s, self.window(i), att, F16_TO_F32)
+            ops.attention_nofa(ops.to_f16_precision(q), kv.keys, kv.values, p0, s, self.window(i), att, F16_TO_F32)
         o = layer.wo.matmul(att.reshape(T, H * hd), run.o, token_exact)
         if layer.post_attn_norm is not None:
             ops.rmsnorm(o, layer.post_attn_norm, eps, o)

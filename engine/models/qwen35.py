@@ -45,6 +45,7 @@ from engine.deltanet import deltanet_mix
 from engine.errors import ModelFileError
 from engine.gguf_file import GGUFFile
 from engine.models.base import BaseModel, HParams, RunState, linear, tensor, vector
+from engine.quants.common import F16_TO_F32
 from engine.quants.linear import LinearGroup, QuantLinear
 
 EXAMPLES = "Qwen3.5 (DeltaNet hybrid) 0.8B-9B"
@@ -292,6 +293,6 @@ class Model(BaseModel[Qwen35Run]):
         cos, sin = self.rope.upto(c.offset + T)
         ops.rope_and_store(q, k, v, cos, sin, a.n_rot, self.rope_neox, c)
         att = run.att
-        ops.attention(q, ops.kv_rows_f32(c.keys, c.offset), ops.kv_rows_f32(c.values, c.offset), run.p0, self.scale, att)
+        ops.attention(q, c.keys, c.values, run.p0, self.scale, att, F16_TO_F32)
         att *= ops.sigmoid(gate)
         return layer.wo.matmul(att.reshape(T, Hq * hd), run.o, token_exact)

@@ -12,8 +12,8 @@ from engine.quants.common import F16_TO_F32
 def test_attention_nofa_matches_numpy(window, p0, T):
     rng = np.random.default_rng(p0 * 10 + T + window)
     Hq, Hkv, hd = 4, 2, 16
-    k = ops.to_f16_precision(rng.normal(size=(16, Hkv, hd)).astype(np.float32))
-    v = ops.to_f16_precision(rng.normal(size=(16, Hkv, hd)).astype(np.float32))
+    k = ops.f16_bits_of(rng.normal(size=(16, Hkv, hd)))
+    v = ops.f16_bits_of(rng.normal(size=(16, Hkv, hd)))
     q = ops.to_f16_precision(rng.normal(size=(T, Hq, hd)).astype(np.float32))
     out = np.empty((T, Hq, hd), np.float32)
     ops.attention_nofa(q, k, v, p0, np.float32(0.25), window, out, F16_TO_F32)
@@ -25,8 +25,8 @@ def test_attention_nofa_matches_numpy(window, p0, T):
 
 def test_attention_window_hides_old_keys():
     Hq, hd = 1, 4
-    k = np.zeros((8, 1, hd), np.float32)
-    v = np.arange(8, dtype=np.float32)[:, None, None] * np.ones((8, 1, hd), np.float32)
+    k = ops.f16_bits_of(np.zeros((8, 1, hd)))
+    v = ops.f16_bits_of(np.arange(8, dtype=np.float32)[:, None, None] * np.ones((8, 1, hd), np.float32))
     q = np.zeros((1, Hq, hd), np.float32)
     out = np.empty((1, Hq, hd), np.float32)
     ops.attention_nofa(q, k, v, 7, np.float32(1.0), 2, out, F16_TO_F32)  # sees positions 6, 7

@@ -77,15 +77,18 @@ def test_rope_keeps_norm_of_each_pair(rng):
 
 @pytest.mark.parametrize("T,p0,Hq,Hkv", [(1, 0, 4, 2), (1, 9, 6, 2), (5, 0, 4, 4), (3, 4, 9, 3)])
 def test_attention_matches_numpy(rng, T, p0, Hq, Hkv):
+    from engine.quants.common import F16_TO_F32
+
     hd, n_ctx = 16, 32
     k = np.zeros((n_ctx, Hkv, hd), np.float32)
     v = np.zeros((n_ctx, Hkv, hd), np.float32)
     k[: p0 + T] = rng.normal(size=(p0 + T, Hkv, hd))
     v[: p0 + T] = rng.normal(size=(p0 + T, Hkv, hd))
-    k[p0 + T :] = 1e9  # positions past the queries must never be read
+    k[p0 + T :] = 6e4  # positions past the queries must never be read
+    k, v = ops.f16_bits_of(k), ops.f16_bits_of(v)   # the cache holds fp16 bit patterns
     q = rng.normal(size=(T, Hq, hd)).astype(np.float32)
     out = np.empty_like(q)
-    ops.attention(q, k, v, p0, np.float32(0.25), out)
+    ops.attention(q, k, v, p0, np.float32(0.25), out, F16_TO_F32)
     np.testing.assert_allclose(out, ops.attention_ref(q, k, v, p0, 0.25), rtol=1e-4, atol=1e-5)
 
 
@@ -115,8 +118,7 @@ def test_decode_attention_matches_numpy_twin(rng, p0, Hq, Hkv):
     ops.attention_decode(q, k, v, p0, np.float32(0.2), out, F16_TO_F32)
     np.testing.assert_allclose(out, ops.attention_decode_ref(q, k, v, p0, 0.2), rtol=2e-3, atol=2e-3)
     # and it is attention: close to the float64 result within fp16 accumulation error
-    kf, vf = ops.f16_values_of(k), ops.f16_values_of(v)
-    np.testing.assert_allclose(out, ops.attention_ref(q, kf, vf, p0, 0.2), rtol=0, atol=2e-2)
+    np.testing.assert_allclose(out, ops.attention_ref(q, k, v, p0, 0.2), rtol=0, atol=2e-2)
 
 
 @pytest.mark.skipif(not ops.HAVE_F16C, reason="needs F16C")
@@ -283,21 +285,42 @@ def test_kv_cache_holds_fp16_bits_rounded_as_llamacpp_stores_them(rng):
     assert np.array_equal(blocked.keys[:3], plain.keys[:3]) and np.array_equal(blocked.values[:3], plain.values[:3])
 
 
-@pytest.mark.parametrize("table", [False, True])
-def test_kv_rows_f32_widens_the_positions_asked_for(rng, table, monkeypatch):
-    """The batch kernels' float32 copy of the cache: numpy's float16 values, for the F16C
-    kernel and the table one; bad requests refused before a kernel reads."""
-    if table:
-        monkeypatch.setattr(ops, "HAVE_F16C", False)
-    elif not ops.HAVE_F16C:
-        pytest.skip("needs F16C")
-    bits = ops.f16_bits_of(rng.normal(size=(10, 3, 8)) * 1e3)
-    bits[0, 0, :3] = [0x7C00, 0xFC00, 0x0001]   # inf, -inf, the smallest subnormal
-    got = ops.kv_rows_f32(bits, 7)
-    assert got.shape == (7, 3, 8) and got.dtype == np.float32
-    np.testing.assert_array_equal(got, bits[:7].view(np.float16).astype(np.float32))
-    for bad in (11, -1):
-        with pytest.raises(ValueError):
-            ops.kv_rows_f32(bits, bad)
-    with pytest.raises(ValueError):
-        ops.kv_rows_f32(bits.astype(np.float32), 3)
+
+PORTABLE_KV = """
+import numpy as np
+from engine import ops
+from engine.cache import KVCache
+from engine.quants.common import F16_TO_F32, HAVE_F16C
+assert not HAVE_F16C
+rng = np.random.default_rng(3)
+k = ops.f16_bits_of(rng.normal(size=(12, 2, 32)))
+v = ops.f16_bits_of(rng.normal(size=(12, 2, 32)) * 3)
+q = ops.to_f16_precision(rng.normal(size=(3, 4, 32)).astype(np.float32))
+out = np.empty_like(q)
+ops.attention(q, k, v, 5, np.float32(0.25), out, F16_TO_F32)          # the table branch of kv_value
+np.testing.assert_allclose(out, ops.attention_ref(q, k, v, 5, 0.25), rtol=1e-4, atol=1e-5)
+ops.attention_nofa(q, k, v, 5, np.float32(0.25), 0, out, F16_TO_F32)
+np.testing.assert_allclose(out, ops.attention_nofa_ref(q, k, v, 5, 0.25), atol=2e-6)
+one = np.empty_like(q[:1])
+ops.attend(q[:1], k, v, 9, np.float32(0.2), one)                        # attention_decode, kq_dot_lut
+np.testing.assert_allclose(one, ops.attention_decode_ref(q[:1], k, v, 9, 0.2), rtol=2e-3, atol=2e-3)
+kv = KVCache(8, 2, 32)
+cos, sin = ops.rope_tables(8, 32, 10000.0)
+kk = rng.normal(size=(2, 2, 32)).astype(np.float32)
+ops.rope_and_store(q[:2].copy(), kk, kk.copy(), cos, sin, 32, False, kv)   # numpy's rounding path
+assert np.array_equal(kv.keys[:2], ops.f16_bits_of(kk))
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_the_kv_cache_kernels_without_f16c(tmp_path):
+    """On a CPU without F16C (numba told to compile for plain x86-64) the kernels read the
+    cache's fp16 bits through the table and give the numpy twins' results."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CPU_NAME="x86-64", NUMBA_CPU_FEATURES="", NUMBA_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", PORTABLE_KV], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
