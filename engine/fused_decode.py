@@ -70,7 +70,7 @@ MAX_TOKENS = 16
 
 # sha256 of the callees' sources (engine/kernel_stamp.py): an edit there changes this file, so
 # numba's cache of the step is rebuilt instead of keeping the old callees' code
-CALLEE_SOURCES_SHA256 = "e92a57f99ef132e52e8aa71d0bb914be6417249e946c24845bc38d8b19167b81"
+CALLEE_SOURCES_SHA256 = "ab9320ec8cf76a0b747895e4a71cfd5b9664f97b5110368e1f1e30c7f76fd8c0"
 
 
 def enabled() -> bool:

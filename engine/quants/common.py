@@ -117,6 +117,26 @@ def fma32(typingctx, a, b, c):
     return f32(f32, f32, f32), codegen
 
 
+def _kq_lanes(builder, qp, kp, n_steps):
+    """IR of the 8 lanes of q · k before the horizontal sum, as ggml_vec_dot_f16 on AVX2: four
+    <8 x float> accumulators over 32-wide steps by fused multiply-adds (q float32 at qp, k fp16
+    bits at kp, widened 8 at a time), then (0 + 2) + (1 + 3)."""
+    v8 = ir.VectorType(ir.FloatType(), 8)
+    h8 = ir.VectorType(ir.HalfType(), 8)
+    c64 = ir.IntType(64)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8] * 3), "llvm.fma.v8f32")
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(v8, [0.0] * 8)) for _ in range(4)]
+    with cgutils.for_range(builder, n_steps) as loop:
+        base = builder.mul(loop.index, ir.Constant(c64, 32))
+        for a in range(4):
+            off = builder.add(base, ir.Constant(c64, 8 * a))
+            qv = builder.load(builder.bitcast(builder.gep(qp, [off]), v8.as_pointer()), align=4)
+            kv = builder.fpext(builder.load(builder.bitcast(builder.gep(kp, [off]), h8.as_pointer()), align=2), v8)
+            builder.store(builder.call(fma, [qv, kv, builder.load(accs[a])]), accs[a])
+    x0, x1, x2, x3 = (builder.load(a) for a in accs)
+    return builder.fadd(builder.fadd(x0, x2), builder.fadd(x1, x3))
+
+
 @intrinsic
 def kq_dot(typingctx, q, h, k, j, kh):
     """q[0, h] · k[j, kh] summed as ggml_vec_dot_f16 does on AVX2: four <8 x float>
@@ -138,24 +158,10 @@ def kq_dot(typingctx, q, h, k, j, kh):
         shape_k = cgutils.unpack_tuple(builder, ka.shape, 3)
         hd = shape_k[2]
         f = ir.FloatType()
-        v8 = ir.VectorType(f, 8)
-        h8 = ir.VectorType(ir.HalfType(), 8)
         qp = builder.gep(qa.data, [builder.mul(h_, hd)])
         kp = builder.gep(ka.data, [builder.mul(builder.add(builder.mul(j_, shape_k[1]), kh_), hd)])
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8] * 3), "llvm.fma.v8f32")
-        zero = ir.Constant(v8, [0.0] * 8)
-        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]
         n_steps = builder.sdiv(hd, ir.Constant(ir.IntType(64), 32))
-        with cgutils.for_range(builder, n_steps) as loop:
-            base = builder.mul(loop.index, ir.Constant(ir.IntType(64), 32))
-            for a in range(4):
-                off = builder.add(base, ir.Constant(ir.IntType(64), 8 * a))
-                qv = builder.load(builder.bitcast(builder.gep(qp, [off]), v8.as_pointer()), align=4)
-                kv = builder.fpext(builder.load(builder.bitcast(builder.gep(kp, [off]), h8.as_pointer()), align=2), v8)
-                builder.store(builder.call(fma, [qv, kv, builder.load(accs[a])]), accs[a])
-        x0, x1, x2, x3 = (builder.load(a) for a in accs)
-        x0, x1 = builder.fadd(x0, x2), builder.fadd(x1, x3)
-        x0 = builder.fadd(x0, x1)
+        x0 = _kq_lanes(builder, qp, kp, n_steps)
         i32 = ir.IntType(32)
         lo = builder.shuffle_vector(x0, x0, ir.Constant(ir.VectorType(i32, 4), [0, 1, 2, 3]))
         hi = builder.shuffle_vector(x0, x0, ir.Constant(ir.VectorType(i32, 4), [4, 5, 6, 7]))
@@ -196,29 +202,15 @@ def kq_dot8(typingctx, q, h, k, j, kh, scale, out, i, o):
         h_, j_, kh_, i_, o_ = (context.cast(builder, args[n], sig.args[n], i64) for n in (1, 3, 4, 7, 8))
         shape_k = cgutils.unpack_tuple(builder, ka.shape, 3)
         hd = shape_k[2]
-        f = ir.FloatType()
         i32 = ir.IntType(32)
-        v8 = ir.VectorType(f, 8)
-        h8 = ir.VectorType(ir.HalfType(), 8)
+        v8 = ir.VectorType(ir.FloatType(), 8)
         c64 = ir.IntType(64)
         qp = builder.gep(qa.data, [builder.mul(h_, hd)])
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8] * 3), "llvm.fma.v8f32")
-        zero = ir.Constant(v8, [0.0] * 8)
         n_steps = builder.sdiv(hd, ir.Constant(c64, 32))
         xs = []
         for p in range(8):
             row = builder.add(builder.mul(builder.add(j_, ir.Constant(c64, p)), shape_k[1]), kh_)
-            kp = builder.gep(ka.data, [builder.mul(row, hd)])
-            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]
-            with cgutils.for_range(builder, n_steps) as loop:
-                base = builder.mul(loop.index, ir.Constant(c64, 32))
-                for a in range(4):
-                    off = builder.add(base, ir.Constant(c64, 8 * a))
-                    qv = builder.load(builder.bitcast(builder.gep(qp, [off]), v8.as_pointer()), align=4)
-                    kv = builder.fpext(builder.load(builder.bitcast(builder.gep(kp, [off]), h8.as_pointer()), align=2), v8)
-                    builder.store(builder.call(fma, [qv, kv, builder.load(accs[a])]), accs[a])
-            x0, x1, x2, x3 = (builder.load(a) for a in accs)
-            xs.append(builder.fadd(builder.fadd(x0, x2), builder.fadd(x1, x3)))
+            xs.append(_kq_lanes(builder, qp, builder.gep(ka.data, [builder.mul(row, hd)]), n_steps))
 
         def shuf(a, b, idx):
             return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, 8), idx))
