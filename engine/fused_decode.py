@@ -37,7 +37,7 @@ from gguf import GGMLQuantizationType as G
 
 from engine import ops
 from engine.cache import KV_DTYPE, kv_block
-from engine.jit import JIT_EXACT
+from engine.jit import JIT_EXACT, release_linking_bitcode
 from engine.quants.linear import KERNEL_FAMILY, QuantLinear
 from engine.quants.activations import _q8_0_kernel, _q8_k_kernel
 from engine.quants.common import F16_TO_F32, HAVE_F16C
@@ -70,7 +70,7 @@ MAX_TOKENS = 16
 
 # sha256 of the callees' sources (engine/kernel_stamp.py): an edit there changes this file, so
 # numba's cache of the step is rebuilt instead of keeping the old callees' code
-CALLEE_SOURCES_SHA256 = "ab9320ec8cf76a0b747895e4a71cfd5b9664f97b5110368e1f1e30c7f76fd8c0"
+CALLEE_SOURCES_SHA256 = "86ceeef60bde996c4b806f91b11837b84a90d6517ea10fb5a46e10e3cda4b71d"
 
 
 def enabled() -> bool:
@@ -258,6 +258,8 @@ def _file_blocks(arrays: list[np.ndarray]) -> tuple[np.ndarray, list[int]] | Non
 class FusedDecode:
     """Decode one token of a `llama` Model in a single numba call (see the module docstring)."""
 
+    _released = 0   # overloads of the step whose linking bitcode is dropped (nothing calls it from numba)
+
     def __init__(self, model, blocks: np.ndarray, offsets: list[int]):
         """blocks: the mapped file (uint8); offsets: of each layer's 7 weights in it, by row."""
         a = model.args
@@ -340,4 +342,7 @@ class FusedDecode:
                      self.head_kind, self.head_act, self.head, self.h[:T], logits)
         for c in cache:
             c.offset = p0 + T
+        if len(_decode_step.overloads) != FusedDecode._released:   # a new overload: loaded or compiled
+            FusedDecode._released = len(_decode_step.overloads)
+            release_linking_bitcode(_decode_step)
         return logits

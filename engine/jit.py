@@ -25,3 +25,32 @@ def jit_disabled() -> bool:
 
     config: Any = numba.config   # its settings are attributes set at import, unknown to mypy
     return bool(config.DISABLE_JIT)
+
+
+def release_linking_bitcode(dispatcher) -> int:
+    """Drop the parsed LLVM module numba keeps beside each compiled or cached overload of
+    `dispatcher` for linking it into callers (`CPUCodeLibrary._shared_module`), and give the
+    freed heap back to the OS. Only for entry points that no compiled code calls: the fused
+    decode step's module holds every format's kernels, ~10 MB resident for the process's life.
+    Returns how many modules were dropped (0 if this numba keeps none there)."""
+    dropped = 0
+    for cres in list(dispatcher.overloads.values()):
+        lib = getattr(cres, "library", None)
+        if lib is not None and getattr(lib, "_shared_module", None) is not None:
+            lib._shared_module = None
+            dropped += 1
+    if dropped:
+        trim_heap()
+    return dropped
+
+
+def trim_heap() -> None:
+    """Return free heap pages to the OS (glibc's malloc_trim; elsewhere nothing)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -154,3 +154,18 @@ def test_the_step_carries_the_stamp_of_its_callees_sources():
 
     assert fused_decode.CALLEE_SOURCES_SHA256 == sources_sha256(), \
         "a kernel the fused step calls changed: run `python -m engine.quants.gen_simd_kernels`"
+
+
+def test_the_steps_linking_bitcode_is_dropped_after_it_loads(tmp_path):
+    """numba keeps a parsed LLVM module beside the step for linking it into callers (none
+    exist): ~10 MB for the step, which links every format's kernels. It is dropped after the
+    first step, and the step runs on unchanged."""
+    from engine.jit import release_linking_bitcode
+
+    path = write_tiny_llama(tmp_path / "m.gguf", weight_type=T.Q4_1, d_model=64, n_ff=128, n_layer=2)
+    model = load_model(path, 64).model
+    _decode_both(model, [1, 2, 3], steps=2)
+    libs = [cres.library for cres in fused_decode._decode_step.overloads.values()]
+    assert libs and all(lib._shared_module is None for lib in libs)
+    assert release_linking_bitcode(fused_decode._decode_step) == 0   # nothing left to drop
+    _decode_both(model, [4, 5, 6], steps=3)
