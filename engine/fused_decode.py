@@ -70,7 +70,7 @@ MAX_TOKENS = 16
 
 # sha256 of the callees' sources (engine/kernel_stamp.py): an edit there changes this file, so
 # numba's cache of the step is rebuilt instead of keeping the old callees' code
-CALLEE_SOURCES_SHA256 = "86ceeef60bde996c4b806f91b11837b84a90d6517ea10fb5a46e10e3cda4b71d"
+CALLEE_SOURCES_SHA256 = "ff8edd6a4c3f78726f13d1f95063dfb9deba99b88539cf491b713d61a10aa921"
 
 
 def enabled() -> bool:

@@ -230,37 +230,63 @@ def attention(q, k_cache, v_cache, p0, scale, out, lut):
     q: (T, Hq, hd) already rotated and fp16-rounded; k_cache, v_cache: (n_ctx, Hkv, hd) fp16
     bits holding positions 0..p0+T-1; query t sits at position p0+t and sees 0..p0+t.
     out: (T, Hq, hd).  Query head h reads kv head h // (Hq / Hkv). lut: F16_TO_F32 (kv_value).
+
+    A job is one kv head and a tile of up to 8 tokens: its rows (token, query head) share
+    every K and V row, widened from fp16 once for all of them (one row a job was 30-40% slower
+    at depth). Each row's sums run in the same order whatever the tile or the thread count.
     """
     T, Hq, hd = q.shape
     Hkv = k_cache.shape[1]
     n_rep = Hq // Hkv
-    for job in prange(T * Hq):
-        t = job // Hq
-        h = job % Hq
-        kh = h // n_rep
-        n = p0 + t + 1
-        scores = np.empty(n, dtype=np.float32)
-        m = np.float32(-np.inf)
-        for j in range(n):
-            s = np.float32(0.0)
+    tile = min(8, max(1, T * Hkv // 8))      # enough jobs for the threads when T is small
+    n_tiles = (T + tile - 1) // tile
+    for job in prange(Hkv * n_tiles):
+        kh = job // n_tiles
+        t0 = (job % n_tiles) * tile
+        nt = min(T, t0 + tile) - t0
+        R = nt * n_rep                       # row r: token t0 + r // n_rep, head kh * n_rep + r % n_rep
+        n_all = p0 + t0 + nt                 # the positions the tile's last token sees
+        qs = np.empty((R, hd), np.float32)
+        for r in range(R):
             for d in range(hd):
-                s += q[t, h, d] * kv_value(k_cache[j, kh, d], lut)
-            s *= scale
-            scores[j] = s
-            if s > m:
-                m = s
-        total = np.float32(0.0)
-        for j in range(n):
-            e = np.exp(scores[j] - m)
-            scores[j] = e
-            total += e
-        inv = np.float32(1.0) / total
-        for d in range(hd):
-            out[t, h, d] = np.float32(0.0)
-        for j in range(n):
-            w = scores[j] * inv
+                qs[r, d] = q[t0 + r // n_rep, kh * n_rep + r % n_rep, d]
+        p = np.empty((R, n_all), np.float32)   # scores, then probabilities (0 past a row's last position)
+        row = np.empty(hd, np.float32)
+        for j in range(n_all):
             for d in range(hd):
-                out[t, h, d] += w * kv_value(v_cache[j, kh, d], lut)
+                row[d] = kv_value(k_cache[j, kh, d], lut)
+            for r in range(R):
+                s = np.float32(0.0)
+                for d in range(hd):
+                    s += qs[r, d] * row[d]
+                p[r, j] = s * scale
+        for r in range(R):
+            n = p0 + t0 + r // n_rep + 1
+            m = np.float32(-np.inf)
+            for j in range(n):
+                if p[r, j] > m:
+                    m = p[r, j]
+            total = np.float32(0.0)
+            for j in range(n):
+                e = np.exp(p[r, j] - m)
+                p[r, j] = e
+                total += e
+            inv = np.float32(1.0) / total
+            for j in range(n):
+                p[r, j] *= inv
+            for j in range(n, n_all):
+                p[r, j] = np.float32(0.0)
+        acc = np.zeros((R, hd), np.float32)
+        for j in range(n_all):
+            for d in range(hd):
+                row[d] = kv_value(v_cache[j, kh, d], lut)
+            for r in range(R):
+                w = p[r, j]
+                for d in range(hd):
+                    acc[r, d] += w * row[d]
+        for r in range(R):
+            for d in range(hd):
+                out[t0 + r // n_rep, kh * n_rep + r % n_rep, d] = acc[r, d]
 
 
 @numba.njit(**JIT_EXACT_PAR)

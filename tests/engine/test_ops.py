@@ -92,6 +92,33 @@ def test_attention_matches_numpy(rng, T, p0, Hq, Hkv):
     np.testing.assert_allclose(out, ops.attention_ref(q, k, v, p0, 0.25), rtol=1e-4, atol=1e-5)
 
 
+def test_batch_attention_rows_do_not_depend_on_the_tile_or_the_threads(rng):
+    """A row's result is the same bits whether its token comes in a batch of 1, 5 or 21 (tiles
+    of 1, 1 and 7 tokens), and with 1 or 2 threads."""
+    import numba
+
+    from engine.quants.common import F16_TO_F32
+
+    Hq, Hkv, hd, p0, T = 6, 3, 32, 40, 21
+    k = ops.f16_bits_of(rng.normal(size=(p0 + T, Hkv, hd)))
+    v = ops.f16_bits_of(rng.normal(size=(p0 + T, Hkv, hd)))
+    q = ops.to_f16_precision(rng.normal(size=(T, Hq, hd)).astype(np.float32))
+    full = np.empty_like(q)
+    ops.attention(q, k, v, p0, np.float32(0.25), full, F16_TO_F32)
+    for start, n in ((0, 1), (4, 5), (20, 1)):
+        part = np.empty_like(q[start : start + n])
+        ops.attention(q[start : start + n], k, v, p0 + start, np.float32(0.25), part, F16_TO_F32)
+        assert np.array_equal(part.view(np.uint32), full[start : start + n].view(np.uint32)), (start, n)
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = np.empty_like(q)
+        ops.attention(q, k, v, p0, np.float32(0.25), one, F16_TO_F32)
+    finally:
+        numba.set_num_threads(threads)
+    assert np.array_equal(one.view(np.uint32), full.view(np.uint32))
+
+
 @pytest.mark.parametrize("T", [1, 3, 33])
 def test_swiglu_matches_numpy(rng, T):
     g = rng.normal(size=(T, 40)).astype(np.float32) * 4
