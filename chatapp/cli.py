@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prompt lengths to time (comma-separated integers >= 1)")
     bench.add_argument("--tg", type=A.int_in(1, A.MAX_TOKENS_LIMIT), default=128, help="tokens to decode (>= 1)")
     bench.add_argument("--depth", type=A.int_in(0, A.MAX_TOKENS_LIMIT), default=0, metavar="N",
-                       help="decode after N tokens already in the context, as deep in a chat (default 0)")
+                       help="prefill and decode after N tokens already in the context, as deep in a chat "
+                            "(ppN@dN, tgN@dN; default 0)")
     bench.add_argument("--repeats", type=A.int_in(1, 1000), default=5, help="runs per test, 1..1000")
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--peer", action="store_true",

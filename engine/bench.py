@@ -24,8 +24,12 @@ from engine.cache import cache_bytes
 from engine.generate import PREFILL_CHUNK, prefill
 
 
-def time_prefill(model, n_tokens: int, rng, cache_sizes: list | None = None) -> float:
+def time_prefill(model, n_tokens: int, rng, depth: int = 0, cache_sizes: list | None = None) -> float:
+    """Prefill tok/s of n_tokens random ids; with `depth`, after that many tokens already in
+    the context (not timed: as a new turn's prompt deep in a chat)."""
     cache = model.make_cache()
+    if depth:
+        prefill(model, cache, rng.integers(0, model.n_vocab, size=depth).tolist(), chunk=PREFILL_CHUNK)
     tokens = rng.integers(0, model.n_vocab, size=n_tokens)
     t = time.perf_counter()
     prefill(model, cache, tokens, chunk=PREFILL_CHUNK)   # as a reply feeds its prompt
@@ -63,15 +67,20 @@ def decode_key(tg: int, depth: int = 0) -> str:
     return f"tg{tg}" + (f"@d{depth}" if depth else "")
 
 
+def prefill_key(pp: int, depth: int = 0) -> str:
+    """The prefill test's name: pp512, or pp512@d4096 after 4096 tokens of context."""
+    return f"pp{pp}" + (f"@d{depth}" if depth else "")
+
+
 def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
               progress: Callable[[str], None] | None = None, bandwidth: bool = True, peer=None,
               depth: int = 0) -> dict:
     """Medians of interleaved runs; with `peer` (an engine.peer.LlamaCppPeer) each of our runs
     is followed by the same run in llama.cpp, and the ratios ours / llama.cpp are reported.
-    `depth`: decode after that many tokens of context (prefill is timed from empty)."""
+    `depth`: prefill and decode after that many tokens of context (llama-bench's -d)."""
     rng = np.random.default_rng(0)
-    pp = [n for n in pp if n < model.n_ctx]
-    tests = [(f"pp{n}", "pp", n) for n in pp] + ([(decode_key(tg, depth), "tg", tg)] if tg else [])
+    pp = [n for n in pp if depth + n < model.n_ctx]
+    tests = [(prefill_key(n, depth), "pp", n) for n in pp] + ([(decode_key(tg, depth), "tg", tg)] if tg else [])
     samples: dict[str, list[float]] = {k: [] for k, _, _ in tests}
     peer_samples: dict[str, list[float]] = {k: [] for k, _, _ in tests}
     cache_sizes: list[int] = []   # KV + recurrent state bytes after each run
@@ -82,10 +91,10 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
     probe_each_round = bandwidth and runtime.reset_peak_rss()
     for r in range(repeats):
         for key, kind, n in tests:
-            samples[key].append(time_prefill(model, n, rng, cache_sizes) if kind == "pp"
+            samples[key].append(time_prefill(model, n, rng, depth, cache_sizes) if kind == "pp"
                                 else time_decode(model, n, rng, depth, cache_sizes))
             if peer is not None:
-                peer_samples[key].append(peer.prefill_tps(n) if kind == "pp" else peer.decode_tps(n, depth))
+                peer_samples[key].append(peer.prefill_tps(n, depth) if kind == "pp" else peer.decode_tps(n, depth))
         if probe_each_round:
             peak_rss = max(peak_rss, runtime.peak_rss_bytes())
             bw_samples.append(runtime.measure_bandwidth(n_bytes=256 << 20, repeats=3))
@@ -107,7 +116,7 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
         ratio = {k: statistics.median(a / b for a, b in zip(samples[k], peer_samples[k])) for k in samples}
         out_peer["ratios"] = ratio
         out_peer["decode_ratio"] = ratio.get(decode_key(tg, depth))
-        big_pp = f"pp{max(pp)}" if pp else None
+        big_pp = prefill_key(max(pp), depth) if pp else None
         out_peer["prefill_ratio"] = ratio.get(big_pp) if big_pp else None
     peak_rss = max(peak_rss, runtime.peak_rss_bytes())   # (without a reset: before the probe's buffer)
     if bandwidth and not bw_samples:

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 
-# The peer process: load once, then answer {"pp": N} / {"tg": N, "depth": D} lines with tok/s.
+# The peer process: load once, then answer {"pp": N, "depth": D} / {"tg": N, "depth": D} lines with tok/s.
 PEER_SCRIPT = r"""
 import json, sys, time
 import numpy as np
@@ -39,6 +39,8 @@ for line in sys.stdin:
     cmd = json.loads(line)
     llm.reset()
     llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
+    if cmd.get("depth"):   # context already there, as deep in a chat (not timed)
+        llm.eval(rng.integers(0, n_vocab, size=cmd["depth"]).tolist())
     if "pp" in cmd:
         toks = rng.integers(0, n_vocab, size=cmd["pp"]).tolist()
         t = time.perf_counter()
@@ -46,8 +48,6 @@ for line in sys.stdin:
         dt = time.perf_counter() - t
         print(json.dumps({"tps": cmd["pp"] / dt, "peak_rss": peak(), "base_rss": base}), flush=True)
     else:
-        if cmd.get("depth"):   # context already there, as deep in a chat (not timed)
-            llm.eval(rng.integers(0, n_vocab, size=cmd["depth"]).tolist())
         tok = int(rng.integers(0, n_vocab))
         llm.eval([tok])  # the first position is not timed, as ours
         t = time.perf_counter()
@@ -132,8 +132,8 @@ class LlamaCppPeer:
         self.baseline_rss_bytes = reply.get("base_rss", self.baseline_rss_bytes)
         return float(reply["tps"])
 
-    def prefill_tps(self, n: int) -> float:
-        return self._ask({"pp": n})
+    def prefill_tps(self, n: int, depth: int = 0) -> float:
+        return self._ask({"pp": n, "depth": depth})
 
     def decode_tps(self, n: int, depth: int = 0) -> float:
         return self._ask({"tg": n, "depth": depth})

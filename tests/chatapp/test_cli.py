@@ -88,10 +88,10 @@ def test_bench_json(tiny_llama_path, capsys):
     assert r["bandwidth_bytes_per_s"] > 1e8 and r["decode_bound_tps"] > 0
 
 
-def test_bench_depth_names_the_decode_test_and_must_fit_the_context(tiny_llama_path, capsys):
+def test_bench_depth_names_the_tests_and_must_fit_the_context(tiny_llama_path, capsys):
     (r,) = run_json(capsys, "bench", "-m", str(tiny_llama_path), "--pp", "8", "--tg", "4", "--depth", "24",
                     "--repeats", "1", "--json", "--ctx", "64")
-    assert set(r["results"]) == {"pp8", "tg4@d24"} and r["depth"] == 24
+    assert set(r["results"]) == {"pp8@d24", "tg4@d24"} and r["depth"] == 24
     assert main(["bench", "-m", str(tiny_llama_path), "--tg", "30", "--depth", "40", "--ctx", "64"]) == 2
     err = capsys.readouterr().err
     assert "--depth 40 + --tg 30 does not fit the context of 64 tokens" in err and "Traceback" not in err

@@ -18,12 +18,14 @@ class FakePeer:
     def __init__(self):
         self.calls = 0
         self.depths = []
+        self.pp_depths = []
 
     def _tps(self, base):
         self.calls += 1
         return base * (0.5 if self.calls in (4, 5, 6) else 1.0)
 
-    def prefill_tps(self, n):
+    def prefill_tps(self, n, depth=0):
+        self.pp_depths.append(depth)
         return self._tps(1000.0)
 
     def decode_tps(self, n, depth=0):
@@ -65,6 +67,27 @@ def test_decode_at_depth_starts_that_deep_in_the_context_for_both_engines(tiny_l
     assert peer.depths == [40, 40]
     # each run: the untimed first token at position 40, then 6 timed steps from 41
     assert offsets == list(range(40, 47)) * 2
+
+
+def test_prefill_at_depth_times_only_the_new_tokens_for_both_engines(tiny_llama_path):
+    """pp8@d30: 30 tokens already in the context (not timed), then 8 timed, as a new turn's
+    prompt deep in a chat; llama.cpp is asked for the same."""
+    lm = load_model(tiny_llama_path, n_ctx=64)
+    calls = []
+    forward = lm.model.forward
+
+    def spy(tokens, cache, *a, **k):
+        calls.append((cache[0].offset, len(tokens)))
+        return forward(tokens, cache, *a, **k)
+
+    lm.model.forward = spy
+    peer = FakePeer()
+    res = run_bench(lm.model, pp=(8, 40), tg=0, repeats=2, bandwidth=False, peer=peer, depth=30)
+    assert set(res["results"]) == {"pp8@d30"}   # 30 + 40 does not fit 64: left out
+    assert res["prefill_ratio"] == res["ratios"]["pp8@d30"] and peer.pp_depths == [30, 30]
+    # each run: the context from 0 (its chunks), then the 8 timed tokens from position 30
+    assert [c for c in calls if c[0] == 30] == [(30, 8)] * 2
+    assert sum(n for _, n in calls) == 2 * (30 + 8)
 
 
 def test_bandwidth_is_probed_each_round_and_kept_out_of_the_peak_rss(tiny_llama_path):
