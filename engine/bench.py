@@ -24,12 +24,18 @@ from engine.cache import cache_bytes
 from engine.generate import PREFILL_CHUNK, prefill
 
 
-def time_prefill(model, n_tokens: int, rng, depth: int = 0, cache_sizes: list | None = None) -> float:
-    """Prefill tok/s of n_tokens random ids; with `depth`, after that many tokens already in
-    the context (not timed: as a new turn's prompt deep in a chat)."""
+def _cache_at_depth(model, rng, depth: int) -> list:
+    """A new cache holding `depth` random tokens of context (prefilled, not timed)."""
     cache = model.make_cache()
     if depth:
         prefill(model, cache, rng.integers(0, model.n_vocab, size=depth).tolist(), chunk=PREFILL_CHUNK)
+    return cache
+
+
+def time_prefill(model, n_tokens: int, rng, depth: int = 0, cache_sizes: list | None = None) -> float:
+    """Prefill tok/s of n_tokens random ids; with `depth`, after that many tokens already in
+    the context (as a new turn's prompt deep in a chat)."""
+    cache = _cache_at_depth(model, rng, depth)
     tokens = rng.integers(0, model.n_vocab, size=n_tokens)
     t = time.perf_counter()
     prefill(model, cache, tokens, chunk=PREFILL_CHUNK)   # as a reply feeds its prompt
@@ -44,9 +50,7 @@ def time_decode(model, n_tokens: int, rng, depth: int = 0, cache_sizes: list | N
     `depth`, after that many tokens already in the context (as deep in a chat: attention
     then reads depth positions per layer and token)."""
     governor = threads.governor()
-    cache = model.make_cache()
-    if depth:
-        prefill(model, cache, rng.integers(0, model.n_vocab, size=depth).tolist(), chunk=PREFILL_CHUNK)
+    cache = _cache_at_depth(model, rng, depth)
     token = int(rng.integers(0, model.n_vocab))
     governor.before_work()
     model.forward([token], cache, logits="last")  # position 0 is not timed
@@ -62,14 +66,9 @@ def time_decode(model, n_tokens: int, rng, depth: int = 0, cache_sizes: list | N
     return tps
 
 
-def decode_key(tg: int, depth: int = 0) -> str:
-    """The decode test's name: tg128, or tg128@d4096 after 4096 tokens of context (llama-bench's)."""
-    return f"tg{tg}" + (f"@d{depth}" if depth else "")
-
-
-def prefill_key(pp: int, depth: int = 0) -> str:
-    """The prefill test's name: pp512, or pp512@d4096 after 4096 tokens of context."""
-    return f"pp{pp}" + (f"@d{depth}" if depth else "")
+def bench_key(kind: str, n: int, depth: int = 0) -> str:
+    """A test's name, as llama-bench's: pp512, tg128, or tg128@d4096 after 4096 tokens of context."""
+    return f"{kind}{n}" + (f"@d{depth}" if depth else "")
 
 
 def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
@@ -80,7 +79,8 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
     `depth`: prefill and decode after that many tokens of context (llama-bench's -d)."""
     rng = np.random.default_rng(0)
     pp = [n for n in pp if depth + n < model.n_ctx]
-    tests = [(prefill_key(n, depth), "pp", n) for n in pp] + ([(decode_key(tg, depth), "tg", tg)] if tg else [])
+    runs = [("pp", n) for n in pp] + ([("tg", tg)] if tg else [])
+    tests = [(bench_key(kind, n, depth), kind, n) for kind, n in runs]
     samples: dict[str, list[float]] = {k: [] for k, _, _ in tests}
     peer_samples: dict[str, list[float]] = {k: [] for k, _, _ in tests}
     cache_sizes: list[int] = []   # KV + recurrent state bytes after each run
@@ -115,8 +115,8 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
         # (shared, noisy) machine hits both sides of a pair instead of skewing one median
         ratio = {k: statistics.median(a / b for a, b in zip(samples[k], peer_samples[k])) for k in samples}
         out_peer["ratios"] = ratio
-        out_peer["decode_ratio"] = ratio.get(decode_key(tg, depth))
-        big_pp = prefill_key(max(pp), depth) if pp else None
+        out_peer["decode_ratio"] = ratio.get(bench_key("tg", tg, depth))
+        big_pp = bench_key("pp", max(pp), depth) if pp else None
         out_peer["prefill_ratio"] = ratio.get(big_pp) if big_pp else None
     peak_rss = max(peak_rss, runtime.peak_rss_bytes())   # (without a reset: before the probe's buffer)
     if bandwidth and not bw_samples:

@@ -48,6 +48,20 @@ def lazy_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
 KV_DTYPE = np.uint16   # fp16 bit patterns: half the bytes of float32, and llama.cpp's F16 cache
 
 
+def f16_bits_of(a) -> np.ndarray:
+    """float values -> the nearest fp16 values' bit patterns (ties to even, beyond the range to
+    inf, as llama.cpp stores them), as the KV cache holds them."""
+    with np.errstate(over="ignore"):
+        return np.asarray(a, np.float32).astype(np.float16).view(KV_DTYPE)
+
+
+def f16_values_of(bits) -> np.ndarray:
+    """fp16 bit patterns (uint16, e.g. a KV cache's rows) -> their float32 values."""
+    if bits.dtype != KV_DTYPE:
+        raise TypeError(f"fp16 bit patterns are uint16, not {bits.dtype}")
+    return bits.view(np.float16).astype(np.float32)
+
+
 class KVCache:
     """Keys and values of one attention layer: (n_ctx, n_kv_heads, head_dim) fp16 bit patterns
     (KV_DTYPE; `.view(np.float16)` reads them as numbers). The attention kernels widen them to
@@ -90,9 +104,8 @@ class KVCache:
         p0 = self.offset
         if p0 + T > self.n_ctx:
             raise ValueError(f"KV cache full: {p0} + {T} positions > context {self.n_ctx}")
-        with np.errstate(over="ignore"):
-            self.keys[p0 : p0 + T] = np.asarray(k, np.float32).astype(np.float16).view(KV_DTYPE)
-            self.values[p0 : p0 + T] = np.asarray(v, np.float32).astype(np.float16).view(KV_DTYPE)
+        self.keys[p0 : p0 + T] = f16_bits_of(k)
+        self.values[p0 : p0 + T] = f16_bits_of(v)
         self.offset = p0 + T
         return p0
 
@@ -123,9 +136,8 @@ class KVCache:
 
     def restore(self, st: CacheState) -> None:
         self.check(st)
-        with np.errstate(over="ignore"):
-            self.keys[: st.offset] = st.arrays["k"].astype(np.float16, copy=False).view(KV_DTYPE)
-            self.values[: st.offset] = st.arrays["v"].astype(np.float16, copy=False).view(KV_DTYPE)
+        self.keys[: st.offset] = f16_bits_of(st.arrays["k"])   # float16 states: exact
+        self.values[: st.offset] = f16_bits_of(st.arrays["v"])
         self.offset = st.offset
 
     @classmethod

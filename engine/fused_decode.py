@@ -70,7 +70,7 @@ MAX_TOKENS = 16
 
 # sha256 of the callees' sources (engine/kernel_stamp.py): an edit there changes this file, so
 # numba's cache of the step is rebuilt instead of keeping the old callees' code
-CALLEE_SOURCES_SHA256 = "ff8edd6a4c3f78726f13d1f95063dfb9deba99b88539cf491b713d61a10aa921"
+CALLEE_SOURCES_SHA256 = "c42e85818c4205673a6a067603e8f9b2d3b877db114df323a3df634a5d08bda7"
 
 
 def enabled() -> bool:

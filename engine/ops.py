@@ -16,6 +16,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from engine.cache import f16_bits_of, f16_values_of  # noqa: F401  (the KV cache's format; tests use them from here)
 from engine.quants.common import (F16_TO_F32, HAVE_F16C, f16_bits, f16_round, f16_value, f32_to_f16_bits, fma32,
                                   fma32_ref, kq_dot, kq_dot8, kq_dot_lut)
 
@@ -160,19 +161,6 @@ def to_f16_precision(a):
     """Round float32 values to the nearest fp16 (what an F16 KV cache stores)."""
     with np.errstate(over="ignore"):  # beyond fp16's range becomes inf, as in llama.cpp
         return a.astype(np.float16).astype(np.float32)
-
-
-def f16_bits_of(a) -> np.ndarray:
-    """float values -> the nearest fp16 values' bit patterns (uint16), as the KV cache holds them."""
-    with np.errstate(over="ignore"):
-        return np.asarray(a, np.float32).astype(np.float16).view(np.uint16)
-
-
-def f16_values_of(bits) -> np.ndarray:
-    """fp16 bit patterns (uint16, e.g. a KV cache's rows) -> their float32 values."""
-    if bits.dtype != np.uint16:
-        raise TypeError(f"fp16 bit patterns are uint16, not {bits.dtype}")
-    return bits.view(np.float16).astype(np.float32)
 
 
 @numba.njit(**JIT_EXACT)
