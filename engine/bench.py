@@ -97,7 +97,7 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
                 peer_samples[key].append(peer.prefill_tps(n, depth) if kind == "pp" else peer.decode_tps(n, depth))
         if probe_each_round:
             peak_rss = max(peak_rss, runtime.peak_rss_bytes())
-            bw_samples.append(runtime.measure_bandwidth(n_bytes=256 << 20, repeats=3))
+            bw_samples.append(runtime.measure_bandwidth(repeats=3))
             runtime.reset_peak_rss()
         if progress:
             line = ", ".join(f"{k} {v[-1]:.1f}" + (f" (llama.cpp {peer_samples[k][-1]:.1f})" if peer else "")

@@ -70,7 +70,7 @@ MAX_TOKENS = 16
 
 # sha256 of the callees' sources (engine/kernel_stamp.py): an edit there changes this file, so
 # numba's cache of the step is rebuilt instead of keeping the old callees' code
-CALLEE_SOURCES_SHA256 = "c42e85818c4205673a6a067603e8f9b2d3b877db114df323a3df634a5d08bda7"
+CALLEE_SOURCES_SHA256 = "46c2e4196faa18d085fadf6a0aab812cd488ddf560c982e1cabb0db391ddf095"
 
 
 def enabled() -> bool:

@@ -79,8 +79,34 @@ def _sum_rows(a):
     return partial.sum()
 
 
-def measure_bandwidth(n_bytes: int = 512 << 20, repeats: int = 5) -> float:
-    """Read bandwidth in bytes/s (median), with the threads currently set: the decode bound."""
+def last_level_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """The largest CPU cache of cpu0 (Linux sysfs: index*/size, as "2048K"), or None where it
+    cannot be read."""
+    sizes = []
+    try:
+        for entry in os.listdir(root):
+            if entry.startswith("index"):
+                with open(os.path.join(root, entry, "size")) as f:
+                    text = f.read().strip()
+                unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+                sizes.append(int(text.rstrip("KMG")) * unit)
+    except (OSError, ValueError):
+        return None
+    return max(sizes) if sizes else None
+
+
+def probe_bytes(llc: int | None = None) -> int:
+    """The bandwidth probe's buffer: 256 MB, or twice the last-level cache where that is larger
+    (a server VM may show hundreds of MB of L3; a probe that fits there measures the cache, not
+    memory), at most 1 GiB."""
+    llc = last_level_cache_bytes() if llc is None else llc
+    return min(max(256 << 20, 2 * (llc or 0)), 1 << 30)
+
+
+def measure_bandwidth(n_bytes: int | None = None, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s (median), with the threads currently set: the decode bound.
+    n_bytes: the buffer read (default probe_bytes())."""
+    n_bytes = probe_bytes() if n_bytes is None else n_bytes
     a = np.ones((n_bytes // 4 // 65536, 65536), dtype=np.float32)
     _sum_rows(a)  # compile / fault the pages in
     times = []
@@ -94,7 +120,7 @@ def measure_bandwidth(n_bytes: int = 512 << 20, repeats: int = 5) -> float:
 @functools.lru_cache(maxsize=1)
 def memory_bandwidth_bytes_s() -> float:
     """Read bandwidth with the current threads (measured once per process, ~0.2 s)."""
-    return measure_bandwidth(n_bytes=256 << 20, repeats=3)
+    return measure_bandwidth(repeats=3)
 
 
 def peak_rss_bytes() -> int:

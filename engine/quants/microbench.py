@@ -6,8 +6,8 @@
         "decode_gbps": ..., "decode_gbps_hot": ..., "decode_us": ..., "prefill_gflops": ..., "prefill_ms": ..., "threads": 2}
 
 Weights are random blocks with sane fp16 scales (speed does not depend on values).
-decode_gbps rotates over enough copies of the weight (> 96 MB) that each call streams it
-from DRAM, as a real decode step does; decode_gbps_hot reuses one copy (cache-resident).
+decode_gbps rotates over enough copies of the weight (runtime.probe_bytes(): twice the
+last-level cache, at least 256 MB) that each call streams it from DRAM, as a real decode step does; decode_gbps_hot reuses one copy (cache-resident).
 Both include quantizing the activation (QuantLinear.matvec_into). Medians of `repeats` calls.
 The machine is shared: compare numbers taken in one process, interleaved.
 """
@@ -69,12 +69,15 @@ def _median_time(fn, args_seq) -> float:
 
 
 def bench_matvec(type_name: str, n_out: int, n_in: int, repeats: int = 20, prefill_tokens: int = 128,
-                 cold_bytes: float = 96e6) -> dict:
+                 cold_bytes: float | None = None) -> dict:
     import numba
+
+    from engine import runtime
 
     raw = random_blocks(type_name, n_out, n_in)
     ggml_type = GGMLQuantizationType[type_name]
-    n_copies = max(1, min(64, int(np.ceil(cold_bytes / raw.nbytes))))
+    cold_bytes = runtime.probe_bytes() if cold_bytes is None else cold_bytes
+    n_copies = max(1, min(4096, int(np.ceil(cold_bytes / raw.nbytes))))
     lins = [QuantLinear(raw if i == 0 else raw.copy(), ggml_type, n_in, n_out, name=f"bench{i}")
             for i in range(n_copies)]
     rng = np.random.default_rng(1)

@@ -453,16 +453,26 @@ def _iq4xs_unpack(builder, blk):
     return out
 
 
-# Decode streams each weight row once; a core keeps too few cache misses in flight on its own
-# to reach the machine's bandwidth, so the row kernels ask for the bytes this far ahead.
+# Decode streams each weight row once from memory, and one core alone keeps too few cache misses
+# in flight to reach the machine's bandwidth: the row kernels ask for the bytes PREFETCH_BYTES
+# ahead, into L2 (prefetcht1). A prefetch into L1 (t0) holds one of the core's few L1 fill buffers
+# until its line arrives from memory, which capped the misses in flight: the 4B shape decoded
+# 12-18% faster with t1 on an Intel Xeon (docs/ARCHITECTURE.md). The K-quant kernels, whose
+# blocks span 2-4 lines, then pull each line from L2 into L1 PREFETCH_NEAR_BYTES ahead (another
+# ~5% there; the legacy kernels' 18-34-byte blocks lost ~4% to the extra instructions).
 PREFETCH_BYTES = 4096
+PREFETCH_NEAR_BYTES = 1024
+_T0, _T1 = 3, 2   # llvm.prefetch locality: 3 -> prefetcht0 (into L1), 2 -> prefetcht1 (into L2)
 
 
-def _prefetch_ahead(builder, blk, block_bytes):
-    """Prefetch the cache lines of the block PREFETCH_BYTES past blk (read, keep in all levels)."""
+def _prefetch_ahead(builder, blk, block_bytes, near=False):
+    """Prefetch the lines of the block PREFETCH_BYTES past blk into L2 and, with near, those of
+    the block PREFETCH_NEAR_BYTES past it into L1 (llvm.prefetch: read, data cache)."""
     fn = _fn(builder, "llvm.prefetch.p0", ir.VoidType(), [I8.as_pointer(), I32, I32, I32])
-    for o in range(0, block_bytes, 64):
-        builder.call(fn, [builder.gep(blk, [ir.Constant(I64, PREFETCH_BYTES + o)]), _i32c(0), _i32c(3), _i32c(1)])
+    ahead = [(PREFETCH_BYTES, _T1)] + ([(PREFETCH_NEAR_BYTES, _T0)] if near else [])
+    for dist, locality in ahead:
+        for o in range(0, block_bytes, 64):
+            builder.call(fn, [builder.gep(blk, [ir.Constant(I64, dist + o)]), _i32c(0), _i32c(locality), _i32c(1)])
 
 
 def _pairsum16(builder, bsp):
@@ -506,7 +516,7 @@ def _kq_row(kind, ntok=1):
             with cgutils.for_range(builder, nb_) as loop:
                 b = loop.index
                 blk = builder.gep(wp, [builder.mul(b, ir.Constant(I64, ts))])
-                _prefetch_ahead(builder, blk, ts)
+                _prefetch_ahead(builder, blk, ts, near=True)
 
                 def ld(p, o, ty=V32I8):
                     return _load(builder, builder.gep(p, [ir.Constant(I64, o)]), ty)

@@ -100,9 +100,28 @@ def test_bandwidth_is_probed_each_round_and_kept_out_of_the_peak_rss(tiny_llama_
         assert len(res["bandwidth_runs"]) == 1
         return
     assert len(res["bandwidth_runs"]) == 3 and res["bandwidth_bytes_per_s"] == statistics.median(res["bandwidth_runs"])
-    # the probe reads 256 MB; a tiny model's peak stays far below the probe's buffer
+    # the probe reads >= 256 MB; a tiny model's peak stays far below the probe's buffer
     assert res["peak_rss_bytes"] < runtime.current_rss_bytes() + (200 << 20)
     assert res["decode_bound_tps"] > 0
+
+
+def test_the_probe_reads_twice_the_last_level_cache_so_it_measures_memory(tmp_path):
+    from engine import runtime
+
+    # sysfs as Linux lays it out: L1d, L1i, L2, L3 of cpu0
+    for i, size in enumerate(["48K", "64K", "2048K", "491520K"]):
+        (tmp_path / f"index{i}").mkdir()
+        (tmp_path / f"index{i}" / "size").write_text(size + "\n")
+    (tmp_path / "uevent").write_text("")
+    assert runtime.last_level_cache_bytes(str(tmp_path)) == 480 << 20
+    assert runtime.last_level_cache_bytes(str(tmp_path / "missing")) is None
+    (tmp_path / "index3" / "size").write_text("lots\n")
+    assert runtime.last_level_cache_bytes(str(tmp_path)) is None
+    assert runtime.probe_bytes(480 << 20) == 960 << 20          # a server VM's L3: read past it
+    assert runtime.probe_bytes(32 << 20) == 256 << 20           # a laptop's: 256 MB as before
+    assert runtime.probe_bytes(0) == 256 << 20                  # cache size unknown
+    assert runtime.probe_bytes() == runtime.probe_bytes(runtime.last_level_cache_bytes() or 0)   # this machine's
+    assert runtime.probe_bytes(4 << 30) == 1 << 30              # never more than 1 GiB
 
 
 def test_busy_processes_run_in_their_own_sessions_and_are_always_killed():
