@@ -70,7 +70,7 @@ MAX_TOKENS = 16
 
 # sha256 of the callees' sources (engine/kernel_stamp.py): an edit there changes this file, so
 # numba's cache of the step is rebuilt instead of keeping the old callees' code
-CALLEE_SOURCES_SHA256 = "772e09942ae12f7d98a47b35d4716617212f69309994944bbb5413e745c426b5"
+CALLEE_SOURCES_SHA256 = "46c2e4196faa18d085fadf6a0aab812cd488ddf560c982e1cabb0db391ddf095"
 
 
 def enabled() -> bool:

@@ -386,6 +386,7 @@ dot2_iq4_nl_row, dot3_iq4_nl_row = _legacy_row("iq4_nl", 2), _legacy_row("iq4_nl
 
 # ----------------------------------------------------------------------------- k-quant rows
 V8I8 = ir.VectorType(I8, 8)
+V16I32 = ir.VectorType(I32, 16)
 
 
 def _i32c(v):
@@ -474,26 +475,11 @@ def _prefetch_ahead(builder, blk, block_bytes, near=False):
             builder.call(fn, [builder.gep(blk, [ir.Constant(I64, dist + o)]), _i32c(0), _i32c(locality), _i32c(1)])
 
 
-def _sext_halves(builder, v16):
-    """<16 x i8> -> its two halves as <8 x i32> each (sign-extended). Kept at 8 lanes: with
-    AVX-512 present LLVM widens a <16 x i32> to a zmm register, and while a 512-bit uop is in
-    flight Intel cores shut port 1's vector ALUs, which the row loop needs."""
-    lo = builder.shuffle_vector(v16, v16, ir.Constant(ir.VectorType(I32, 8), list(range(8))))
-    hi = builder.shuffle_vector(v16, v16, ir.Constant(ir.VectorType(I32, 8), list(range(8, 16))))
-    return builder.sext(lo, V8I32), builder.sext(hi, V8I32)
-
-
-def _bsum_halves(builder, bsp):
-    """16 int32 bsums at bsp -> bsums 0..7 and 8..15 as two <8 x i32> (8 lanes: see _sext_halves)."""
-    return (_load(builder, bsp, V8I32, align=4),
-            _load(builder, builder.gep(bsp, [ir.Constant(I64, 8)]), V8I32, align=4))
-
-
 def _pairsum16(builder, bsp):
     """16 int32 bsums at bsp -> <8 x i32> sums of neighbouring pairs (per-32 sums)."""
-    a, b = _bsum_halves(builder, bsp)
-    ev = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, 8), list(range(0, 16, 2))))
-    od = builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, 8), list(range(1, 16, 2))))
+    v = _load(builder, bsp, V16I32, align=4)
+    ev = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 8), list(range(0, 16, 2))))
+    od = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 8), list(range(1, 16, 2))))
     return builder.add(ev, od)
 
 
@@ -571,29 +557,31 @@ def _kq_row(kind, ntok=1):
                     s8 = _load(builder, blk, V16I8)  # low nibble: scale, high nibble: min
                     sc16 = builder.zext(builder.and_(s8, ir.Constant(V16I8, [15] * 16)), ir.VectorType(I16, 16))
                     scs = [builder.extract_element(sc16, _i32c(g)) for g in range(16)]
-                    mn_lo, mn_hi = _sext_halves(builder, builder.lshr(s8, ir.Constant(V16I8, [4] * 16)))   # 0..15
+                    mn32 = builder.zext(builder.lshr(s8, ir.Constant(V16I8, [4] * 16)), V16I32)
                     _q2k_body(builder, blk, acc, scs, ld)
                     for i in toks:
                         dx = builder.load(builder.gep(xdps[i], [b]))
-                        bs_lo, bs_hi = _bsum_halves(builder, bsb[i])
-                        mterm = builder.add(builder.mul(mn_lo, bs_lo), builder.mul(mn_hi, bs_hi))
+                        prod = builder.mul(mn32, _load(builder, bsb[i], V16I32, align=4))
+                        lo = builder.shuffle_vector(prod, prod, ir.Constant(ir.VectorType(I32, 8), list(range(8))))
+                        hi = builder.shuffle_vector(prod, prod, ir.Constant(ir.VectorType(I32, 8), list(range(8, 16))))
                         fa = builder.load(faccs[i])
                         fa = builder.call(fma, [builder.sitofp(acc.accs[i], V8F32), _splat(builder, builder.fmul(d, dx), V8F32), fa])
-                        fa = builder.call(fma, [builder.sitofp(mterm, V8F32),
+                        fa = builder.call(fma, [builder.sitofp(builder.add(lo, hi), V8F32),
                                                 _splat(builder, builder.fneg(builder.fmul(dmin, dx)), V8F32), fa])
                         builder.store(fa, faccs[i])
                 else:  # q6_k
                     d = _f16(builder, builder.gep(blk, [ir.Constant(I64, 208)]), lutp)
                     sc8 = _load(builder, builder.gep(blk, [ir.Constant(I64, 192)]), V16I8)
                     sc16 = builder.sext(sc8, ir.VectorType(I16, 16))
-                    sc_lo, sc_hi = _sext_halves(builder, sc8)
+                    sc32 = builder.sext(sc8, V16I32)
                     _q6k_body(builder, blk, acc, [builder.extract_element(sc16, _i32c(g)) for g in range(16)], ld)
                     for i in toks:
                         dx = builder.load(builder.gep(xdps[i], [b]))
-                        bs_lo, bs_hi = _bsum_halves(builder, bsb[i])
-                        # Σ_g sc_g·bsum_g as 8 lanes
-                        corr = builder.shl(builder.add(builder.mul(sc_lo, bs_lo), builder.mul(sc_hi, bs_hi)),
-                                           ir.Constant(V8I32, [5] * 8))  # 32·Σ
+                        bsv = _load(builder, bsb[i], V16I32, align=4)
+                        prod = builder.mul(sc32, bsv)  # Σ_g sc_g·bsum_g, as 16 lanes
+                        lo = builder.shuffle_vector(prod, prod, ir.Constant(ir.VectorType(I32, 8), list(range(8))))
+                        hi = builder.shuffle_vector(prod, prod, ir.Constant(ir.VectorType(I32, 8), list(range(8, 16))))
+                        corr = builder.shl(builder.add(lo, hi), ir.Constant(V8I32, [5] * 8))  # 32·Σ
                         isum = builder.sub(acc.result(i), corr)
                         fa = builder.call(fma, [builder.sitofp(isum, V8F32), _splat(builder, builder.fmul(d, dx), V8F32),
                                                 builder.load(faccs[i])])

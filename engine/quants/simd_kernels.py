@@ -1119,4 +1119,4 @@ GEMM_DRIVERS: dict[str, tuple[Any, Any]] = {
 }
 
 # sha256 of simd.py and gemm.py when this file was generated (see gen_simd_kernels.py)
-SIMD_SOURCE_SHA256 = "eb31003b94739040cbaf0a5440bb1fb0a34c3a58397770e2ae37fb6a1f934945"
+SIMD_SOURCE_SHA256 = "e17c629f46303829cc2b3715926c2afc70e905a84e99b98b70e17f09f244d046"
