@@ -119,7 +119,7 @@ def measure_bandwidth(n_bytes: int | None = None, repeats: int = 5) -> float:
 
 @functools.lru_cache(maxsize=1)
 def memory_bandwidth_bytes_s() -> float:
-    """Read bandwidth with the current threads (measured once per process, ~0.2 s)."""
+    """Read bandwidth with the current threads (measured once per process, 0.2-0.6 s)."""
     return measure_bandwidth(repeats=3)
 
 

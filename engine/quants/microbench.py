@@ -7,7 +7,8 @@
 
 Weights are random blocks with sane fp16 scales (speed does not depend on values).
 decode_gbps rotates over enough copies of the weight (runtime.probe_bytes(): twice the
-last-level cache, at least 256 MB) that each call streams it from DRAM, as a real decode step does; decode_gbps_hot reuses one copy (cache-resident).
+last-level cache, at least 256 MB) that each call streams it from DRAM, as a real decode step
+does; decode_gbps_hot reuses one copy (cache-resident).
 Both include quantizing the activation (QuantLinear.matvec_into). Medians of `repeats` calls.
 The machine is shared: compare numbers taken in one process, interleaved.
 """
