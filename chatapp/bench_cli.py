@@ -46,7 +46,7 @@ def cmd_bench(args) -> int:
     busy = None
     try:
         res = run_bench(loaded.model, pp=pp, tg=args.tg, repeats=args.repeats, progress=say, peer=peer,
-                        depth=args.depth)
+                        depth=args.depth, pages=loaded.gguf.pages)
         if args.busy:
             if say:
                 say(f"again with {args.busy} CPU-bound process(es) in other sessions"
@@ -92,8 +92,11 @@ def cmd_bench(args) -> int:
         share = f", decode at {100 * tg / res['decode_bound_tps']:.0f}% of it" if tg else ""
         if tg and args.depth:
             share += f" (the bound counts weights only; at depth {args.depth} the KV cache is read too)"
-        print(f"memory read {res['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s -> decode bound "
+        pages = "2 MB" if res.get("bandwidth_huge_pages") else "4 KB"
+        print(f"memory read {res['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s ({pages} pages) -> decode bound "
               f"{res['decode_bound_tps']:.1f} tok/s for {res['weight_bytes'] / 1e6:.1f} MB of weights{share}")
+    if res.get("weight_pages"):
+        print(res["weight_pages"])
     ok = "within" if res["model_rss_bytes"] <= res["memory_bound_bytes"] else "OVER"
     print(f"peak RSS {res['peak_rss_bytes'] / 1e6:.1f} MB = runtime {baseline_rss / 1e6:.1f} MB (before the model) "
           f"+ model {res['model_rss_bytes'] / 1e6:.1f} MB, {ok} the bound file x 1.1 + KV/state + 25 MB = "

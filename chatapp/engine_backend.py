@@ -56,6 +56,7 @@ class EngineBackend:
         self._threads_in_use = 0
         self._bandwidth = bandwidth_bytes_s
         self._bandwidth_measured: float | None = None
+        self._bandwidth_huge = False   # the page size _bandwidth_measured was read with
         self.state_events: list[tuple[ChatKey, str]] = []   # (key, outcome) of every bind, for the log and tests
         self.on_notice: Callable[[str], None] | None = None
 
@@ -225,11 +226,14 @@ class EngineBackend:
         """The machine's read bandwidth (measured once per process; slow the first time: a worker only)."""
         if self._bandwidth:
             return self._bandwidth
-        if self._bandwidth_measured is None:
+        loaded = self._loaded
+        huge = loaded is not None and loaded.gguf.pages is not None and loaded.gguf.pages.on_huge_pages   # read the weights' page size
+        if self._bandwidth_measured is None or self._bandwidth_huge != huge:
             from engine import runtime
 
             try:
-                self._bandwidth_measured = float(kernel_thread().call(runtime.memory_bandwidth_bytes_s))
+                self._bandwidth_measured = float(kernel_thread().call(runtime.memory_bandwidth_bytes_s, huge))
+                self._bandwidth_huge = huge
             except Exception as e:  # noqa: BLE001  (a figure for the overlay, never fatal)
                 log.warning("bandwidth measurement failed: %r", e)
         return self._bandwidth_measured

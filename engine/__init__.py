@@ -12,7 +12,8 @@ def _no_numpy_hugepages() -> None:
     """numpy asks for transparent huge pages on its big arrays (madvise). The engine's per-chunk
     buffers come and go, and then each fault can wait for the kernel to compact memory into a
     2 MB page, and RSS counts whole 2 MB pages: on a fragmented machine we saw prefill 30%
-    slower and 120 MB more RSS in some runs. Weights are file pages and never affected."""
+    slower and 120 MB more RSS in some runs. The weights (a file mapping) and the bandwidth
+    probe ask for 2 MB pages themselves (engine.hugepages)."""
     import importlib
 
     try:

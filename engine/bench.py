@@ -73,10 +73,11 @@ def bench_key(kind: str, n: int, depth: int = 0) -> str:
 
 def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
               progress: Callable[[str], None] | None = None, bandwidth: bool = True, peer=None,
-              depth: int = 0) -> dict:
+              depth: int = 0, pages=None) -> dict:
     """Medians of interleaved runs; with `peer` (an engine.peer.LlamaCppPeer) each of our runs
     is followed by the same run in llama.cpp, and the ratios ours / llama.cpp are reported.
-    `depth`: prefill and decode after that many tokens of context (llama-bench's -d)."""
+    `depth`: prefill and decode after that many tokens of context (llama-bench's -d).
+    `pages`: where the weights are mapped (GGUFFile.pages): the probe reads the same page size."""
     rng = np.random.default_rng(0)
     pp = [n for n in pp if depth + n < model.n_ctx]
     runs = [("pp", n) for n in pp] + ([("tg", tg)] if tg else [])
@@ -89,6 +90,7 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
     bw_samples: list[float] = []
     peak_rss = runtime.peak_rss_bytes()   # loading and warm-up count too
     probe_each_round = bandwidth and runtime.reset_peak_rss()
+    huge = pages is not None and pages.on_huge_pages
     for r in range(repeats):
         for key, kind, n in tests:
             samples[key].append(time_prefill(model, n, rng, depth, cache_sizes) if kind == "pp"
@@ -97,7 +99,7 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
                 peer_samples[key].append(peer.prefill_tps(n, depth) if kind == "pp" else peer.decode_tps(n, depth))
         if probe_each_round:
             peak_rss = max(peak_rss, runtime.peak_rss_bytes())
-            bw_samples.append(runtime.measure_bandwidth(repeats=3))
+            bw_samples.append(runtime.measure_bandwidth(repeats=3, huge_pages=huge))
             runtime.reset_peak_rss()
         if progress:
             line = ", ".join(f"{k} {v[-1]:.1f}" + (f" (llama.cpp {peer_samples[k][-1]:.1f})" if peer else "")
@@ -120,7 +122,7 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
         out_peer["prefill_ratio"] = ratio.get(big_pp) if big_pp else None
     peak_rss = max(peak_rss, runtime.peak_rss_bytes())   # (without a reset: before the probe's buffer)
     if bandwidth and not bw_samples:
-        bw_samples.append(runtime.measure_bandwidth())
+        bw_samples.append(runtime.measure_bandwidth(huge_pages=huge))
     bw = statistics.median(bw_samples) if bw_samples else None
     return {
         **out_peer,
@@ -133,6 +135,8 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
         "weight_bytes": model.weight_bytes,
         "bandwidth_bytes_per_s": bw,
         "bandwidth_runs": bw_samples,
+        "bandwidth_huge_pages": huge,
+        "weight_pages": pages.describe() if pages is not None else None,
         # decode reads every weight once per token: tok/s <= bandwidth / weight bytes
         "decode_bound_tps": bw / model.weight_bytes if bw and model.weight_bytes else None,
         "peak_rss_bytes": peak_rss,

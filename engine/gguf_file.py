@@ -24,6 +24,7 @@ from typing import NoReturn
 
 import numpy as np
 
+from engine import hugepages
 from engine.errors import ModelFileError
 from engine.string_array import StringArray
 from engine.quants.formats import BLOCK_FORMATS, SUPPORTED_TYPE_NAMES, type_name
@@ -194,9 +195,11 @@ class GGUFFile:
             if size < 24:
                 raise ModelFileError(spath, f"truncated: {size} bytes is smaller than a GGUF header")
             self._mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            hugepages.advise(self._mmap)   # before any page is touched (engine.hugepages)
         finally:
             os.close(fd)
         self.file_size = size
+        self.pages: hugepages.PagesReport | None = None   # set by map_weights_on_huge_pages()
         try:
             self._parse(spath)
         except BaseException:
@@ -325,6 +328,11 @@ class GGUFFile:
         t = self.tensors[name]
         arr = get_format(t.ggml_type).dequantize(self.tensor_bytes(name))
         return np.ascontiguousarray(arr.reshape(tuple(reversed(t.shape))), dtype=np.float32)
+
+    def map_weights_on_huge_pages(self) -> hugepages.PagesReport | None:
+        """Ask for the tensor data on 2 MB pages (engine.hugepages); the report is kept in `pages`."""
+        self.pages = hugepages.map_weights(self.buffer, str(self.path), self.data_offset)
+        return self.pages
 
     def close(self):
         m = self._mmap

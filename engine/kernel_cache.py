@@ -14,8 +14,9 @@ from pathlib import Path
 APP = "deltatalk"
 
 
-def kernel_cache_dir(env=os.environ) -> Path:
-    """$DELTATALK_CACHE_DIR/numba, else <the platform's user cache dir>/deltatalk/numba.
+def user_cache_root(env=os.environ) -> Path:
+    """$DELTATALK_CACHE_DIR, else <the platform's user cache dir>/deltatalk: what the engine
+    may keep between runs (compiled kernels, engine.hugepages' notes).
 
     DELTATALK_HOME (the tests' isolated home) deliberately does not move it: test processes
     share the compiled kernels instead of compiling everything again per temp home.
@@ -25,7 +26,12 @@ def kernel_cache_dir(env=os.environ) -> Path:
         import platformdirs
 
         base = platformdirs.user_cache_dir(APP)
-    return Path(base) / "numba"
+    return Path(base)
+
+
+def kernel_cache_dir(env=os.environ) -> Path:
+    """user_cache_root()/numba."""
+    return user_cache_root(env) / "numba"
 
 
 def use_user_cache_dir(env=os.environ) -> str:

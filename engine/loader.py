@@ -72,6 +72,7 @@ def load_model(path: str | os.PathLike, n_ctx: int | None = None, *,
     gf = GGUFFile(path)
     try:
         module = model_module(gf)
+        gf.map_weights_on_huge_pages()   # before the model touches a weight
         if n_ctx is not None:
             n_ctx_train = gf.get(f"{gf.architecture}.context_length", None) if within_training_context else None
             if within_training_context and not (isinstance(n_ctx_train, int) and n_ctx_train > 0):

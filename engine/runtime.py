@@ -103,11 +103,14 @@ def probe_bytes(llc: int | None = None) -> int:
     return min(max(256 << 20, 2 * (llc or 0)), 1 << 30)
 
 
-def measure_bandwidth(n_bytes: int | None = None, repeats: int = 5) -> float:
+def measure_bandwidth(n_bytes: int | None = None, repeats: int = 5, huge_pages: bool = False) -> float:
     """Read bandwidth in bytes/s (median), with the threads currently set: the decode bound.
-    n_bytes: the buffer read (default probe_bytes())."""
+    n_bytes: the buffer read (default probe_bytes()); huge_pages: read 2 MB pages, as weights
+    mapped that way are (engine.hugepages: 4 KB pages read ~20% slower on a VM)."""
+    from engine import hugepages
+
     n_bytes = probe_bytes() if n_bytes is None else n_bytes
-    a = np.ones((n_bytes // 4 // 65536, 65536), dtype=np.float32)
+    a = hugepages.probe_buffer(n_bytes // 4 // 65536 * 65536 * 4, huge_pages).reshape(-1, 65536)
     _sum_rows(a)  # compile / fault the pages in
     times = []
     for _ in range(repeats):
@@ -117,10 +120,10 @@ def measure_bandwidth(n_bytes: int | None = None, repeats: int = 5) -> float:
     return a.nbytes / statistics.median(times)
 
 
-@functools.lru_cache(maxsize=1)
-def memory_bandwidth_bytes_s() -> float:
+@functools.lru_cache(maxsize=2)
+def memory_bandwidth_bytes_s(huge_pages: bool = False) -> float:
     """Read bandwidth with the current threads (measured once per process, 0.2-0.6 s)."""
-    return measure_bandwidth(repeats=3)
+    return measure_bandwidth(repeats=3, huge_pages=huge_pages)
 
 
 def peak_rss_bytes() -> int:

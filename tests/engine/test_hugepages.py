@@ -1,0 +1,164 @@
+"""engine.hugepages: the weights' mapping on 2 MB pages, the probe on the same page size, and
+everything that must not change on the way (the bytes, the behaviour where the system says no)."""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from engine import hugepages
+
+linux_thp = pytest.mark.skipif(not sys.platform.startswith("linux") or hugepages.thp_mode() not in ("always", "madvise"),
+                               reason="needs Linux with transparent huge pages enabled")
+
+
+def test_thp_mode_reads_the_bracketed_policy(tmp_path):
+    p = tmp_path / "enabled"
+    p.write_text("always [madvise] never\n")
+    assert hugepages.thp_mode(str(p)) == "madvise"
+    p.write_text("[always] madvise never\n")
+    assert hugepages.thp_mode(str(p)) == "always"
+    p.write_text("garbled\n")
+    assert hugepages.thp_mode(str(p)) is None
+    assert hugepages.thp_mode(str(tmp_path / "missing")) is None
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("DELTATALK_HUGEPAGES", "0")
+    assert not hugepages.enabled()
+    buf = mmap.mmap(-1, 1 << 20)
+    assert hugepages.advise(buf) is False
+    assert hugepages.map_weights(buf, "/nonexistent", 0) is None
+
+
+SMAPS = """\
+7f0000000000-7f0000400000 r--s 00000000 fd:01 123 /models/a.gguf
+Size:               4096 kB
+Rss:                4096 kB
+FilePmdMapped:      2048 kB
+AnonHugePages:         0 kB
+7f0000400000-7f0000600000 rw-p 00000000 00:00 0
+Size:               2048 kB
+Rss:                2048 kB
+FilePmdMapped:         0 kB
+AnonHugePages:      2048 kB
+VmFlags: rd wr mr mw me ac
+"""
+
+
+def test_mapping_pages_reads_the_mapping_that_holds_the_address(tmp_path):
+    p = tmp_path / "smaps"
+    p.write_text(SMAPS)
+    assert hugepages.mapping_pages(0x7F0000001000, str(p)) == (4096 << 10, 2048 << 10)
+    assert hugepages.mapping_pages(0x7F0000400000, str(p)) == (2048 << 10, 2048 << 10)
+    assert hugepages.mapping_pages(0x1000, str(p)) is None          # in no mapping
+    assert hugepages.mapping_pages(0x1000, str(tmp_path / "no")) is None
+
+
+def test_report_share_and_text():
+    r = hugepages.PagesReport(100 << 20, 98 << 20, reread=True, seconds=0.84)
+    assert r.on_huge_pages and abs(r.share - 0.98) < 1e-9
+    assert r.describe() == "weights on 2 MB pages: 98% (file re-read into 2 MB page-cache folios in 0.8 s)"
+    assert not hugepages.PagesReport(100 << 20, 10 << 20).on_huge_pages
+    assert hugepages.PagesReport(0, 0).share == 0.0
+
+
+@pytest.mark.parametrize("huge", [False, True])
+def test_probe_buffer_is_ones_on_the_asked_pages(huge):
+    n = 8 << 20
+    a = hugepages.probe_buffer(n, huge)
+    assert a.dtype == np.float32 and a.nbytes == n and bool(np.all(a == 1.0))
+    pages = hugepages.mapping_pages(a.ctypes.data) if sys.platform.startswith("linux") else None
+    if pages is None:
+        return
+    if not huge or not hugepages.enabled():
+        assert pages[1] == 0
+    # (huge=True may still get 4 KB pages when memory is fragmented: asserted below where THP is on)
+
+
+@linux_thp
+def test_probe_buffer_gets_huge_pages_where_enabled():
+    a = hugepages.probe_buffer(16 << 20, True)
+    assert hugepages.mapping_pages(a.ctypes.data)[1] >= 2 << 20
+
+
+def _in_small_folios(path):
+    """Drop the file from the page cache, then read it back 4 KB at a time without readahead:
+    the page cache then holds it in 4 KB folios, as after an ordinary read."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        for off in range(0, os.fstat(fd).st_size, 4096):
+            os.pread(fd, 4096, off)
+    finally:
+        os.close(fd)
+
+
+@linux_thp
+def test_map_weights_rereads_a_file_cached_in_small_folios(tmp_path, monkeypatch):
+    monkeypatch.setenv("DELTATALK_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "weights.bin"
+    data = np.random.default_rng(0).integers(0, 256, size=24 << 20, dtype=np.uint8).tobytes()
+    with open(path, "wb") as f:
+        f.write(data)
+        os.fsync(f.fileno())   # clean pages: the kernel drops only those
+    _in_small_folios(path)
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    assert hugepages.advise(buf)
+    report = hugepages.map_weights(buf, str(path), 4096)
+    assert report is not None and report.weight_bytes == (24 << 20) - (2 << 20)   # whole 2 MB past the header
+    # the bytes are the file's, whatever happened to the page cache under them
+    assert hashlib.sha256(buf[:]).digest() == hashlib.sha256(data).digest()
+    notes = tmp_path / "cache" / "hugepages.json"
+    if report.on_huge_pages:
+        assert notes.exists() is False
+        again = hugepages.map_weights(buf, str(path), 4096)     # already there: nothing re-read
+        assert again is not None and again.on_huge_pages and not again.reread
+    else:   # a filesystem without large folios: tried once, noted, never again
+        assert report.reread and notes.exists()
+        again = hugepages.map_weights(buf, str(path), 4096)
+        assert again is not None and not again.reread
+    buf.close()
+
+
+def test_small_files_are_left_alone(tmp_path):
+    path = tmp_path / "small.bin"
+    path.write_bytes(bytes(hugepages.MIN_FILE_BYTES - 1))
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    assert hugepages.map_weights(buf, str(path), 0) is None
+    buf.close()
+
+
+def test_a_failed_reread_is_remembered_per_device(tmp_path, monkeypatch):
+    monkeypatch.setenv("DELTATALK_CACHE_DIR", str(tmp_path))
+    key = hugepages._no_huge_key(str(tmp_path))
+    assert key is not None and not hugepages._reread_failed_before(key)
+    hugepages._note_reread_failed(key)
+    hugepages._note_reread_failed(key)
+    assert hugepages._reread_failed_before(key)
+    assert not hugepages._reread_failed_before(key + "x")
+    (tmp_path / "hugepages.json").write_text("{not json")        # a damaged note: ignored, then rewritten
+    assert not hugepages._reread_failed_before(key)
+    hugepages._note_reread_failed(key)
+    assert hugepages._reread_failed_before(key)
+
+
+@linux_thp
+def test_loading_a_model_maps_its_weights_and_reports_where(default_model_path):
+    from engine.loader import load_model
+
+    loaded = load_model(default_model_path)
+    try:
+        pages = loaded.gguf.pages
+        assert pages is not None and pages.weight_bytes > 0.9 * (loaded.file_size - loaded.gguf.data_offset) - (4 << 20)
+        assert pages.describe().startswith("weights on 2 MB pages: ")
+    finally:
+        loaded.gguf.close()
