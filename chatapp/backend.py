@@ -90,6 +90,7 @@ class BackendStats:
     threading_layer: str = "?"
     bandwidth_bytes_s: float = DEFAULT_BANDWIDTH_BYTES_S
     bandwidth_measured: bool = False
+    weight_pages: str = ""        # where the weights are mapped ("weights on 2 MB pages: 100%"), when known
     context_used: int = 0
     n_ctx: int = 0
     checkpoints: int = 0

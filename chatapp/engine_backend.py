@@ -259,6 +259,8 @@ class EngineBackend:
         loaded, session = self._loaded, self._session
         if loaded is not None:
             st.model_bytes = model_figures(loaded).weight_bytes
+            pages = loaded.gguf.pages
+            st.weight_pages = pages.describe() if pages is not None else ""
         if session is not None:
             ss = session.stats()
             st.context_used, st.n_ctx = ss["context_used"], ss["n_ctx"]

@@ -338,6 +338,8 @@ class SpeedOverlay(Static):
         bw = s.bandwidth_bytes_s
         src = "measured" if s.bandwidth_measured else "assumed"
         lines.append(f" memory bandwidth {bw / 1e9:.1f} GB/s ({src})")
+        if s.weight_pages:
+            lines.append(f" {s.weight_pages}")
         if last:
             share = self.bandwidth_share(s.model_bytes, last[-1].decode_tps, bw)
             if share is not None:

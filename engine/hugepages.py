@@ -13,8 +13,9 @@ large folios: ext4 since 6.16, xfs, tmpfs). A file already cached in small folio
 the cache, so `map_weights` re-reads it once: drop our mapping's pages, ask the kernel to
 drop the file's clean cached pages (others' mappings keep theirs), and fault it back in.
 Later loads find the 2 MB folios in the cache and take a fraction of a second. Where the
-re-read does not help (a filesystem or kernel without large folios), a note in the user cache
-folder (`hugepages.json`, per device and kernel) keeps later loads from trying again.
+re-read does not help (a filesystem or kernel without large folios: the file left the cache
+and came back without one 2 MB folio), a note in the user cache folder (`hugepages.json`, per
+device and kernel) keeps later loads from trying again.
 
 Everything here is advice: on other systems, with THP off ("never") or with
 DELTATALK_HUGEPAGES=0 the functions do nothing and weights stay on whatever pages they get.
@@ -216,13 +217,33 @@ def map_weights(buf: mmap.mmap, path: str, data_offset: int) -> PagesReport | No
             os.close(fd)
     except (OSError, ValueError, AttributeError):
         return report
+    still_cached = cached_share(addr + start, span)   # pages another process maps stay cached
     _touch(view[start:start + span])
     pages = mapping_pages(addr)
     after = PagesReport(span, min(pages[1], span) if pages else report.huge_bytes, reread=True,
                         seconds=time.perf_counter() - t0)
-    if not after.on_huge_pages:
+    if after.huge_bytes == 0 and still_cached is not None and still_cached < 0.1:
+        # the file left the cache and came back without one 2 MB folio: this filesystem or
+        # kernel does not give them (not a busy moment, nor another process holding the pages)
         _note_reread_failed(key)
     return after
+
+
+def cached_share(addr: int, length: int) -> float | None:
+    """The share of the 4 KB pages of [addr, addr + length) that are in the page cache
+    (mincore(2)), None where it cannot be asked."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        page = os.sysconf("SC_PAGE_SIZE")
+        n = -(-length // page)
+        vec = (ctypes.c_ubyte * n)()
+        if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(length), vec) != 0:
+            return None
+    except (OSError, AttributeError, ValueError):
+        return None
+    return float(np.count_nonzero(np.frombuffer(bytes(vec), dtype=np.uint8) & 1)) / n
 
 
 def probe_buffer(n_bytes: int, huge: bool) -> np.ndarray:

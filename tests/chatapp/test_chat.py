@@ -140,6 +140,21 @@ async def test_speed_overlay_toggles_and_shows_memory_threads_and_bandwidth_shar
         assert not overlay.display
 
 
+async def test_speed_overlay_says_where_the_weights_are_mapped(fake_model):
+    from chatapp.backend import BackendStats
+
+    fake = FakeBackend(["a b"])
+    fake._stats = BackendStats(model_bytes=100_000_000, threads=2, bandwidth_bytes_s=35e9,
+                               weight_pages="weights on 2 MB pages: 98%")
+    app = make_app(fake, model_path=fake_model)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await ready(pilot, app)
+        overlay = app.query_one(SpeedOverlay)
+        await pilot.press("f2")
+        await wait_until(pilot, lambda: overlay.stats.threads == 2, what="overlay stats")
+        assert "weights on 2 MB pages: 98%" in overlay.render_text()
+
+
 async def test_regenerate_replaces_the_last_reply(fake_model):
     fake = FakeBackend(["first answer", "second answer"])
     app = make_app(fake, model_path=fake_model)

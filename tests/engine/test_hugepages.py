@@ -122,9 +122,56 @@ def test_map_weights_rereads_a_file_cached_in_small_folios(tmp_path, monkeypatch
         again = hugepages.map_weights(buf, str(path), 4096)     # already there: nothing re-read
         assert again is not None and again.on_huge_pages and not again.reread
     else:   # a filesystem without large folios: tried once, noted, never again
-        assert report.reread and notes.exists()
-        again = hugepages.map_weights(buf, str(path), 4096)
-        assert again is not None and not again.reread
+        assert report.reread
+        if report.huge_bytes == 0:
+            assert notes.exists()
+            again = hugepages.map_weights(buf, str(path), 4096)
+            assert again is not None and not again.reread
+    buf.close()
+
+
+def _small_folio_file(tmp_path, n=24 << 20):
+    path = tmp_path / "weights.bin"
+    data = np.random.default_rng(1).integers(0, 256, size=n, dtype=np.uint8).tobytes()
+    with open(path, "wb") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    _in_small_folios(path)
+    return path, data
+
+
+@linux_thp
+def test_pages_another_mapping_holds_are_not_taken_for_a_filesystem_without_huge_pages(tmp_path, monkeypatch):
+    """Another process (here: another mapping) keeps the small folios cached: the re-read cannot
+    replace them, and that must not be noted as "this filesystem gives no 2 MB pages"."""
+    monkeypatch.setenv("DELTATALK_CACHE_DIR", str(tmp_path / "cache"))
+    path, data = _small_folio_file(tmp_path)
+    with open(path, "rb") as f:
+        holder = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    held = np.frombuffer(holder, dtype=np.uint8)
+    int(held[::4096].sum(dtype=np.uint64))              # every page mapped by the holder
+    assert hugepages.advise(buf)
+    report = hugepages.map_weights(buf, str(path), 0)
+    assert report is not None and report.reread and not report.on_huge_pages
+    assert not (tmp_path / "cache" / "hugepages.json").exists()
+    assert bytes(buf[:]) == data
+    del held
+    holder.close()
+    buf.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and posix_fadvise: Linux")
+def test_cached_share_follows_the_page_cache(tmp_path):
+    path, _ = _small_folio_file(tmp_path, 4 << 20)
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    addr = np.frombuffer(buf, dtype=np.uint8).ctypes.data
+    assert hugepages.cached_share(addr, 4 << 20) > 0.9      # just read
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    assert hugepages.cached_share(addr, 4 << 20) < 0.1      # dropped (nothing maps it)
     buf.close()
 
 
