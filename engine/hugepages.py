@@ -3,19 +3,21 @@
 Decode reads every weight once per token, so the page size the weights sit on is part of the
 memory bound. With 4 KB pages each 4 KB of a row costs a TLB miss, and under a hypervisor
 (nested paging) a page walk is several memory reads: on a 2-vCPU Xeon VM a plain sum streamed
-28 GB/s from 4 KB pages and 36 GB/s from 2 MB pages, and the Qwen3.5-4B shape decoded 12%
-faster once its file was mapped with 2 MB pages (docs/ARCHITECTURE.md).
+26 GB/s from 4 KB pages and 36 GB/s from 2 MB pages, and decode ran 4-10% faster with the
+weights on 2 MB pages (README, "Weights on 2 MB pages").
 
 Linux maps a file with 2 MB pages (PMD entries) when its page cache holds 2 MB folios, which
 it allocates on a page fault in a mapping advised MADV_HUGEPAGE (kernel 6.x, filesystems with
 large folios: ext4 since 6.16, xfs, tmpfs). A file already cached in small folios (read by
-`cp`, a download, an earlier run without the advice) stays on 4 KB pages until it leaves
-the cache, so `map_weights` re-reads it once: drop our mapping's pages, ask the kernel to
-drop the file's clean cached pages (others' mappings keep theirs), and fault it back in.
-Later loads find the 2 MB folios in the cache and take a fraction of a second. Where the
-re-read does not help (a filesystem or kernel without large folios: the file left the cache
-and came back without one 2 MB folio), a note in the user cache folder (`hugepages.json`, per
-device and kernel) keeps later loads from trying again.
+`cp`, a download, an earlier run without the advice), or whose 2 MB folios memory pressure
+has split, stays on 4 KB pages until it leaves the cache, so `map_weights` reads those parts
+again: it drops our mapping's pages there, asks the kernel to drop the file's clean cached
+pages there (others' mappings keep theirs), and faults them back in. Which parts: those the
+kernel reports not mapped by 2 MB entries (PAGEMAP_SCAN, Linux 6.7+), else the whole file
+when most of it is on small pages. Later loads find the 2 MB folios in the cache. Where a
+re-read does not help (a filesystem or kernel without large folios: the parts left the cache
+and came back without one more 2 MB folio), a note in the user cache folder
+(`hugepages.json`, per device and kernel) keeps later loads from trying again.
 
 Everything here is advice: on other systems, with THP off ("never") or with
 DELTATALK_HUGEPAGES=0 the functions do nothing and weights stay on whatever pages they get.
@@ -111,6 +113,7 @@ class PagesReport:
     huge_bytes: int
     reread: bool = False
     seconds: float = 0.0
+    reread_bytes: int = 0
 
     @property
     def share(self) -> float:
@@ -124,7 +127,8 @@ class PagesReport:
     def describe(self) -> str:
         s = f"weights on 2 MB pages: {100 * self.share:.0f}%"
         if self.reread:
-            s += f" (file re-read into 2 MB page-cache folios in {self.seconds:.1f} s)"
+            what = "file" if self.reread_bytes >= self.weight_bytes else f"{self.reread_bytes / 1e6:.0f} MB of it"
+            s += f" ({what} re-read into 2 MB page-cache folios in {self.seconds:.1f} s)"
         return s
 
 
@@ -184,6 +188,52 @@ def _note_reread_failed(key: str | None) -> None:
         pass
 
 
+# PAGEMAP_SCAN (Linux 6.7+): runs of a mapping's pages by category, here "mapped by a 2 MB entry"
+# (linux/fs.h: struct pm_scan_arg, 12 x u64; struct page_region, 3 x u64)
+_PAGEMAP_SCAN = 0xC0606610          # _IOWR('f', 16, struct pm_scan_arg)
+_PAGE_IS_PRESENT, _PAGE_IS_HUGE = 1 << 3, 1 << 6
+
+
+def small_page_regions(addr: int, length: int) -> list[tuple[int, int]] | None:
+    """The 2 MB-aligned parts (offset, length) of the mapping [addr, addr + length) that are not
+    mapped by 2 MB entries (addr 2 MB-aligned), from /proc/self/pagemap's PAGEMAP_SCAN; None
+    where the kernel cannot say (before 6.7)."""
+    import ctypes
+    import fcntl
+
+    class ScanArg(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_uint64) for f in ("size", "flags", "start", "end", "walk_end", "vec", "vec_len",
+                                                   "max_pages", "category_inverted", "category_mask",
+                                                   "category_anyof_mask", "return_mask")]
+
+    class Region(ctypes.Structure):
+        _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("categories", ctypes.c_uint64)]
+
+    out: list[tuple[int, int]] = []
+    regions = (Region * 256)()
+    pos, end = addr, addr + length
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            while pos < end:
+                arg = ScanArg(size=ctypes.sizeof(ScanArg), start=pos, end=end, vec=ctypes.addressof(regions),
+                              vec_len=len(regions), category_inverted=_PAGE_IS_HUGE, category_mask=_PAGE_IS_HUGE,
+                              return_mask=_PAGE_IS_HUGE | _PAGE_IS_PRESENT)
+                n = fcntl.ioctl(f.fileno(), _PAGEMAP_SCAN, arg)
+                for r in regions[:n]:
+                    lo = (r.start - addr) // HUGE_PAGE * HUGE_PAGE
+                    hi = -(-(r.end - addr) // HUGE_PAGE) * HUGE_PAGE
+                    if out and out[-1][0] + out[-1][1] >= lo:
+                        lo = out[-1][0]
+                        out.pop()
+                    out.append((lo, min(hi, length) - lo))
+                if arg.walk_end <= pos:
+                    break
+                pos = arg.walk_end
+    except (OSError, ValueError, TypeError):
+        return None
+    return out
+
+
 def map_weights(buf: mmap.mmap, path: str, data_offset: int) -> PagesReport | None:
     """Put the weights of a mapped file (bytes from data_offset on) on 2 MB pages where the
     system allows (see the module docstring). None when not attempted (disabled, small file)."""
@@ -201,30 +251,42 @@ def map_weights(buf: mmap.mmap, path: str, data_offset: int) -> PagesReport | No
     if pages is None:
         return None
     report = PagesReport(span, min(pages[1], span))
-    avail = _mem_available()
-    if report.share >= RECACHE_BELOW or (avail is not None and size > avail // 2):
-        return report   # already there, or the cache could not keep a second reading anyway
+    if report.huge_bytes >= span:
+        return report
     key = _no_huge_key(path)
     if _reread_failed_before(key):
         return report
+    # which 2 MB parts to read again: those on small pages where the kernel says which (after
+    # memory pressure split some folios, only those), else the whole file when most of it is
+    todo = small_page_regions(addr + start, span) if addr % HUGE_PAGE == 0 else None
+    if todo is None:
+        todo = [(0, span)] if not report.on_huge_pages else []
+    todo_bytes = sum(n for _, n in todo)
+    avail = _mem_available()
+    if not todo or (avail is not None and todo_bytes > avail // 2):
+        return report   # nothing to do, or the cache could not keep a second reading anyway
     t0 = time.perf_counter()
+    cached = []
     try:
-        buf.madvise(mmap.MADV_DONTNEED)      # our page-table entries go; the file is untouched
         fd = os.open(path, os.O_RDONLY)
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)   # clean, unmapped cached pages only
+            for off, n in todo:
+                buf.madvise(mmap.MADV_DONTNEED, start + off, n)   # our page-table entries go
+                os.posix_fadvise(fd, start + off, n, os.POSIX_FADV_DONTNEED)   # clean, unmapped cached pages
         finally:
             os.close(fd)
     except (OSError, ValueError, AttributeError):
         return report
-    still_cached = cached_share(addr + start, span)   # pages another process maps stay cached
-    _touch(view[start:start + span])
+    for off, n in todo:
+        cached.append(cached_share(addr + start + off, n))   # pages another process maps stay cached
+        _touch(view[start + off:start + off + n])
     pages = mapping_pages(addr)
     after = PagesReport(span, min(pages[1], span) if pages else report.huge_bytes, reread=True,
-                        seconds=time.perf_counter() - t0)
-    if after.huge_bytes == 0 and still_cached is not None and still_cached < 0.1:
-        # the file left the cache and came back without one 2 MB folio: this filesystem or
-        # kernel does not give them (not a busy moment, nor another process holding the pages)
+                        seconds=time.perf_counter() - t0, reread_bytes=todo_bytes)
+    evicted = all(c is not None and c < 0.1 for c in cached)
+    if after.huge_bytes <= report.huge_bytes and evicted:
+        # the parts left the cache and came back without one more 2 MB folio: this filesystem
+        # or kernel does not give them (not a busy moment, nor another process holding the pages)
         _note_reread_failed(key)
     return after
 
