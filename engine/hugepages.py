@@ -37,7 +37,8 @@ import numpy as np
 
 HUGE_PAGE = 2 << 20
 MIN_FILE_BYTES = 16 << 20        # smaller files: their 4 KB page walks cost too little to re-read them
-RECACHE_BELOW = 0.5              # re-read when less of the weights than this is on 2 MB pages
+RECACHE_BELOW = 0.5              # "on 2 MB pages" from this share on (bound read from 2 MB pages; without
+                                 # PAGEMAP_SCAN, the whole file is read again below it)
 _THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 

@@ -62,7 +62,9 @@ def stub_engine(monkeypatch):
             from engine.errors import ModelFileError
 
             raise ModelFileError(path, "not a GGUF file")
-        gguf = types.SimpleNamespace(close=lambda: None)
+        from engine.hugepages import PagesReport
+
+        gguf = types.SimpleNamespace(close=lambda: None, pages=PagesReport(100 << 20, 98 << 20))
         model = types.SimpleNamespace(weight_bytes=123_000, n_ctx=512)
         template = types.SimpleNamespace(supports_thinking=True, is_fallback="base" in str(path))
         return types.SimpleNamespace(path=Path(path), arch="llama", file_size=200_000, model=model,
@@ -111,6 +113,7 @@ def test_engine_backend_loads_replies_and_reports(stub_engine, tmp_path):
     assert (st.model_bytes, st.kv_bytes, st.state_bytes, st.checkpoint_bytes) == (123_000, 1000, 4096, 0)
     assert st.threading_layer == "omp" and st.rss_bytes == 5_000_000 and st.context_used == 10
     assert st.kernel_family == "avx2" and st.cpu_features == ["avx", "fma"]
+    assert st.weight_pages == "weights on 2 MB pages: 98%"   # the loader's report, for the overlay
     # the threads the policy uses now (the overlay's "threads 1 of 2 (adaptive)")
     assert (st.threads, st.threads_max, st.threads_policy, st.cpus) == (1, 2, "adaptive", 4)
 
