@@ -34,7 +34,8 @@ async def test_hostile_template_falls_back_with_a_notice_and_esc_stops(fake_mode
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(pilot, app)
         await send(pilot, app, "hi")
-        await wait_until(pilot, lambda: app.generating, what="the reply started")   # (slow under load)
+        # (slow under load: a whole-suite run once took over 5 s here)
+        await wait_until(pilot, lambda: app.generating, timeout=20, what="the reply started")
         await pilot.press("escape")          # while the template is still rendering
         await wait_reply(pilot, app, timeout=30)
         assert boxes(app)[-1].status == "stopped"
