@@ -282,9 +282,16 @@ class _Acc:
         return self.accs[i]
 
 
-def _q4k_body(builder, wp, acc, scs, ld, qh_off=None, qs_off=16):
-    """Q4_K / Q5_K: 8 groups of 32, scales scs[0..7] (i16), unsigned codes."""
+def _q4k_body(builder, wp, acc, sc, ld, qh_off=None, qs_off=16):
+    """Q4_K / Q5_K: 8 groups of 32, scales sc <8 x i16>, unsigned codes. Group g's scale in
+    every lane is one in-lane shuffle of [sc, sc] (vpshufb), not an extract and a broadcast:
+    from memory the rows' speed follows their instruction count (docs/ARCHITECTURE.md)."""
     qh = ld(wp, 16) if qh_off is not None else None
+    sc2 = builder.shuffle_vector(sc, sc, ir.Constant(ir.VectorType(I32, 16), list(range(8)) * 2))
+    # opaque to LLVM's shuffle combining, which would otherwise fold the zero-extension into each
+    # broadcast (a register copy and a vpermt2b per group on AVX-512 targets, 2 instructions, not 1)
+    sc2 = builder.call(ir.InlineAsm(ir.FunctionType(V16I16, [V16I16]), "", "=x,0"), [sc2])
+    sc2b = builder.bitcast(sc2, V32I8)
     for p in range(4):
         v = ld(wp, qs_off + 32 * p)
         lo = builder.and_(v, _c8(15))
@@ -293,7 +300,8 @@ def _q4k_body(builder, wp, acc, scs, ld, qh_off=None, qs_off=16):
             if qh is not None:
                 hb = builder.and_(builder.lshr(qh, _c8(g)), _c8(1))
                 q = builder.or_(q, builder.shl(hb, _c8(4)))
-            acc.add(q, 32 * g, _splat(builder, scs[g], V16I16))
+            scale = builder.bitcast(_pshufb(builder, sc2b, ir.Constant(V32I8, [2 * g, 2 * g + 1] * 16)), V16I16)
+            acc.add(q, 32 * g, scale)
 
 
 def _q5k_body(builder, wp, acc, scs, ld):
@@ -394,26 +402,22 @@ def _i32c(v):
 
 
 def _q4k_unpack(builder, blk):
-    """Q4_K/Q5_K packed 6-bit scales (12 bytes at blk+4) -> (8 scales as i16 list, mins <8 x i32>).
+    """Q4_K/Q5_K packed 6-bit scales (12 bytes b0..b11 at blk+4) -> (8 scales <8 x i16>, mins <8 x i32>).
 
-    Three little-endian u32 words, rearranged with the 0x3f / 0x0f / 0x03 byte masks into
-    scales 0..3, scales 4..7, mins 0..3, mins 4..7 (one byte each)."""
-    u0, u1, u2 = (_load(builder, builder.gep(blk, [ir.Constant(I64, 4 + 4 * i)]), I32) for i in range(3))
-    k1, k2, k3 = _i32c(0x3F3F3F3F), _i32c(0x0F0F0F0F), _i32c(0x03030303)
-    s0 = builder.and_(u0, k1)
-    s1 = builder.or_(builder.and_(u2, k2), builder.shl(builder.and_(builder.lshr(u0, _i32c(6)), k3), _i32c(4)))
-    m0 = builder.and_(u1, k1)
-    m1 = builder.or_(builder.and_(builder.lshr(u2, _i32c(4)), k2),
-                     builder.shl(builder.and_(builder.lshr(u1, _i32c(6)), k3), _i32c(4)))
-
-    def bytes8(a, b):
-        v = ir.Constant(ir.VectorType(I32, 2), ir.Undefined)
-        v = builder.insert_element(v, a, _i32c(0))
-        v = builder.insert_element(v, b, _i32c(1))
-        return builder.bitcast(v, V8I8)
-
-    sc = builder.zext(bytes8(s0, s1), V8I16)
-    mins = builder.zext(bytes8(m0, m1), V8I32)
+    In vector lanes, a dozen instructions: scales 0..3 = b0..b3 & 63, mins 0..3 = b4..b7 & 63;
+    scales 4..7 = (b8..b11 & 15) | (b0..b3 >> 6) << 4, mins 4..7 = (b8..b11 >> 4) | (b4..b7 >> 6) << 4."""
+    v = _load(builder, builder.gep(blk, [ir.Constant(I64, 4)]), V16I8)   # (4 bytes of codes after them)
+    idx = ir.VectorType(I32, 16)
+    a = builder.shuffle_vector(v, v, ir.Constant(idx, [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11]))
+    masked = builder.and_(a, ir.Constant(V16I8, [63] * 4 + [15] * 4 + [63] * 4 + [255] * 4))
+    high4 = builder.lshr(a, ir.Constant(V16I8, [4] * 16))
+    low = builder.shuffle_vector(masked, high4, ir.Constant(idx, list(range(12)) + [28, 29, 30, 31]))
+    zero = ir.Constant(V16I8, [0] * 16)
+    top = builder.shuffle_vector(v, zero, ir.Constant(idx, [16] * 4 + [0, 1, 2, 3] + [16] * 4 + [4, 5, 6, 7]))
+    top = builder.and_(builder.lshr(top, ir.Constant(V16I8, [2] * 16)), ir.Constant(V16I8, [0x30] * 16))  # (b >> 6) << 4
+    both = builder.or_(low, top)
+    sc = builder.zext(builder.shuffle_vector(both, both, ir.Constant(ir.VectorType(I32, 8), list(range(8)))), V8I16)
+    mins = builder.zext(builder.shuffle_vector(both, both, ir.Constant(ir.VectorType(I32, 8), list(range(8, 16)))), V8I32)
     return sc, mins
 
 
@@ -528,8 +532,7 @@ def _kq_row(kind, ntok=1):
                     d = _f16(builder, blk, lutp)
                     dmin = _f16(builder, builder.gep(blk, [ir.Constant(I64, 2)]), lutp)
                     sc, mins = _q4k_unpack(builder, blk)
-                    scs = [builder.extract_element(sc, _i32c(g)) for g in range(8)]
-                    (_q4k_body if kind == "q4_k" else _q5k_body)(builder, blk, acc, scs, ld)
+                    (_q4k_body if kind == "q4_k" else _q5k_body)(builder, blk, acc, sc, ld)
                     for i in toks:
                         dx = builder.load(builder.gep(xdps[i], [b]))
                         mterm = builder.mul(mins, _pairsum16(builder, bsb[i]))

@@ -1119,4 +1119,4 @@ GEMM_DRIVERS: dict[str, tuple[Any, Any]] = {
 }
 
 # sha256 of simd.py and gemm.py when this file was generated (see gen_simd_kernels.py)
-SIMD_SOURCE_SHA256 = "e17c629f46303829cc2b3715926c2afc70e905a84e99b98b70e17f09f244d046"
+SIMD_SOURCE_SHA256 = "af45aa0420f7f5d1768d1b1b19d7c14ea40617b8b158980fce50ebae63048ea9"
