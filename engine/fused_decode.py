@@ -70,7 +70,7 @@ MAX_TOKENS = 16
 
 # sha256 of the callees' sources (engine/kernel_stamp.py): an edit there changes this file, so
 # numba's cache of the step is rebuilt instead of keeping the old callees' code
-CALLEE_SOURCES_SHA256 = "b033505493c95a1b4e4cd2e4523ba9beacdc6bf78f261fd4fcead46664f4008a"
+CALLEE_SOURCES_SHA256 = "0094d6ceb2ae1dc75d3200738ad8762d69f062dade1b5f586776d5fd1a81f50e"
 
 
 def enabled() -> bool:

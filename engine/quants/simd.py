@@ -304,8 +304,8 @@ def _q4k_body(builder, wp, acc, sc, ld, qh_off=None, qs_off=16):
             acc.add(q, 32 * g, scale)
 
 
-def _q5k_body(builder, wp, acc, scs, ld):
-    _q4k_body(builder, wp, acc, scs, ld, qh_off=16, qs_off=48)
+def _q5k_body(builder, wp, acc, sc, ld):
+    _q4k_body(builder, wp, acc, sc, ld, qh_off=16, qs_off=48)
 
 
 def _q6k_body(builder, wp, acc, scs, ld):

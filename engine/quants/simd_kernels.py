@@ -1119,4 +1119,4 @@ GEMM_DRIVERS: dict[str, tuple[Any, Any]] = {
 }
 
 # sha256 of simd.py and gemm.py when this file was generated (see gen_simd_kernels.py)
-SIMD_SOURCE_SHA256 = "af45aa0420f7f5d1768d1b1b19d7c14ea40617b8b158980fce50ebae63048ea9"
+SIMD_SOURCE_SHA256 = "6e01c56ca2d7694d74bfe4ccc8bff318f5ee730266109117a54c4dadccc461a5"
