@@ -314,11 +314,8 @@ def probe_buffer(n_bytes: int, huge: bool) -> np.ndarray:
     2 MB pages when huge (the probe reads the page size the weights sit on)."""
     # private: an anonymous *shared* mapping is shmem, whose huge pages follow another switch
     m = mmap.mmap(-1, n_bytes, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20))
-    if huge and enabled():
-        try:
-            m.madvise(mmap.MADV_HUGEPAGE)
-        except (OSError, ValueError):
-            pass
+    if huge:
+        advise(m)
     a = np.frombuffer(m, dtype=np.float32)
     a[:] = 1.0
     return a
