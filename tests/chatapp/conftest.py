@@ -37,7 +37,19 @@ async def wait_until(pilot, predicate, timeout: float = 5.0, what: str = "condit
         if predicate():
             return
         await pilot.pause(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what} after {timeout:g} s; {app_state(pilot.app)}")
+
+
+def app_state(app) -> str:
+    """What the app shows and does, for a wait's failure message (a rare timeout says why)."""
+    try:
+        view = app.chat_view
+        parts = [f"screen {type(app.screen).__name__}", f"loading {app.loading!r}",
+                 f"generating {view.generating}", f"workers {[w.name for w in app.workers]}",
+                 f"notifications {notes(app)}", f"boxes {[(b.role, b.status, b.content[:40]) for b in boxes(app)]}"]
+    except Exception as e:  # noqa: BLE001 - a diagnostic must never hide the timeout itself
+        parts = [f"(state unavailable: {e!r})"]
+    return "; ".join(parts)
 
 
 def make_app(backend=None, **kw):

@@ -57,7 +57,7 @@ async def test_model_switch_mid_chat_keeps_the_chat_and_the_old_model_until_read
         await wait_reply(pilot, app)
         other = home / "other.gguf"
         other.write_bytes(b"GGUF" + b"\0" * 10)
-        fake.load_delay = 0.3
+        fake.load_delay = 2.0   # long enough that one pause never outlasts it, even on a loaded machine
         app.load_model(other)
         await pilot.pause()
         assert app.loading == other
