@@ -70,7 +70,7 @@ MAX_TOKENS = 16
 
 # sha256 of the callees' sources (engine/kernel_stamp.py): an edit there changes this file, so
 # numba's cache of the step is rebuilt instead of keeping the old callees' code
-CALLEE_SOURCES_SHA256 = "0094d6ceb2ae1dc75d3200738ad8762d69f062dade1b5f586776d5fd1a81f50e"
+CALLEE_SOURCES_SHA256 = "d566158664c801069498b164c8fab6ba5224bc132d10ca04b328cb0a485969ad"
 
 
 def enabled() -> bool:

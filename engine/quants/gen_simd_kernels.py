@@ -29,10 +29,12 @@ tuple from the activation quantizer, lut the fp16 -> float32 table, out (T, N) f
 Decode (T == 1): one pass over each weight row, row-parallel (prange over rows), the row
 intrinsic called right in the parallel loop: through a helper function per row, decode was
 20-60% slower (the call and its arguments cost as much as a short row's dot product).
-Prefill (T > 1): activation rows are taken 4 at a time, so each weight block is decoded
-once per 4 tokens (rows -> 4-token tiles -> blocks), and the last T % 4 tokens as one 2- or
-3-token tile; a weight row (a few KiB) stays in L1 across the tiles, the int8 activations
-(T x K) in L2.
+T > 1 (a speculative verification, a batch below the GEMM's threshold): activation rows are
+taken 4 at a time, so each weight block is decoded once per 4 tokens (rows -> 4-token tiles
+-> blocks), and the last T % 4 tokens as one 2- or 3-token tile, also written out in the
+parallel loop (through the helper a 2-token pass of a Q4_1 matrix cost 2.1 one-token passes,
+written out 1.6); a weight row (a few KiB) stays in L1 across the tiles, the int8
+activations (T x K) in L2.
 
 Callers must validate shapes first: nothing here bounds-checks.
 """
@@ -64,31 +66,28 @@ PAR = JIT_PAR
 SER = JIT
 '''
 
+# The T > 1 body, inside the parallel loop over rows r of weight w into o (see the docstring).
+TILES_BODY = '''            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = {dot4}({args_t})
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = {dot3}({args_T4})
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = {dot2}({args_T4})
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = {dot1}({args_T4})
+'''
+
 LEGACY = '''
-
-@numba.njit(**SER)
-def _row_{k}(w, n, xq, xd, xs, lut, out, T, K, nb, rb):
-    off = n * rb
-    T4 = T - T % 4
-    for t in range(0, T4, 4):
-        r0, r1, r2, r3 = dot4_{k}_row(w, off, xq, t * K, K, xd, xs, t * nb, nb, lut, nb)
-        out[t, n] = r0
-        out[t + 1, n] = r1
-        out[t + 2, n] = r2
-        out[t + 3, n] = r3
-    rest = T - T4
-    if rest == 3:
-        r0, r1, r2 = dot3_{k}_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-        out[T4 + 2, n] = r2
-    elif rest == 2:
-        r0, r1 = dot2_{k}_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-    elif rest == 1:
-        out[T4, n] = dot_{k}_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
-
 
 @numba.njit(**PAR)
 def matmul_{k}(w, xq, xd, {xsp}lut, out):
@@ -99,51 +98,29 @@ def matmul_{k}(w, xq, xd, {xsp}lut, out):
         for n in prange(N):
             out[0, n] = dot_{k}_row(w, n * rb, xq, 0, K, xd, {xsa}, 0, nb, lut, nb)
     else:
-        for n in prange(N):
-            _row_{k}(w, n, xq, xd, {xsa}, lut, out, T, K, nb, rb)
-'''
+        T4 = T - T % 4
+        rest = T - T4
+        o = out
+        for r in prange(N):
+{tiles}'''
 
 KROW = '''
-
-
-@numba.njit(**SER)
-def _row_{k}(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
-    off = n * rb
-    nbs = bsums.shape[1]
-    T4 = T - T % 4
-    for t in range(0, T4, 4):
-        r0, r1, r2, r3 = {row4}(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
-        out[t, n] = r0
-        out[t + 1, n] = r1
-        out[t + 2, n] = r2
-        out[t + 3, n] = r3
-    rest = T - T4
-    if rest == 3:
-        r0, r1, r2 = {row3}(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-        out[T4 + 2, n] = r2
-    elif rest == 2:
-        r0, r1 = {row2}(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-    elif rest == 1:
-        out[T4, n] = {row}(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
-
 
 @numba.njit(**PAR)
 def matmul_{k}(w, xq, xd, bsums, lut, out):
     T, N = out.shape
     rb, K = w.shape[1], xq.shape[1]
     nb = K // 256
+    nbs = bsums.shape[1]
     if T == 1:
-        nbs = bsums.shape[1]
         for n in prange(N):
             out[0, n] = {row}(w, n * rb, xq, 0, K, xd, 0, nb, bsums, 0, nbs, lut, nb)
     else:
-        for n in prange(N):
-            _row_{k}(w, n, xq, xd, bsums, lut, out, T, K, nb, rb)
-'''
+        T4 = T - T % 4
+        rest = T - T4
+        o = out
+        for r in prange(N):
+{tiles}'''
 
 FROW = '''
 
@@ -256,14 +233,17 @@ def matmul3_{k}(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
             else:
                 out2[0, n - N0 - N1] = {row1c}
     else:
-        for n in prange(N0 + N1 + N2):
-            if n < N0:
-                _row_{k}(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
-            elif n < N0 + N1:
-                _row_{k}(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+        T4 = T - T % 4
+        rest = T - T4
+{pre}        for n in prange(N0 + N1 + N2):
+            r = np.int64(n)   # (the parallel index may be unsigned: r - N0 would be a float)
+            if r < N0:
+                w, o = w0, out0
+            elif r < N0 + N1:
+                w, o, r = w1, out1, r - N0
             else:
-                _row_{k}(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
-'''
+                w, o, r = w2, out2, r - N0 - N1
+{tiles}'''
 
 TAIL = '''
 
@@ -305,15 +285,28 @@ def _row1(call: str) -> dict:
 src = HEAD + "".join(
     f'gemm{t}_{k}_{isa} = INTRINSICS["gemm{t}_{k}_{isa}"]\n'
     for isa in ISAS for k in KQ_KINDS + LEGACY_KINDS for t in sorted({TILES[isa], 1}))
+def _tiles(dots: tuple[str, str, str, str], args: str) -> str:
+    """TILES_BODY for these intrinsics (1-, 2-, 3-, 4-token) and argument pattern ({t}: first token)."""
+    one, two, three, four = dots
+    return TILES_BODY.format(dot1=one, dot2=two, dot3=three, dot4=four,
+                             args_t=args.format(t="t"), args_T4=args.format(t="T4"))
+
+
 for k in ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"]:
     q81 = k in ("q4_1", "q5_1")
-    src += LEGACY.format(k=k, xsp="xs, " if q81 else "", xsa="xs" if q81 else "xd")
+    dots = (f"dot_{k}_row", f"dot2_{k}_row", f"dot3_{k}_row", f"dot4_{k}_row")
+    tiles = _tiles(dots, "w, off, xq, {t} * K, K, xd, %s, {t} * nb, nb, lut, nb" % ("xs" if q81 else "xd"))
+    src += LEGACY.format(k=k, xsp="xs, " if q81 else "", xsa="xs" if q81 else "xd", tiles=tiles)
     one = f"dot_{k}_row({{w}}, {{n}} * {{w}}.shape[1], xq, 0, K, xd, xs, 0, nb, lut, nb)"
-    src += MULTI.format(k=k, bs=32, **_row1(one))
+    tiles3 = _tiles(dots, "w, off, xq, {t} * K, K, xd, xs, {t} * nb, nb, lut, nb")
+    src += MULTI.format(k=k, bs=32, pre="", tiles=tiles3, **_row1(one))
 for k in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"):  # whole-row intrinsics
-    src += KROW.format(k=k, row=f"row_{k}", row2=f"row2_{k}", row3=f"row3_{k}", row4=f"row4_{k}")
+    dots = (f"row_{k}", f"row2_{k}", f"row3_{k}", f"row4_{k}")
+    tiles = _tiles(dots, "w, off, xq, {t} * K, K, xd, {t} * nb, nb, bsums, {t} * nbs, nbs, lut, nb")
+    src += KROW.format(k=k, row=f"row_{k}", tiles=tiles)
     one = f"row_{k}({{w}}, {{n}} * {{w}}.shape[1], xq, 0, K, xd, 0, nb, xs, 0, xs.shape[1], lut, nb)"
-    src += MULTI.format(k=k, bs=256, **_row1(one))
+    tiles3 = _tiles(dots, "w, off, xq, {t} * K, K, xd, {t} * nb, nb, xs, {t} * nbs, nbs, lut, nb")
+    src += MULTI.format(k=k, bs=256, pre="        nbs = xs.shape[1]\n", tiles=tiles3, **_row1(one))
 for k in ("f16", "bf16"):
     src += FROW.format(k=k)
 for isa in ISAS:   # the prefill GEMM drivers, one set per instruction set

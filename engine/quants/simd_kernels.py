@@ -7,10 +7,12 @@ tuple from the activation quantizer, lut the fp16 -> float32 table, out (T, N) f
 Decode (T == 1): one pass over each weight row, row-parallel (prange over rows), the row
 intrinsic called right in the parallel loop: through a helper function per row, decode was
 20-60% slower (the call and its arguments cost as much as a short row's dot product).
-Prefill (T > 1): activation rows are taken 4 at a time, so each weight block is decoded
-once per 4 tokens (rows -> 4-token tiles -> blocks), and the last T % 4 tokens as one 2- or
-3-token tile; a weight row (a few KiB) stays in L1 across the tiles, the int8 activations
-(T x K) in L2.
+T > 1 (a speculative verification, a batch below the GEMM's threshold): activation rows are
+taken 4 at a time, so each weight block is decoded once per 4 tokens (rows -> 4-token tiles
+-> blocks), and the last T % 4 tokens as one 2- or 3-token tile, also written out in the
+parallel loop (through the helper a 2-token pass of a Q4_1 matrix cost 2.1 one-token passes,
+written out 1.6); a weight row (a few KiB) stays in L1 across the tiles, the int8
+activations (T x K) in L2.
 
 Callers must validate shapes first: nothing here bounds-checks.
 """
@@ -74,30 +76,6 @@ gemm1_q5_1_avx2 = INTRINSICS["gemm1_q5_1_avx2"]
 gemm2_q5_1_avx2 = INTRINSICS["gemm2_q5_1_avx2"]
 
 
-@numba.njit(**SER)
-def _row_q8_0(w, n, xq, xd, xs, lut, out, T, K, nb, rb):
-    off = n * rb
-    T4 = T - T % 4
-    for t in range(0, T4, 4):
-        r0, r1, r2, r3 = dot4_q8_0_row(w, off, xq, t * K, K, xd, xs, t * nb, nb, lut, nb)
-        out[t, n] = r0
-        out[t + 1, n] = r1
-        out[t + 2, n] = r2
-        out[t + 3, n] = r3
-    rest = T - T4
-    if rest == 3:
-        r0, r1, r2 = dot3_q8_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-        out[T4 + 2, n] = r2
-    elif rest == 2:
-        r0, r1 = dot2_q8_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-    elif rest == 1:
-        out[T4, n] = dot_q8_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
-
-
 @numba.njit(**PAR)
 def matmul_q8_0(w, xq, xd, lut, out):
     T, N = out.shape
@@ -107,8 +85,28 @@ def matmul_q8_0(w, xq, xd, lut, out):
         for n in prange(N):
             out[0, n] = dot_q8_0_row(w, n * rb, xq, 0, K, xd, xd, 0, nb, lut, nb)
     else:
-        for n in prange(N):
-            _row_q8_0(w, n, xq, xd, xd, lut, out, T, K, nb, rb)
+        T4 = T - T % 4
+        rest = T - T4
+        o = out
+        for r in prange(N):
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = dot4_q8_0_row(w, off, xq, t * K, K, xd, xd, t * nb, nb, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = dot3_q8_0_row(w, off, xq, T4 * K, K, xd, xd, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = dot2_q8_0_row(w, off, xq, T4 * K, K, xd, xd, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = dot_q8_0_row(w, off, xq, T4 * K, K, xd, xd, T4 * nb, nb, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -128,37 +126,34 @@ def matmul3_q8_0(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
             else:
                 out2[0, n - N0 - N1] = dot_q8_0_row(w2, (n - N0 - N1) * w2.shape[1], xq, 0, K, xd, xs, 0, nb, lut, nb)
     else:
+        T4 = T - T % 4
+        rest = T - T4
         for n in prange(N0 + N1 + N2):
-            if n < N0:
-                _row_q8_0(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
-            elif n < N0 + N1:
-                _row_q8_0(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+            r = np.int64(n)   # (the parallel index may be unsigned: r - N0 would be a float)
+            if r < N0:
+                w, o = w0, out0
+            elif r < N0 + N1:
+                w, o, r = w1, out1, r - N0
             else:
-                _row_q8_0(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
-
-
-@numba.njit(**SER)
-def _row_q4_0(w, n, xq, xd, xs, lut, out, T, K, nb, rb):
-    off = n * rb
-    T4 = T - T % 4
-    for t in range(0, T4, 4):
-        r0, r1, r2, r3 = dot4_q4_0_row(w, off, xq, t * K, K, xd, xs, t * nb, nb, lut, nb)
-        out[t, n] = r0
-        out[t + 1, n] = r1
-        out[t + 2, n] = r2
-        out[t + 3, n] = r3
-    rest = T - T4
-    if rest == 3:
-        r0, r1, r2 = dot3_q4_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-        out[T4 + 2, n] = r2
-    elif rest == 2:
-        r0, r1 = dot2_q4_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-    elif rest == 1:
-        out[T4, n] = dot_q4_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+                w, o, r = w2, out2, r - N0 - N1
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = dot4_q8_0_row(w, off, xq, t * K, K, xd, xs, t * nb, nb, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = dot3_q8_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = dot2_q8_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = dot_q8_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -170,8 +165,28 @@ def matmul_q4_0(w, xq, xd, lut, out):
         for n in prange(N):
             out[0, n] = dot_q4_0_row(w, n * rb, xq, 0, K, xd, xd, 0, nb, lut, nb)
     else:
-        for n in prange(N):
-            _row_q4_0(w, n, xq, xd, xd, lut, out, T, K, nb, rb)
+        T4 = T - T % 4
+        rest = T - T4
+        o = out
+        for r in prange(N):
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = dot4_q4_0_row(w, off, xq, t * K, K, xd, xd, t * nb, nb, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = dot3_q4_0_row(w, off, xq, T4 * K, K, xd, xd, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = dot2_q4_0_row(w, off, xq, T4 * K, K, xd, xd, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = dot_q4_0_row(w, off, xq, T4 * K, K, xd, xd, T4 * nb, nb, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -191,37 +206,34 @@ def matmul3_q4_0(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
             else:
                 out2[0, n - N0 - N1] = dot_q4_0_row(w2, (n - N0 - N1) * w2.shape[1], xq, 0, K, xd, xs, 0, nb, lut, nb)
     else:
+        T4 = T - T % 4
+        rest = T - T4
         for n in prange(N0 + N1 + N2):
-            if n < N0:
-                _row_q4_0(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
-            elif n < N0 + N1:
-                _row_q4_0(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+            r = np.int64(n)   # (the parallel index may be unsigned: r - N0 would be a float)
+            if r < N0:
+                w, o = w0, out0
+            elif r < N0 + N1:
+                w, o, r = w1, out1, r - N0
             else:
-                _row_q4_0(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
-
-
-@numba.njit(**SER)
-def _row_q4_1(w, n, xq, xd, xs, lut, out, T, K, nb, rb):
-    off = n * rb
-    T4 = T - T % 4
-    for t in range(0, T4, 4):
-        r0, r1, r2, r3 = dot4_q4_1_row(w, off, xq, t * K, K, xd, xs, t * nb, nb, lut, nb)
-        out[t, n] = r0
-        out[t + 1, n] = r1
-        out[t + 2, n] = r2
-        out[t + 3, n] = r3
-    rest = T - T4
-    if rest == 3:
-        r0, r1, r2 = dot3_q4_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-        out[T4 + 2, n] = r2
-    elif rest == 2:
-        r0, r1 = dot2_q4_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-    elif rest == 1:
-        out[T4, n] = dot_q4_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+                w, o, r = w2, out2, r - N0 - N1
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = dot4_q4_0_row(w, off, xq, t * K, K, xd, xs, t * nb, nb, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = dot3_q4_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = dot2_q4_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = dot_q4_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -233,8 +245,28 @@ def matmul_q4_1(w, xq, xd, xs, lut, out):
         for n in prange(N):
             out[0, n] = dot_q4_1_row(w, n * rb, xq, 0, K, xd, xs, 0, nb, lut, nb)
     else:
-        for n in prange(N):
-            _row_q4_1(w, n, xq, xd, xs, lut, out, T, K, nb, rb)
+        T4 = T - T % 4
+        rest = T - T4
+        o = out
+        for r in prange(N):
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = dot4_q4_1_row(w, off, xq, t * K, K, xd, xs, t * nb, nb, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = dot3_q4_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = dot2_q4_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = dot_q4_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -254,37 +286,34 @@ def matmul3_q4_1(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
             else:
                 out2[0, n - N0 - N1] = dot_q4_1_row(w2, (n - N0 - N1) * w2.shape[1], xq, 0, K, xd, xs, 0, nb, lut, nb)
     else:
+        T4 = T - T % 4
+        rest = T - T4
         for n in prange(N0 + N1 + N2):
-            if n < N0:
-                _row_q4_1(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
-            elif n < N0 + N1:
-                _row_q4_1(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+            r = np.int64(n)   # (the parallel index may be unsigned: r - N0 would be a float)
+            if r < N0:
+                w, o = w0, out0
+            elif r < N0 + N1:
+                w, o, r = w1, out1, r - N0
             else:
-                _row_q4_1(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
-
-
-@numba.njit(**SER)
-def _row_q5_0(w, n, xq, xd, xs, lut, out, T, K, nb, rb):
-    off = n * rb
-    T4 = T - T % 4
-    for t in range(0, T4, 4):
-        r0, r1, r2, r3 = dot4_q5_0_row(w, off, xq, t * K, K, xd, xs, t * nb, nb, lut, nb)
-        out[t, n] = r0
-        out[t + 1, n] = r1
-        out[t + 2, n] = r2
-        out[t + 3, n] = r3
-    rest = T - T4
-    if rest == 3:
-        r0, r1, r2 = dot3_q5_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-        out[T4 + 2, n] = r2
-    elif rest == 2:
-        r0, r1 = dot2_q5_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-    elif rest == 1:
-        out[T4, n] = dot_q5_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+                w, o, r = w2, out2, r - N0 - N1
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = dot4_q4_1_row(w, off, xq, t * K, K, xd, xs, t * nb, nb, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = dot3_q4_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = dot2_q4_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = dot_q4_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -296,8 +325,28 @@ def matmul_q5_0(w, xq, xd, lut, out):
         for n in prange(N):
             out[0, n] = dot_q5_0_row(w, n * rb, xq, 0, K, xd, xd, 0, nb, lut, nb)
     else:
-        for n in prange(N):
-            _row_q5_0(w, n, xq, xd, xd, lut, out, T, K, nb, rb)
+        T4 = T - T % 4
+        rest = T - T4
+        o = out
+        for r in prange(N):
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = dot4_q5_0_row(w, off, xq, t * K, K, xd, xd, t * nb, nb, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = dot3_q5_0_row(w, off, xq, T4 * K, K, xd, xd, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = dot2_q5_0_row(w, off, xq, T4 * K, K, xd, xd, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = dot_q5_0_row(w, off, xq, T4 * K, K, xd, xd, T4 * nb, nb, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -317,37 +366,34 @@ def matmul3_q5_0(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
             else:
                 out2[0, n - N0 - N1] = dot_q5_0_row(w2, (n - N0 - N1) * w2.shape[1], xq, 0, K, xd, xs, 0, nb, lut, nb)
     else:
+        T4 = T - T % 4
+        rest = T - T4
         for n in prange(N0 + N1 + N2):
-            if n < N0:
-                _row_q5_0(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
-            elif n < N0 + N1:
-                _row_q5_0(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+            r = np.int64(n)   # (the parallel index may be unsigned: r - N0 would be a float)
+            if r < N0:
+                w, o = w0, out0
+            elif r < N0 + N1:
+                w, o, r = w1, out1, r - N0
             else:
-                _row_q5_0(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
-
-
-@numba.njit(**SER)
-def _row_q5_1(w, n, xq, xd, xs, lut, out, T, K, nb, rb):
-    off = n * rb
-    T4 = T - T % 4
-    for t in range(0, T4, 4):
-        r0, r1, r2, r3 = dot4_q5_1_row(w, off, xq, t * K, K, xd, xs, t * nb, nb, lut, nb)
-        out[t, n] = r0
-        out[t + 1, n] = r1
-        out[t + 2, n] = r2
-        out[t + 3, n] = r3
-    rest = T - T4
-    if rest == 3:
-        r0, r1, r2 = dot3_q5_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-        out[T4 + 2, n] = r2
-    elif rest == 2:
-        r0, r1 = dot2_q5_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-    elif rest == 1:
-        out[T4, n] = dot_q5_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+                w, o, r = w2, out2, r - N0 - N1
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = dot4_q5_0_row(w, off, xq, t * K, K, xd, xs, t * nb, nb, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = dot3_q5_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = dot2_q5_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = dot_q5_0_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -359,8 +405,28 @@ def matmul_q5_1(w, xq, xd, xs, lut, out):
         for n in prange(N):
             out[0, n] = dot_q5_1_row(w, n * rb, xq, 0, K, xd, xs, 0, nb, lut, nb)
     else:
-        for n in prange(N):
-            _row_q5_1(w, n, xq, xd, xs, lut, out, T, K, nb, rb)
+        T4 = T - T % 4
+        rest = T - T4
+        o = out
+        for r in prange(N):
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = dot4_q5_1_row(w, off, xq, t * K, K, xd, xs, t * nb, nb, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = dot3_q5_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = dot2_q5_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = dot_q5_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -380,37 +446,34 @@ def matmul3_q5_1(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
             else:
                 out2[0, n - N0 - N1] = dot_q5_1_row(w2, (n - N0 - N1) * w2.shape[1], xq, 0, K, xd, xs, 0, nb, lut, nb)
     else:
+        T4 = T - T % 4
+        rest = T - T4
         for n in prange(N0 + N1 + N2):
-            if n < N0:
-                _row_q5_1(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
-            elif n < N0 + N1:
-                _row_q5_1(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+            r = np.int64(n)   # (the parallel index may be unsigned: r - N0 would be a float)
+            if r < N0:
+                w, o = w0, out0
+            elif r < N0 + N1:
+                w, o, r = w1, out1, r - N0
             else:
-                _row_q5_1(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
-
-
-@numba.njit(**SER)
-def _row_iq4_nl(w, n, xq, xd, xs, lut, out, T, K, nb, rb):
-    off = n * rb
-    T4 = T - T % 4
-    for t in range(0, T4, 4):
-        r0, r1, r2, r3 = dot4_iq4_nl_row(w, off, xq, t * K, K, xd, xs, t * nb, nb, lut, nb)
-        out[t, n] = r0
-        out[t + 1, n] = r1
-        out[t + 2, n] = r2
-        out[t + 3, n] = r3
-    rest = T - T4
-    if rest == 3:
-        r0, r1, r2 = dot3_iq4_nl_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-        out[T4 + 2, n] = r2
-    elif rest == 2:
-        r0, r1 = dot2_iq4_nl_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-    elif rest == 1:
-        out[T4, n] = dot_iq4_nl_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+                w, o, r = w2, out2, r - N0 - N1
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = dot4_q5_1_row(w, off, xq, t * K, K, xd, xs, t * nb, nb, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = dot3_q5_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = dot2_q5_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = dot_q5_1_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -422,8 +485,28 @@ def matmul_iq4_nl(w, xq, xd, lut, out):
         for n in prange(N):
             out[0, n] = dot_iq4_nl_row(w, n * rb, xq, 0, K, xd, xd, 0, nb, lut, nb)
     else:
-        for n in prange(N):
-            _row_iq4_nl(w, n, xq, xd, xd, lut, out, T, K, nb, rb)
+        T4 = T - T % 4
+        rest = T - T4
+        o = out
+        for r in prange(N):
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = dot4_iq4_nl_row(w, off, xq, t * K, K, xd, xd, t * nb, nb, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = dot3_iq4_nl_row(w, off, xq, T4 * K, K, xd, xd, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = dot2_iq4_nl_row(w, off, xq, T4 * K, K, xd, xd, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = dot_iq4_nl_row(w, off, xq, T4 * K, K, xd, xd, T4 * nb, nb, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -443,39 +526,34 @@ def matmul3_iq4_nl(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
             else:
                 out2[0, n - N0 - N1] = dot_iq4_nl_row(w2, (n - N0 - N1) * w2.shape[1], xq, 0, K, xd, xs, 0, nb, lut, nb)
     else:
+        T4 = T - T % 4
+        rest = T - T4
         for n in prange(N0 + N1 + N2):
-            if n < N0:
-                _row_iq4_nl(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
-            elif n < N0 + N1:
-                _row_iq4_nl(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+            r = np.int64(n)   # (the parallel index may be unsigned: r - N0 would be a float)
+            if r < N0:
+                w, o = w0, out0
+            elif r < N0 + N1:
+                w, o, r = w1, out1, r - N0
             else:
-                _row_iq4_nl(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
-
-
-
-@numba.njit(**SER)
-def _row_q2_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
-    off = n * rb
-    nbs = bsums.shape[1]
-    T4 = T - T % 4
-    for t in range(0, T4, 4):
-        r0, r1, r2, r3 = row4_q2_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
-        out[t, n] = r0
-        out[t + 1, n] = r1
-        out[t + 2, n] = r2
-        out[t + 3, n] = r3
-    rest = T - T4
-    if rest == 3:
-        r0, r1, r2 = row3_q2_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-        out[T4 + 2, n] = r2
-    elif rest == 2:
-        r0, r1 = row2_q2_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-    elif rest == 1:
-        out[T4, n] = row_q2_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+                w, o, r = w2, out2, r - N0 - N1
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = dot4_iq4_nl_row(w, off, xq, t * K, K, xd, xs, t * nb, nb, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = dot3_iq4_nl_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = dot2_iq4_nl_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = dot_iq4_nl_row(w, off, xq, T4 * K, K, xd, xs, T4 * nb, nb, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -483,13 +561,33 @@ def matmul_q2_k(w, xq, xd, bsums, lut, out):
     T, N = out.shape
     rb, K = w.shape[1], xq.shape[1]
     nb = K // 256
+    nbs = bsums.shape[1]
     if T == 1:
-        nbs = bsums.shape[1]
         for n in prange(N):
             out[0, n] = row_q2_k(w, n * rb, xq, 0, K, xd, 0, nb, bsums, 0, nbs, lut, nb)
     else:
-        for n in prange(N):
-            _row_q2_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb)
+        T4 = T - T % 4
+        rest = T - T4
+        o = out
+        for r in prange(N):
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = row4_q2_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = row3_q2_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = row2_q2_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = row_q2_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -509,39 +607,35 @@ def matmul3_q2_k(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
             else:
                 out2[0, n - N0 - N1] = row_q2_k(w2, (n - N0 - N1) * w2.shape[1], xq, 0, K, xd, 0, nb, xs, 0, xs.shape[1], lut, nb)
     else:
+        T4 = T - T % 4
+        rest = T - T4
+        nbs = xs.shape[1]
         for n in prange(N0 + N1 + N2):
-            if n < N0:
-                _row_q2_k(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
-            elif n < N0 + N1:
-                _row_q2_k(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+            r = np.int64(n)   # (the parallel index may be unsigned: r - N0 would be a float)
+            if r < N0:
+                w, o = w0, out0
+            elif r < N0 + N1:
+                w, o, r = w1, out1, r - N0
             else:
-                _row_q2_k(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
-
-
-
-@numba.njit(**SER)
-def _row_q3_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
-    off = n * rb
-    nbs = bsums.shape[1]
-    T4 = T - T % 4
-    for t in range(0, T4, 4):
-        r0, r1, r2, r3 = row4_q3_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
-        out[t, n] = r0
-        out[t + 1, n] = r1
-        out[t + 2, n] = r2
-        out[t + 3, n] = r3
-    rest = T - T4
-    if rest == 3:
-        r0, r1, r2 = row3_q3_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-        out[T4 + 2, n] = r2
-    elif rest == 2:
-        r0, r1 = row2_q3_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-    elif rest == 1:
-        out[T4, n] = row_q3_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+                w, o, r = w2, out2, r - N0 - N1
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = row4_q2_k(w, off, xq, t * K, K, xd, t * nb, nb, xs, t * nbs, nbs, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = row3_q2_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, xs, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = row2_q2_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, xs, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = row_q2_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, xs, T4 * nbs, nbs, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -549,13 +643,33 @@ def matmul_q3_k(w, xq, xd, bsums, lut, out):
     T, N = out.shape
     rb, K = w.shape[1], xq.shape[1]
     nb = K // 256
+    nbs = bsums.shape[1]
     if T == 1:
-        nbs = bsums.shape[1]
         for n in prange(N):
             out[0, n] = row_q3_k(w, n * rb, xq, 0, K, xd, 0, nb, bsums, 0, nbs, lut, nb)
     else:
-        for n in prange(N):
-            _row_q3_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb)
+        T4 = T - T % 4
+        rest = T - T4
+        o = out
+        for r in prange(N):
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = row4_q3_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = row3_q3_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = row2_q3_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = row_q3_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -575,39 +689,35 @@ def matmul3_q3_k(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
             else:
                 out2[0, n - N0 - N1] = row_q3_k(w2, (n - N0 - N1) * w2.shape[1], xq, 0, K, xd, 0, nb, xs, 0, xs.shape[1], lut, nb)
     else:
+        T4 = T - T % 4
+        rest = T - T4
+        nbs = xs.shape[1]
         for n in prange(N0 + N1 + N2):
-            if n < N0:
-                _row_q3_k(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
-            elif n < N0 + N1:
-                _row_q3_k(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+            r = np.int64(n)   # (the parallel index may be unsigned: r - N0 would be a float)
+            if r < N0:
+                w, o = w0, out0
+            elif r < N0 + N1:
+                w, o, r = w1, out1, r - N0
             else:
-                _row_q3_k(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
-
-
-
-@numba.njit(**SER)
-def _row_q4_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
-    off = n * rb
-    nbs = bsums.shape[1]
-    T4 = T - T % 4
-    for t in range(0, T4, 4):
-        r0, r1, r2, r3 = row4_q4_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
-        out[t, n] = r0
-        out[t + 1, n] = r1
-        out[t + 2, n] = r2
-        out[t + 3, n] = r3
-    rest = T - T4
-    if rest == 3:
-        r0, r1, r2 = row3_q4_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-        out[T4 + 2, n] = r2
-    elif rest == 2:
-        r0, r1 = row2_q4_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-    elif rest == 1:
-        out[T4, n] = row_q4_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+                w, o, r = w2, out2, r - N0 - N1
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = row4_q3_k(w, off, xq, t * K, K, xd, t * nb, nb, xs, t * nbs, nbs, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = row3_q3_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, xs, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = row2_q3_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, xs, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = row_q3_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, xs, T4 * nbs, nbs, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -615,13 +725,33 @@ def matmul_q4_k(w, xq, xd, bsums, lut, out):
     T, N = out.shape
     rb, K = w.shape[1], xq.shape[1]
     nb = K // 256
+    nbs = bsums.shape[1]
     if T == 1:
-        nbs = bsums.shape[1]
         for n in prange(N):
             out[0, n] = row_q4_k(w, n * rb, xq, 0, K, xd, 0, nb, bsums, 0, nbs, lut, nb)
     else:
-        for n in prange(N):
-            _row_q4_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb)
+        T4 = T - T % 4
+        rest = T - T4
+        o = out
+        for r in prange(N):
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = row4_q4_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = row3_q4_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = row2_q4_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = row_q4_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -641,39 +771,35 @@ def matmul3_q4_k(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
             else:
                 out2[0, n - N0 - N1] = row_q4_k(w2, (n - N0 - N1) * w2.shape[1], xq, 0, K, xd, 0, nb, xs, 0, xs.shape[1], lut, nb)
     else:
+        T4 = T - T % 4
+        rest = T - T4
+        nbs = xs.shape[1]
         for n in prange(N0 + N1 + N2):
-            if n < N0:
-                _row_q4_k(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
-            elif n < N0 + N1:
-                _row_q4_k(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+            r = np.int64(n)   # (the parallel index may be unsigned: r - N0 would be a float)
+            if r < N0:
+                w, o = w0, out0
+            elif r < N0 + N1:
+                w, o, r = w1, out1, r - N0
             else:
-                _row_q4_k(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
-
-
-
-@numba.njit(**SER)
-def _row_q5_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
-    off = n * rb
-    nbs = bsums.shape[1]
-    T4 = T - T % 4
-    for t in range(0, T4, 4):
-        r0, r1, r2, r3 = row4_q5_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
-        out[t, n] = r0
-        out[t + 1, n] = r1
-        out[t + 2, n] = r2
-        out[t + 3, n] = r3
-    rest = T - T4
-    if rest == 3:
-        r0, r1, r2 = row3_q5_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-        out[T4 + 2, n] = r2
-    elif rest == 2:
-        r0, r1 = row2_q5_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-    elif rest == 1:
-        out[T4, n] = row_q5_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+                w, o, r = w2, out2, r - N0 - N1
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = row4_q4_k(w, off, xq, t * K, K, xd, t * nb, nb, xs, t * nbs, nbs, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = row3_q4_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, xs, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = row2_q4_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, xs, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = row_q4_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, xs, T4 * nbs, nbs, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -681,13 +807,33 @@ def matmul_q5_k(w, xq, xd, bsums, lut, out):
     T, N = out.shape
     rb, K = w.shape[1], xq.shape[1]
     nb = K // 256
+    nbs = bsums.shape[1]
     if T == 1:
-        nbs = bsums.shape[1]
         for n in prange(N):
             out[0, n] = row_q5_k(w, n * rb, xq, 0, K, xd, 0, nb, bsums, 0, nbs, lut, nb)
     else:
-        for n in prange(N):
-            _row_q5_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb)
+        T4 = T - T % 4
+        rest = T - T4
+        o = out
+        for r in prange(N):
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = row4_q5_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = row3_q5_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = row2_q5_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = row_q5_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -707,39 +853,35 @@ def matmul3_q5_k(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
             else:
                 out2[0, n - N0 - N1] = row_q5_k(w2, (n - N0 - N1) * w2.shape[1], xq, 0, K, xd, 0, nb, xs, 0, xs.shape[1], lut, nb)
     else:
+        T4 = T - T % 4
+        rest = T - T4
+        nbs = xs.shape[1]
         for n in prange(N0 + N1 + N2):
-            if n < N0:
-                _row_q5_k(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
-            elif n < N0 + N1:
-                _row_q5_k(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+            r = np.int64(n)   # (the parallel index may be unsigned: r - N0 would be a float)
+            if r < N0:
+                w, o = w0, out0
+            elif r < N0 + N1:
+                w, o, r = w1, out1, r - N0
             else:
-                _row_q5_k(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
-
-
-
-@numba.njit(**SER)
-def _row_q6_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
-    off = n * rb
-    nbs = bsums.shape[1]
-    T4 = T - T % 4
-    for t in range(0, T4, 4):
-        r0, r1, r2, r3 = row4_q6_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
-        out[t, n] = r0
-        out[t + 1, n] = r1
-        out[t + 2, n] = r2
-        out[t + 3, n] = r3
-    rest = T - T4
-    if rest == 3:
-        r0, r1, r2 = row3_q6_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-        out[T4 + 2, n] = r2
-    elif rest == 2:
-        r0, r1 = row2_q6_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-    elif rest == 1:
-        out[T4, n] = row_q6_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+                w, o, r = w2, out2, r - N0 - N1
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = row4_q5_k(w, off, xq, t * K, K, xd, t * nb, nb, xs, t * nbs, nbs, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = row3_q5_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, xs, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = row2_q5_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, xs, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = row_q5_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, xs, T4 * nbs, nbs, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -747,13 +889,33 @@ def matmul_q6_k(w, xq, xd, bsums, lut, out):
     T, N = out.shape
     rb, K = w.shape[1], xq.shape[1]
     nb = K // 256
+    nbs = bsums.shape[1]
     if T == 1:
-        nbs = bsums.shape[1]
         for n in prange(N):
             out[0, n] = row_q6_k(w, n * rb, xq, 0, K, xd, 0, nb, bsums, 0, nbs, lut, nb)
     else:
-        for n in prange(N):
-            _row_q6_k(w, n, xq, xd, bsums, lut, out, T, K, nb, rb)
+        T4 = T - T % 4
+        rest = T - T4
+        o = out
+        for r in prange(N):
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = row4_q6_k(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = row3_q6_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = row2_q6_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = row_q6_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -773,39 +935,35 @@ def matmul3_q6_k(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
             else:
                 out2[0, n - N0 - N1] = row_q6_k(w2, (n - N0 - N1) * w2.shape[1], xq, 0, K, xd, 0, nb, xs, 0, xs.shape[1], lut, nb)
     else:
+        T4 = T - T % 4
+        rest = T - T4
+        nbs = xs.shape[1]
         for n in prange(N0 + N1 + N2):
-            if n < N0:
-                _row_q6_k(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
-            elif n < N0 + N1:
-                _row_q6_k(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+            r = np.int64(n)   # (the parallel index may be unsigned: r - N0 would be a float)
+            if r < N0:
+                w, o = w0, out0
+            elif r < N0 + N1:
+                w, o, r = w1, out1, r - N0
             else:
-                _row_q6_k(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
-
-
-
-@numba.njit(**SER)
-def _row_iq4_xs(w, n, xq, xd, bsums, lut, out, T, K, nb, rb):
-    off = n * rb
-    nbs = bsums.shape[1]
-    T4 = T - T % 4
-    for t in range(0, T4, 4):
-        r0, r1, r2, r3 = row4_iq4_xs(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
-        out[t, n] = r0
-        out[t + 1, n] = r1
-        out[t + 2, n] = r2
-        out[t + 3, n] = r3
-    rest = T - T4
-    if rest == 3:
-        r0, r1, r2 = row3_iq4_xs(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-        out[T4 + 2, n] = r2
-    elif rest == 2:
-        r0, r1 = row2_iq4_xs(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
-        out[T4, n] = r0
-        out[T4 + 1, n] = r1
-    elif rest == 1:
-        out[T4, n] = row_iq4_xs(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+                w, o, r = w2, out2, r - N0 - N1
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = row4_q6_k(w, off, xq, t * K, K, xd, t * nb, nb, xs, t * nbs, nbs, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = row3_q6_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, xs, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = row2_q6_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, xs, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = row_q6_k(w, off, xq, T4 * K, K, xd, T4 * nb, nb, xs, T4 * nbs, nbs, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -813,13 +971,33 @@ def matmul_iq4_xs(w, xq, xd, bsums, lut, out):
     T, N = out.shape
     rb, K = w.shape[1], xq.shape[1]
     nb = K // 256
+    nbs = bsums.shape[1]
     if T == 1:
-        nbs = bsums.shape[1]
         for n in prange(N):
             out[0, n] = row_iq4_xs(w, n * rb, xq, 0, K, xd, 0, nb, bsums, 0, nbs, lut, nb)
     else:
-        for n in prange(N):
-            _row_iq4_xs(w, n, xq, xd, bsums, lut, out, T, K, nb, rb)
+        T4 = T - T % 4
+        rest = T - T4
+        o = out
+        for r in prange(N):
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = row4_iq4_xs(w, off, xq, t * K, K, xd, t * nb, nb, bsums, t * nbs, nbs, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = row3_iq4_xs(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = row2_iq4_xs(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = row_iq4_xs(w, off, xq, T4 * K, K, xd, T4 * nb, nb, bsums, T4 * nbs, nbs, lut, nb)
 
 
 @numba.njit(**PAR)
@@ -839,13 +1017,35 @@ def matmul3_iq4_xs(w0, w1, w2, xq, xd, xs, lut, out0, out1, out2):
             else:
                 out2[0, n - N0 - N1] = row_iq4_xs(w2, (n - N0 - N1) * w2.shape[1], xq, 0, K, xd, 0, nb, xs, 0, xs.shape[1], lut, nb)
     else:
+        T4 = T - T % 4
+        rest = T - T4
+        nbs = xs.shape[1]
         for n in prange(N0 + N1 + N2):
-            if n < N0:
-                _row_iq4_xs(w0, n, xq, xd, xs, lut, out0, T, K, nb, w0.shape[1])
-            elif n < N0 + N1:
-                _row_iq4_xs(w1, n - N0, xq, xd, xs, lut, out1, T, K, nb, w1.shape[1])
+            r = np.int64(n)   # (the parallel index may be unsigned: r - N0 would be a float)
+            if r < N0:
+                w, o = w0, out0
+            elif r < N0 + N1:
+                w, o, r = w1, out1, r - N0
             else:
-                _row_iq4_xs(w2, n - N0 - N1, xq, xd, xs, lut, out2, T, K, nb, w2.shape[1])
+                w, o, r = w2, out2, r - N0 - N1
+            off = r * w.shape[1]
+            for t in range(0, T4, 4):
+                r0, r1, r2, r3 = row4_iq4_xs(w, off, xq, t * K, K, xd, t * nb, nb, xs, t * nbs, nbs, lut, nb)
+                o[t, r] = r0
+                o[t + 1, r] = r1
+                o[t + 2, r] = r2
+                o[t + 3, r] = r3
+            if rest == 3:
+                r0, r1, r2 = row3_iq4_xs(w, off, xq, T4 * K, K, xd, T4 * nb, nb, xs, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+                o[T4 + 2, r] = r2
+            elif rest == 2:
+                r0, r1 = row2_iq4_xs(w, off, xq, T4 * K, K, xd, T4 * nb, nb, xs, T4 * nbs, nbs, lut, nb)
+                o[T4, r] = r0
+                o[T4 + 1, r] = r1
+            elif rest == 1:
+                o[T4, r] = row_iq4_xs(w, off, xq, T4 * K, K, xd, T4 * nb, nb, xs, T4 * nbs, nbs, lut, nb)
 
 
 
