@@ -145,10 +145,10 @@ def _bench_speculate(args, loaded, say) -> int:
         return 0
     print(f"model   {loaded.path.name} ({loaded.arch}); --speculate {args.speculate}"
           + (f" --draft {args.draft}" if args.draft else "") + f", draft max {args.draft_max}, tg{args.tg} greedy")
-    print(f"{'prompt':>6} {'plain':>8} {'specul.':>8} {'ratio':>6} {'accept':>7} {'tok/step':>8}  same ids"
+    print(f"{'prompt':>7} {'plain':>8} {'specul.':>8} {'ratio':>6} {'accept':>7} {'tok/step':>8}  same ids"
           f"   (tok/s, medians of {args.repeats} interleaved runs; ratio: median of the pairs' ratios)")
     for name, v in res.items():
         sp = v["speculation"] or {}
-        print(f"{name:>6} {v['plain_tps']:8.1f} {v['speculative_tps']:8.1f} {v['ratio']:6.2f} "
+        print(f"{name:>7} {v['plain_tps']:8.1f} {v['speculative_tps']:8.1f} {v['ratio']:6.2f} "
               f"{100 * sp.get('acceptance', 0):6.0f}% {sp.get('tokens_per_step', 0):8.2f}  {v['identical_ids']}")
     return 0

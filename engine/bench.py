@@ -173,14 +173,22 @@ def busy_processes(n: int, python: str | None = None):
             p.wait()
 
 
-# Same prompts for plain and speculative decoding: one the drafters can predict (code repeated
-# with a change), one they cannot (free prose).
+# Same prompts for plain and speculative decoding: a function the reply repeats with a docstring
+# added (what drafting from the conversation is for), one the default model's reply rewrites
+# instead (its greedy reply keeps the name and little else), and free prose (nothing to copy:
+# lookup must not slow it down). Of seven short functions tried with SmolLM2-135M, the
+# default model repeats two whole (binary search, a prime test) and rewrites the rest.
 SPECULATE_PROMPTS = {
     "code": "Repeat this function with a docstring:\n\n```python\n"
-            "def moving_average(values, window):\n    result = []\n    total = 0.0\n"
-            "    for i, v in enumerate(values):\n        total += v\n        if i >= window:\n"
-            "            total -= values[i - window]\n        if i >= window - 1:\n"
-            "            result.append(total / window)\n    return result\n```",
+            "def binary_search(items, target):\n    lo, hi = 0, len(items) - 1\n    while lo <= hi:\n"
+            "        mid = (lo + hi) // 2\n        if items[mid] == target:\n            return mid\n"
+            "        if items[mid] < target:\n            lo = mid + 1\n        else:\n            hi = mid - 1\n"
+            "    return -1\n```",
+    "rewrite": "Repeat this function with a docstring:\n\n```python\n"
+               "def moving_average(values, window):\n    result = []\n    total = 0.0\n"
+               "    for i, v in enumerate(values):\n        total += v\n        if i >= window:\n"
+               "            total -= values[i - window]\n        if i >= window - 1:\n"
+               "            result.append(total / window)\n    return result\n```",
     "prose": "Write a short story about a lighthouse keeper who finds a message in a bottle.",
 }
 

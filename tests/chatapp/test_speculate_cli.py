@@ -75,7 +75,7 @@ def test_run_speculate_mtp_same_ids_and_counts(capsys):
 def test_bench_speculate_mtp_json(capsys):
     r = _json(capsys, "bench", "-m", str(MTP_FIXTURE), "--speculate", "mtp", "--tg", "8", "--repeats", "1",
               "--json", "--ctx", "512")
-    assert r["speculate"] == "mtp" and set(r["results"]) == {"code", "prose"}
+    assert r["speculate"] == "mtp" and set(r["results"]) == {"code", "rewrite", "prose"}
     for v in r["results"].values():
         assert v["identical_ids"] and v["speculation"]["steps"] > 0
 
@@ -87,6 +87,6 @@ def test_bench_speculate_json(tmp_path, capsys):
     path = write_tiny_llama(tmp_path / "tiny-1k.gguf", n_ctx_train=1024)
     r = _json(capsys, "bench", "-m", str(path), "--speculate", "lookup", "--tg", "8", "--repeats", "1",
               "--json", "--ctx", "512")
-    assert set(r["results"]) == {"code", "prose"}
+    assert set(r["results"]) == {"code", "rewrite", "prose"}
     for v in r["results"].values():
         assert v["identical_ids"] and v["plain_tps"] > 0 and v["speculative_tps"] > 0
