@@ -114,6 +114,37 @@ def test_lookup_drafter_continues_the_longest_recent_match():
     assert d.propose([1, 2, 1, 2, 1, 2], 2) == [1, 2]   # most recent match first
 
 
+def _lookup_reference(ctx: list[int], k: int, max_ngram: int, min_ngram: int) -> tuple[list[int], int]:
+    """Brute force: of the earlier positions j (something follows) whose last n tokens equal the
+    context's last n, the longest n (capped at max_ngram, at least min_ngram), most recent j."""
+    L = len(ctx)
+    best, best_n = -1, 0
+    for j in range(L - 1):
+        n = 0
+        while n < max_ngram and j - n >= 0 and ctx[j - n] == ctx[L - 1 - n]:
+            n += 1
+        if n >= min_ngram and n >= best_n:
+            best, best_n = j, n
+    return (ctx[best + 1 : best + 1 + k], best_n) if best >= 0 else ([], 0)
+
+
+@pytest.mark.parametrize("vocab", [2, 5, 50])
+def test_lookup_drafter_index_matches_a_scan_of_the_whole_context(vocab):
+    """The n-gram index gives what scanning the context gives, as the context grows token by
+    token and by whole drafts, and after it is replaced (a rewind, another conversation)."""
+    rng = np.random.default_rng(vocab)
+    d = LookupDrafter(max_ngram=5, min_ngram=2)
+    for _ in range(3):
+        ctx = [int(t) for t in rng.integers(0, vocab, 8)]
+        for _ in range(60):
+            k = int(rng.integers(1, 9))
+            assert (d.propose(ctx, k), d.evidence) == _lookup_reference(ctx, k, 5, 2)
+            ctx += [int(t) for t in rng.integers(0, vocab, int(rng.integers(1, 4)))]
+        cut = int(rng.integers(1, len(ctx)))
+        ctx = ctx[:cut] + [vocab + 1]          # a rewind to an earlier point, then something new
+        assert (d.propose(ctx, 4), d.evidence) == _lookup_reference(ctx, 4, 5, 2)
+
+
 def test_tile_fit_leaves_no_lone_token_after_whole_tiles():
     # a pass feeds k + 1 tokens: never 5, 9, 13 (a tile + one token decoded alone); never lengthened
     assert [tile_fit(k) for k in range(14)] == [0, 1, 2, 3, 3, 5, 6, 7, 7, 9, 10, 11, 11, 13]
