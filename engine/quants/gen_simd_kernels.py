@@ -295,18 +295,18 @@ def _tiles(dots: tuple[str, str, str, str], args: str) -> str:
 for k in ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"]:
     q81 = k in ("q4_1", "q5_1")
     dots = (f"dot_{k}_row", f"dot2_{k}_row", f"dot3_{k}_row", f"dot4_{k}_row")
-    tiles = _tiles(dots, "w, off, xq, {t} * K, K, xd, %s, {t} * nb, nb, lut, nb" % ("xs" if q81 else "xd"))
-    src += LEGACY.format(k=k, xsp="xs, " if q81 else "", xsa="xs" if q81 else "xd", tiles=tiles)
+    body = _tiles(dots, "w, off, xq, {t} * K, K, xd, %s, {t} * nb, nb, lut, nb" % ("xs" if q81 else "xd"))
+    src += LEGACY.format(k=k, xsp="xs, " if q81 else "", xsa="xs" if q81 else "xd", tiles=body)
     one = f"dot_{k}_row({{w}}, {{n}} * {{w}}.shape[1], xq, 0, K, xd, xs, 0, nb, lut, nb)"
-    tiles3 = _tiles(dots, "w, off, xq, {t} * K, K, xd, xs, {t} * nb, nb, lut, nb")
-    src += MULTI.format(k=k, bs=32, pre="", tiles=tiles3, **_row1(one))
+    body3 = _tiles(dots, "w, off, xq, {t} * K, K, xd, xs, {t} * nb, nb, lut, nb")
+    src += MULTI.format(k=k, bs=32, pre="", tiles=body3, **_row1(one))
 for k in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"):  # whole-row intrinsics
     dots = (f"row_{k}", f"row2_{k}", f"row3_{k}", f"row4_{k}")
-    tiles = _tiles(dots, "w, off, xq, {t} * K, K, xd, {t} * nb, nb, bsums, {t} * nbs, nbs, lut, nb")
-    src += KROW.format(k=k, row=f"row_{k}", tiles=tiles)
+    body = _tiles(dots, "w, off, xq, {t} * K, K, xd, {t} * nb, nb, bsums, {t} * nbs, nbs, lut, nb")
+    src += KROW.format(k=k, row=f"row_{k}", tiles=body)
     one = f"row_{k}({{w}}, {{n}} * {{w}}.shape[1], xq, 0, K, xd, 0, nb, xs, 0, xs.shape[1], lut, nb)"
-    tiles3 = _tiles(dots, "w, off, xq, {t} * K, K, xd, {t} * nb, nb, xs, {t} * nbs, nbs, lut, nb")
-    src += MULTI.format(k=k, bs=256, pre="        nbs = xs.shape[1]\n", tiles=tiles3, **_row1(one))
+    body3 = _tiles(dots, "w, off, xq, {t} * K, K, xd, {t} * nb, nb, xs, {t} * nbs, nbs, lut, nb")
+    src += MULTI.format(k=k, bs=256, pre="        nbs = xs.shape[1]\n", tiles=body3, **_row1(one))
 for k in ("f16", "bf16"):
     src += FROW.format(k=k)
 for isa in ISAS:   # the prefill GEMM drivers, one set per instruction set
