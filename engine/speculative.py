@@ -10,8 +10,9 @@ one-token steps bit for bit (tests/engine/test_speculative.py checks every archi
 
 Rollback. The pass feeds [the last sampled token, d1..dk]. When d_{m+1} is rejected the cache
 must hold the state after d_m exactly: attention KV is trimmed; DeltaNet layers keep a trail
-of snapshots, one after each token of the pass (engine.cache.start_trail / rewind), and the
-right one is restored. (The alternative, restoring the state before the pass and feeding the
+of snapshots, one after each token of the pass but the last (engine.cache.start_trail /
+rewind; the pass always keeps its first token and keeping all needs no copy), and the right
+one is restored. (The alternative, restoring the state before the pass and feeding the
 accepted tokens again, reads every weight a second time on every rejection.)
 
 Sampling (temperature > 0). Drafts are deterministic (a point mass q = 1 on the drafted
@@ -414,7 +415,8 @@ class Speculator:
             out = [(_sample(sampler, processors, context, row), row)]
             self.stats.tokens += 1
             return out
-        start_trail(cache)
+        # the pass keeps `token` at least and may keep all: snapshots after its 1st .. kth tokens
+        start_trail(cache, keep_start=False, upto=p0 + 1 + len(draft))
         rows = model.forward([token] + draft, cache, logits="all", token_exact=True)
         self.policy.timed(1 + len(draft), time.perf_counter() - t0)
         out = []

@@ -104,6 +104,31 @@ def test_recurrent_rollback_restores_the_state_after_the_last_accepted_token(arc
         cache_mod.rewind(a, 7)   # the trail is gone: no snapshot there any more
 
 
+def test_a_pass_trail_snapshots_only_where_a_rewind_can_go(arch_files):
+    """A verification pass of 8 tokens keeps its first token at least and may keep all: 7
+    snapshots (after tokens 1..7), none before the pass or after its last token, and every
+    rewind it can make still lands on the state plain feeding gives."""
+    lm = load_model(arch_files["qwen35"])
+    m = lm.model
+    toks = np.random.default_rng(4).integers(0, m.n_vocab, 16).tolist()
+    for keep in (7, 13, 14):
+        a, b = m.make_cache(), m.make_cache()
+        m.forward(toks[:6], a, "none")
+        cache_mod.start_trail(a, keep_start=False, upto=14)
+        m.forward(toks[6:14], a, "all", token_exact=True)
+        rec = [c for c in a if c.kind == "recurrent"]
+        assert rec and all([s.offset for s in c.trail] == list(range(7, 14)) for c in rec)
+        cache_mod.rewind(a, keep)
+        m.forward(toks[:keep], b, "none")
+        assert_caches_equal(a, b)
+    a = m.make_cache()
+    m.forward(toks[:6], a, "none")
+    cache_mod.start_trail(a, keep_start=False, upto=8)
+    m.forward(toks[6:8], a, "all", token_exact=True)
+    with pytest.raises(cache_mod.CacheTrimError):
+        cache_mod.rewind(a, 6)   # before the pass: not kept
+
+
 def test_lookup_drafter_continues_the_longest_recent_match():
     d = LookupDrafter(max_ngram=3, min_ngram=2)
     ctx = [1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 1, 2, 3]
