@@ -15,7 +15,8 @@ restored but not trimmed. `cache_bytes(caches)` sums the bytes in use by kind.
 from __future__ import annotations
 
 import mmap
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -186,11 +187,10 @@ class RecurrentCache:
         self.conv = np.zeros((conv_kernel - 1, conv_dim), dtype=np.float32)
         self.state = np.zeros((n_v_heads, head_v_dim, head_k_dim), dtype=np.float32)
         self.offset = 0
-        # While a list: the model feeds tokens one at a time and records a snapshot after each
-        # (speculative decoding rolls back to the state after the last accepted token), up to
-        # position trail_upto (the last token of a pass needs none: it is the state itself).
-        self.trail: list[CacheState] | None = None
-        self.trail_upto: int | None = None
+        # While set (speculative decoding): the state before the pass and what the pass fed, so
+        # a rewind can go back to the state after any of its tokens (see Replay).
+        self.trail: Replay | None = None
+        self._spare: tuple[np.ndarray, np.ndarray] | None = None   # the trail's start state, reused
 
     def advance(self, n: int) -> int:
         """Record that n more tokens went into the state; return the position of the first one."""
@@ -245,11 +245,52 @@ class RecurrentCache:
         c.restore(st)
         return c
 
-    def record(self) -> None:
-        """Called by the model after each token while a trail is kept."""
-        assert self.trail is not None
-        if self.trail_upto is None or self.offset < self.trail_upto:
-            self.trail.append(self.snapshot())
+    def start_trail(self) -> None:
+        """Keep the state as it is (in buffers this cache reuses from pass to pass: a fresh
+        2.2 MB copy per layer cost page faults) and, from now on, what the model feeds."""
+        if self._spare is None:
+            self._spare = (np.empty_like(self.conv), np.empty_like(self.state))
+        np.copyto(self._spare[0], self.conv)
+        np.copyto(self._spare[1], self.state)
+        self.trail = Replay(self.offset, *self._spare)
+
+    def rewind_to(self, pos: int) -> None:
+        """The state after the first `pos` tokens: the trail's start state, then its inputs
+        fed again up to pos (CacheTrimError outside the trail)."""
+        if pos == self.offset:
+            return
+        t = self.trail
+        if t is None or not t.offset <= pos < self.offset:
+            raise CacheTrimError(f"no recurrent state at position {pos} to go back to (state at {self.offset})")
+        self.conv[...] = t.conv
+        self.state[...] = t.state
+        self.offset = t.offset
+        n = pos - t.offset
+        if n:
+            assert t.feed is not None
+            t.feed(self, *(np.concatenate([part[i] for part in t.inputs])[:n] for i in range(len(t.inputs[0]))))
+
+
+@dataclass
+class Replay:
+    """How a recurrent layer goes back to any position of a speculative pass: its state before
+    the pass and what the pass fed it, fed again up to the position asked for. The model runs
+    the pass as usual (all its tokens in one call) and adds its inputs; a rejection restores
+    the start state and replays the accepted tokens' recurrence (the DeltaNet conv and delta
+    rule, no weight read). It replaced a snapshot after every token: 2 MB copies per layer and
+    token, most of them never used (a pass of 8 on the 4B shape copied 9 per layer).
+    A replay of n tokens in one call equals feeding them one by one (engine.deltanet)."""
+
+    offset: int
+    conv: np.ndarray
+    state: np.ndarray
+    feed: Callable | None = None            # feed(cache, *inputs) advances the cache by len(inputs[0])
+    inputs: list[tuple] = field(default_factory=list)   # per model call: its (T, ...) input arrays
+
+    def add(self, feed: Callable, *inputs: np.ndarray) -> None:
+        """The model fed `inputs` (arrays of one row per token) to this layer through `feed`."""
+        self.feed = feed
+        self.inputs.append(tuple(np.array(x, copy=True) for x in inputs))
 
 
 Cache = KVCache | RecurrentCache   # one layer's cache, whatever its kind
@@ -263,33 +304,25 @@ def cache_bytes(caches: list[Cache]) -> dict[str, int]:
     return out
 
 
-def start_trail(caches: list, keep_start: bool = True, upto: int | None = None) -> None:
-    """Keep a snapshot of every recurrent layer after each token fed from now on (KV layers
-    need none: they are trimmed), starting with the state as it is (unless keep_start is False:
-    no rewind will go back there), and only at positions before `upto` (a pass that ends at
-    upto: rewinding there keeps the state as it is). A snapshot is a copy of the layer's whole
-    state (Qwen3.5-4B: 2.2 MB a layer), so a verification pass of T tokens copies T - 1 per
-    layer, not T + 1: on the 4B shape a pass of 2 spent 13 of its 77 ms copying."""
+def start_trail(caches: list) -> None:
+    """From now on, every recurrent layer can go back to any position fed since (KV layers
+    need nothing: they are trimmed): RecurrentCache.start_trail."""
     for c in caches:
         if not c.trimmable:
-            c.trail = [c.snapshot()] if keep_start else []
-            c.trail_upto = upto
+            c.start_trail()
 
 
 def rewind(caches: list, pos: int) -> None:
     """Back to the state after the first `pos` tokens: KV layers trimmed, recurrent layers
-    restored from their trail (CacheTrimError if no snapshot holds that position). The trail
-    ends: positions past `pos` no longer exist."""
+    from their trail (CacheTrimError if it does not reach that position). The trail ends:
+    positions past `pos` no longer exist."""
     for c in caches:
         if c.trimmable:
             if pos > c.offset:
                 raise CacheTrimError(f"cannot rewind forward: {pos} > {c.offset}")
             c.trim(c.offset - pos)
-        elif pos != c.offset:
-            snap = next((s for s in (c.trail or ()) if s.offset == pos), None)
-            if snap is None:
-                raise CacheTrimError(f"no recurrent snapshot at position {pos} (state at {c.offset})")
-            c.restore(snap)
+        else:
+            c.rewind_to(pos)
     stop_trail(caches)
 
 
@@ -297,4 +330,3 @@ def stop_trail(caches: list) -> None:
     for c in caches:
         if not c.trimmable:
             c.trail = None
-            c.trail_upto = None

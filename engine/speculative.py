@@ -9,11 +9,11 @@ decode's order) and decode's single-query attention, query by query. Its rows eq
 one-token steps bit for bit (tests/engine/test_speculative.py checks every architecture).
 
 Rollback. The pass feeds [the last sampled token, d1..dk]. When d_{m+1} is rejected the cache
-must hold the state after d_m exactly: attention KV is trimmed; DeltaNet layers keep a trail
-of snapshots, one after each token of the pass but the last (engine.cache.start_trail /
-rewind; the pass always keeps its first token and keeping all needs no copy), and the right
-one is restored. (The alternative, restoring the state before the pass and feeding the
-accepted tokens again, reads every weight a second time on every rejection.)
+must hold the state after d_m exactly: attention KV is trimmed; DeltaNet layers keep their
+state from before the pass and the pass's inputs to the recurrence (engine.cache.start_trail /
+rewind, cache.Replay): a rejection restores that state and feeds the accepted tokens' inputs
+again, the conv and the delta rule only (no weight is read again; a snapshot after every
+token copied 2 MB a layer per token).
 
 Sampling (temperature > 0). Drafts are deterministic (a point mass q = 1 on the drafted
 token), so the standard rule min(1, p/q) becomes: accept d with probability p(d), where p is
@@ -415,8 +415,7 @@ class Speculator:
             out = [(_sample(sampler, processors, context, row), row)]
             self.stats.tokens += 1
             return out
-        # the pass keeps `token` at least and may keep all: snapshots after its 1st .. kth tokens
-        start_trail(cache, keep_start=False, upto=p0 + 1 + len(draft))
+        start_trail(cache)
         rows = model.forward([token] + draft, cache, logits="all", token_exact=True)
         self.policy.timed(1 + len(draft), time.perf_counter() - t0)
         out = []

@@ -184,7 +184,6 @@ class Qwen35Run(RunState):
         self.n = self.zeros(T, a.d_model)                       # normed input of a block
         self.o = self.zeros(T, a.d_model)                       # a mixer's output projection
         self.f = self.zeros(T, a.d_model)                       # W_down(...)
-        self.y = self.zeros(T, a.d_inner)                       # DeltaNet output (token by token)
         self.q = self.zeros(T, a.n_head, a.head_dim)            # attention: q, gate, output
         self.gate = self.zeros(T, a.n_head, a.head_dim)
         self.att = self.zeros(T, a.n_head, a.head_dim)
@@ -253,22 +252,20 @@ class Model(BaseModel[Qwen35Run]):
 
     def deltanet_block(self, layer: DeltaNetLayer, c: RecurrentCache, n: np.ndarray, run: Qwen35Run,
                        token_exact: bool) -> np.ndarray:
-        a, T = self.args, run.T
+        a = self.args
         eps, Hk, tiled = a.norm_eps, a.n_k_heads, self.tiled_v_heads
         # (T, conv_dim), (T, Hv*dv), (T, Hv), (T, Hv)
         qkv, z, b, al = layer.w_in.matmul(n, token_exact=token_exact)
-        if c.trail is None:
+
+        def feed(c: RecurrentCache, qkv, z, al, b) -> np.ndarray:
             y = deltanet_mix(qkv, z, al, b, c.conv, c.state, layer.conv_w, layer.dt_bias, layer.ssm_a,
                              layer.ssm_norm, eps, Hk, tiled)                  # (T, Hv*dv)
-            c.advance(T)
-        else:  # a snapshot after each token (speculative verification rolls back to one)
-            y = run.y
-            for t in range(T):
-                y[t] = deltanet_mix(qkv[t : t + 1], z[t : t + 1], al[t : t + 1], b[t : t + 1], c.conv, c.state,
-                                    layer.conv_w, layer.dt_bias, layer.ssm_a, layer.ssm_norm, eps, Hk, tiled)[0]
-                c.advance(1)
-                c.record()
-        return layer.w_out.matmul(y, run.o, token_exact)
+            c.advance(qkv.shape[0])
+            return y
+
+        if c.trail is not None:   # a speculative pass: a rejection replays the accepted tokens
+            c.trail.add(feed, qkv, z, al, b)
+        return layer.w_out.matmul(feed(c, qkv, z, al, b), run.o, token_exact)
 
     def attention_block(self, layer: AttentionLayer, c: KVCache, n: np.ndarray, run: Qwen35Run,
                         token_exact: bool) -> np.ndarray:

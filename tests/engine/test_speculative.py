@@ -104,29 +104,44 @@ def test_recurrent_rollback_restores_the_state_after_the_last_accepted_token(arc
         cache_mod.rewind(a, 7)   # the trail is gone: no snapshot there any more
 
 
-def test_a_pass_trail_snapshots_only_where_a_rewind_can_go(arch_files):
-    """A verification pass of 8 tokens keeps its first token at least and may keep all: 7
-    snapshots (after tokens 1..7), none before the pass or after its last token, and every
-    rewind it can make still lands on the state plain feeding gives."""
+def test_a_pass_rewinds_to_every_position_it_fed_by_replaying_the_recurrence(arch_files):
+    """A pass of 8 tokens keeps one start state per recurrent layer and its inputs (no copy per
+    token); a rewind to any position from the pass's start to its end lands on the state plain
+    feeding gives; the next pass reuses the start-state buffers; before the start: refused."""
     lm = load_model(arch_files["qwen35"])
     m = lm.model
     toks = np.random.default_rng(4).integers(0, m.n_vocab, 16).tolist()
-    for keep in (7, 13, 14):
-        a, b = m.make_cache(), m.make_cache()
-        m.forward(toks[:6], a, "none")
-        cache_mod.start_trail(a, keep_start=False, upto=14)
+
+    def plain(n):
+        c = m.make_cache()
+        m.forward(toks[:n], c, "none")
+        return c
+
+    for keep in (6, 7, 10, 13, 14):
+        a = plain(6)
+        cache_mod.start_trail(a)
         m.forward(toks[6:14], a, "all", token_exact=True)
         rec = [c for c in a if c.kind == "recurrent"]
-        assert rec and all([s.offset for s in c.trail] == list(range(7, 14)) for c in rec)
+        assert rec and all(c.trail.offset == 6 and c.trail.inputs[0][0].shape[0] == 8 for c in rec)
         cache_mod.rewind(a, keep)
-        m.forward(toks[:keep], b, "none")
-        assert_caches_equal(a, b)
-    a = m.make_cache()
-    m.forward(toks[:6], a, "none")
-    cache_mod.start_trail(a, keep_start=False, upto=8)
-    m.forward(toks[6:8], a, "all", token_exact=True)
+        assert_caches_equal(a, plain(keep))
+    # a second pass from where the first one stopped: the same start-state buffers, no new ones
+    a = plain(6)
+    cache_mod.start_trail(a)
+    rec = [c for c in a if c.kind == "recurrent"]
+    buffers = [id(c.trail.state) for c in rec]
+    m.forward(toks[6:12], a, "all", token_exact=True)
+    cache_mod.rewind(a, 9)
+    cache_mod.start_trail(a)
+    assert [id(c.trail.state) for c in rec] == buffers
+    m.forward(toks[9:14], a, "all", token_exact=True)
+    cache_mod.rewind(a, 12)
+    assert_caches_equal(a, plain(12))
+    cache_mod.start_trail(a)
+    m.forward(toks[12:14], a, "all", token_exact=True)
     with pytest.raises(cache_mod.CacheTrimError):
-        cache_mod.rewind(a, 6)   # before the pass: not kept
+        cache_mod.rewind(a, 11)   # before the pass: not kept
+
 
 
 def test_lookup_drafter_continues_the_longest_recent_match():
