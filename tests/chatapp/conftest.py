@@ -46,7 +46,8 @@ def app_state(app) -> str:
         view = app.chat_view
         parts = [f"screen {type(app.screen).__name__}", f"loading {app.loading!r}",
                  f"generating {view.generating}", f"workers {[w.name for w in app.workers]}",
-                 f"notifications {notes(app)}", f"boxes {[(b.role, b.status, b.content[:40]) for b in boxes(app)]}"]
+                 f"notifications {notes(app)}", f"boxes {[(b.role, b.status, b.content[:40]) for b in boxes(app)]}",
+                 f"chat notices {[str(w.render())[:80] for w in app.query('.chat-notice')]}"]
     except Exception as e:  # noqa: BLE001 - a diagnostic must never hide the timeout itself
         parts = [f"(state unavailable: {e!r})"]
     return "; ".join(parts)

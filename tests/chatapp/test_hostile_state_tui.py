@@ -29,14 +29,16 @@ def chat_notices(app) -> list[str]:
 
 
 async def test_hostile_template_falls_back_with_a_notice_and_esc_stops(fake_model):
-    fake = FakeBackend(["one two three four five six"], template=NESTED_LOOPS)
+    # the reply holds before its first piece until Esc: Esc stops it whether it lands while the
+    # template renders (2 s, then the fallback) or after. (Waiting for `app.generating` instead
+    # once missed the whole reply in a whole-suite run: the UI loop did not poll while it ran.)
+    fake = FakeBackend(["one two three four five six"], template=NESTED_LOOPS, hold_after=0)
     app = make_app(fake, model_path=fake_model)
     async with app.run_test(size=(100, 30)) as pilot:
         await ready(pilot, app)
         await send(pilot, app, "hi")
-        # (slow under load: a whole-suite run once took over 5 s here)
-        await wait_until(pilot, lambda: app.generating, timeout=20, what="the reply started")
-        await pilot.press("escape")          # while the template is still rendering
+        await wait_until(pilot, lambda: fake.calls, timeout=20, what="the reply requested")
+        await pilot.press("escape")          # (most often while the template is still rendering)
         await wait_reply(pilot, app, timeout=30)
         assert boxes(app)[-1].status == "stopped"
         await wait_until(pilot, lambda: chat_notices(app), what="the fallback notice")
@@ -44,6 +46,7 @@ async def test_hostile_template_falls_back_with_a_notice_and_esc_stops(fake_mode
         assert "rendering took longer than 2 s" in notice and "built-in ChatML format" in notice
         assert any("built-in ChatML" in n for n in notes(app, "warning"))
         assert fake.rendered == [CHATML_HI]
+        fake.hold_after = None
         await send(pilot, app, "again")        # the fallback stays: no second wait, no second notice
         await wait_reply(pilot, app, timeout=30)
         assert boxes(app)[-1].content == "one two three four five six"
