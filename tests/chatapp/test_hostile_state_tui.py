@@ -30,8 +30,9 @@ def chat_notices(app) -> list[str]:
 
 async def test_hostile_template_falls_back_with_a_notice_and_esc_stops(fake_model):
     # the reply holds before its first piece until Esc: Esc stops it whether it lands while the
-    # template renders (2 s, then the fallback) or after. (Waiting for `app.generating` instead
-    # once missed the whole reply in a whole-suite run: the UI loop did not poll while it ran.)
+    # template renders (2 s, then the fallback) or after. (Pilot's key press returns only when
+    # the app is idle, after the render; waiting for `app.generating` then once found the whole
+    # reply already over. The UI itself keeps ticking every 20 ms through the render.)
     fake = FakeBackend(["one two three four five six"], template=NESTED_LOOPS, hold_after=0)
     app = make_app(fake, model_path=fake_model)
     async with app.run_test(size=(100, 30)) as pilot:
