@@ -200,8 +200,10 @@ class RecurrentCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of state: constant, whatever the number of tokens fed."""
-        return self.conv.nbytes + self.state.nbytes
+        """Bytes of state: constant, whatever the number of tokens fed (twice that once a
+        speculative pass has kept its start state: the buffers stay for the next pass)."""
+        spare = sum(a.nbytes for a in self._spare) if self._spare is not None else 0
+        return self.conv.nbytes + self.state.nbytes + spare
 
     def reset(self) -> None:
         self.conv.fill(0.0)

@@ -123,6 +123,7 @@ def test_a_pass_rewinds_to_every_position_it_fed_by_replaying_the_recurrence(arc
         m.forward(toks[6:14], a, "all", token_exact=True)
         rec = [c for c in a if c.kind == "recurrent"]
         assert rec and all(c.trail.offset == 6 and c.trail.inputs[0][0].shape[0] == 8 for c in rec)
+        assert all(c.nbytes == 2 * (c.conv.nbytes + c.state.nbytes) for c in rec)   # the kept start state counts
         cache_mod.rewind(a, keep)
         assert_caches_equal(a, plain(keep))
     # a second pass from where the first one stopped: the same start-state buffers, no new ones
