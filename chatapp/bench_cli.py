@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 
 # The decided memory line (#7, #13): the model's share of peak RSS <= file x 1.1 + KV/state +
@@ -151,4 +152,11 @@ def _bench_speculate(args, loaded, say) -> int:
         sp = v["speculation"] or {}
         print(f"{name:>7} {v['plain_tps']:8.1f} {v['speculative_tps']:8.1f} {v['ratio']:6.2f} "
               f"{100 * sp.get('acceptance', 0):6.0f}% {sp.get('tokens_per_step', 0):8.2f}  {v['identical_ids']}")
+    costs: dict[int, list[float]] = {}
+    for v in res.values():
+        for T, c in v["pass_cost"].items():
+            costs.setdefault(T, []).append(c)
+    if costs:   # what decides whether drafting pays on this machine (engine/speculative.py, DraftPolicy)
+        print("a step feeding T tokens (drafting + verification) costs, in plain steps: "
+              + ", ".join(f"T={T} {statistics.median(c):.2f}" for T, c in sorted(costs.items())))
     return 0

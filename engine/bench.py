@@ -206,20 +206,33 @@ def run_speculate_bench(loaded, make_speculator: Callable, tg: int = 128, repeat
         prompt = tok.encode(loaded.template.render([{"role": "user", "content": text}], add_generation_prompt=True),
                             add_special=False, parse_special=True)
         plain, spec, ratios, stats, ids_equal = [], [], [], None, True
+        costs: dict[int, list[float]] = {}
         for rep in range(repeats):
             runs = []
-            for speculator in (None, make_speculator()):
+            speculator = make_speculator()
+            for sp in (None, speculator):
                 rs = list(stream_generate(model, tok, prompt, model.make_cache(), make_sampler(0.0), max_tokens=tg,
-                                          stop_ids=frozenset(), speculator=speculator))
+                                          stop_ids=frozenset(), speculator=sp))
                 runs.append(([r.token for r in rs], rs[-1].decode_tps, rs[-1].speculation))
             plain.append(runs[0][1])
             spec.append(runs[1][1])
             ratios.append(runs[1][1] / runs[0][1] if runs[0][1] else 0.0)
             ids_equal &= runs[0][0] == runs[1][0]
             stats = runs[1][2]
+            for T, c in pass_costs(speculator).items():
+                costs.setdefault(T, []).append(c)
             if progress:
                 progress(f"{name} {rep + 1}/{repeats}: plain {runs[0][1]:.1f}, speculative {runs[1][1]:.1f} tok/s")
         out[name] = {"plain_tps": statistics.median(plain), "speculative_tps": statistics.median(spec),
                      "ratio": statistics.median(ratios), "plain_runs": plain, "speculative_runs": spec,
-                     "identical_ids": ids_equal, "speculation": stats}
+                     "identical_ids": ids_equal, "speculation": stats,
+                     "pass_cost": {T: round(statistics.median(c), 2) for T, c in sorted(costs.items())}}
     return out
+
+
+def pass_costs(speculator) -> dict[int, float]:
+    """What a step feeding T tokens cost in plain steps, as the speculator's policy measured it
+    during the run (T > 1: drafting and verification; only the lengths it drafted)."""
+    seconds = getattr(getattr(speculator, "policy", None), "step_seconds", {})
+    one = seconds.get(1)
+    return {T: t / one for T, t in seconds.items() if T > 1} if one else {}

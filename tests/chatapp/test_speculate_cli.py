@@ -90,3 +90,4 @@ def test_bench_speculate_json(tmp_path, capsys):
     assert set(r["results"]) == {"code", "rewrite", "prose"}
     for v in r["results"].values():
         assert v["identical_ids"] and v["plain_tps"] > 0 and v["speculative_tps"] > 0
+        assert all(int(T) > 1 and c > 0 for T, c in v["pass_cost"].items())

@@ -186,6 +186,17 @@ def test_lookup_drafter_index_matches_a_scan_of_the_whole_context(vocab):
         assert (d.propose(ctx, 4), d.evidence) == _lookup_reference(ctx, 4, 5, 2)
 
 
+def test_bench_pass_costs_are_the_policys_timings_over_a_plain_step():
+    from engine.bench import pass_costs
+
+    spec = Speculator(LookupDrafter())
+    assert pass_costs(spec) == {} and pass_costs(None) == {}    # nothing timed yet
+    spec.policy.timed(1, 0.010)
+    spec.policy.timed(2, 0.013)
+    spec.policy.timed(8, 0.037)
+    assert pass_costs(spec) == pytest.approx({2: 1.3, 8: 3.7})
+
+
 def test_tile_fit_leaves_no_lone_token_after_whole_tiles():
     # a pass feeds k + 1 tokens: never 5, 9, 13 (a tile + one token decoded alone); never lengthened
     assert [tile_fit(k) for k in range(14)] == [0, 1, 2, 3, 3, 5, 6, 7, 7, 9, 10, 11, 11, 13]
