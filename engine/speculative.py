@@ -416,24 +416,27 @@ class Speculator:
             self.stats.tokens += 1
             return out
         start_trail(cache)
-        rows = model.forward([token] + draft, cache, logits="all", token_exact=True)
-        self.policy.timed(1 + len(draft), time.perf_counter() - t0)
-        out = []
-        accepted, rejected = 0, False
-        hist = context
-        for i, d in enumerate(draft):
-            t = _accept(sampler, processors, hist, rows[i], d)
-            out.append((t, rows[i]))
-            if t != d:
-                rejected = True
-                break
-            accepted += 1
-            if t in stop_ids or len(out) >= limit:
-                break
-            hist = hist + [t]
-        else:
-            out.append((_sample(sampler, processors, hist, rows[len(draft)]), rows[len(draft)]))
-        rewind(cache, p0 + len(out))   # token + all returned but the last
+        try:
+            rows = model.forward([token] + draft, cache, logits="all", token_exact=True)
+            self.policy.timed(1 + len(draft), time.perf_counter() - t0)
+            out = []
+            accepted, rejected = 0, False
+            hist = context
+            for i, d in enumerate(draft):
+                t = _accept(sampler, processors, hist, rows[i], d)
+                out.append((t, rows[i]))
+                if t != d:
+                    rejected = True
+                    break
+                accepted += 1
+                if t in stop_ids or len(out) >= limit:
+                    break
+                hist = hist + [t]
+            else:
+                out.append((_sample(sampler, processors, hist, rows[len(draft)]), rows[len(draft)]))
+            rewind(cache, p0 + len(out))   # token + all returned but the last
+        finally:   # rewind ended the trail; on an error on the way, end it here (or every later
+            stop_trail(cache)   # forward would keep adding its inputs to it)
         self.stats.drafted += len(draft)
         self.stats.accepted += accepted
         self.stats.tokens += len(out)

@@ -197,6 +197,27 @@ def test_bench_pass_costs_are_the_policys_timings_over_a_plain_step():
     assert pass_costs(spec) == pytest.approx({2: 1.3, 8: 3.7})
 
 
+def test_an_error_during_a_pass_ends_the_trail(arch_files):
+    """A pass that fails on the way (here a logits processor) leaves no trail behind: the
+    session's next forwards would otherwise keep adding their inputs to it."""
+    from engine.sampling import make_sampler
+
+    lm = load_model(arch_files["qwen35"])
+    m = lm.model
+    cache = m.make_cache()
+    toks = [5, 6, 7, 8] * 4
+    m.forward(toks, cache, "none")
+    spec = Speculator(LookupDrafter(min_ngram=1), draft_max=3, adaptive=False)
+
+    def failing(hist, row):
+        raise RuntimeError("processor failed")
+
+    with pytest.raises(RuntimeError, match="processor failed"):
+        spec.step(m, cache, 5, toks, make_sampler(0.0), processors=(failing,))
+    assert spec.last_fed == 4   # it was a pass: the token and a draft of 3
+    assert all(c.trail is None for c in cache if c.kind == "recurrent")
+
+
 def test_tile_fit_leaves_no_lone_token_after_whole_tiles():
     # a pass feeds k + 1 tokens: never 5, 9, 13 (a tile + one token decoded alone); never lengthened
     assert [tile_fit(k) for k in range(14)] == [0, 1, 2, 3, 3, 5, 6, 7, 7, 9, 10, 11, 11, 13]
