@@ -134,11 +134,11 @@ def _print_busy(idle: dict, busy: dict, n: int):
 
 def _bench_speculate(args, loaded, say) -> int:
     """--speculate MODE: decode tok/s plain and speculative on the same prompts, and the ratio."""
-    from chatapp.cli_common import make_speculator_from_args
+    from chatapp.cli_common import speculator_factory
     from engine.bench import run_speculate_bench
 
-    make_speculator_from_args(args, loaded)   # refuse a bad pair before any timing
-    res = run_speculate_bench(loaded, lambda: make_speculator_from_args(args, loaded), tg=args.tg,
+    make = speculator_factory(args, loaded)   # refuses a bad pair before any timing
+    res = run_speculate_bench(loaded, make, tg=args.tg,
                               repeats=args.repeats, progress=say)
     if args.json:
         print(json.dumps({"model": str(loaded.path), "speculate": args.speculate, "draft": args.draft,

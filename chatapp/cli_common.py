@@ -66,8 +66,10 @@ def add_speculate_args(p):
                    help=f"most tokens drafted per step (adaptive below it; default {DEFAULT_DRAFT_MAX})")
 
 
-def make_speculator_from_args(args, loaded):
-    """The Speculator for --speculate/--draft/--draft-max (None when off); errors are DeltatalkError."""
+def speculator_factory(args, loaded):
+    """A function making a new Speculator for --speculate/--draft/--draft-max (None when off),
+    one per conversation or run; the draft model is loaded once, here. The first one is made
+    here too, so a pair that cannot work is refused now. Errors are DeltatalkError."""
     from engine.loader import load_model
     from engine.speculative import make_speculator
 
@@ -76,7 +78,17 @@ def make_speculator_from_args(args, loaded):
     draft = None
     if args.speculate == "draft" and args.draft:
         draft = load_model(Path(args.draft).expanduser(), n_ctx=loaded.model.n_ctx)
-    return make_speculator(args.speculate, loaded, draft, args.draft_max)
+
+    def make():
+        return make_speculator(args.speculate, loaded, draft, args.draft_max)
+
+    make()
+    return make
+
+
+def make_speculator_from_args(args, loaded):
+    """The Speculator for --speculate/--draft/--draft-max (None when off); errors are DeltatalkError."""
+    return speculator_factory(args, loaded)()
 
 
 def resolve_model(path: Path | None) -> Path:

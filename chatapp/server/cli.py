@@ -37,6 +37,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--queue", type=A.int_in(0, 10_000), default=DEFAULT_QUEUE,
                    help=f"requests that may wait while one generates (default {DEFAULT_QUEUE}); more get 503")
     p.add_argument("--model-id", default=None, help="the model's name in the API (default: the file name without .gguf)")
+    from chatapp.cli_common import add_speculate_args
+
+    add_speculate_args(p)   # one Speculator per kept conversation; the same tokens, sooner
     return p
 
 
@@ -84,7 +87,7 @@ def cmd_serve(args) -> int:
     from engine.loader import load_model
     from engine.warmup import warm_up
 
-    from chatapp.cli_common import resolve_model
+    from chatapp.cli_common import resolve_model, speculator_factory
     from chatapp.backend import model_figures
     from chatapp.server.http import make_app
     from chatapp.server.worker import ServeEngine
@@ -99,6 +102,7 @@ def cmd_serve(args) -> int:
         print(warning, file=sys.stderr, flush=True)
     path = resolve_model(args.model)
     loaded = load_model(path, n_ctx=args.ctx)
+    make_speculator = speculator_factory(args, loaded) if args.speculate != "off" else None   # refuses a bad pair now
 
     def prepare():   # threads are per thread in numba: set them where the kernels run
         threads = runtime.set_threads(args.threads)
@@ -107,7 +111,7 @@ def cmd_serve(args) -> int:
 
     threads = kernel_thread().call(prepare)
     model_id = args.model_id or (path.name[:-5] if path.name.endswith(".gguf") else path.name)
-    engine = ServeEngine(loaded, model_id, args.cache_mb << 20)
+    engine = ServeEngine(loaded, model_id, args.cache_mb << 20, make_speculator)
     app = make_app(engine, api_key=api_key, max_queue=args.queue)
     try:
         sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host
@@ -117,7 +121,8 @@ def cmd_serve(args) -> int:
         return 2
     port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"deltatalk serve: {model_id} ({loaded.arch}, ctx {model_figures(loaded).n_ctx}, {threads} threads) on "
+    spec = f", --speculate {args.speculate}" if make_speculator is not None else ""
+    print(f"deltatalk serve: {model_id} ({loaded.arch}, ctx {model_figures(loaded).n_ctx}, {threads} threads{spec}) on "
           f"http://{host}:{port}/v1{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.loader import LoadedModel
 from engine.session import ChatSession, _same_list, common_prefix_len
+from engine.speculative import Speculator
 
 
 @dataclass
@@ -69,8 +71,10 @@ def same_conversation(recorded: list[dict], messages: list[dict]) -> bool:
 
 
 class SessionPool:
-    def __init__(self, loaded: LoadedModel, budget_bytes: int, max_sessions: int = 64):
+    def __init__(self, loaded: LoadedModel, budget_bytes: int, max_sessions: int = 64,
+                 make_speculator: Callable[[], Speculator | None] | None = None):
         self.loaded = loaded
+        self.make_speculator = make_speculator   # serve --speculate: one Speculator per kept session
         self.budget_bytes = budget_bytes
         self.max_sessions = max_sessions
         self.kept: OrderedDict[int, Kept] = OrderedDict()   # least recently used first
@@ -117,6 +121,8 @@ class SessionPool:
     # -- keeping -----------------------------------------------------------------------
     def new_session(self) -> Kept:
         s = ChatSession(self.loaded, max_checkpoints=8, max_checkpoint_bytes=max(self.budget_bytes // 4, 1))
+        if self.make_speculator is not None:
+            s.speculator = self.make_speculator()
         kept = Kept(s, last_used=time.monotonic())
         self.kept[self._next_id] = kept
         self._next_id += 1
@@ -152,6 +158,14 @@ class SessionPool:
             self.dropped += 1
 
     def stats(self) -> dict:
-        return {"sessions": len(self.kept), "cache_bytes": self.total_bytes(), "budget_bytes": self.budget_bytes,
-                "dropped_sessions": self.dropped}
+        out: dict[str, object] = {"sessions": len(self.kept), "cache_bytes": self.total_bytes(),
+                                  "budget_bytes": self.budget_bytes, "dropped_sessions": self.dropped}
+        specs = [k.session.speculator for k in self.kept.values() if k.session.speculator is not None]
+        if specs:   # serve --speculate: totals over the kept sessions
+            keys = ("drafted", "accepted", "steps", "tokens")
+            tot = {k: sum(getattr(sp.stats, k) for sp in specs) for k in keys}
+            out["speculation"] = {"mode": specs[0].mode, **tot,
+                                  "acceptance": round(tot["accepted"] / tot["drafted"], 4) if tot["drafted"] else 0.0,
+                                  "tokens_per_step": round(tot["tokens"] / tot["steps"], 3) if tot["steps"] else 0.0}
+        return out
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from engine.errors import ContextOverflowError
 from engine.loader import LoadedModel
+from engine.speculative import Speculator
 
 from chatapp.backend import model_figures
 from chatapp.server.pool import SessionPool
@@ -89,10 +90,11 @@ class StopMatcher:
 class ServeEngine:
     """The loaded model, its kept sessions, and whether a generation is running."""
 
-    def __init__(self, loaded: LoadedModel, model_id: str, budget_bytes: int):
+    def __init__(self, loaded: LoadedModel, model_id: str, budget_bytes: int,
+                 make_speculator: Callable[[], Speculator | None] | None = None):
         self.loaded = loaded
         self.model_id = model_id
-        self.pool = SessionPool(loaded, budget_bytes)
+        self.pool = SessionPool(loaded, budget_bytes, make_speculator=make_speculator)
         self.busy = False          # a generation holds the kernel thread (read by /health)
         self.served = 0
         self.last: dict = {}       # the last generation: finish, tokens, seconds from cancel to free

@@ -209,6 +209,25 @@ def test_run_endpoint_errors_are_one_line(server):
     assert r.returncode == 1 and "no model 'nope'" in r.stderr
 
 
+def test_speculative_serving_gives_the_same_greedy_text(client, tiny_model):
+    """serve --speculate lookup: one Speculator per kept conversation, the same greedy text as
+    the plain server, its counts in /health; a pair that cannot work is refused at start."""
+    msgs = [{"role": "user", "content": "one two three four, one two three four, one two three"}]
+    want = client.chat.completions.create(model=_model(client), messages=msgs, max_tokens=40, **GREEDY)
+    with ServeProcess(tiny_model, "--ctx", "1024", "--threads", "1", "--speculate", "lookup", api_key=KEY) as s:
+        c = openai.OpenAI(base_url=s.url, api_key=KEY, max_retries=0, timeout=120)
+        got = c.chat.completions.create(model=_model(c), messages=msgs, max_tokens=40, **GREEDY)
+        assert got.choices[0].message.content == want.choices[0].message.content
+        assert got.usage.completion_tokens == want.usage.completion_tokens
+        spec = s.health()["speculation"]
+        assert spec["mode"] == "lookup" and spec["steps"] > 0 and spec["tokens"] == got.usage.completion_tokens - 1
+        assert any("--speculate lookup" in line for line in s.lines)
+    refused = subprocess.run(deltatalk_cmd("serve", "-m", str(tiny_model), "--port", "0", "--speculate", "mtp"),
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert [line for line in refused.stderr.splitlines() if line.startswith("deltatalk:")][-1].count("MTP") >= 1
+
+
 # -- the default model (slow) --------------------------------------------------------------
 @pytest.mark.slow
 def test_default_model_greedy_text_equals_run(default_model_path):
