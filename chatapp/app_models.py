@@ -119,7 +119,8 @@ class ModelsApp(App):
 
         return EngineBackend(threads=self.config.get("threads"), n_ctx=self.config.get("context"),
                              bandwidth_bytes_s=self.config.bandwidth_bytes_s,
-                             speculate=self.config.get("speculate", "off"))
+                             speculate=self.config.get("speculate", "off"),
+                             draft_model=self.config.get("draft_model"))
 
     def startup_model(self):
         """The endpoint or model named on the command line, else the last one, else the default, else ask."""

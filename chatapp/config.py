@@ -26,7 +26,8 @@ _FALLBACK_DEFAULTS: dict[str, object] = {
     "discover": {"huggingface": True, "lmstudio": True, "ollama": True},
     "threads": None,
     "context": None,
-    "speculate": "off",          # speculative decoding in the app: off | lookup | mtp (same tokens, faster)
+    "speculate": "off",          # speculative decoding in the app: off | lookup | draft | mtp (same tokens, faster)
+    "draft_model": None,         # speculate "draft": a small .gguf with the same vocabulary
     "memory_bandwidth_gbs": None,
     "system_prompt": "",
     "keymap": {},

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from chatapp.backend import (BackendStats, BindTo, ChatKey, LoadProgress, ModelInfo, PrefillProgress,
                              model_figures)
+from engine.errors import DeltatalkError
 from engine.generate import GenerationResponse
 from engine.kernel_thread import kernel_thread
 from engine.sampling import SamplingSettings
@@ -42,9 +43,10 @@ class EngineBackend:
     """The real engine. One loaded model + one ChatSession at a time."""
 
     def __init__(self, threads: int | None = None, n_ctx: int | None = None,
-                 bandwidth_bytes_s: float | None = None, speculate: str = "off"):
+                 bandwidth_bytes_s: float | None = None, speculate: str = "off", draft_model: str | None = None):
         self.threads = threads
-        self.speculate = speculate   # engine.speculative mode for replies (the app offers off / lookup)
+        self.speculate = speculate       # engine.speculative mode for replies (config "speculate")
+        self.draft_model = draft_model   # the small model for speculate "draft" (config "draft_model")
         self.n_ctx = n_ctx
         self.info: ModelInfo | None = None
         self._loaded: LoadedModel | None = None
@@ -70,7 +72,7 @@ class EngineBackend:
         """Load and warm up a model; `bind=(key, state_path)` restores that chat into the new session."""
         from engine.loader import load_model
         from engine.session import ChatSession
-        from engine.speculative import DraftModelError, make_speculator
+        from engine.speculative import make_speculator
 
         say = progress or (lambda stage, frac: None)
         path = Path(path)
@@ -85,8 +87,15 @@ class EngineBackend:
         compile_s, layer = kernel_thread().call(self._warm_up, loaded.model)
         session = ChatSession(loaded)
         try:
-            session.speculator = make_speculator(self.speculate, loaded)
-        except DraftModelError as e:   # e.g. speculate "mtp" and a file without the MTP block
+            draft = None
+            if self.speculate == "draft":
+                if not self.draft_model:
+                    raise DeltatalkError('"speculate": "draft" needs "draft_model" in the config '
+                                         "(a small .gguf with the same vocabulary)")
+                draft = load_model(Path(self.draft_model).expanduser(), n_ctx=session.n_ctx)
+            session.speculator = make_speculator(self.speculate, loaded, draft)
+        except (DeltatalkError, ValueError) as e:   # e.g. "mtp" and a file without the MTP block, a
+            # draft model with another vocabulary or a bad file, an unknown mode in the config
             self._notice(f"speculative decoding is off for {path.name}: {e}")
             session.speculator = None
         say("warm", None)

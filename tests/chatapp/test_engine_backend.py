@@ -190,3 +190,31 @@ def test_engine_backend_speculate_mtp_falls_back_to_plain_for_a_file_without_the
     rs = list(b.reply(msgs, SamplingSettings(temperature=0), max_tokens=6, enable_thinking=None,
                       cancel=threading.Event()))
     assert rs and b._session.speculator.stats.steps > 0
+
+
+def test_engine_backend_speculate_draft_from_the_config_and_bad_settings_fall_back(tiny_llama_path):
+    """"speculate": "draft" with "draft_model" drafts with that model (the same tokens as plain);
+    without a draft model, with an unknown mode or a file that is not a model: a notice, plain
+    decoding, the model still loads."""
+    from chatapp.engine_backend import EngineBackend
+
+    msgs = [{"role": "user", "content": "hello there, hello there"}]
+
+    def reply(b):
+        return [r.token for r in b.reply(msgs, SamplingSettings(temperature=0), max_tokens=12, enable_thinking=None,
+                                          cancel=threading.Event())]
+
+    plain = EngineBackend(n_ctx=128)
+    plain.load(tiny_llama_path)
+    b = EngineBackend(n_ctx=128, speculate="draft", draft_model=str(tiny_llama_path))
+    b.load(tiny_llama_path)
+    assert b._session.speculator is not None and b._session.speculator.mode == "draft"
+    assert reply(b) == reply(plain)
+    for speculate, draft, says in (("draft", None, '"draft_model"'), ("fast", None, "must be one of"),
+                                   ("draft", str(tiny_llama_path.parent / "missing.gguf"), "missing.gguf")):
+        notices: list[str] = []
+        b = EngineBackend(n_ctx=128, speculate=speculate, draft_model=draft)
+        b.on_notice = notices.append
+        b.load(tiny_llama_path)
+        assert b._session.speculator is None
+        assert len(notices) == 1 and "speculative decoding is off" in notices[0] and says in notices[0], notices
