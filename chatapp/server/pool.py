@@ -27,11 +27,11 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from engine.loader import LoadedModel
 from engine.session import ChatSession, _same_list, common_prefix_len
-from engine.speculative import Speculator
+from engine.speculative import SpeculationStats, Speculator
 
 
 @dataclass
@@ -162,10 +162,7 @@ class SessionPool:
                                   "budget_bytes": self.budget_bytes, "dropped_sessions": self.dropped}
         specs = [k.session.speculator for k in self.kept.values() if k.session.speculator is not None]
         if specs:   # serve --speculate: totals over the kept sessions
-            keys = ("drafted", "accepted", "steps", "tokens")
-            tot = {k: sum(getattr(sp.stats, k) for sp in specs) for k in keys}
-            out["speculation"] = {"mode": specs[0].mode, **tot,
-                                  "acceptance": round(tot["accepted"] / tot["drafted"], 4) if tot["drafted"] else 0.0,
-                                  "tokens_per_step": round(tot["tokens"] / tot["steps"], 3) if tot["steps"] else 0.0}
+            tot = SpeculationStats(*(sum(getattr(sp.stats, f.name) for sp in specs) for f in fields(SpeculationStats)))
+            out["speculation"] = {"mode": specs[0].mode, **tot.to_dict(), "tokens": tot.tokens}
         return out
 

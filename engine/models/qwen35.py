@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 import numpy as np
@@ -252,20 +253,19 @@ class Model(BaseModel[Qwen35Run]):
 
     def deltanet_block(self, layer: DeltaNetLayer, c: RecurrentCache, n: np.ndarray, run: Qwen35Run,
                        token_exact: bool) -> np.ndarray:
-        a = self.args
-        eps, Hk, tiled = a.norm_eps, a.n_k_heads, self.tiled_v_heads
         # (T, conv_dim), (T, Hv*dv), (T, Hv), (T, Hv)
         qkv, z, b, al = layer.w_in.matmul(n, token_exact=token_exact)
-
-        def feed(c: RecurrentCache, qkv, z, al, b) -> np.ndarray:
-            y = deltanet_mix(qkv, z, al, b, c.conv, c.state, layer.conv_w, layer.dt_bias, layer.ssm_a,
-                             layer.ssm_norm, eps, Hk, tiled)                  # (T, Hv*dv)
-            c.advance(qkv.shape[0])
-            return y
-
         if c.trail is not None:   # a speculative pass: a rejection replays the accepted tokens
-            c.trail.add(feed, qkv, z, al, b)
-        return layer.w_out.matmul(feed(c, qkv, z, al, b), run.o, token_exact)
+            c.trail.add(partial(self.deltanet_feed, layer), qkv, z, al, b)
+        return layer.w_out.matmul(self.deltanet_feed(layer, c, qkv, z, al, b), run.o, token_exact)
+
+    def deltanet_feed(self, layer: DeltaNetLayer, c: RecurrentCache, qkv, z, al, b) -> np.ndarray:
+        """The mixer between the projections for T tokens: y (T, Hv*dv); c advances by T."""
+        a = self.args
+        y = deltanet_mix(qkv, z, al, b, c.conv, c.state, layer.conv_w, layer.dt_bias, layer.ssm_a,
+                         layer.ssm_norm, a.norm_eps, a.n_k_heads, self.tiled_v_heads)
+        c.advance(qkv.shape[0])
+        return y
 
     def attention_block(self, layer: AttentionLayer, c: KVCache, n: np.ndarray, run: Qwen35Run,
                         token_exact: bool) -> np.ndarray:
