@@ -70,7 +70,7 @@ MAX_TOKENS = 16
 
 # sha256 of the callees' sources (engine/kernel_stamp.py): an edit there changes this file, so
 # numba's cache of the step is rebuilt instead of keeping the old callees' code
-CALLEE_SOURCES_SHA256 = "d566158664c801069498b164c8fab6ba5224bc132d10ca04b328cb0a485969ad"
+CALLEE_SOURCES_SHA256 = "32ce71d51886bae969bb223b0e2a1b4c1e4129ee64a42d055cdabf5e0be60c58"
 
 
 def enabled() -> bool:

@@ -246,11 +246,50 @@ def _pmaddwd(builder, a, b):
     return builder.call(_fn(builder, "llvm.x86.avx2.pmadd.wd", V8I32, [V16I16, V16I16]), [a, b])
 
 
-def _scale_vec(builder, sa, sb):
-    """<16 x i16>: sa in the first 8 lanes (values 0..15), sb in the last 8 (16..31)."""
-    a = _splat(builder, sa, V8I16)
-    b = _splat(builder, sb, V8I16)
-    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(I32, 16), list(range(16))))
+def _opaque16(builder, v):
+    """v <16 x i16> unchanged, but opaque to LLVM's shuffle combining (see _q4k_body)."""
+    return builder.call(ir.InlineAsm(ir.FunctionType(V16I16, [V16I16]), "", "=x,0"), [v])
+
+
+def _pair_scales(builder, sc16):
+    """16 group scales <16 x i16> (group g in lane g) -> pair(k): the <16 x i16> with scale 2k
+    in lanes 0..7 and 2k+1 in lanes 8..15, what one vpmaddubsw of 32 codes (two groups of 16)
+    needs for its vpmaddwd. The scales are ordered [evens | odds] once per block, so each pair
+    is one in-lane vpshufb (k-th word of each 128-bit lane), not a shuffle and a sign extension:
+    those two were 16 of a Q6_K block's ~90 instructions, half of them on one port."""
+    idx = ir.VectorType(I32, 16)
+    eo = _opaque16(builder, builder.shuffle_vector(sc16, sc16, ir.Constant(idx, list(range(0, 16, 2)) + list(range(1, 16, 2)))))
+    eob = builder.bitcast(eo, V32I8)
+
+    def pair(k):
+        return builder.bitcast(_pshufb(builder, eob, ir.Constant(V32I8, [2 * k, 2 * k + 1] * 16)), V16I16)
+    return pair
+
+
+def _packssdw(builder, a, b):
+    return builder.call(_fn(builder, "llvm.x86.avx2.packssdw", V16I16, [V8I32, V8I32]), [a, b])
+
+
+# packssdw(bs[0:8], bs[8:16]) puts the 16 int32 in these word lanes (in-lane packing)
+_PACK_ORDER = [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15]
+
+
+def _group_scales(builder, sc8, signed):
+    """A block's 16 group scales <16 x i8> as <16 x i16> in the word order _group_dot's packed
+    activation sums take (once per block, shared by the tokens)."""
+    order = builder.shuffle_vector(sc8, sc8, ir.Constant(ir.VectorType(I32, 16), _PACK_ORDER))
+    return (builder.sext if signed else builder.zext)(order, ir.VectorType(I16, 16))
+
+
+def _group_dot(builder, gsc, bsp):
+    """Σ_g sc_g·bsum_g over a block's 16 groups, spread over <8 x i32> lanes: gsc from
+    _group_scales, bsp the 16 int32 activation sums (each within int16: 16 codes of |x| <= 127).
+    One vpackssdw and one vpmaddwd in 256-bit registers: as a <16 x i32> multiply, LLVM used a
+    512-bit vpmulld where AVX-512 exists, which also shuts port 1's vector units for a while
+    (Q6_K rows ~10% slower)."""
+    bs16 = _packssdw(builder, _load(builder, bsp, V8I32, align=4),
+                     _load(builder, builder.gep(bsp, [ir.Constant(I64, 8)]), V8I32, align=4))
+    return _pmaddwd(builder, bs16, gsc)
 
 
 def _c8(v):
@@ -282,16 +321,12 @@ class _Acc:
         return self.accs[i]
 
 
-def _q4k_body(builder, wp, acc, sc, ld, qh_off=None, qs_off=16):
-    """Q4_K / Q5_K: 8 groups of 32, scales sc <8 x i16>, unsigned codes. Group g's scale in
-    every lane is one in-lane shuffle of [sc, sc] (vpshufb), not an extract and a broadcast:
-    from memory the rows' speed follows their instruction count (docs/ARCHITECTURE.md)."""
+def _q4k_body(builder, wp, acc, sm2, ld, qh_off=None, qs_off=16):
+    """Q4_K / Q5_K: 8 groups of 32, unsigned codes; sm2 the block's scale bytes (_q4k_scale_bytes)
+    in both 128-bit lanes. Group g's scale, zero-extended to every 16-bit lane, is one in-lane
+    vpshufb of them (indices [g, 0x80]: the 0x80 writes the zero high byte), not an extract and
+    a broadcast: from memory the rows' speed follows their instruction count (docs/ARCHITECTURE.md)."""
     qh = ld(wp, 16) if qh_off is not None else None
-    sc2 = builder.shuffle_vector(sc, sc, ir.Constant(ir.VectorType(I32, 16), list(range(8)) * 2))
-    # opaque to LLVM's shuffle combining, which would otherwise fold the zero-extension into each
-    # broadcast (a register copy and a vpermt2b per group on AVX-512 targets, 2 instructions, not 1)
-    sc2 = builder.call(ir.InlineAsm(ir.FunctionType(V16I16, [V16I16]), "", "=x,0"), [sc2])
-    sc2b = builder.bitcast(sc2, V32I8)
     for p in range(4):
         v = ld(wp, qs_off + 32 * p)
         lo = builder.and_(v, _c8(15))
@@ -300,15 +335,29 @@ def _q4k_body(builder, wp, acc, sc, ld, qh_off=None, qs_off=16):
             if qh is not None:
                 hb = builder.and_(builder.lshr(qh, _c8(g)), _c8(1))
                 q = builder.or_(q, builder.shl(hb, _c8(4)))
-            scale = builder.bitcast(_pshufb(builder, sc2b, ir.Constant(V32I8, [2 * g, 2 * g + 1] * 16)), V16I16)
+            scale = builder.bitcast(_pshufb(builder, sm2, ir.Constant(V32I8, [g, 0x80] * 16)), V16I16)
             acc.add(q, 32 * g, scale)
 
 
-def _q5k_body(builder, wp, acc, sc, ld):
-    _q4k_body(builder, wp, acc, sc, ld, qh_off=16, qs_off=48)
+def _q4k_lanes(builder, both):
+    """The 16 scale/min bytes in both 128-bit lanes of a <32 x i8>, opaque to LLVM's shuffle
+    combining (which would otherwise fold each group's vpshufb into wider or cross-lane ones)."""
+    v = builder.shuffle_vector(both, both, ir.Constant(ir.VectorType(I32, 32), list(range(16)) * 2))
+    v = builder.bitcast(_opaque16(builder, builder.bitcast(v, V16I16)), V32I8)
+    return v
 
 
-def _q6k_body(builder, wp, acc, scs, ld):
+# the mins, zero-extended to 16 bits, in the word order of the packed activation sums
+# (_PACK_ORDER: bsum j belongs to group j // 2; the mins are bytes 8..15 of the scale bytes)
+_Q4K_MIN_IDX = [x for j in _PACK_ORDER[:8] for x in (8 + j // 2, 0x80)] + \
+               [x for j in _PACK_ORDER[8:] for x in (8 + j // 2, 0x80)]
+
+
+def _q5k_body(builder, wp, acc, sm2, ld):
+    _q4k_body(builder, wp, acc, sm2, ld, qh_off=16, qs_off=48)
+
+
+def _q6k_body(builder, wp, acc, pair, ld):
     """Q6_K: Σ_g sc_g Σ q x with q the unsigned 6-bit code 0..63 (caller subtracts 32·Σ sc·bsum)."""
     for n in range(2):
         a = ld(wp, 64 * n)
@@ -321,21 +370,19 @@ def _q6k_body(builder, wp, acc, scs, ld):
             builder.or_(builder.lshr(c, _c8(4)), builder.shl(builder.lshr(h, _c8(6)), _c8(4))),
         )
         for p, q in enumerate(parts):
-            g = 8 * n + 2 * p
-            acc.add(q, 128 * n + 32 * p, _scale_vec(builder, scs[g], scs[g + 1]))
+            acc.add(q, 128 * n + 32 * p, pair(4 * n + p))
 
 
-def _q2k_body(builder, wp, acc, scs, ld):
+def _q2k_body(builder, wp, acc, pair, ld):
     """Q2_K: Σ_g sc_g Σ q x, q 2-bit unsigned (caller handles the min term)."""
     for n in range(2):
         v = ld(wp, 16 + 32 * n)
         for j in range(4):
             q = builder.and_(builder.lshr(v, _c8(2 * j)), _c8(3))
-            g = 8 * n + 2 * j
-            acc.add(q, 16 * g, _scale_vec(builder, scs[g], scs[g + 1]))
+            acc.add(q, 16 * (8 * n + 2 * j), pair(4 * n + j))
 
 
-def _q3k_body(builder, wp, acc, scs, ld):
+def _q3k_body(builder, wp, acc, pair, ld):
     """Q3_K: Σ_g sc_g Σ q x with q = 2-bit code - (hmask bit ? 0 : 4), sc signed."""
     hm = ld(wp, 0)
     nhm = builder.xor(hm, _c8(0xFF))
@@ -344,8 +391,7 @@ def _q3k_body(builder, wp, acc, scs, ld):
         for j in range(4):
             q = builder.and_(builder.lshr(v, _c8(2 * j)), _c8(3))
             m4 = builder.shl(builder.and_(builder.lshr(nhm, _c8(4 * n + j)), _c8(1)), _c8(2))
-            g = 8 * n + 2 * j
-            acc.add(q, 16 * g, _scale_vec(builder, scs[g], scs[g + 1]), sub=m4)
+            acc.add(q, 16 * (8 * n + 2 * j), pair(4 * n + j), sub=m4)
 
 
 def _iq4_table(builder):
@@ -401,10 +447,11 @@ def _i32c(v):
     return ir.Constant(I32, v)
 
 
-def _q4k_unpack(builder, blk):
-    """Q4_K/Q5_K packed 6-bit scales (12 bytes b0..b11 at blk+4) -> (8 scales <8 x i16>, mins <8 x i32>).
+def _q4k_scale_bytes(builder, blk):
+    """Q4_K/Q5_K packed 6-bit scales (12 bytes b0..b11 at blk+4) -> <16 x i8>: the 8 scales in
+    bytes 0..7, the 8 mins in bytes 8..15.
 
-    In vector lanes, a dozen instructions: scales 0..3 = b0..b3 & 63, mins 0..3 = b4..b7 & 63;
+    In vector lanes, a few instructions: scales 0..3 = b0..b3 & 63, mins 0..3 = b4..b7 & 63;
     scales 4..7 = (b8..b11 & 15) | (b0..b3 >> 6) << 4, mins 4..7 = (b8..b11 >> 4) | (b4..b7 >> 6) << 4."""
     v = _load(builder, builder.gep(blk, [ir.Constant(I64, 4)]), V16I8)   # (4 bytes of codes after them)
     idx = ir.VectorType(I32, 16)
@@ -415,14 +462,19 @@ def _q4k_unpack(builder, blk):
     zero = ir.Constant(V16I8, [0] * 16)
     top = builder.shuffle_vector(v, zero, ir.Constant(idx, [16] * 4 + [0, 1, 2, 3] + [16] * 4 + [4, 5, 6, 7]))
     top = builder.and_(builder.lshr(top, ir.Constant(V16I8, [2] * 16)), ir.Constant(V16I8, [0x30] * 16))  # (b >> 6) << 4
-    both = builder.or_(low, top)
+    return builder.or_(low, top)
+
+
+def _q4k_unpack(builder, blk):
+    """Q4_K/Q5_K scales -> (8 scales <8 x i16>, 8 mins <8 x i32>)."""
+    both = _q4k_scale_bytes(builder, blk)
     sc = builder.zext(builder.shuffle_vector(both, both, ir.Constant(ir.VectorType(I32, 8), list(range(8)))), V8I16)
     mins = builder.zext(builder.shuffle_vector(both, both, ir.Constant(ir.VectorType(I32, 8), list(range(8, 16)))), V8I32)
     return sc, mins
 
 
 def _q3k_unpack(builder, blk):
-    """Q3_K: 16 six-bit scales packed in the 12 bytes at blk+96 -> 16 signed i16 (value - 32).
+    """Q3_K: 16 six-bit scales packed in the 12 bytes at blk+96 -> <16 x i16> signed (value - 32).
 
     Words a0, a1 hold the low 4 bits (scales 0..7 in the low nibbles, 8..15 in the high
     ones), a2 the top 2 bits of all 16; byte masks 0x0f / 0x03 put each scale in a byte."""
@@ -438,9 +490,8 @@ def _q3k_unpack(builder, blk):
     v = ir.Constant(ir.VectorType(I32, 4), ir.Undefined)
     for i, wd in enumerate(words):
         v = builder.insert_element(v, wd, _i32c(i))
-    sc = builder.sub(builder.zext(builder.bitcast(v, V16I8), ir.VectorType(I16, 16)),
-                     ir.Constant(ir.VectorType(I16, 16), [32] * 16))
-    return [builder.extract_element(sc, _i32c(g)) for g in range(16)]
+    return builder.sub(builder.zext(builder.bitcast(v, V16I8), ir.VectorType(I16, 16)),
+                       ir.Constant(ir.VectorType(I16, 16), [32] * 16))
 
 
 def _iq4xs_unpack(builder, blk):
@@ -477,14 +528,6 @@ def _prefetch_ahead(builder, blk, block_bytes, near=False):
     for dist, locality in ahead:
         for o in range(0, block_bytes, 64):
             builder.call(fn, [builder.gep(blk, [ir.Constant(I64, dist + o)]), _i32c(0), _i32c(locality), _i32c(1)])
-
-
-def _pairsum16(builder, bsp):
-    """16 int32 bsums at bsp -> <8 x i32> sums of neighbouring pairs (per-32 sums)."""
-    v = _load(builder, bsp, V16I32, align=4)
-    ev = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 8), list(range(0, 16, 2))))
-    od = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 8), list(range(1, 16, 2))))
-    return builder.add(ev, od)
 
 
 def _kq_row(kind, ntok=1):
@@ -531,11 +574,12 @@ def _kq_row(kind, ntok=1):
                 if kind in ("q4_k", "q5_k"):
                     d = _f16(builder, blk, lutp)
                     dmin = _f16(builder, builder.gep(blk, [ir.Constant(I64, 2)]), lutp)
-                    sc, mins = _q4k_unpack(builder, blk)
-                    (_q4k_body if kind == "q4_k" else _q5k_body)(builder, blk, acc, sc, ld)
+                    sm2 = _q4k_lanes(builder, _q4k_scale_bytes(builder, blk))
+                    mins = builder.bitcast(_pshufb(builder, sm2, ir.Constant(V32I8, _Q4K_MIN_IDX)), V16I16)
+                    (_q4k_body if kind == "q4_k" else _q5k_body)(builder, blk, acc, sm2, ld)
                     for i in toks:
                         dx = builder.load(builder.gep(xdps[i], [b]))
-                        mterm = builder.mul(mins, _pairsum16(builder, bsb[i]))
+                        mterm = _group_dot(builder, mins, bsb[i])   # Σ_g min_g·(bsum_2g + bsum_2g+1)
                         fa = builder.load(faccs[i])
                         fa = builder.call(fma, [builder.sitofp(acc.result(i), V8F32), _splat(builder, builder.fmul(d, dx), V8F32), fa])
                         fa = builder.call(fma, [builder.sitofp(mterm, V8F32), _splat(builder, builder.fneg(builder.fmul(dmin, dx)), V8F32), fa])
@@ -543,8 +587,7 @@ def _kq_row(kind, ntok=1):
                 elif kind in ("q3_k", "iq4_xs"):  # one scale d, signed group scales, no min term
                     if kind == "q3_k":
                         d = _f16(builder, builder.gep(blk, [ir.Constant(I64, 108)]), lutp)
-                        scs = _q3k_unpack(builder, blk)
-                        _q3k_body(builder, blk, acc, scs, ld)
+                        _q3k_body(builder, blk, acc, _pair_scales(builder, _q3k_unpack(builder, blk)), ld)
                     else:
                         d = _f16(builder, blk, lutp)
                         scs = _iq4xs_unpack(builder, blk)
@@ -559,32 +602,23 @@ def _kq_row(kind, ntok=1):
                     dmin = _f16(builder, builder.gep(blk, [ir.Constant(I64, 82)]), lutp)
                     s8 = _load(builder, blk, V16I8)  # low nibble: scale, high nibble: min
                     sc16 = builder.zext(builder.and_(s8, ir.Constant(V16I8, [15] * 16)), ir.VectorType(I16, 16))
-                    scs = [builder.extract_element(sc16, _i32c(g)) for g in range(16)]
-                    mn32 = builder.zext(builder.lshr(s8, ir.Constant(V16I8, [4] * 16)), V16I32)
-                    _q2k_body(builder, blk, acc, scs, ld)
+                    mins = _group_scales(builder, builder.lshr(s8, ir.Constant(V16I8, [4] * 16)), signed=False)
+                    _q2k_body(builder, blk, acc, _pair_scales(builder, sc16), ld)
                     for i in toks:
                         dx = builder.load(builder.gep(xdps[i], [b]))
-                        prod = builder.mul(mn32, _load(builder, bsb[i], V16I32, align=4))
-                        lo = builder.shuffle_vector(prod, prod, ir.Constant(ir.VectorType(I32, 8), list(range(8))))
-                        hi = builder.shuffle_vector(prod, prod, ir.Constant(ir.VectorType(I32, 8), list(range(8, 16))))
                         fa = builder.load(faccs[i])
                         fa = builder.call(fma, [builder.sitofp(acc.accs[i], V8F32), _splat(builder, builder.fmul(d, dx), V8F32), fa])
-                        fa = builder.call(fma, [builder.sitofp(builder.add(lo, hi), V8F32),
+                        fa = builder.call(fma, [builder.sitofp(_group_dot(builder, mins, bsb[i]), V8F32),
                                                 _splat(builder, builder.fneg(builder.fmul(dmin, dx)), V8F32), fa])
                         builder.store(fa, faccs[i])
                 else:  # q6_k
                     d = _f16(builder, builder.gep(blk, [ir.Constant(I64, 208)]), lutp)
                     sc8 = _load(builder, builder.gep(blk, [ir.Constant(I64, 192)]), V16I8)
-                    sc16 = builder.sext(sc8, ir.VectorType(I16, 16))
-                    sc32 = builder.sext(sc8, V16I32)
-                    _q6k_body(builder, blk, acc, [builder.extract_element(sc16, _i32c(g)) for g in range(16)], ld)
+                    gsc = _group_scales(builder, sc8, signed=True)
+                    _q6k_body(builder, blk, acc, _pair_scales(builder, builder.sext(sc8, ir.VectorType(I16, 16))), ld)
                     for i in toks:
                         dx = builder.load(builder.gep(xdps[i], [b]))
-                        bsv = _load(builder, bsb[i], V16I32, align=4)
-                        prod = builder.mul(sc32, bsv)  # Σ_g sc_g·bsum_g, as 16 lanes
-                        lo = builder.shuffle_vector(prod, prod, ir.Constant(ir.VectorType(I32, 8), list(range(8))))
-                        hi = builder.shuffle_vector(prod, prod, ir.Constant(ir.VectorType(I32, 8), list(range(8, 16))))
-                        corr = builder.shl(builder.add(lo, hi), ir.Constant(V8I32, [5] * 8))  # 32·Σ
+                        corr = builder.shl(_group_dot(builder, gsc, bsb[i]), ir.Constant(V8I32, [5] * 8))  # 32·Σ sc·bsum
                         isum = builder.sub(acc.result(i), corr)
                         fa = builder.call(fma, [builder.sitofp(isum, V8F32), _splat(builder, builder.fmul(d, dx), V8F32),
                                                 builder.load(faccs[i])])

@@ -1319,4 +1319,4 @@ GEMM_DRIVERS: dict[str, tuple[Any, Any]] = {
 }
 
 # sha256 of simd.py and gemm.py when this file was generated (see gen_simd_kernels.py)
-SIMD_SOURCE_SHA256 = "6e01c56ca2d7694d74bfe4ccc8bff318f5ee730266109117a54c4dadccc461a5"
+SIMD_SOURCE_SHA256 = "7f79be94a01eb50c992a907a338c209741d5d863c03c84b280861c893e040c3c"
