@@ -74,7 +74,7 @@ def cmd_bench(args) -> int:
         return 0
     print(f"model   {loaded.path.name} ({loaded.arch}, {loaded.file_size / 1e6:.1f} MB)")
     print(f"threads {res['threads']} ({res['thread_policy']['policy']}, {res['threading_layer']}), cpu {' '.join(res['cpu_features'])}, "
-          f"kernels {res.get('kernel_family', '?')}")
+          f"kernels {res.get('kernel_family', '?')}" + (f", {res['cpu_target']}" if res.get("cpu_target") else ""))
     if busy is not None:
         _print_busy(res, busy, args.busy)
     elif peer is None:

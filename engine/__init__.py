@@ -3,9 +3,11 @@
 This package never imports `chatapp`.
 """
 
+from engine import cpu_target
 from engine.kernel_cache import use_user_cache_dir
 
 use_user_cache_dir()  # before numba is imported anywhere: it reads NUMBA_CACHE_DIR once
+cpu_target.apply()    # DELTATALK_CPU=avx2: numba's target CPU, read once too
 
 
 def _no_numpy_hugepages() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from engine import runtime, threads
+from engine import cpu_target, runtime, threads
 from engine.cache import cache_bytes
 from engine.generate import PREFILL_CHUNK, prefill
 
@@ -132,6 +132,7 @@ def run_bench(model, pp=(128, 512), tg: int = 128, repeats: int = 5,
         "threading_layer": runtime.threading_layer(),
         "cpu_features": runtime.cpu_features(),
         "kernel_family": runtime.kernel_family(),
+        "cpu_target": cpu_target.describe(),
         "weight_bytes": model.weight_bytes,
         "bandwidth_bytes_per_s": bw,
         "bandwidth_runs": bw_samples,
