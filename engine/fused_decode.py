@@ -70,7 +70,7 @@ MAX_TOKENS = 16
 
 # sha256 of the callees' sources (engine/kernel_stamp.py): an edit there changes this file, so
 # numba's cache of the step is rebuilt instead of keeping the old callees' code
-CALLEE_SOURCES_SHA256 = "32ce71d51886bae969bb223b0e2a1b4c1e4129ee64a42d055cdabf5e0be60c58"
+CALLEE_SOURCES_SHA256 = "ce5f6d632f29927dca7ef6f187c99af453a152a563b5ee67ee8dd0e62a835f86"
 
 
 def enabled() -> bool:

@@ -196,3 +196,14 @@ def test_unknown_type_names_the_supported_ones():
     with pytest.raises(UnsupportedQuantError, match="IQ2_XXS.*Q4_K"):
         get_format(G.IQ2_XXS)
     assert {"Q4_1", "Q8_0", "Q4_K", "Q6_K", "BF16"} <= {f.name for f in FORMATS.values()}
+
+
+@pytest.mark.parametrize("first", [-2.0, 2.0])
+def test_q8_k_takes_the_first_of_equal_magnitudes(first):
+    """|x| ties of opposite sign: the first one is the signed maximum (llama.cpp's scan)."""
+    x = np.zeros((1, 256), np.float32)
+    x[0, 3], x[0, 9], x[0, 20] = first, -first, first / 2
+    q, d, bsums = act.quantize_q8_k(x)
+    assert q[0, 3] == -127 and q[0, 9] == 127
+    for g, w in zip((q, d, bsums), act.quantize_q8_k_ref(x)):
+        np.testing.assert_array_equal(g, w)
