@@ -70,7 +70,7 @@ MAX_TOKENS = 16
 
 # sha256 of the callees' sources (engine/kernel_stamp.py): an edit there changes this file, so
 # numba's cache of the step is rebuilt instead of keeping the old callees' code
-CALLEE_SOURCES_SHA256 = "ce5f6d632f29927dca7ef6f187c99af453a152a563b5ee67ee8dd0e62a835f86"
+CALLEE_SOURCES_SHA256 = "d6714e689ae01743abaf0f9c72d127a2f2f3d0c298c5e30a84d5c40d43f642d9"
 
 
 def enabled() -> bool:

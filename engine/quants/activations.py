@@ -26,8 +26,23 @@ from engine.quants.common import F16_TO_F32, f32_to_f16_bits, f32_to_f16_ref
 # The loops below vectorize without fast-math: |x| is found as the largest of the bit patterns
 # with the sign cleared (for floats that are not NaN, the same order as the values; a float
 # max reduction only vectorizes with fast-math), and codes are rounded to int32 (a float ->
-# int64 conversion is scalar below AVX-512). 3-7x faster than a compare-and-branch loop.
+# int64 conversion is scalar below AVX-512). 2-3x faster than a compare-and-branch loop.
+# A block holding a value that is not finite (a model with broken weights) is quantized from a
+# copy where that value is 0: the garbage stays in that value instead of turning the block's
+# scale into NaN or infinity (the loop before, by its `>`, left a NaN out of the maximum).
 _ABS = np.uint32(0x7FFFFFFF)
+_INF = np.uint32(0x7F800000)
+
+
+@numba.njit(**JIT_EXACT)
+def _finite_copy(x, o, n, scratch, scratch_u):
+    """x[o:o+n] into scratch[:n] with every NaN / infinity as 0; the largest |x| bit pattern."""
+    m = np.uint32(0)
+    for j in range(n):
+        v = x[o + j]
+        scratch[j] = v if abs(v) <= np.float32(3.4028235e38) else np.float32(0.0)
+        m = max(m, scratch_u[j] & _ABS)
+    return m
 
 
 @numba.njit(**JIT_EXACT)
@@ -35,22 +50,26 @@ def _q8_0_token(X, xq, xd, with_sums, xs, lut, t):
     K = X.shape[1]
     sf = np.empty(1, np.float32)
     su = sf.view(np.uint32)
-    xu = X[t].view(np.uint32)
+    fin = np.empty(32, np.float32)
+    fin_u = fin.view(np.uint32)
     x = X[t]
     q8 = xq[t]
     for b in range(K // 32):
         o = b * 32
         m = np.uint32(0)
-        for j in range(o, o + 32):
-            m = max(m, xu[j] & _ABS)
+        for j in range(32):
+            fin[j] = x[o + j]
+            m = max(m, fin_u[j] & _ABS)
+        if m >= _INF:
+            m = _finite_copy(x, o, 32, fin, fin_u)
         su[0] = m
         amax = sf[0]
         d = amax / np.float32(127.0)
         inv = np.float32(127.0) / amax if amax != 0 else np.float32(0.0)
-        s = np.int32(0)
-        for j in range(o, o + 32):
-            q = np.int32(np.rint(x[j] * inv))
-            q8[j] = q
+        s = 0
+        for j in range(32):
+            q = np.int32(np.rint(fin[j] * inv))
+            q8[o + j] = q
             s += q
         xd[t, b] = lut[f32_to_f16_bits(d, sf, su)]
         if with_sums:
@@ -111,6 +130,8 @@ def quantize_q8_1_ref(X):
 @numba.njit(**JIT_EXACT)
 def _q8_k_token(X, xq, xd, bsums, t):
     K = X.shape[1]
+    fin = np.empty(256, np.float32)
+    fin_u = fin.view(np.uint32)
     xu = X[t].view(np.uint32)
     x = X[t]
     q8 = xq[t]
@@ -119,6 +140,10 @@ def _q8_k_token(X, xq, xd, bsums, t):
         m = np.uint32(0)
         for j in range(o, o + 256):
             m = max(m, xu[j] & _ABS)
+        src, srcu, so = x, xu, o
+        if m >= _INF:
+            m = _finite_copy(x, o, 256, fin, fin_u)
+            src, srcu, so = fin, fin_u, 0
         if m == 0:
             xd[t, b] = 0
             for j in range(o, o + 256):
@@ -127,16 +152,16 @@ def _q8_k_token(X, xq, xd, bsums, t):
                 bsums[t, b * 16 + j] = 0
             continue
         mx = np.float32(0.0)
-        for j in range(o, o + 256):   # the first element of largest |x|, with its sign
-            if xu[j] & _ABS == m:
-                mx = x[j]
+        for j in range(so, so + 256):   # the first element of largest |x|, with its sign
+            if srcu[j] & _ABS == m:
+                mx = src[j]
                 break
         iscale = np.float32(-127.0) / mx
         for g in range(16):
-            s = np.int32(0)
-            for j in range(o + g * 16, o + g * 16 + 16):
-                q = min(np.int32(np.rint(iscale * x[j])), np.int32(127))
-                q8[j] = q
+            s = 0
+            for j in range(16):
+                q = min(np.int32(np.rint(iscale * src[so + g * 16 + j])), np.int32(127))
+                q8[o + g * 16 + j] = q
                 s += q
             bsums[t, b * 16 + g] = s
         xd[t, b] = np.float32(1.0) / iscale

@@ -207,3 +207,16 @@ def test_q8_k_takes_the_first_of_equal_magnitudes(first):
     assert q[0, 3] == -127 and q[0, 9] == 127
     for g, w in zip((q, d, bsums), act.quantize_q8_k_ref(x)):
         np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q8_1", "q8_k"])
+def test_a_value_that_is_not_finite_quantizes_as_zero(kind, rng):
+    """A NaN or infinity (a model with broken weights) stays in its own value: its block's
+    scale and the other codes are those of the same input with a 0 there."""
+    X = rng.normal(size=(1, 512)).astype(np.float32)
+    Y = X.copy()
+    X[0, [5, 300]] = np.nan
+    X[0, [40, 301]] = np.inf, -np.inf
+    Y[0, [5, 300, 40, 301]] = 0.0
+    for g, w in zip(act.QUANTIZERS[kind](X), act.QUANTIZERS[kind](Y)):
+        np.testing.assert_array_equal(g, w)
