@@ -70,7 +70,7 @@ MAX_TOKENS = 16
 
 # sha256 of the callees' sources (engine/kernel_stamp.py): an edit there changes this file, so
 # numba's cache of the step is rebuilt instead of keeping the old callees' code
-CALLEE_SOURCES_SHA256 = "d6714e689ae01743abaf0f9c72d127a2f2f3d0c298c5e30a84d5c40d43f642d9"
+CALLEE_SOURCES_SHA256 = "f1fc16eae926a39c7fb3c1a2a322b9f436547b6369b8aeda9df1e1b2d49f750c"
 
 
 def enabled() -> bool:

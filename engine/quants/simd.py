@@ -440,7 +440,6 @@ dot2_iq4_nl_row, dot3_iq4_nl_row = _legacy_row("iq4_nl", 2), _legacy_row("iq4_nl
 
 # ----------------------------------------------------------------------------- k-quant rows
 V8I8 = ir.VectorType(I8, 8)
-V16I32 = ir.VectorType(I32, 16)
 
 
 def _i32c(v):

@@ -1319,4 +1319,4 @@ GEMM_DRIVERS: dict[str, tuple[Any, Any]] = {
 }
 
 # sha256 of simd.py and gemm.py when this file was generated (see gen_simd_kernels.py)
-SIMD_SOURCE_SHA256 = "7f79be94a01eb50c992a907a338c209741d5d863c03c84b280861c893e040c3c"
+SIMD_SOURCE_SHA256 = "055cf29ac38030b2cc3c201fa6d04ec6d9ad6bebf5ef7eae7b7665458277842f"
