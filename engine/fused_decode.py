@@ -70,7 +70,7 @@ MAX_TOKENS = 16
 
 # sha256 of the callees' sources (engine/kernel_stamp.py): an edit there changes this file, so
 # numba's cache of the step is rebuilt instead of keeping the old callees' code
-CALLEE_SOURCES_SHA256 = "f1fc16eae926a39c7fb3c1a2a322b9f436547b6369b8aeda9df1e1b2d49f750c"
+CALLEE_SOURCES_SHA256 = "ddac46de14d6fd18b49295e8d17b8be798d7dcc02b1139f509a36f37f4169799"
 
 
 def enabled() -> bool:

@@ -105,9 +105,14 @@ def quantize_q8_1(X):
     return xq, xd, xs
 
 
+def _finite_ref(X):
+    """X with every NaN / infinity as 0, as the kernels quantize it."""
+    return np.where(np.isfinite(X), X, np.float32(0.0)).astype(np.float32)
+
+
 def _q8_blocks_ref(X):
     T, K = X.shape
-    xb = X.reshape(T, K // 32, 32).astype(np.float32)
+    xb = _finite_ref(X).reshape(T, K // 32, 32)
     amax = np.abs(xb).max(axis=-1)
     d = (amax / np.float32(127.0)).astype(np.float32)
     with np.errstate(divide="ignore"):
@@ -190,7 +195,7 @@ def quantize_q8_k(X):
 
 def quantize_q8_k_ref(X):
     T, K = X.shape
-    xb = X.reshape(T, K // 256, 256).astype(np.float32)
+    xb = _finite_ref(X).reshape(T, K // 256, 256)
     idx = np.abs(xb).argmax(axis=-1)
     mx = np.take_along_axis(xb, idx[..., None], axis=-1)[..., 0]
     with np.errstate(divide="ignore", invalid="ignore"):
